@@ -1,0 +1,15 @@
+"""``torch.ops.turbocompile.*``: every custom op the passes emit.
+
+Each op family lives in its own module here: the op schema (``torch.library.custom_op``),
+its fake kernel (shape/dtype only, so graphs are analysed and exported without running),
+and the dispatch between the PyTorch reference (``turbocompile.kernels.<family>.ref``)
+and the Triton kernel (``turbocompile.kernels.<family>.triton_*``, imported lazily).
+
+Importing this package registers all ops; it never imports Triton.
+"""
+
+from __future__ import annotations
+
+from turbocompile.ops._backend import BACKENDS, has_triton, resolve_backend  # noqa: F401
+
+__all__ = ["BACKENDS", "has_triton", "resolve_backend"]
