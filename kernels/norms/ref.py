@@ -1,0 +1,149 @@
+"""Pure-PyTorch references for the fused norm ops (float32 math, readable, any device).
+
+Memory traffic of one fused pass (what the Triton kernels aim for), per element of x [M, D]:
+* ln_modulate:            read x (2 B bf16) + write h (2 B)                  -> 4 B/elt
+* residual_ln_modulate:   read x, y + write x_new, h                         -> 8 B/elt
+* rmsnorm_rope:           read z + write out (+ a [L, d/2] cos/sin table, reused by every head)
+* ln_modulate_quant:      read x + write q (1 B) + one fp32 scale per row/block -> 3 B/elt
+The references below materialize fp32 intermediates (several passes): they define the numerics,
+not the speed.
+
+Numerics of the LayerNorm ops: LN, affine and ``(1 + scale) + shift`` all stay in float32 and
+are rounded once to the output dtype. TurboDiffusion rounds the LN output to bf16 *before* the
+modulation, so these ops are slightly more accurate than TD and not bit-identical to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "layer_norm_modulate_ref",
+    "gated_residual_ref",
+    "residual_ln_modulate_ref",
+    "rmsnorm_rope_ref",
+    "quantize_ref",
+    "ln_modulate_quant_ref",
+    "INT8_QMAX",
+    "FP8_QMAX",
+    "AMAX_FLOOR",
+]
+
+INT8_QMAX = 128.0  # TD's int8_max: +amax maps to 128 and saturates to 127
+FP8_QMAX = 448.0  # largest finite float8_e4m3fn
+AMAX_FLOOR = 1e-8
+
+
+def layer_norm_modulate_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``(LN(x)·w + b)·(1 + scale) + shift`` over the last dim, all in fp32, one final rounding.
+
+    shift/scale broadcast against x (e.g. [B,1,D] or [1,1,D] against x [B,L,D]).
+    """
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).square().mean(-1, keepdim=True)  # biased variance, like F.layer_norm
+    h = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        h = h * weight.float()
+    if bias is not None:
+        h = h + bias.float()
+    if scale is not None:
+        h = h * (1.0 + scale.float())
+    if shift is not None:
+        h = h + shift.float()
+    return h.to(out_dtype or x.dtype)
+
+
+def gated_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``x + y * gate.to(dt)`` with the eager rounding: product rounded to dt, then the sum."""
+    if gate is None:
+        return x + y
+    return x + y * gate.to(x.dtype)
+
+
+def residual_ln_modulate_ref(
+    x, y, gate=None, weight=None, bias=None, shift=None, scale=None, eps=1e-6, out_dtype=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_new, h): x_new = gated_residual_ref(x, y, gate), h = layer_norm_modulate_ref(x_new, ...)."""
+    x_new = gated_residual_ref(x, y, gate)
+    return x_new, layer_norm_modulate_ref(x_new, weight, bias, shift, scale, eps, out_dtype)
+
+
+def rmsnorm_rope_ref(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Wan q/k RMSNorm over all D channels, then interleaved RoPE per head.
+
+    ``n = bf16(z·rsqrt(mean(z²)+eps)) · w`` (w applied after the rounding, as the model does);
+    RoPE rotates pairs (2j, 2j+1) of each head by θ[l, j] in fp32: cos/sin are [L, d/2].
+    The result is returned in z.dtype.
+    """
+    dt = z.dtype
+    zf = z.float()
+    n = (zf * torch.rsqrt(zf.square().mean(-1, keepdim=True) + eps)).to(dt) * weight
+    if cos is None:
+        return n.to(dt)
+    B, L, D = z.shape
+    d = D // num_heads
+    nf = n.float().reshape(B, L, num_heads, d // 2, 2)
+    a, b = nf[..., 0], nf[..., 1]
+    c = cos.float().reshape(1, L, 1, d // 2)
+    s = sin.float().reshape(1, L, 1, d // 2)
+    out = torch.stack((a * c - b * s, a * s + b * c), dim=-1)
+    return out.reshape(B, L, D).to(dt)
+
+
+def quantize_ref(h: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric W8A8 activation quantizer on a 2-D [M, D] tensor (the values are used as given).
+
+    INT8: amax = max(1e-8, max|h|) per group in fp32, q = rint(h · (128/amax)) saturated to
+    [-128, 127] (round half to even), scale = amax/128.
+    FP8:  scale = amax/448, q = e4m3(clamp(h / scale, ±448)) round to nearest even.
+    per_token: one group per row, scale [M, 1]. block128: 128×128 groups, scale
+    [ceil(M/128), ceil(D/128)]; partial blocks use only their real elements.
+    """
+    if h.dim() != 2:
+        raise ValueError(f"quantize_ref expects a 2-D [M, D] tensor, got shape {tuple(h.shape)}")
+    hf = h.float()
+    M, D = hf.shape
+    if granularity == "per_token":
+        amax = hf.abs().amax(dim=1, keepdim=True).clamp_min(AMAX_FLOOR)
+        amax_e = amax
+    elif granularity == "block128":
+        Mp, Dp = -(-M // 128) * 128, -(-D // 128) * 128
+        pad = torch.zeros(Mp, Dp, dtype=torch.float32, device=h.device)
+        pad[:M, :D] = hf.abs()  # zero padding cannot raise an amax
+        amax = pad.reshape(Mp // 128, 128, Dp // 128, 128).amax(dim=(1, 3)).clamp_min(AMAX_FLOOR)
+        amax_e = amax.repeat_interleave(128, 0).repeat_interleave(128, 1)[:M, :D]
+    else:
+        raise ValueError(f"unknown granularity '{granularity}'; valid: per_token, block128")
+    if fmt == "int8":
+        q = torch.round(hf * (INT8_QMAX / amax_e)).clamp(-128.0, 127.0).to(torch.int8)
+        return q, amax / INT8_QMAX
+    if fmt == "fp8":
+        s = amax / FP8_QMAX
+        s_e = amax_e / FP8_QMAX
+        q = (hf / s_e).clamp(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)
+        return q, s
+    raise ValueError(f"unknown format '{fmt}'; valid: int8, fp8")
+
+
+def ln_modulate_quant_ref(
+    x, weight, bias, shift, scale, eps, fmt, granularity
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ln_modulate rounded to x.dtype, flattened to [M, D], then :func:`quantize_ref`."""
+    h = layer_norm_modulate_ref(x, weight, bias, shift, scale, eps, x.dtype)
+    return quantize_ref(h.reshape(-1, x.shape[-1]), fmt, granularity)

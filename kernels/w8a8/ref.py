@@ -1,0 +1,150 @@
+"""Pure-PyTorch references for the W8A8 linear family (quantizers and the scaled 8-bit GEMM).
+
+Quantizer (shared by weights, offline, and activations, online; TurboDiffusion-compatible for INT8):
+
+* ``amax = max(1e-8, max|x|)`` over the scale group, in fp32. Groups are 128x128 blocks
+  (``block128``; partial edge blocks take the amax of their real elements only) or whole rows
+  (``per_token`` for activations, ``per_channel`` for a weight's output rows).
+* INT8: ``q = round_half_even(x * (128 / amax))`` saturated to [-128, 127] (so ``+amax`` -> 128 ->
+  127, exactly as TD's ``cvt.rni.sat.s8``); stored scale (dequantisation factor) ``s = amax / 128``.
+  ``128 / amax`` is one correctly rounded fp32 division, then one fp32 multiply per element: the
+  Triton kernels compute the very same two roundings, so INT8 codes match bit for bit.
+* FP8 (``torch.float8_e4m3fn``): ``q = e4m3(clamp(x * (448 / amax), -448, 448))`` with
+  round-to-nearest-even, ``s = amax / 448``. The same 1e-8 floor keeps all-zero groups finite.
+
+GEMM: ``y[m, n] = sum_kb sA(m, kb) * sW(n, kb) * sum_{k in kb} qA[m, k] * qW[n, k] + bias[n]`` with
+``kb`` the 128-wide K block. A per-token / per-channel scale is the same for every ``kb``.
+The reference accumulates in float64, which is exact here: int8 products are integers below 2^14
+and e4m3 products have at most 8 significant bits inside a 2^-18..2^18 range, so a 128-long block
+sum never rounds; only the (sA * sW) scaling and the sum over blocks round, in float64.
+
+Memory traffic (what a fused kernel must beat): the quantizer reads x once (2 B/elem for bf16)
+and writes q (1 B/elem) plus one fp32 per group; this reference instead materialises several
+fp32 temporaries (|x|, padded copy, x * inv). The reference GEMM upcasts qA and qW to float64
+(8 B/elem each) and does one float64 matmul per K block: it is for checking, never for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "BLOCK",
+    "INT8_QMAX",
+    "FP8_QMAX",
+    "AMAX_FLOOR",
+    "quant_dtype",
+    "block128_amax",
+    "quantize_ref",
+    "w8a8_gemm_ref",
+    "w8a8_linear_ref",
+    "expand_scale",
+]
+
+BLOCK = 128
+INT8_QMAX = 128.0  # TD's int8_max: +amax maps to 128 and saturates to 127
+FP8_QMAX = 448.0  # largest finite float8_e4m3fn
+AMAX_FLOOR = 1e-8
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def quant_dtype(fmt: str) -> torch.dtype:
+    """Storage dtype of the 8-bit codes for ``fmt`` ("int8" | "fp8")."""
+    return torch.int8 if fmt == "int8" else torch.float8_e4m3fn
+
+
+def block128_amax(x32: torch.Tensor) -> torch.Tensor:
+    """fp32 [ceil(M/128), ceil(K/128)] max|x| per 128x128 block of a 2-D fp32 tensor.
+
+    Zero padding of partial blocks cannot change a max of absolute values, so edge blocks
+    see only their real elements.
+    """
+    m, k = x32.shape
+    mb, kb = _cdiv(m, BLOCK), _cdiv(k, BLOCK)
+    pad = torch.nn.functional.pad(x32.abs(), (0, kb * BLOCK - k, 0, mb * BLOCK - m))
+    return pad.view(mb, BLOCK, kb, BLOCK).amax(dim=(1, 3))
+
+
+def expand_scale(scale: torch.Tensor, rows: int, cols_blocks: int, granularity: str) -> torch.Tensor:
+    """Return the scale of every (row, K block) as [rows, cols_blocks] (float64 not applied here).
+
+    ``block128`` scales [ceil(rows/128), KB] are repeated over the 128 rows of each block;
+    row-wise scales [rows, 1] are repeated over the K blocks.
+    """
+    if granularity == "block128":
+        return scale.repeat_interleave(BLOCK, dim=0)[:rows]
+    return scale.expand(rows, cols_blocks)
+
+
+def quantize_ref(x: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D tensor: returns (q [M, K] int8 or e4m3, scale fp32).
+
+    Args:
+        x: [M, K] bf16 / fp16 / fp32.
+        fmt: "int8" or "fp8".
+        granularity: "block128" (scale [ceil(M/128), ceil(K/128)]) or a row-wise one
+            ("per_token" / "per_channel": scale [M, 1]).
+    """
+    x32 = x.float()
+    m, k = x32.shape
+    if granularity == "block128":
+        amax = block128_amax(x32).clamp_min(AMAX_FLOOR)
+        amax_e = amax.repeat_interleave(BLOCK, 0)[:m].repeat_interleave(BLOCK, 1)[:, :k]
+    else:
+        amax = x32.abs().amax(dim=1, keepdim=True).clamp_min(AMAX_FLOOR) if k > 0 else \
+            torch.full((m, 1), AMAX_FLOOR, device=x.device)
+        amax_e = amax
+    if fmt == "int8":
+        inv = INT8_QMAX / amax_e  # one correctly rounded fp32 division per group
+        q = torch.round(x32 * inv).clamp_(-128.0, 127.0).to(torch.int8)  # torch.round: half to even
+        scale = amax / INT8_QMAX
+    else:
+        inv = FP8_QMAX / amax_e
+        q = (x32 * inv).clamp_(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)  # RNE cast
+        scale = amax / FP8_QMAX
+    return q, scale.float().contiguous()
+
+
+def w8a8_gemm_ref(
+    qa: torch.Tensor,  # [M, K] int8 | e4m3
+    sa: torch.Tensor,  # [ceil(M/128), KB] (block128) | [M, 1] (per_token)
+    qw: torch.Tensor,  # [N, K] int8 | e4m3 (nn.Linear layout, K contiguous)
+    sw: torch.Tensor,  # [ceil(N/128), KB] (block128) | [N, 1] (per_channel)
+    bias: torch.Tensor | None,  # [N]
+    act_granularity: str,
+    weight_granularity: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Exact scaled 8-bit GEMM ``y = sum_kb sA*sW*(qA_kb @ qW_kb^T) + bias`` in float64, cast last."""
+    m, k = qa.shape
+    n = qw.shape[0]
+    kb_count = _cdiv(k, BLOCK)
+    a = qa.to(torch.float64)
+    w = qw.to(torch.float64)
+    sa_full = expand_scale(sa.to(torch.float64), m, kb_count, act_granularity)  # [M, KB]
+    sw_full = expand_scale(sw.to(torch.float64), n, kb_count, weight_granularity)  # [N, KB]
+    y = torch.zeros(m, n, dtype=torch.float64, device=qa.device)
+    for kb in range(kb_count):
+        ks = slice(kb * BLOCK, min(k, (kb + 1) * BLOCK))
+        part = a[:, ks] @ w[:, ks].T  # exact: see module docstring
+        y += part * (sa_full[:, kb : kb + 1] * sw_full[:, kb][None, :])
+    if bias is not None:
+        y += bias.to(torch.float64)[None, :]
+    return y.to(out_dtype)
+
+
+def w8a8_linear_ref(
+    x: torch.Tensor,  # [M, K]
+    qw: torch.Tensor,
+    sw: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: str,
+    act_granularity: str,
+    weight_granularity: str,
+) -> torch.Tensor:
+    """Dynamic activation quantization followed by :func:`w8a8_gemm_ref`; output in x.dtype."""
+    qa, sa = quantize_ref(x, fmt, act_granularity)
+    return w8a8_gemm_ref(qa, sa, qw, sw, bias, act_granularity, weight_granularity, x.dtype)

@@ -1,0 +1,175 @@
+"""Triton activation quantizers: one memory-bound pass (read x once, write 8-bit codes + fp32 scales).
+
+Same math as :func:`turbocompile.kernels.w8a8.ref.quantize_ref` (see its module docstring): amax in
+fp32 with a 1e-8 floor, ``inv = 128/amax`` (int8) or ``448/amax`` (fp8) as one correctly rounded
+division (``div_rn``: Triton's plain ``/`` is an approximate division on GPUs), ``q = rne(x * inv)``.
+INT8 codes are bit-identical to the reference; e4m3 codes are too on GPUs (the CPU interpreter's
+e4m3 cast truncates some subnormals).
+
+Traffic per element: 2 B read (bf16) + 1 B written; scales add 4 B per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from turbocompile.ops._backend import triton_interpret
+
+__all__ = ["quantize_triton", "rne", "quant_scale_math"]
+
+
+@triton.jit
+def rne(y, USE_RINT: tl.constexpr):
+    """Round half to even. GPU: libdevice rint (cvt.rni). Interpreter: the 1.5*2^23 trick
+    (exact for |y| < 2^22; the interpreter has no libdevice and numpy does not contract FMAs)."""
+    if USE_RINT:
+        r = libdevice.rint(y)
+    else:
+        r = (y + 12582912.0) - 12582912.0
+    return r
+
+
+@triton.jit
+def quant_scale_math(x, amax, IS_FP8: tl.constexpr, USE_RINT: tl.constexpr):
+    """Quantize fp32 ``x`` against its group ``amax`` (already floored, broadcastable).
+
+    Returns the codes (int8 / e4m3) and the dequantisation scale ``amax/qmax``.
+    """
+    if IS_FP8:
+        inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+        y = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
+        q = y.to(tl.float8e4nv)
+        s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    else:
+        inv = tl.math.div_rn(tl.full(amax.shape, 128.0, tl.float32), amax)
+        y = rne(x * inv, USE_RINT)
+        y = tl.minimum(tl.maximum(y, -128.0), 127.0)
+        q = y.to(tl.int8)
+        s = amax * 0.0078125  # amax / 128, exact
+    return q, s
+
+
+@triton.jit
+def _quant_block128_kernel(
+    x_ptr,  # [M, K] bf16/fp16/fp32
+    q_ptr,  # [M, K] int8/e4m3, contiguous
+    s_ptr,  # [ceil(M/128), ceil(K/128)] fp32, contiguous
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_qm,
+    stride_sm,
+    IS_FP8: tl.constexpr,
+    USE_RINT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per 128x128 block: the block's amax is local, so one read of x suffices.
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+    rk = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rm < M)[:, None] & (rk < K)[None, :]
+    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-8)  # masked lanes are 0
+    q, s = quant_scale_math(x, amax, IS_FP8, USE_RINT)
+    tl.store(q_ptr + rm[:, None].to(tl.int64) * stride_qm + rk[None, :], q, mask=mask)
+    tl.store(s_ptr + pid_m * stride_sm + pid_k, s)
+
+
+@triton.jit
+def _quant_per_token_kernel(
+    x_ptr,  # [M, K]
+    q_ptr,  # [M, K] contiguous
+    s_ptr,  # [M, 1] fp32
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_qm,
+    IS_FP8: tl.constexpr,
+    USE_RINT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
+    # BLOCK_M rows per program. ONE_PASS (K <= BLOCK_K): the rows stay in registers between the
+    # amax and the quantization; otherwise a second sweep re-reads them (mostly from L2).
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rm < M
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    q_rows = q_ptr + rm[:, None].to(tl.int64) * stride_qm
+    if ONE_PASS:
+        rk = tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (rk < K)[None, :]
+        x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8)
+        q, s = quant_scale_math(x, amax[:, None], IS_FP8, USE_RINT)
+        tl.store(q_rows + rk[None, :], q, mask=mask)
+        tl.store(s_ptr + rm[:, None], s, mask=row_ok[:, None])
+    else:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (rk < K)[None, :]
+            x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        amax = tl.maximum(amax, 1e-8)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (rk < K)[None, :]
+            x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+            q, s = quant_scale_math(x, amax[:, None], IS_FP8, USE_RINT)
+            tl.store(q_rows + rk[None, :], q, mask=mask)
+        if IS_FP8:
+            s_row = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+        else:
+            s_row = amax * 0.0078125
+        tl.store(s_ptr + rm, s_row, mask=row_ok)
+
+
+def quantize_triton(x: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D activation with the Triton kernels; same contract as ``quantize_ref``.
+
+    Args:
+        x: [M, K] bf16 / fp16 / fp32 (any strides).
+        fmt: "int8" | "fp8".
+        granularity: "block128" | "per_token" (a weight's "per_channel" is the same row-wise math).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_triton: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"quantize_triton: x must be bf16/fp16/fp32, got {x.dtype}")
+    m, k = x.shape
+    is_fp8 = fmt == "fp8"
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn if is_fp8 else torch.int8, device=x.device)
+    use_rint = not triton_interpret()
+    if granularity == "block128":
+        mb, kb = triton.cdiv(m, 128), triton.cdiv(k, 128)
+        s = torch.empty((mb, kb), dtype=torch.float32, device=x.device)
+        if m and k:
+            _quant_block128_kernel[(kb, mb)](
+                x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0), s.stride(0),
+                IS_FP8=is_fp8, USE_RINT=use_rint, BLOCK=128, num_warps=8,
+            )
+        return q, s
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, s
+    if k == 0:
+        s.fill_(1e-8 / (448.0 if is_fp8 else 128.0))
+        return q, s
+    block_k = min(triton.next_power_of_2(k), 16384)
+    one_pass = k <= block_k
+    block_m = max(1, min(16, 4096 // block_k)) if one_pass else 1
+    num_warps = 8 if block_m * block_k >= 4096 else 4
+    _quant_per_token_kernel[(triton.cdiv(m, block_m),)](
+        x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0),
+        IS_FP8=is_fp8, USE_RINT=use_rint, BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=one_pass,
+        num_warps=num_warps,
+    )
+    return q, s
