@@ -40,8 +40,9 @@ class _CaptureRoot(nn.Module):
         self.grid = shape.grid
         device = next(model.parameters()).device
         cos, sin = rope_tables(shape.grid, model.config.head_dim)
-        self.register_buffer("rope_cos", cos.to(device))
-        self.register_buffer("rope_sin", sin.to(device))
+        # [L, 1, d/2]: broadcast over heads without slicing inside the traced code
+        self.register_buffer("rope_cos", cos[:, None, :].contiguous().to(device))
+        self.register_buffer("rope_sin", sin[:, None, :].contiguous().to(device))
 
 
 class _RootT2V(_CaptureRoot):
@@ -123,6 +124,10 @@ def capture(model: WanModel, shape: VideoShape) -> fx.GraphModule:
             new = node.target[len("model."):] if node.target.startswith("model.") else node.target
             node.target = new
             attrs[new] = obj
+    stray = sorted(t for t in attrs if t.startswith("_tensor_constant"))
+    if stray:  # a tensor computed eagerly during tracing: a bug in the model code
+        raise RuntimeError(f"capture produced untracked tensor constants {stray}; the model must not slice "
+                           "or compute buffers outside traced ops")
     gm = fx.GraphModule(attrs, graph, class_name="WanGraph")
     gm.meta["turbocompile"] = {
         "model_config": cfg.to_dict(),

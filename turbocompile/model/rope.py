@@ -46,13 +46,13 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` [B, L, H, d] (float32) by tables [L, d/2] (float32).
+    """Rotate interleaved pairs of ``x`` [B, L, H, d] (float32) by tables [L, 1, d/2] (float32).
 
     (a, b) → (a·cos − b·sin, a·sin + b·cos) for each pair (x[..., 2j], x[..., 2j+1]).
+    The tables come pre-shaped [L, 1, d/2] so that tracing records them as graph
+    attributes rather than as sliced constants.
     """
     pairs = x.unflatten(-1, (-1, 2))
     a = pairs[..., 0]
     b = pairs[..., 1]
-    c = cos[:, None, :]
-    s = sin[:, None, :]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)

@@ -44,9 +44,10 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        dt = self.weight.dtype  # static activation dtype (a Python constant under tracing)
         zf = z.float()
         normed = zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(z.dtype) * self.weight.to(z.dtype)
+        return normed.to(dt) * self.weight
 
 
 class WanSelfAttention(nn.Module):
@@ -59,7 +60,7 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(d, cfg.eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
+        dt = self.norm_q.weight.dtype
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
@@ -116,12 +117,12 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def _norm_modulate(self, x, shift, scale):
-        dt = x.dtype
+        dt = self.norm3.weight.dtype
         ln = F.layer_norm(x.float(), (self.dim,), eps=self.eps).to(dt)
         return (ln.float() * (1 + scale) + shift).to(dt)
 
     def forward(self, x, e0, ctx, ctx_img, cos, sin):
-        dt = x.dtype
+        dt = self.norm3.weight.dtype
         m = self.modulation.float() + e0  # [B, 6, D] float32
         shift_a, scale_a, gate_a = m[:, 0:1], m[:, 1:2], m[:, 2:3]
         shift_f, scale_f, gate_f = m[:, 3:4], m[:, 4:5], m[:, 5:6]
@@ -204,6 +205,14 @@ class WanModel(nn.Module):
         """Dtype of the residual stream and block GEMMs (that of the block weights)."""
         return self.text_embedding[0].weight.dtype
 
+    def _apply(self, fn, *args, **kwargs):
+        # ``.to(dtype)`` would round the float64 sinusoid frequencies; they are a pure
+        # function of the config, so recompute them on the new device instead.
+        out = super()._apply(fn, *args, **kwargs)
+        self.time_freqs = sinusoid_freqs(self.config.freq_dim).to(self.time_freqs.device)
+        self._rope_cache.clear()
+        return out
+
     def init_non_persistent_buffers(self) -> None:
         """Recompute buffers not stored in checkpoints (after ``to_empty`` from meta)."""
         self.time_freqs = sinusoid_freqs(self.config.freq_dim).to(self.time_freqs.device)
@@ -213,7 +222,7 @@ class WanModel(nn.Module):
         key = (grid, str(device))
         if key not in self._rope_cache:
             cos, sin = rope_tables(grid, self.config.head_dim)
-            self._rope_cache[key] = (cos.to(device), sin.to(device))
+            self._rope_cache[key] = (cos[:, None, :].to(device), sin[:, None, :].to(device))
         return self._rope_cache[key]
 
     def grid_of(self, x: torch.Tensor) -> tuple[int, int, int]:
@@ -242,7 +251,7 @@ class WanModel(nn.Module):
         x = self.patch_embedding(x)
 
         # time embedding: float64 sinusoid -> float32 MLP (weights upcast explicitly)
-        arg = timestep.double()[:, None] * self.time_freqs[None, :]
+        arg = timestep.double()[:, None] * self.time_freqs
         sinus = torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).float()
         te0, te2 = self.time_embedding[0], self.time_embedding[2]
         e = F.linear(F.silu(F.linear(sinus, te0.weight.float(), te0.bias.float())),

@@ -1,0 +1,6 @@
+"""Built-in graph passes (installed as ``turbocompile.passes``).
+
+Importing this package registers every built-in pass with
+:func:`turbocompile.passbase.register_pass`. Passes emit ``torch.ops.turbocompile.*``
+ops by name and never import ``turbocompile.kernels``.
+"""

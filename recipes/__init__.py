@@ -1,0 +1,1 @@
+"""Recipes shipped with turbocompile (YAML package data); see turbocompile.recipe."""

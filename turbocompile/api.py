@@ -1,0 +1,328 @@
+"""The Python API: :func:`optimize` (model + recipe -> graph / artifact) and :func:`load`.
+
+Data flow: resolve the model (built-in name with random weights, checkpoint path, or a
+module) -> capture an FX graph for the recipe's video geometry -> run the recipe's passes
+-> write an artifact -> ``load`` returns a module obeying the Wan call contract.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from turbocompile.artifact import load_graph_module, read_manifest, save_artifact
+from turbocompile.capture import capture, example_inputs, input_specs, propagate_shapes
+from turbocompile.errors import ArtifactError, InputError, ModelConfigError, TurboCompileError
+from turbocompile.model.config import PRESETS, VideoShape, WanConfig, get_preset
+from turbocompile.model.wan import WanModel, init_random_
+from turbocompile.passbase import PassContext
+from turbocompile.pipeline import PassRecord, disabled_from_env, run_pipeline
+from turbocompile.recipe import DEVICES, DTYPES, Recipe, load_recipe
+
+__all__ = ["optimize", "load", "OptimizeResult", "CompiledWan", "resolve_model", "DTYPE_MAP"]
+
+DTYPE_MAP = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).split(".")[-1]
+
+
+@dataclass
+class OptimizeResult:
+    """What :func:`optimize` produced."""
+
+    graph_module: fx.GraphModule
+    manifest: dict
+    records: list[PassRecord] = field(default_factory=list)
+    artifact: Path | None = None
+
+
+def _pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in DEVICES:
+        raise ModelConfigError(f"device '{name}' is not valid; choose one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str | None) -> torch.dtype:
+    if name not in DTYPE_MAP:
+        raise ModelConfigError(f"dtype '{name}' is not valid; choose one of {', '.join(DTYPES)}")
+    return DTYPE_MAP[name]
+
+
+def resolve_model(model: Any, *, dtype: torch.dtype | None, device: torch.device, seed: int = 0,
+                  expert: str | None = None, allow_quantized: bool = False,
+                  progress: bool = False) -> tuple[WanModel, dict, dict]:
+    """Turn ``model`` into a canonical WanModel; returns (model, source description, extras)."""
+    if isinstance(model, WanModel):
+        m = model
+        if dtype is not None:
+            m = m.to(dtype)
+        return m.to(device), {"kind": "module", "class": "WanModel"}, {}
+    if isinstance(model, nn.Module):
+        from turbocompile.checkpoints import load_model
+
+        m, info = load_model(model, dtype=dtype, device=device, allow_quantized=allow_quantized)
+        return m, {"kind": "module", "class": type(model).__name__, "layout": info.layout}, dict(info.extras)
+    if isinstance(model, (str, Path)):
+        text = str(model)
+        if text in PRESETS:
+            cfg = get_preset(text)
+            dt = dtype or torch.bfloat16
+            m = WanModel(cfg)
+            init_random_(m, seed)
+            m = m.to(device=device, dtype=dt)
+            m.init_non_persistent_buffers()
+            return m, {"kind": "builtin", "name": text, "seed": seed,
+                       "weights": "random (built-in model, not trained weights)"}, {}
+        if Path(text).exists():
+            from turbocompile.checkpoints import load_model
+
+            m, info = load_model(text, dtype=dtype, device=device, expert=expert,
+                                 allow_quantized=allow_quantized)
+            return m, {"kind": "checkpoint", "path": str(Path(text).resolve()), "layout": info.layout,
+                       "expert": info.expert}, dict(info.extras)
+        raise ModelConfigError(
+            f"model '{text}' is neither a built-in model ({', '.join(sorted(PRESETS))}) nor an existing "
+            "checkpoint file or directory"
+        )
+    raise ModelConfigError(f"cannot optimize an object of type {type(model).__name__}; give a built-in model "
+                           "name, a checkpoint path, a WanModel or a diffusers WanTransformer3DModel")
+
+
+def _video_shape(cfg: WanConfig, recipe: Recipe) -> tuple[WanConfig, VideoShape]:
+    mo = recipe.model
+    if mo.text_len is not None:
+        cfg = cfg.replace(text_len=mo.text_len)
+    try:
+        shape = cfg.video_shape(frames=mo.frames, size=mo.size_tuple, batch=mo.batch)
+    except TurboCompileError as exc:
+        raise ModelConfigError(f"recipe model overrides: {exc}") from None
+    return cfg, shape
+
+
+def optimize(
+    model: Any,
+    recipe: "str | Path | Recipe | dict",
+    out: str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    verify: bool = False,
+    disable: Sequence[str] = (),
+    overwrite: bool = False,
+    strict: bool = False,
+    expert: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> OptimizeResult:
+    """Capture ``model``, run ``recipe``'s passes and (if ``out``) write an artifact.
+
+    Args:
+        model: built-in model name (random weights), checkpoint file/directory, WanModel,
+            or diffusers ``WanTransformer3DModel``.
+        recipe: recipe YAML path, built-in recipe name, dict or :class:`Recipe`.
+        out: artifact directory to write (atomically); None keeps the result in memory.
+        dtype: ``float32`` / ``bfloat16`` / ``float16``; overrides the recipe (default bfloat16).
+        device: ``cpu`` / ``cuda``; overrides the recipe (default: cuda when available).
+        seed: seed of built-in random weights and of verification inputs.
+        verify: compare every pass's output with the graph before it on random inputs.
+        disable: pass names to skip (bisecting); ``TURBOCOMPILE_DISABLE_PASSES`` adds more.
+        overwrite: replace an existing artifact at ``out``.
+        expert: ``high`` / ``low`` for Wan2.2 A14B checkpoints.
+
+    Example:
+        >>> res = optimize("wan-tiny", "baseline", "out/wan-tiny", dtype="float32")  # doctest: +SKIP
+    """
+    t_start = time.perf_counter()
+    rec = load_recipe(recipe)
+    if out is not None and Path(out).exists() and not overwrite:
+        raise ArtifactError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    dt = _pick_dtype(dtype or rec.model.dtype or "bfloat16")
+    dev = _pick_device(device or rec.model.device)
+    needs_int8 = any(p.name == "w8a8_linear" for p in rec.passes)
+    wan, source, extras = resolve_model(model, dtype=dt, device=dev, seed=seed, expert=expert,
+                                        allow_quantized=needs_int8, progress=progress)
+    cfg, shape = _video_shape(wan.config, rec)
+    if cfg is not wan.config:
+        wan.config = cfg
+    if log:
+        log(f"capturing {cfg.name} for {shape.width}x{shape.height}, {shape.frames} frames "
+            f"(L={shape.seq_len}) in {_dtype_name(dt)} on {dev}")
+    gm = capture(wan, shape)
+    specs = input_specs(cfg, shape, dt)
+    propagate_shapes(gm, specs)
+    ctx = PassContext(model_config=cfg, video_shape=shape, dtype=dt, device=dev, extras=extras,
+                      strict=strict, progress=progress)
+    verify_inputs = None
+    if verify:
+        if any(p.is_meta for p in wan.parameters()):
+            raise ModelConfigError("--verify needs real weights; the model is on the meta device")
+        verify_inputs = example_inputs(cfg, shape, seed=seed, device=dev, dtype=dt)
+    disabled = tuple(disable) + disabled_from_env()
+    gm, records = run_pipeline(gm, rec.instantiate_passes(), ctx, input_specs=specs,
+                               verify_inputs=verify_inputs, disabled=disabled, log=log)
+    out_val = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0].meta["val"]
+    manifest = {
+        "turbocompile_version": _version("turbocompile"),
+        "torch_version": torch.__version__,
+        "triton_version": _version("triton"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"config": cfg.to_dict(), "source": source, "video_shape": shape.to_dict()},
+        "recipe": rec.to_dict(),
+        "passes": [r.to_dict() for r in records],
+        "signature": {
+            "inputs": [{"name": k, "shape": list(s), "dtype": _dtype_name(d)} for k, (s, d) in specs.items()],
+            "output": {"shape": list(out_val.shape), "dtype": _dtype_name(out_val.dtype)},
+            "activation_dtype": _dtype_name(dt),
+            "dynamic_batch": True,
+        },
+        "optimize_seconds": None,
+    }
+    result = OptimizeResult(graph_module=gm, manifest=manifest, records=records)
+    manifest["optimize_seconds"] = round(time.perf_counter() - t_start, 3)
+    if out is not None:
+        if log:
+            log(f"writing artifact {out}")
+        result.artifact = save_artifact(gm, out, manifest, shard_size_mb=rec.export.shard_size_mb,
+                                        overwrite=overwrite, progress=progress)
+    return result
+
+
+class CompiledWan(nn.Module):
+    """A loaded artifact obeying the Wan call contract.
+
+    ``module(x, timestep, context, *, y=None, clip_fea=None) -> velocity`` (float32
+    ``[B, out_dim, T, H, W]``). Inputs are checked against the artifact's signature (the
+    batch may differ from the captured one); one-line :class:`InputError` otherwise.
+    """
+
+    def __init__(self, gm: fx.GraphModule, manifest: dict):
+        super().__init__()
+        self.graph_module = gm
+        self.manifest = manifest
+        sig = manifest["signature"]
+        self.input_names = [i["name"] for i in sig["inputs"]]
+        self._input_shapes = {i["name"]: tuple(i["shape"]) for i in sig["inputs"]}
+        self.config = WanConfig.from_dict(manifest["model"]["config"])
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return DTYPE_MAP[self.manifest["signature"]["activation_dtype"]]
+
+    def _check(self, name: str, value, batch: int | None):
+        want = self._input_shapes[name]
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"{name} must be a tensor, got {type(value).__name__}")
+        got = tuple(value.shape)
+        if len(got) != len(want) or got[1:] != want[1:] or (batch is not None and got[0] != batch):
+            exp = ("B",) + want[1:]
+            raise InputError(f"{name} has shape {list(got)}; this artifact expects [{', '.join(map(str, exp))}]"
+                             f"{f' with B={batch}' if batch is not None else ''}")
+        if not value.is_floating_point():
+            raise InputError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+    def forward(self, x, timestep, context, *, y=None, clip_fea=None):
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"x must be a tensor, got {type(x).__name__}")
+        batch = x.shape[0] if x.dim() == 5 else None
+        self._check("x", x, None)
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor([float(timestep)] * batch)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(batch)
+        if tuple(timestep.shape) != (batch,):
+            raise InputError(f"timestep has shape {list(timestep.shape)}; expected [{batch}] (0–1000 scale)")
+        self._check("context", context, batch)
+        args = [x, timestep.float(), context]
+        for name, val in (("y", y), ("clip_fea", clip_fea)):
+            if name in self.input_names:
+                if val is None:
+                    raise InputError(f"this model needs '{name}' (see the call contract)")
+                self._check(name, val, batch)
+                args.append(val)
+            elif val is not None:
+                raise InputError(f"this model takes no '{name}' (inputs: {', '.join(self.input_names)})")
+        device = next(iter(self.graph_module.buffers())).device
+        args = [a.to(device) for a in args]
+        return self.graph_module(*args)
+
+
+def _retarget_dtype(gm: fx.GraphModule, src: torch.dtype, dst: torch.dtype) -> None:
+    """Change the activation dtype of a graph: dtype constants and tensors of ``src`` become ``dst``.
+
+    The precision map's float32/float64 islands use ``.float()`` / ``.double()`` and float32
+    tensors, so they are untouched when ``src`` is bf16/fp16. For a float32 artifact only
+    ``.to(float32)`` casts (the activation casts) and float32 weights *inside blocks* move.
+    """
+    def swap(a):
+        if isinstance(a, torch.dtype) and a == src:
+            return dst
+        if isinstance(a, (list, tuple)):
+            return type(a)(swap(x) for x in a)
+        if isinstance(a, dict):
+            return {k: swap(v) for k, v in a.items()}
+        return a
+
+    for node in gm.graph.nodes:
+        node.args = swap(node.args)
+        node.kwargs = swap(node.kwargs)
+    for name, buf in list(gm.named_buffers()):
+        if buf.dtype == src and not name.startswith(("rope_", "time_freqs")):
+            mod = gm.get_submodule(name.rpartition(".")[0]) if "." in name else gm
+            setattr(mod, name.rpartition(".")[2], buf.to(dst))
+    gm.recompile()
+
+
+def load(path: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         verify_checksums: bool = True) -> CompiledWan:
+    """Load an artifact written by :func:`optimize` (or ``turbocompile optimize``).
+
+    Args:
+        path: artifact directory.
+        device: where to put the weights (default: cuda when available, else cpu).
+        dtype: activation dtype to run in (default: the artifact's). Changing it is exact
+            only in the sense of re-rounding weights; quantized weights are never touched.
+        verify_checksums: check every file's sha256 (a truncated or edited file is refused).
+
+    Example:
+        >>> m = load("out/wan-tiny")  # doctest: +SKIP
+        >>> v = m(x, t, ctx)           # doctest: +SKIP
+    """
+    manifest = read_manifest(path, verify_checksums=verify_checksums)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        gm = load_graph_module(path, manifest, device=device)
+        module = CompiledWan(gm, manifest)
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"artifact manifest lacks or has a malformed entry: {exc}") from None
+    if dtype is not None:
+        dst = dtype if isinstance(dtype, torch.dtype) else DTYPE_MAP.get(str(dtype))
+        if dst is None:
+            raise ArtifactError(f"dtype '{dtype}' is not valid; choose one of {', '.join(DTYPES)}")
+        src = module.activation_dtype
+        if dst != src:
+            _retarget_dtype(gm, src, dst)
+            module.manifest = dict(manifest, signature=dict(manifest["signature"], activation_dtype=_dtype_name(dst)))
+    return module.eval()

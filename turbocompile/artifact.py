@@ -1,0 +1,212 @@
+"""Artifacts: a directory holding an optimized graph and its weights.
+
+Layout::
+
+    OUT/
+      manifest.json          format version, versions, model config, video shape, recipe, pass log,
+                             input/output signature, sha256 + size of every other file,
+                             and a sha256 of the manifest's own content
+      graph.json             the optimized graph (pickle-free, see graph_io)
+      graph.py               its readable code (for humans; not loaded)
+      weights-00001-of-0000N.safetensors
+
+Writes are atomic: everything goes to a hidden temporary directory beside OUT, which is
+renamed into place only when complete, so an interrupted run never leaves something that
+looks valid. Loading checks the format version, the manifest's own hash and every file's
+sha256 before anything is used, and never re-runs passes, calibration or quantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from turbocompile.errors import ArtifactError
+from turbocompile.graph_io import graph_from_json, graph_to_json
+
+__all__ = ["save_artifact", "read_manifest", "load_graph_module", "FORMAT_NAME", "FORMAT_VERSION",
+           "graph_tensors"]
+
+FORMAT_NAME = "turbocompile-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor a ``get_attr`` node refers to, by its dotted name."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in out:
+            obj: Any = gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            if not isinstance(obj, torch.Tensor):
+                raise ArtifactError(f"get_attr '{node.target}' is not a tensor; cannot store it")
+            out[node.target] = obj
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def save_artifact(gm: fx.GraphModule, out: str | Path, manifest: dict, *, shard_size_mb: int = 4096,
+                  overwrite: bool = False, progress: bool = False) -> Path:
+    """Write ``gm`` and ``manifest`` (extended with file hashes) atomically to directory ``out``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output '{out}' exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors = graph_tensors(gm)
+        shards = _shards(tensors, shard_size_mb * (1 << 20))
+        n = len(shards)
+        it = range(n)
+        if progress and n > 1:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc="writing weights", unit="file")
+        for i in it:
+            data = {k: v.detach().to("cpu").contiguous() for k, v in shards[i].items()}
+            save_file(data, str(tmp / f"weights-{i + 1:05d}-of-{n:05d}.safetensors"))
+        (tmp / "graph.json").write_text(json.dumps(graph_to_json(gm.graph)))
+        (tmp / "graph.py").write_text(
+            "# Readable code of the optimized graph (informational; the loader reads graph.json).\n"
+            + gm.code
+        )
+        manifest = dict(manifest)
+        manifest["format"] = FORMAT_NAME
+        manifest["format_version"] = FORMAT_VERSION
+        manifest["tensors"] = _tensor_summary(tensors)
+        manifest["files"] = {
+            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+        }
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _tensor_summary(tensors: dict[str, torch.Tensor]) -> dict:
+    by_dtype: dict[str, dict] = {}
+    for t in tensors.values():
+        key = str(t.dtype).split(".")[-1]
+        entry = by_dtype.setdefault(key, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += t.numel() * t.element_size()
+    total = sum(e["bytes"] for e in by_dtype.values())
+    return {"count": len(tensors), "bytes": total, "by_dtype": by_dtype}
+
+
+def read_manifest(path: str | Path, *, verify_checksums: bool = True) -> dict:
+    """Read and validate ``path/manifest.json`` (and, by default, every file's sha256)."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"artifact '{path}' does not exist")
+    if not path.is_dir():
+        raise ArtifactError(f"artifact '{path}' is not a directory")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"'{path}' is not a turbocompile artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"{mpath}: not valid JSON (truncated or edited?)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{mpath}: not a turbocompile artifact manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{mpath}: format_version missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"artifact format version {version} is newer than this turbocompile supports "
+                            f"({FORMAT_VERSION}); upgrade turbocompile")
+    if version < 1:
+        raise ArtifactError(f"artifact format version {version} is not supported")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise ArtifactError(f"{mpath}: content does not match its checksum (the manifest was edited)")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "graph.json" not in files:
+        raise ArtifactError(f"{mpath}: file list missing or without graph.json")
+    for name, info in files.items():
+        fpath = path / name
+        if "/" in name or name.startswith(".") or not isinstance(info, dict):
+            raise ArtifactError(f"{mpath}: invalid file entry '{name}'")
+        if not fpath.is_file():
+            raise ArtifactError(f"artifact file '{name}' is missing")
+        if fpath.stat().st_size != info.get("bytes"):
+            raise ArtifactError(f"artifact file '{name}' has {fpath.stat().st_size} bytes, expected "
+                                f"{info.get('bytes')} (truncated or edited)")
+        if verify_checksums and _sha256(fpath) != info.get("sha256"):
+            raise ArtifactError(f"artifact file '{name}' does not match its sha256 (corrupted or edited)")
+    return manifest
+
+
+def load_graph_module(path: str | Path, manifest: dict, device: str | torch.device = "cpu") -> fx.GraphModule:
+    """Rebuild the GraphModule of a validated artifact with its weights on ``device``."""
+    path = Path(path)
+    try:
+        graph = graph_from_json(json.loads((path / "graph.json").read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError("graph.json is not valid JSON") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(manifest["files"]):
+        if name.endswith(".safetensors"):
+            try:
+                tensors.update(load_file(str(path / name), device=str(device)))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise ArtifactError(f"artifact file '{name}' cannot be read: {exc}") from None
+    needed = {n.target for n in graph.nodes if n.op == "get_attr"}
+    missing = sorted(needed - set(tensors))
+    if missing:
+        raise ArtifactError(f"artifact weights lack {len(missing)} tensors the graph uses, e.g. '{missing[0]}'")
+    gm = fx.GraphModule({k: tensors[k] for k in needed}, graph, class_name="WanGraph")
+    return gm

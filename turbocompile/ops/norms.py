@@ -1,0 +1,321 @@
+"""Fused norm ops for the Wan DiT: ``torch.ops.turbocompile.{ln_modulate, residual_ln_modulate,
+rmsnorm_rope, ln_modulate_quant, residual_ln_modulate_quant}``.
+
+Each op has a fake kernel (shapes/dtypes only), the PyTorch reference
+(:mod:`turbocompile.kernels.norms.ref`) and a Triton kernel (imported lazily); the final
+``backend`` argument picks one ("auto" | "triton" | "torch", see :mod:`turbocompile.ops._backend`).
+
+Numerics: LayerNorm, affine and ``(1 + scale) + shift`` stay in fp32 with a single rounding to
+the output dtype. TurboDiffusion (and the canonical model) round the LN output to bf16 before
+the modulation, so these ops are slightly *more* accurate and not bit-identical to it. The
+residual add, the RMSNorm and the quantizers reproduce the eager rounding exactly.
+
+Example::
+
+    from turbocompile.ops import norms
+    h = norms.ln_modulate(x, shift=sh_a, scale=sc_a)           # x [B, L, D] bf16, sh/sc [B, 1, D] fp32
+    x, h = norms.residual_ln_modulate(x, y, gate=g_a, shift=sh_f, scale=sc_f)
+    q = norms.rmsnorm_rope(q_proj, w_q, cos, sin, num_heads=40)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from turbocompile.kernels.norms import ref
+from turbocompile.ops._backend import resolve_backend
+
+__all__ = [
+    "ln_modulate",
+    "residual_ln_modulate",
+    "rmsnorm_rope",
+    "ln_modulate_quant",
+    "residual_ln_modulate_quant",
+    "QUANT_FORMATS",
+    "QUANT_GRANULARITIES",
+]
+
+QUANT_FORMATS = ("int8", "fp8")
+QUANT_GRANULARITIES = ("per_token", "block128")
+_QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_x(op: str, x: torch.Tensor) -> int:
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{op}: x must be [B, L, D] or [M, D], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{op}: x dtype {x.dtype} not supported (float32, bfloat16, float16)")
+    return x.shape[-1]
+
+
+def _check_vec(op: str, name: str, t: Optional[torch.Tensor], D: int) -> None:
+    if t is not None and (t.dim() != 1 or t.shape[0] != D):
+        raise ValueError(f"{op}: {name} must be [D={D}], got shape {tuple(t.shape)}")
+
+
+def _check_rowvec(op: str, name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    """shift/scale/gate broadcast to x: [B,1,D], [1,1,D], [B,L,D], [D] ... (last dim D)."""
+    if t is None:
+        return
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be floating point, got {t.dtype}")
+    try:
+        ok = torch.broadcast_shapes(t.shape, x.shape) == x.shape and t.shape[-1] == x.shape[-1]
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} does not broadcast to x {tuple(x.shape)} "
+                         "with a full last dim")
+
+
+def _check_ln_args(op, x, weight, bias, shift, scale, gate=None):
+    D = _check_x(op, x)
+    _check_vec(op, "weight", weight, D)
+    _check_vec(op, "bias", bias, D)
+    for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
+        _check_rowvec(op, name, t, x)
+    return D
+
+
+def _check_quant(op: str, fmt: str, granularity: str) -> None:
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"{op}: unknown format '{fmt}'; valid: {', '.join(QUANT_FORMATS)}")
+    if granularity not in QUANT_GRANULARITIES:
+        raise ValueError(f"{op}: unknown granularity '{granularity}'; valid: {', '.join(QUANT_GRANULARITIES)}")
+
+
+def _scale_shape(M: int, D: int, granularity: str) -> tuple[int, int]:
+    return (M, 1) if granularity == "per_token" else (-(-M // 128), -(-D // 128))
+
+
+# ----------------------------------------------------------------------------- ln_modulate
+@torch.library.custom_op("turbocompile::ln_modulate", mutates_args=())
+def _ln_modulate(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], eps: float,
+    out_dtype: Optional[torch.dtype], backend: str,
+) -> torch.Tensor:
+    op = "turbocompile::ln_modulate"
+    _check_ln_args(op, x, weight, bias, shift, scale)
+    out_dtype = out_dtype or x.dtype
+    if resolve_backend(backend, x.device, op) == "triton":
+        from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton
+
+        return ln_modulate_triton(x, weight, bias, shift, scale, eps, out_dtype)
+    return ref.layer_norm_modulate_ref(x, weight, bias, shift, scale, eps, out_dtype).contiguous()
+
+
+@_ln_modulate.register_fake
+def _(x, weight, bias, shift, scale, eps, out_dtype, backend):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+
+
+def ln_modulate(
+    x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, eps: float = 1e-6,
+    out_dtype: Optional[torch.dtype] = None, backend: str = "auto",
+) -> torch.Tensor:
+    """``(LayerNorm(x)·weight + bias)·(1 + scale) + shift`` over the last dim, in fp32.
+
+    Args:
+        x: [B, L, D] or [M, D], fp32/bf16/fp16.
+        weight, bias: optional LN affine [D].
+        shift, scale: optional AdaLN modulation broadcasting to x ([B,1,D] or [1,1,D] fp32; per-token
+            [B,L,D] works too).
+        eps: LN epsilon (Wan: 1e-6).
+        out_dtype: output dtype, default x.dtype (the head uses float32).
+        backend: "auto" | "triton" | "torch".
+
+    Example: ``h = ln_modulate(x, shift=sh_a, scale=sc_a)`` replaces
+    ``(F.layer_norm(x.float(), (D,), eps=1e-6).to(dt).float() * (1 + sc_a) + sh_a).to(dt)``.
+    """
+    return torch.ops.turbocompile.ln_modulate(x, weight, bias, shift, scale, eps, out_dtype, backend)
+
+
+# ----------------------------------------------------------------------------- residual_ln_modulate
+@torch.library.custom_op("turbocompile::residual_ln_modulate", mutates_args=())
+def _residual_ln_modulate(
+    x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+    eps: float, out_dtype: Optional[torch.dtype], backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "turbocompile::residual_ln_modulate"
+    _check_ln_args(op, x, weight, bias, shift, scale, gate)
+    if y.shape != x.shape or y.dtype != x.dtype:
+        raise ValueError(f"{op}: y {tuple(y.shape)} {y.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    out_dtype = out_dtype or x.dtype
+    if resolve_backend(backend, x.device, op) == "triton":
+        from turbocompile.kernels.norms.triton_layernorm import residual_ln_modulate_triton
+
+        return residual_ln_modulate_triton(x, y, gate, weight, bias, shift, scale, eps, out_dtype)
+    x_new, h = ref.residual_ln_modulate_ref(x, y, gate, weight, bias, shift, scale, eps, out_dtype)
+    return x_new.contiguous(), h.contiguous()
+
+
+@_residual_ln_modulate.register_fake
+def _(x, y, gate, weight, bias, shift, scale, eps, out_dtype, backend):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+
+
+def residual_ln_modulate(
+    x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, eps: float = 1e-6,
+    out_dtype: Optional[torch.dtype] = None, backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated residual add then LN-modulate, one pass over x and y: returns ``(x_new, h)``.
+
+    ``x_new = x + y * gate.to(x.dtype)`` rounded exactly like the eager ops (product rounded to
+    x.dtype, then the sum); ``gate=None`` is the plain ``x + y``. ``h = ln_modulate(x_new, ...)``.
+
+    Example (end of a block's FFN feeding the next block's attention pre-norm)::
+
+        x, h = residual_ln_modulate(x, ffn_out, gate=g_f, shift=next_sh_a, scale=next_sc_a)
+    """
+    return torch.ops.turbocompile.residual_ln_modulate(
+        x, y, gate, weight, bias, shift, scale, eps, out_dtype, backend)
+
+
+# ----------------------------------------------------------------------------- rmsnorm_rope
+@torch.library.custom_op("turbocompile::rmsnorm_rope", mutates_args=())
+def _rmsnorm_rope(
+    z: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+    num_heads: int, eps: float, backend: str,
+) -> torch.Tensor:
+    op = "turbocompile::rmsnorm_rope"
+    if z.dim() != 3:
+        raise ValueError(f"{op}: z must be [B, L, D], got shape {tuple(z.shape)}")
+    if z.dtype not in _FLOATS:
+        raise ValueError(f"{op}: z dtype {z.dtype} not supported (float32, bfloat16, float16)")
+    B, L, D = z.shape
+    _check_vec(op, "weight", weight, D)
+    if weight.dtype not in (z.dtype, torch.float32):
+        raise ValueError(f"{op}: weight dtype {weight.dtype} must be z.dtype ({z.dtype}) or float32")
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: cos and sin must both be given or both be None")
+    if cos is not None:
+        if num_heads <= 0 or D % num_heads or (D // num_heads) % 2:
+            raise ValueError(f"{op}: D={D} must split into num_heads={num_heads} heads of even size")
+        half = D // num_heads // 2
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.numel() != L * half or t.shape[-1] != half:
+                raise ValueError(f"{op}: {name} must be [L={L}, d/2={half}], got shape {tuple(t.shape)}")
+    if resolve_backend(backend, z.device, op) == "triton":
+        from turbocompile.kernels.norms.triton_rmsnorm_rope import rmsnorm_rope_triton
+
+        return rmsnorm_rope_triton(z, weight, cos, sin, num_heads, eps)
+    c = cos.reshape(L, -1) if cos is not None else None
+    s = sin.reshape(L, -1) if sin is not None else None
+    return ref.rmsnorm_rope_ref(z, weight, c, s, num_heads, eps).contiguous()
+
+
+@_rmsnorm_rope.register_fake
+def _(z, weight, cos, sin, num_heads, eps, backend):
+    return z.new_empty(z.shape)
+
+
+def rmsnorm_rope(
+    z: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None, num_heads: int = 1, eps: float = 1e-6, backend: str = "auto",
+) -> torch.Tensor:
+    """Wan q/k RMSNorm over all D channels (weight applied after rounding to z.dtype), then
+    interleaved RoPE on each of ``num_heads`` heads; ``cos=sin=None`` is RMSNorm only.
+
+    Args:
+        z: [B, L, D] projection output (rows may be strided, e.g. a slice of a fused qkv output).
+        weight: [D], z.dtype or float32.
+        cos, sin: [L, d/2] float32 tables (d = D / num_heads), angle θ[l, j] for pair (2j, 2j+1).
+        num_heads: H. eps: 1e-6 in Wan.
+
+    Returns [B, L, D] contiguous, z.dtype. Example: ``q = rmsnorm_rope(q, w_q, cos, sin, num_heads=40)``.
+    """
+    return torch.ops.turbocompile.rmsnorm_rope(z, weight, cos, sin, num_heads, eps, backend)
+
+
+# ----------------------------------------------------------------------------- quant epilogues
+@torch.library.custom_op("turbocompile::ln_modulate_quant", mutates_args=())
+def _ln_modulate_quant(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], eps: float,
+    format: str, granularity: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "turbocompile::ln_modulate_quant"
+    _check_ln_args(op, x, weight, bias, shift, scale)
+    _check_quant(op, format, granularity)
+    if resolve_backend(backend, x.device, op) == "triton":
+        from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton
+
+        return ln_modulate_triton(x, weight, bias, shift, scale, eps, x.dtype, quant=(format, granularity))
+    return ref.ln_modulate_quant_ref(x, weight, bias, shift, scale, eps, format, granularity)
+
+
+@_ln_modulate_quant.register_fake
+def _(x, weight, bias, shift, scale, eps, format, granularity, backend):
+    D = x.shape[-1]
+    M = x.numel() // D if D else 0
+    return (x.new_empty((M, D), dtype=_QDTYPE[format]),
+            x.new_empty(_scale_shape(M, D, granularity), dtype=torch.float32))
+
+
+def ln_modulate_quant(
+    x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, eps: float = 1e-6,
+    format: str = "int8", granularity: str = "per_token", backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ln_modulate`` rounded to x.dtype, then quantized for a W8A8 linear: returns
+    ``(q [M, D], scale)`` with M = B·L rows.
+
+    The quantizer is ``turbocompile::quantize_activation``'s: amax = max(1e-8, max|h|) per group
+    in fp32. INT8: q = rint(h·(128/amax)) saturated to [-128, 127], scale = amax/128. FP8 e4m3:
+    scale = amax/448, q = e4m3(clamp(h/scale, ±448)). granularity "per_token" gives scale [M, 1],
+    "block128" gives [ceil(M/128), ceil(D/128)] (TurboDiffusion's 128×128 blocks).
+
+    Example: ``qx, sx = ln_modulate_quant(x, shift=sh_a, scale=sc_a, format="fp8")``.
+    """
+    return torch.ops.turbocompile.ln_modulate_quant(
+        x, weight, bias, shift, scale, eps, format, granularity, backend)
+
+
+@torch.library.custom_op("turbocompile::residual_ln_modulate_quant", mutates_args=())
+def _residual_ln_modulate_quant(
+    x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+    eps: float, format: str, granularity: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "turbocompile::residual_ln_modulate_quant"
+    _check_ln_args(op, x, weight, bias, shift, scale, gate)
+    if y.shape != x.shape or y.dtype != x.dtype:
+        raise ValueError(f"{op}: y {tuple(y.shape)} {y.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    _check_quant(op, format, granularity)
+    if resolve_backend(backend, x.device, op) == "triton":
+        from turbocompile.kernels.norms.triton_layernorm import residual_ln_modulate_triton
+
+        return residual_ln_modulate_triton(x, y, gate, weight, bias, shift, scale, eps, x.dtype,
+                                           quant=(format, granularity))
+    x_new = ref.gated_residual_ref(x, y, gate)
+    q, s = ref.ln_modulate_quant_ref(x_new, weight, bias, shift, scale, eps, format, granularity)
+    return x_new.contiguous(), q, s
+
+
+@_residual_ln_modulate_quant.register_fake
+def _(x, y, gate, weight, bias, shift, scale, eps, format, granularity, backend):
+    D = x.shape[-1]
+    M = x.numel() // D if D else 0
+    return (x.new_empty(x.shape), x.new_empty((M, D), dtype=_QDTYPE[format]),
+            x.new_empty(_scale_shape(M, D, granularity), dtype=torch.float32))
+
+
+def residual_ln_modulate_quant(
+    x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, eps: float = 1e-6,
+    format: str = "int8", granularity: str = "per_token", backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`residual_ln_modulate` with the :func:`ln_modulate_quant` epilogue: returns
+    ``(x_new, q [M, D], scale)``."""
+    return torch.ops.turbocompile.residual_ln_modulate_quant(
+        x, y, gate, weight, bias, shift, scale, eps, format, granularity, backend)

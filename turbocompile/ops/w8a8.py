@@ -1,0 +1,289 @@
+"""W8A8 linear ops: 8-bit weights and activations (INT8, TurboDiffusion-compatible, or FP8 e4m3).
+
+Ops (registered on import; every op ends with ``backend``: "auto" | "triton" | "torch"):
+
+* ``turbocompile::quantize_activation(x, format, granularity, backend) -> (q, scale)``
+* ``turbocompile::w8a8_linear(x, qweight, wscale, bias, format, act_granularity,
+  weight_granularity, backend) -> y``: dynamic activation quantization + scaled GEMM + bias.
+* ``turbocompile::w8a8_linear_prequant(qx, xscale, qweight, wscale, bias, format, act_granularity,
+  weight_granularity, out_dtype, backend) -> y``: the GEMM on an already-quantized activation.
+
+Plus the offline helper :func:`quantize_weight`. Formats: "int8" | "fp8" (torch.float8_e4m3fn).
+Activation granularity: "block128" (128 tokens x 128 channels per scale, TD's scheme) |
+"per_token". Weight granularity: "block128" | "per_channel". Any activation/weight pair works.
+The quantizer math is documented in :mod:`turbocompile.kernels.w8a8.ref`.
+
+Example::
+
+    qw, sw = quantize_weight(linear.weight, "int8", "block128")
+    y = torch.ops.turbocompile.w8a8_linear(x, qw, sw, linear.bias, "int8", "block128", "block128", "auto")
+"""
+
+from __future__ import annotations
+
+import torch
+
+from turbocompile.kernels.w8a8 import ref
+from turbocompile.ops._backend import check_backend, resolve_backend
+
+__all__ = [
+    "FORMATS",
+    "ACT_GRANULARITIES",
+    "WEIGHT_GRANULARITIES",
+    "FUSE_ACT_QUANT",
+    "quantize_weight",
+    "quantize_activation",
+    "w8a8_linear",
+    "w8a8_linear_prequant",
+]
+
+FORMATS = ("int8", "fp8")
+ACT_GRANULARITIES = ("block128", "per_token")
+WEIGHT_GRANULARITIES = ("block128", "per_channel")
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Triton w8a8_linear with block128 activations: quantize inside the GEMM (True) or run the one-pass
+# quantizer then the GEMM (False). Set from the H100 benchmark (benchmarks/RESULTS.md, W8A8).
+FUSE_ACT_QUANT = {"int8": False, "fp8": False}
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...], op: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: unknown {what} '{value}'; valid choices: {', '.join(choices)}")
+
+
+def _check_modes(op: str, fmt: str, act_gran: str | None, w_gran: str | None, backend: str) -> None:
+    _check_choice("format", fmt, FORMATS, op)
+    if act_gran is not None:
+        _check_choice("activation granularity", act_gran, ACT_GRANULARITIES, op)
+    if w_gran is not None:
+        _check_choice("weight granularity", w_gran, WEIGHT_GRANULARITIES, op)
+    check_backend(backend)
+
+
+def _scale_shape(rows, k, granularity: str):
+    if granularity == "block128":
+        return (_cdiv(rows, 128), _cdiv(k, 128))
+    return (rows, 1)
+
+
+def _check_q(op: str, name: str, q: torch.Tensor, s: torch.Tensor, fmt: str, granularity: str) -> None:
+    want = ref.quant_dtype(fmt)
+    if q.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(q.shape)}")
+    if q.dtype != want:
+        raise ValueError(f"{op}: {name} must be {want} for format '{fmt}', got {q.dtype}")
+    exp = _scale_shape(q.shape[0], q.shape[1], granularity)
+    if s.dtype != torch.float32 or tuple(s.shape) != tuple(exp):
+        raise ValueError(
+            f"{op}: {name} scale must be float32 of shape {tuple(exp)} for granularity '{granularity}' "
+            f"and {name} shape {tuple(q.shape)}; got {s.dtype} {tuple(s.shape)}"
+        )
+
+
+def _check_bias(op: str, bias: torch.Tensor | None, n) -> None:
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise ValueError(f"{op}: bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias is not None and not bias.is_floating_point():
+        raise ValueError(f"{op}: bias must be a float tensor, got {bias.dtype}")
+
+
+# ----------------------------------------------------------------------------------- quantizers
+
+
+def quantize_weight(w: torch.Tensor, format: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a linear weight offline (same quantizer as the activations; TD-compatible for int8).
+
+    Storage layout: the codes keep nn.Linear's [N, K] layout (K contiguous). That is already the
+    K-major B operand that Hopper's 8-bit wgmma wants, for int8 and for fp8, so no transposed copy
+    is stored; the reference GEMM uses the same [N, K] layout.
+
+    Args:
+        w: [N, K] float weight.
+        format: "int8" | "fp8".
+        granularity: "block128" -> scale [ceil(N/128), ceil(K/128)]; "per_channel" -> scale [N, 1].
+
+    Returns:
+        (q [N, K] int8 | float8_e4m3fn, contiguous; scale float32).
+    """
+    _check_modes("quantize_weight", format, None, granularity, "torch")
+    if w.dim() != 2 or w.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"quantize_weight: w must be a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
+    q, s = ref.quantize_ref(w.detach(), format, granularity)
+    return q.contiguous(), s
+
+
+def _quantize_impl(x: torch.Tensor, fmt: str, granularity: str, impl: str):
+    if impl == "triton":
+        from turbocompile.kernels.w8a8.triton_quant import quantize_triton
+
+        return quantize_triton(x, fmt, granularity)
+    return ref.quantize_ref(x, fmt, granularity)
+
+
+@torch.library.custom_op("turbocompile::quantize_activation", mutates_args=())
+def _quantize_activation_op(
+    x: torch.Tensor, format: str, granularity: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "turbocompile::quantize_activation"
+    _check_modes(op, format, granularity, None, backend)
+    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: x must be 2-D [M, K] bf16/fp16/fp32, got {x.dtype} {tuple(x.shape)}")
+    impl = resolve_backend(backend, x.device, op)
+    return _quantize_impl(x, format, granularity, impl)
+
+
+@_quantize_activation_op.register_fake
+def _(x, format, granularity, backend):
+    _check_modes("turbocompile::quantize_activation", format, granularity, None, backend)
+    m, k = x.shape
+    q = x.new_empty((m, k), dtype=ref.quant_dtype(format))
+    return q, x.new_empty(_scale_shape(m, k, granularity), dtype=torch.float32)
+
+
+def quantize_activation(
+    x: torch.Tensor, format: str = "int8", granularity: str = "block128", backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a 2-D activation [M, K] (bf16/fp16/fp32) dynamically.
+
+    Returns ``(q, scale)``: q [M, K] int8 or float8_e4m3fn; scale fp32 [M, 1] for "per_token"
+    (INT8 per-token = the block formula over a whole row: amax floor 1e-8, ``round(x*128/amax)``
+    saturated to [-128, 127], scale amax/128), or [ceil(M/128), ceil(K/128)] for "block128"
+    (TurboDiffusion-exact for INT8). FP8: scale amax/448, same 1e-8 floor.
+    """
+    return torch.ops.turbocompile.quantize_activation(x, format, granularity, backend)
+
+
+# ---------------------------------------------------------------------------------------- GEMMs
+
+
+def _gemm_impl(qa, sa, qw, sw, bias, act_gran, w_gran, out_dtype, impl):
+    if impl == "triton":
+        from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_triton
+
+        return w8a8_gemm_triton(qa, sa, qw, sw, bias, act_gran, w_gran, out_dtype)
+    return ref.w8a8_gemm_ref(qa, sa, qw, sw, bias, act_gran, w_gran, out_dtype)
+
+
+@torch.library.custom_op("turbocompile::w8a8_linear_prequant", mutates_args=())
+def _w8a8_linear_prequant_op(
+    qx: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    format: str,
+    act_granularity: str,
+    weight_granularity: str,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    op = "turbocompile::w8a8_linear_prequant"
+    _check_modes(op, format, act_granularity, weight_granularity, backend)
+    _check_q(op, "qx", qx, xscale, format, act_granularity)
+    _check_q(op, "qweight", qweight, wscale, format, weight_granularity)
+    if qx.shape[1] != qweight.shape[1]:
+        raise ValueError(f"{op}: K mismatch, qx {tuple(qx.shape)} vs qweight {tuple(qweight.shape)}")
+    _check_bias(op, bias, qweight.shape[0])
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: out_dtype must be one of bf16/fp16/fp32, got {out_dtype}")
+    impl = resolve_backend(backend, qx.device, op)
+    return _gemm_impl(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity, out_dtype, impl)
+
+
+@_w8a8_linear_prequant_op.register_fake
+def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, backend):
+    _check_modes("turbocompile::w8a8_linear_prequant", format, act_granularity, weight_granularity, backend)
+    return qx.new_empty((qx.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("turbocompile::w8a8_linear", mutates_args=())
+def _w8a8_linear_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    format: str,
+    act_granularity: str,
+    weight_granularity: str,
+    backend: str,
+) -> torch.Tensor:
+    op = "turbocompile::w8a8_linear"
+    _check_modes(op, format, act_granularity, weight_granularity, backend)
+    if x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
+        raise ValueError(f"{op}: x must be a float tensor [..., K] (bf16/fp16/fp32), got {x.dtype} {tuple(x.shape)}")
+    _check_q(op, "qweight", qweight, wscale, format, weight_granularity)
+    k = x.shape[-1]
+    if qweight.shape[1] != k:
+        raise ValueError(f"{op}: K mismatch, x {tuple(x.shape)} vs qweight {tuple(qweight.shape)}")
+    _check_bias(op, bias, qweight.shape[0])
+    impl = resolve_backend(backend, x.device, op)
+    x2 = x.reshape(-1, k)
+    if impl == "triton" and act_granularity == "block128" and FUSE_ACT_QUANT[format]:
+        from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_triton
+
+        y = w8a8_gemm_triton(x2, None, qweight, wscale, bias, act_granularity, weight_granularity, x.dtype,
+                             fuse_quant=True)
+    else:
+        qa, sa = _quantize_impl(x2, format, act_granularity, impl)
+        y = _gemm_impl(qa, sa, qweight, wscale, bias, act_granularity, weight_granularity, x.dtype, impl)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@_w8a8_linear_op.register_fake
+def _(x, qweight, wscale, bias, format, act_granularity, weight_granularity, backend):
+    _check_modes("turbocompile::w8a8_linear", format, act_granularity, weight_granularity, backend)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    format: str = "int8",
+    act_granularity: str = "block128",
+    weight_granularity: str = "block128",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """W8A8 linear: ``x [..., K] -> y [..., N]`` in x.dtype, quantizing x on the fly.
+
+    ``y[m, n] = sum_kb sA(m, kb) * sW(n, kb) * sum_{k in kb} qA[m, k] * qW[n, k] + bias[n]``.
+    Block-128 scales are applied per 128-wide K block inside the GEMM loop (int32 partial -> fp32),
+    row-wise ones in the epilogue; bias is fused in the epilogue. K and N need not be multiples
+    of 128 (tails are masked).
+
+    Args:
+        x: [..., K] bf16/fp16/fp32.
+        qweight, wscale: from :func:`quantize_weight` with the same ``format``/``weight_granularity``.
+        bias: optional [N].
+    """
+    return torch.ops.turbocompile.w8a8_linear(
+        x, qweight, wscale, bias, format, act_granularity, weight_granularity, backend
+    )
+
+
+def w8a8_linear_prequant(
+    qx: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    format: str = "int8",
+    act_granularity: str = "block128",
+    weight_granularity: str = "block128",
+    out_dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The W8A8 GEMM on an already-quantized activation ``qx [M, K]`` with ``xscale``.
+
+    ``qx``/``xscale`` follow :func:`quantize_activation`'s contract (e.g. produced by a fused norm
+    kernel). Returns y [M, N] in ``out_dtype``.
+    """
+    return torch.ops.turbocompile.w8a8_linear_prequant(
+        qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, backend
+    )
