@@ -201,9 +201,15 @@ def load_graph_module(path: str | Path, manifest: dict, device: str | torch.devi
     for name in sorted(manifest["files"]):
         if name.endswith(".safetensors"):
             try:
-                tensors.update(load_file(str(path / name), device=str(device)))
+                part = load_file(str(path / name), device=str(device))
             except (SafetensorError, OSError, ValueError) as exc:
                 raise ArtifactError(f"artifact file '{name}' cannot be read: {exc}") from None
+            if torch.device(device).type == "cpu":
+                # Tensors read from a safetensors file are only 8-byte aligned; CPU kernels take
+                # different (differently rounded) SIMD paths on unaligned data, so copy them into
+                # fresh allocations to reproduce the in-memory model bit for bit.
+                part = {k: v.clone() for k, v in part.items()}
+            tensors.update(part)
     needed = {n.target for n in graph.nodes if n.op == "get_attr"}
     missing = sorted(needed - set(tensors))
     if missing:

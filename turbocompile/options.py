@@ -9,6 +9,7 @@ with the YAML path for unknown keys, wrong types and out-of-range values.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any
 
@@ -39,7 +40,7 @@ def _type_name(tp) -> str:
 def _coerce(value, tp, path: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
