@@ -13,12 +13,24 @@ from turbocompile.capture import example_inputs
 from turbocompile.model.config import get_preset
 from turbocompile.model.wan import WanModel, init_random_
 
+from click.testing import CliRunner
+
+from turbocompile.cli import cli
+
 CLI = [sys.executable, "-m", "turbocompile.cli"]
 
 
 def run(*args, cwd=None):
+    """The real console entry point in a subprocess (exit codes as a user sees them)."""
     env = dict(os.environ, TURBOCOMPILE_DEBUG="")
     return subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def run_inproc(*args):
+    """Same CLI in-process (fast); stderr and stdout kept apart."""
+    res = CliRunner().invoke(cli, list(args))
+    res.returncode = res.exit_code
+    return res
 
 
 def test_optimize_inspect_load(tmp_path):
@@ -31,7 +43,7 @@ def test_optimize_inspect_load(tmp_path):
     assert r.returncode == 0
     manifest = json.loads(r.stdout)
     assert manifest["model"]["config"]["name"] == "wan-tiny"
-    assert run("inspect", str(out)).stdout.count("float32") >= 1
+    assert run_inproc("inspect", str(out)).stdout.count("float32") >= 1
     cfg = get_preset("wan-tiny")
     inp = example_inputs(cfg, cfg.video_shape(), seed=11)
     eager = init_random_(WanModel(cfg), seed=0)
@@ -52,7 +64,7 @@ def test_user_errors_exit_2_one_line_no_artifact(tmp_path, args, needle):
     if needle.startswith("passes[0]"):
         needle = "passes[0].name: unknown pass"
     out = tmp_path / "out"
-    r = run(*[a.format(out=out, bad=bad) for a in args])
+    r = run_inproc(*[a.format(out=out, bad=bad) for a in args])
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
@@ -64,12 +76,12 @@ def test_existing_output_is_not_clobbered(tmp_path):
     out = tmp_path / "keep"
     out.mkdir()
     (out / "precious.txt").write_text("data")
-    r = run("optimize", "wan-tiny", "baseline", "-o", str(out), "--dtype", "float32")
+    r = run_inproc("optimize", "wan-tiny", "baseline", "-o", str(out), "--dtype", "float32")
     assert r.returncode == 2 and "already exists" in r.stderr
     assert (out / "precious.txt").read_text() == "data"
 
 
 def test_listings():
-    assert "baseline" in run("recipes").stdout
-    assert run("passes").returncode == 0
-    assert "wan2.1-t2v-14b" in run("models").stdout
+    assert "baseline" in run_inproc("recipes").stdout
+    assert run_inproc("passes").returncode == 0
+    assert "wan2.1-t2v-14b" in run_inproc("models").stdout

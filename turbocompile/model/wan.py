@@ -29,6 +29,15 @@ from turbocompile.model.rope import apply_rope, rope_tables
 __all__ = ["WanModel", "sinusoid_freqs"]
 
 
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    """dtype of ``module.weight`` as a Python constant, also while tracing.
+
+    ``module.weight`` is a Proxy under torch.fx; the parameter dict lookup is not, so the
+    activation dtype is baked into the graph as a constant instead of a ``getattr`` node.
+    """
+    return module._parameters["weight"].dtype
+
+
 def sinusoid_freqs(freq_dim: int) -> torch.Tensor:
     """ω_i = 10000^(−i/half) for i < half = freq_dim/2, float64."""
     half = freq_dim // 2
@@ -44,7 +53,7 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        dt = self.weight.dtype  # static activation dtype (a Python constant under tracing)
+        dt = _weight_dtype(self)  # static activation dtype (a Python constant under tracing)
         zf = z.float()
         normed = zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.to(dt) * self.weight
@@ -60,7 +69,7 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(d, cfg.eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        dt = self.norm_q.weight.dtype
+        dt = _weight_dtype(self.norm_q)
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
@@ -117,12 +126,12 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def _norm_modulate(self, x, shift, scale):
-        dt = self.norm3.weight.dtype
+        dt = _weight_dtype(self.norm3)
         ln = F.layer_norm(x.float(), (self.dim,), eps=self.eps).to(dt)
         return (ln.float() * (1 + scale) + shift).to(dt)
 
     def forward(self, x, e0, ctx, ctx_img, cos, sin):
-        dt = self.norm3.weight.dtype
+        dt = _weight_dtype(self.norm3)
         m = self.modulation.float() + e0  # [B, 6, D] float32
         shift_a, scale_a, gate_a = m[:, 0:1], m[:, 1:2], m[:, 2:3]
         shift_f, scale_f, gate_f = m[:, 3:4], m[:, 4:5], m[:, 5:6]
@@ -203,7 +212,7 @@ class WanModel(nn.Module):
     @property
     def activation_dtype(self) -> torch.dtype:
         """Dtype of the residual stream and block GEMMs (that of the block weights)."""
-        return self.text_embedding[0].weight.dtype
+        return _weight_dtype(self.text_embedding[0])
 
     def _apply(self, fn, *args, **kwargs):
         # ``.to(dtype)`` would round the float64 sinusoid frequencies; they are a pure
