@@ -4,3 +4,5 @@ Importing this package registers every built-in pass with
 :func:`turbocompile.passbase.register_pass`. Passes emit ``torch.ops.turbocompile.*``
 ops by name and never import ``turbocompile.kernels``.
 """
+
+from turbocompile.passes import w8a8_linear  # noqa: E402,F401

@@ -111,7 +111,10 @@ def quantize_ref(h: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Ten
 
     INT8: amax = max(1e-8, max|h|) per group in fp32, q = rint(h · (128/amax)) saturated to
     [-128, 127] (round half to even), scale = amax/128.
-    FP8:  scale = amax/448, q = e4m3(clamp(h / scale, ±448)) round to nearest even.
+    FP8:  q = e4m3(clamp(h · (448/amax), ±448)) round to nearest even, scale = amax/448.
+    (128/amax and 448/amax are single correctly rounded divisions; this is exactly what
+    ``turbocompile::quantize_activation`` computes. The brief's "h/scale" for FP8 differs from
+    h·(448/amax) in the last bit for some inputs; the w8a8 op's form is the contract.)
     per_token: one group per row, scale [M, 1]. block128: 128×128 groups, scale
     [ceil(M/128), ceil(D/128)]; partial blocks use only their real elements.
     """
@@ -130,14 +133,16 @@ def quantize_ref(h: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Ten
         amax_e = amax.repeat_interleave(128, 0).repeat_interleave(128, 1)[:M, :D]
     else:
         raise ValueError(f"unknown granularity '{granularity}'; valid: per_token, block128")
+    # full_like(...) / amax: one correctly rounded fp32 division (torch computes scalar / tensor
+    # as reciprocal-then-multiply), then one multiply per element, as the kernels do.
     if fmt == "int8":
-        q = torch.round(hf * (INT8_QMAX / amax_e)).clamp(-128.0, 127.0).to(torch.int8)
+        inv = torch.full_like(amax_e, INT8_QMAX) / amax_e
+        q = torch.round(hf * inv).clamp(-128.0, 127.0).to(torch.int8)  # torch.round: half to even
         return q, amax / INT8_QMAX
     if fmt == "fp8":
-        s = amax / FP8_QMAX
-        s_e = amax_e / FP8_QMAX
-        q = (hf / s_e).clamp(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)
-        return q, s
+        inv = torch.full_like(amax_e, FP8_QMAX) / amax_e
+        q = (hf * inv).clamp(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)  # RNE cast
+        return q, amax / FP8_QMAX
     raise ValueError(f"unknown format '{fmt}'; valid: int8, fp8")
 
 

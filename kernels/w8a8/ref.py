@@ -97,12 +97,14 @@ def quantize_ref(x: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Ten
         amax = x32.abs().amax(dim=1, keepdim=True).clamp_min(AMAX_FLOOR) if k > 0 else \
             torch.full((m, 1), AMAX_FLOOR, device=x.device)
         amax_e = amax
+    # torch.full_like(...) / amax: a true fp32 division. (``scalar / tensor`` is computed by torch
+    # as reciprocal-then-multiply, two roundings, which would not match the kernels bit for bit.)
     if fmt == "int8":
-        inv = INT8_QMAX / amax_e  # one correctly rounded fp32 division per group
+        inv = torch.full_like(amax_e, INT8_QMAX) / amax_e
         q = torch.round(x32 * inv).clamp_(-128.0, 127.0).to(torch.int8)  # torch.round: half to even
         scale = amax / INT8_QMAX
     else:
-        inv = FP8_QMAX / amax_e
+        inv = torch.full_like(amax_e, FP8_QMAX) / amax_e
         q = (x32 * inv).clamp_(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)  # RNE cast
         scale = amax / FP8_QMAX
     return q, scale.float().contiguous()

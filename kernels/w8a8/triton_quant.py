@@ -3,8 +3,8 @@
 Same math as :func:`turbocompile.kernels.w8a8.ref.quantize_ref` (see its module docstring): amax in
 fp32 with a 1e-8 floor, ``inv = 128/amax`` (int8) or ``448/amax`` (fp8) as one correctly rounded
 division (``div_rn``: Triton's plain ``/`` is an approximate division on GPUs), ``q = rne(x * inv)``.
-INT8 codes are bit-identical to the reference; e4m3 codes are too on GPUs (the CPU interpreter's
-e4m3 cast truncates some subnormals).
+INT8 codes are bit-identical to the reference (checked on CPU and on an H200); e4m3 codes are
+rounded to the e4m3 grid in fp32 before the cast (``e4m3_grid``), so they match too.
 
 Traffic per element: 2 B read (bf16) + 1 B written; scales add 4 B per group.
 """
@@ -20,6 +20,9 @@ from turbocompile.ops._backend import triton_interpret
 
 __all__ = ["quantize_triton", "rne", "quant_scale_math"]
 
+# fp32 constant: a bare Python float would make the CPU interpreter compute the scale in fp64.
+AMAX_FLOOR = tl.constexpr(1e-8)
+
 
 @triton.jit
 def rne(y, USE_RINT: tl.constexpr):
@@ -28,8 +31,26 @@ def rne(y, USE_RINT: tl.constexpr):
     if USE_RINT:
         r = libdevice.rint(y)
     else:
-        r = (y + 12582912.0) - 12582912.0
+        r = (y + 12582912.0).to(tl.float32) - 12582912.0
     return r
+
+
+@triton.jit
+def e4m3_grid(y):
+    """Round fp32 ``y`` (|y| <= 448) to the nearest e4m3 value, ties to even, staying in fp32.
+
+    Used on every backend: the CPU interpreter's fp32 -> e4m3 cast mis-rounds when the mantissa
+    carries into the exponent, and Triton 3.6's GPU cast disagreed with torch's RNE cast on a few
+    codes on an H200 (2026-11-22 run). Values already on the grid convert exactly everywhere.
+    Normals: round the fp32 bit pattern to 3 mantissa bits. Subnormals (|y| < 2^-6): quantum
+    2^-9, via the add-and-subtract trick with 1.5 * 2^14.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    bits = (bits + 0x7FFFF + lsb) & -1048576  # clear the low 20 mantissa bits (~0xFFFFF)
+    normal = bits.to(tl.float32, bitcast=True)
+    sub = (y + 24576.0).to(tl.float32) - 24576.0
+    return tl.where(tl.abs(y) < 0.015625, sub, normal)
 
 
 @triton.jit
@@ -38,14 +59,17 @@ def quant_scale_math(x, amax, IS_FP8: tl.constexpr, USE_RINT: tl.constexpr):
 
     Returns the codes (int8 / e4m3) and the dequantisation scale ``amax/qmax``.
     """
+    # The explicit fp32 casts matter only in the interpreter, where numpy may promote to fp64.
+    amax = amax.to(tl.float32)
     if IS_FP8:
-        inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
-        y = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
+        inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax).to(tl.float32)
+        y = tl.minimum(tl.maximum((x * inv).to(tl.float32), -448.0), 448.0).to(tl.float32)
+        y = e4m3_grid(y)  # round in fp32 first: the e4m3 cast below is then exact on any backend
         q = y.to(tl.float8e4nv)
         s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
     else:
-        inv = tl.math.div_rn(tl.full(amax.shape, 128.0, tl.float32), amax)
-        y = rne(x * inv, USE_RINT)
+        inv = tl.math.div_rn(tl.full(amax.shape, 128.0, tl.float32), amax).to(tl.float32)
+        y = rne((x * inv).to(tl.float32), USE_RINT)
         y = tl.minimum(tl.maximum(y, -128.0), 127.0)
         q = y.to(tl.int8)
         s = amax * 0.0078125  # amax / 128, exact
@@ -75,7 +99,7 @@ def _quant_block128_kernel(
     mask = (rm < M)[:, None] & (rk < K)[None, :]
     x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-8)  # masked lanes are 0
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), AMAX_FLOOR)  # masked lanes are 0
     q, s = quant_scale_math(x, amax, IS_FP8, USE_RINT)
     tl.store(q_ptr + rm[:, None].to(tl.int64) * stride_qm + rk[None, :], q, mask=mask)
     tl.store(s_ptr + pid_m * stride_sm + pid_k, s)
@@ -107,7 +131,7 @@ def _quant_per_token_kernel(
         rk = tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (rk < K)[None, :]
         x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)
         q, s = quant_scale_math(x, amax[:, None], IS_FP8, USE_RINT)
         tl.store(q_rows + rk[None, :], q, mask=mask)
         tl.store(s_ptr + rm[:, None], s, mask=row_ok[:, None])
@@ -118,7 +142,7 @@ def _quant_per_token_kernel(
             mask = row_ok[:, None] & (rk < K)[None, :]
             x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        amax = tl.maximum(amax, 1e-8)
+        amax = tl.maximum(amax, AMAX_FLOOR)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             mask = row_ok[:, None] & (rk < K)[None, :]

@@ -11,5 +11,6 @@ Importing this package registers all ops; it never imports Triton.
 from __future__ import annotations
 
 from turbocompile.ops._backend import BACKENDS, has_triton, resolve_backend  # noqa: F401
+from turbocompile.ops import w8a8  # noqa: F401,E402  (registers turbocompile::w8a8_* ops)
 
 __all__ = ["BACKENDS", "has_triton", "resolve_backend"]

@@ -43,7 +43,8 @@ WEIGHT_GRANULARITIES = ("block128", "per_channel")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Triton w8a8_linear with block128 activations: quantize inside the GEMM (True) or run the one-pass
-# quantizer then the GEMM (False). Set from the H100 benchmark (benchmarks/RESULTS.md, W8A8).
+# quantizer then the GEMM (False). Measured on an H200 (benchmarks/RESULTS.md, W8A8): fusing is
+# 4x slower (each of the N/128 column tiles re-quantizes its A tile), so it stays off.
 FUSE_ACT_QUANT = {"int8": False, "fp8": False}
 
 

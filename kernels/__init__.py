@@ -1,0 +1,1 @@
+"""Kernel families (installed as ``turbocompile.kernels``): each has a PyTorch ``ref`` and lazily imported Triton modules."""

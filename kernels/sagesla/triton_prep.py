@@ -1,0 +1,237 @@
+"""SageSLA pre-processing in two passes over [B, L, H, D] inputs (no transposes).
+
+Pass A (`_pool_kernel`, grid (chunks, B*H)): per chunk of rows, pooled q means per query block,
+raw k sums per key block (the smoothing mean and the pooled smoothed k follow from them) and
+the per-chunk |v| channel maxima. Reads q, k, v once.
+
+Between the passes (tiny torch ops on [B*H, Qb|Kb, D]): km = mean_L(k), pooled k̄ - km, the
+block scores q̄ k̄ᵀ, top-k and the ascending LUT, the V channel scales.
+
+Pass B (`_quant_kv_kernel`, grid (chunks, B*H)): reads k and v once more and writes INT8 K of
+(k - km) per key block [B*H, Lpad, D] with its scales, V (FP8 e4m3 or fp16) D-major
+[B*H, D, Lpad] zero-padded, and the linear-branch statistics φ(k)ᵀv and Σφ(k) per chunk.
+Together: q read once, k and v read twice, K/V written once at 1 byte (fp8) per element.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+EPS_SCALE = 1e-7
+
+# Triton's CPU interpreter rounds fp32 -> e4m3 without carrying into the exponent (1.97 -> 1.0);
+# under the interpreter we round to the e4m3 grid ourselves so the cast is exact.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def round_e4m3(x):
+    """Round fp32 to the e4m3 grid (round half up in magnitude, saturate at 448)."""
+    ax = tl.abs(x)
+    step = tl.maximum(tl.exp2(tl.floor(tl.log2(tl.maximum(ax, 1e-30))) - 3.0), 0.001953125)  # 2^-9: subnormal step
+    r = tl.minimum(tl.floor(ax / step + 0.5) * step, 448.0)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def dot_acc(a, b, acc, F32: tl.constexpr):
+    """acc + a @ b. F32 (interpreter only): upcast first; the interpreter multiplies the raw
+    bits of bfloat16 operands."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _pool_kernel(
+    q_ptr, k_ptr, v_ptr,  # [B, L, H, D] each
+    qpool_ptr,  # [B*H, Qb, D] fp32: mean of q rows per query block
+    ksum_ptr,  # [B*H, Kb, D] fp32: sum of k rows per key block
+    vmax_ptr,  # [B*H, NC, D] fp32: max |v| per channel over the chunk
+    H, L, Qb, Kb, NC,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_D: tl.constexpr,
+    POOL_Q: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    row0 = c * CHUNK
+    offs_d = tl.arange(0, HEAD_D)
+    if POOL_Q:
+        offs_q = tl.arange(0, BLOCK_Q)
+        qbase = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+        nq = tl.minimum(CHUNK // BLOCK_Q, Qb - c * (CHUNK // BLOCK_Q))
+        for i in range(nq):
+            rows = row0 + i * BLOCK_Q + offs_q
+            x = tl.load(qbase + rows[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd,
+                        mask=rows[:, None] < L, other=0.0).to(tl.float32)
+            cnt = tl.minimum(L - (row0 + i * BLOCK_Q), BLOCK_Q).to(tl.float32)
+            blk = c * (CHUNK // BLOCK_Q) + i
+            tl.store(qpool_ptr + (bh * Qb + blk).to(tl.int64) * HEAD_D + offs_d, tl.sum(x, axis=0) / cnt)
+    offs_k = tl.arange(0, BLOCK_K)
+    kbase = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+    vbase = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+    vmax = tl.zeros([HEAD_D], dtype=tl.float32)
+    nk = tl.minimum(CHUNK // BLOCK_K, Kb - c * (CHUNK // BLOCK_K))
+    for j in range(nk):
+        rows = row0 + j * BLOCK_K + offs_k
+        m = rows[:, None] < L
+        x = tl.load(kbase + rows[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=m, other=0.0).to(tl.float32)
+        blk = c * (CHUNK // BLOCK_K) + j
+        tl.store(ksum_ptr + (bh * Kb + blk).to(tl.int64) * HEAD_D + offs_d, tl.sum(x, axis=0))
+        y = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=m, other=0.0).to(tl.float32)
+        vmax = tl.maximum(vmax, tl.max(tl.abs(y), axis=0))
+    tl.store(vmax_ptr + (bh * NC + c).to(tl.int64) * HEAD_D + offs_d, vmax)
+
+
+@triton.jit
+def _quant_kv_kernel(
+    k_ptr, v_ptr,  # [B, L, H, D] each
+    km_ptr,  # [B*H, D] fp32: mean_L(k)
+    vscale_ptr,  # [B*H, D] fp32: per-channel V scale (QUANT == 1)
+    kq_ptr,  # [B*H, Lpad, D] int8: quantized k - km
+    kscale_ptr,  # [B*H, Kb] fp32
+    vq_ptr,  # [B*H, D, Lpad] e4m3 (QUANT == 1) or fp16 (QUANT == 2), zero padded
+    kv_ptr,  # [B*H, NC, D, D] fp32: per-chunk φ(k)ᵀ v
+    ks_ptr,  # [B*H, NC, D] fp32: per-chunk Σ φ(k)
+    H, L, Lpad, Kb, NC,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_D: tl.constexpr,
+    QUANT: tl.constexpr, LINEAR: tl.constexpr, EXACT_FP8: tl.constexpr,
+):
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    row0 = c * CHUNK
+    offs_d = tl.arange(0, HEAD_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    kbase = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+    vbase = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+    if QUANT != 0:
+        km = tl.load(km_ptr + bh * HEAD_D + offs_d)
+    if QUANT == 1:
+        inv_vs = 1.0 / tl.load(vscale_ptr + bh * HEAD_D + offs_d)
+    kv = tl.zeros([HEAD_D, HEAD_D], dtype=tl.float32)
+    ks = tl.zeros([HEAD_D], dtype=tl.float32)
+    nk = tl.minimum(CHUNK // BLOCK_K, Kb - c * (CHUNK // BLOCK_K))
+    for j in range(nk):
+        r0 = row0 + j * BLOCK_K
+        rows = r0 + offs_k
+        m = rows[:, None] < L
+        kx = tl.load(kbase + rows[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
+                     mask=m, other=0.0)
+        vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
+                     mask=m, other=0.0)
+        kf = kx.to(tl.float32)
+        if QUANT != 0:
+            # INT8 K of the smoothed k, one scale per key block; padded rows quantize to 0.
+            ksm = tl.where(m, kf - km[None, :], 0.0)
+            scale = tl.max(tl.max(tl.abs(ksm), axis=1), axis=0) / 127.0 + 1e-7
+            y = ksm / scale
+            y = y + tl.where(y >= 0, 0.5, -0.5)  # int cast truncates: round half away from zero
+            blk = c * (CHUNK // BLOCK_K) + j
+            tl.store(kq_ptr + (bh.to(tl.int64) * Lpad + rows[:, None]) * HEAD_D + offs_d[None, :], y.to(tl.int8))
+            tl.store(kscale_ptr + bh * Kb + blk, scale)
+            # V, D-major: element (d, row) at d * Lpad + row (K-major operand of the PV dot).
+            vptrs = vq_ptr + (bh.to(tl.int64) * HEAD_D + offs_d[None, :]) * Lpad + rows[:, None]
+            if QUANT == 1:
+                vs = vx.to(tl.float32) * inv_vs[None, :]
+                if EXACT_FP8:
+                    vs = round_e4m3(vs)
+                vs = tl.minimum(tl.maximum(vs, -448.0), 448.0)
+                tl.store(vptrs, vs.to(tl.float8e4nv))
+            else:
+                tl.store(vptrs, vx.to(tl.float16))
+        if LINEAR:
+            # φ(k) = softmax over the head dim; padded rows contribute nothing.
+            e = tl.exp(kf - tl.max(kf, axis=1)[:, None])
+            phi = tl.where(m, e / tl.sum(e, axis=1)[:, None], 0.0)
+            ks += tl.sum(phi, axis=0)
+            kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
+    if LINEAR:
+        base = (bh * NC + c).to(tl.int64)
+        tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
+        tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :], kv)
+
+
+def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
+    per_head = max(1, target_programs // BH)
+    rows = math.ceil(L / per_head)
+    return max(blk, math.ceil(rows / blk) * blk)
+
+
+def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool):
+    """Run passes A and B. q, k, v [B, L, H, D]. Returns a dict of kernel operands.
+
+    Keys: lut [B*H, Qb, T] int32 ascending, T, kq, kscale, vq, vscale, kv [B*H, D, D], ksum [B*H, D].
+    """
+    B, L, H, D = q.shape
+    BH = B * H
+    Qb, Kb = math.ceil(L / block_q), math.ceil(L / block_k)
+    Lpad = Kb * block_k
+    T = max(1, min(Kb, int(topk * Kb)))
+    dense = T == Kb
+    chunk = _chunk_rows(L, BH, max(block_q, block_k))
+    NC = math.ceil(L / chunk)
+    dev = q.device
+    f32 = torch.float32
+    qpool = torch.empty(BH, Qb, D, device=dev, dtype=f32)
+    kblk = torch.empty(BH, Kb, D, device=dev, dtype=f32)
+    vmax = torch.empty(BH, NC, D, device=dev, dtype=f32)
+    nw = 8 if D == 128 else 4
+    _pool_kernel[(NC, BH)](
+        q, k, v, qpool, kblk, vmax, H, L, Qb, Kb, NC,
+        *q.stride(), *k.stride(), *v.stride(),
+        CHUNK=chunk, BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_D=D, POOL_Q=not dense, num_warps=4,
+    )
+    km = kblk.sum(1) / L  # [BH, D]
+    if dense:
+        lut = torch.arange(Kb, device=dev, dtype=torch.int32).expand(BH, Qb, Kb).contiguous()
+    else:
+        cnt = torch.full((Kb,), float(block_k), device=dev, dtype=f32)
+        cnt[-1] = L - (Kb - 1) * block_k
+        kbar = kblk / cnt[:, None] - km[:, None, :]
+        scores = torch.bmm(qpool, kbar.transpose(1, 2))  # [BH, Qb, Kb]
+        idx = torch.topk(scores, T, dim=-1, sorted=False).indices
+        lut = torch.sort(idx.to(torch.int32), dim=-1).values.contiguous()
+    vscale = vmax.amax(1) / FP8_MAX + EPS_SCALE  # [BH, D]
+    qnt = {"none": 0, "int8-fp8": 1, "int8-fp16": 2}[quant]
+    if qnt:
+        kq = torch.empty(BH, Lpad, D, device=dev, dtype=torch.int8)
+        kscale = torch.empty(BH, Kb, device=dev, dtype=f32)
+        vq = torch.empty(BH, D, Lpad, device=dev, dtype=torch.float8_e4m3fn if qnt == 1 else torch.float16)
+    else:
+        kq = kscale = vq = vscale  # unused placeholders
+    if linear:
+        kvp = torch.empty(BH, NC, D, D, device=dev, dtype=f32)
+        ksp = torch.empty(BH, NC, D, device=dev, dtype=f32)
+    else:
+        kvp = ksp = vscale
+    if qnt or linear:
+        _quant_kv_kernel[(NC, BH)](
+            k, v, km, vscale, kq, kscale, vq, kvp, ksp, H, L, Lpad, Kb, NC,
+            *k.stride(), *v.stride(),
+            CHUNK=chunk, BLOCK_K=block_k, HEAD_D=D, QUANT=qnt, LINEAR=linear, EXACT_FP8=INTERPRET,
+            num_warps=nw,
+        )
+    out = {"lut": lut, "T": T, "Qb": Qb, "Kb": Kb, "Lpad": Lpad, "quant": qnt,
+           "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale}
+    if linear:
+        out["kv"] = kvp.sum(1) if NC > 1 else kvp[:, 0]
+        out["ksum"] = ksp.sum(1) if NC > 1 else ksp[:, 0]
+    return out

@@ -1,0 +1,248 @@
+"""Triton scaled 8-bit GEMM for W8A8 linears: ``y = sum_kb sA*sW*(qA_kb @ qW_kb^T) + bias``.
+
+Layouts: qA [M, K] row-major (K contiguous); qW [N, K] as nn.Linear stores it (K contiguous), read
+as [BLOCK_K, BLOCK_N] tiles of W^T. K-contiguous B tiles are what Hopper's 8-bit wgmma needs (it
+only takes K-major operands for int8/e4m3), so no transposed copy of the weight is kept.
+
+Scales (fp32):
+* block128 (A: [ceil(M/128), KB], W: [ceil(N/128), KB]): applied inside the K loop. BLOCK_K is 128
+  and BLOCK_M divides 128, so a tile of A has ONE scale per K block (a scalar load), W has one per
+  128 columns (a [BLOCK_N] vector). Each K step: int32 (int8) / fp32 (fp8) partial dot, then
+  ``acc += partial * (sA * sW)`` in fp32 registers (TD's scheme).
+* per_token [M, 1] / per_channel [N, 1]: one accumulator over all of K, scaled in the epilogue.
+  Mixed pairs work too: the row-wise factor goes to the epilogue, the block one to the loop.
+Bias (any float dtype, [N]) is added in fp32 in the epilogue; the output is cast to y's dtype.
+
+FUSE_QUANT (block128 activations only, BLOCK_M == 128): A is read as bf16/fp16/fp32 and each
+128x128 tile is quantized in registers (TD-exact, same code as the standalone quantizer) right
+before its dot: no qA round trip through memory, at the price of redoing the quantization once
+per N tile.
+
+Rows/columns past M/N: loads wrap (``% M``) so they need no mask (except the fused-quant A load,
+whose amax must not see other rows), stores are masked. K tails are masked unless EVEN_K.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR, quant_scale_math
+from turbocompile.ops._backend import triton_interpret
+
+__all__ = ["w8a8_gemm_triton", "gemm_configs"]
+
+
+@triton.jit
+def _w8a8_gemm_kernel(
+    a_ptr,  # [M, K] int8 | e4m3 (or bf16/fp16/fp32 when FUSE_QUANT)
+    w_ptr,  # [N, K] int8 | e4m3
+    sa_ptr,  # [ceil(M/128), KB] | [M, 1] fp32 (unused when FUSE_QUANT)
+    sw_ptr,  # [ceil(N/128), KB] | [N, 1] fp32
+    bias_ptr,  # [N] or dummy
+    y_ptr,  # [M, N] out dtype
+    M,
+    N,
+    K,
+    M_BUCKET,  # only an autotune key (size class of M), unused in the body
+    stride_am,
+    stride_ak,
+    stride_wn,
+    stride_wk,
+    stride_sam,
+    stride_sak,
+    stride_swn,
+    stride_swk,
+    stride_ym,
+    stride_yn,
+    A_BLOCK: tl.constexpr,
+    W_BLOCK: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    FUSE_QUANT: tl.constexpr,
+    USE_RINT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    SCALE_IN_LOOP: tl.constexpr = A_BLOCK or W_BLOCK
+    # Grouped program order: GROUP_M row tiles share the W column tiles while they sit in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm_true = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn_true = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = rm_true % M
+    rn = rn_true % N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk  # W^T tile
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not SCALE_IN_LOOP:
+        if not IS_FP8:
+            acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    # Scale pointers: the A tile lies inside one 128-row scale block (BLOCK_M divides 128).
+    sa_blk_ptr = sa_ptr + ((pid_m * BLOCK_M) // 128) * stride_sam
+    sw_blk_ptrs = sw_ptr + (rn // 128) * stride_swn
+
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kb * BLOCK_K
+        if FUSE_QUANT:
+            a_mask = (rm_true < M)[:, None] & (rk < k_left)[None, :]
+            x = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), AMAX_FLOOR)
+            a, s_a = quant_scale_math(x, amax, IS_FP8, USE_RINT)
+        elif EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(rk < k_left)[None, :], other=0.0)
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=(rk < k_left)[:, None], other=0.0)
+
+        if SCALE_IN_LOOP:
+            if IS_FP8:
+                part = tl.dot(a, w)
+            else:
+                part = tl.dot(a, w, out_dtype=tl.int32).to(tl.float32)
+            if A_BLOCK:
+                if not FUSE_QUANT:
+                    s_a = tl.load(sa_blk_ptr + kb * stride_sak)
+                if W_BLOCK:
+                    s = s_a * tl.load(sw_blk_ptrs + kb * stride_swk)  # [BLOCK_N]
+                    acc += part * s[None, :]
+                else:
+                    acc += part * s_a
+            else:
+                acc += part * tl.load(sw_blk_ptrs + kb * stride_swk)[None, :]
+        else:
+            if IS_FP8:
+                acc = tl.dot(a, w, acc)
+            else:
+                acc_i = tl.dot(a, w, acc_i, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if not SCALE_IN_LOOP:
+        if not IS_FP8:
+            acc = acc_i.to(tl.float32)
+    # Epilogue: row-wise scales, bias, cast, masked store.
+    if not A_BLOCK:
+        acc = acc * tl.load(sa_ptr + rm * stride_sam)[:, None]
+    if not W_BLOCK:
+        acc = acc * tl.load(sw_ptr + rn * stride_swn)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm_true[:, None].to(tl.int64) * stride_ym + rn_true[None, :] * stride_yn
+    mask = (rm_true < M)[:, None] & (rn_true < N)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def gemm_configs(scale_in_loop: bool, fuse_quant: bool) -> list:
+    """Autotune candidates (BLOCK_K fixed at 128 = the scale block). 8 warps for 128-row tiles.
+
+    A 128x256 tile is only offered when there is no in-loop scaling (an int32 partial next to an
+    fp32 accumulator of that size would spill).
+    """
+    cfgs = []
+    for stages in (3, 4):
+        cfgs.append(triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=stages))
+    if not scale_in_loop:
+        cfgs.append(triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=8, num_stages=3))
+    if not fuse_quant:
+        cfgs.append(triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4))
+    else:
+        cfgs.append(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=3))
+    return cfgs
+
+
+_TUNED: dict[tuple[bool, bool], object] = {}
+
+
+def _tuned_kernel(scale_in_loop: bool, fuse_quant: bool):
+    key = (scale_in_loop, fuse_quant)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(
+            configs=gemm_configs(scale_in_loop, fuse_quant),
+            # M changes the best tile only through its size class: bucket it.
+            key=["M_BUCKET", "N", "K", "IS_FP8", "A_BLOCK", "W_BLOCK", "HAS_BIAS"],
+        )(_w8a8_gemm_kernel)
+    return _TUNED[key]
+
+
+def w8a8_gemm_triton(
+    qa: torch.Tensor,  # [M, K] int8/e4m3; or bf16/fp16/fp32 x when fuse_quant
+    sa: torch.Tensor | None,  # [ceil(M/128), KB] | [M, 1] fp32; None when fuse_quant
+    qw: torch.Tensor,  # [N, K] int8/e4m3
+    sw: torch.Tensor,  # [ceil(N/128), KB] | [N, 1] fp32
+    bias: torch.Tensor | None,  # [N]
+    act_granularity: str,
+    weight_granularity: str,
+    out_dtype: torch.dtype,
+    fuse_quant: bool = False,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Launch the scaled GEMM. Inputs are validated by the op layer; shapes are re-checked here.
+
+    Args:
+        fuse_quant: ``qa`` is the unquantized activation; quantize block128 tiles in the GEMM.
+        config: fixed ``{"BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages"}`` instead of
+            autotuning (always used under the CPU interpreter, where autotuning is pointless).
+    """
+    m, k = qa.shape
+    n, k2 = qw.shape
+    if k != k2:
+        raise ValueError(f"w8a8_gemm_triton: K mismatch, activation {tuple(qa.shape)} vs weight {tuple(qw.shape)}")
+    is_fp8 = qw.dtype == torch.float8_e4m3fn
+    a_block = act_granularity == "block128"
+    w_block = weight_granularity == "block128"
+    if fuse_quant and not a_block:
+        raise ValueError("w8a8_gemm_triton: fuse_quant needs block128 activations")
+    y = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(out_dtype)
+        return y
+    if fuse_quant:
+        sa = sw  # placeholder pointer, never read
+        sa_strides = (0, 0)
+    else:
+        sa_strides = (sa.stride(0), sa.stride(1))
+    bias_arg = bias if bias is not None else sw
+    args = (
+        qa, qw, sa, sw, bias_arg, y, m, n, k, min(triton.next_power_of_2(m), 8192),
+        qa.stride(0), qa.stride(1), qw.stride(0), qw.stride(1),
+        sa_strides[0], sa_strides[1], sw.stride(0), sw.stride(1), y.stride(0), y.stride(1),
+    )
+    meta = dict(
+        A_BLOCK=a_block, W_BLOCK=w_block, IS_FP8=is_fp8, HAS_BIAS=bias is not None,
+        EVEN_K=k % 128 == 0, FUSE_QUANT=fuse_quant, USE_RINT=not triton_interpret(), BLOCK_K=128,
+    )
+    if config is None and triton_interpret():
+        config = {"BLOCK_M": 64 if not fuse_quant else 128, "BLOCK_N": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    if config is not None:
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        _w8a8_gemm_kernel[grid](*args, **meta, **config)
+        return y
+    kernel = _tuned_kernel(a_block or w_block, fuse_quant)
+
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
+    kernel[grid](*args, **meta)
+    return y

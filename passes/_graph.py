@@ -1,0 +1,75 @@
+"""Small graph helpers shared by the built-in passes."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+__all__ = ["is_linear", "attr_target", "get_attr_value", "set_attr_value", "del_attr_if_unused",
+           "module_path", "matches_any", "mark", "LINEAR_TARGETS"]
+
+LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_TARGETS
+
+
+def attr_target(node: Any) -> str | None:
+    """The attribute name of a ``get_attr`` node, else None."""
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def get_attr_value(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr_value(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Register ``value`` as a buffer at dotted ``target`` (creating parent modules)."""
+    *parents, leaf = target.split(".")
+    mod = gm
+    for p in parents:
+        if not hasattr(mod, p):
+            mod.add_module(p, torch.nn.Module())
+        mod = getattr(mod, p)
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    mod.register_buffer(leaf, value)
+
+
+def del_attr_if_unused(gm: fx.GraphModule, target: str) -> bool:
+    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        return False
+    *parents, leaf = target.split(".")
+    mod = gm
+    for p in parents:
+        mod = getattr(mod, p)
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    elif leaf in mod._buffers:
+        del mod._buffers[leaf]
+    else:
+        delattr(mod, leaf)
+    return True
+
+
+def module_path(weight_target: str) -> str:
+    """'blocks.0.self_attn.q.weight' -> 'blocks.0.self_attn.q'."""
+    return weight_target.rsplit(".", 1)[0]
+
+
+def matches_any(path: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def mark(node: fx.Node, pass_name: str) -> fx.Node:
+    """Record provenance: nodes a pass creates carry ``meta['tc_from']``."""
+    node.meta["tc_from"] = list(node.meta.get("tc_from", [])) + [pass_name]
+    return node
