@@ -6,3 +6,4 @@ ops by name and never import ``turbocompile.kernels``.
 """
 
 from turbocompile.passes import w8a8_linear  # noqa: E402,F401
+from turbocompile.passes import sagesla_attention  # noqa: E402,F401
