@@ -173,7 +173,7 @@ def optimize(
     specs = input_specs(cfg, shape, dt)
     propagate_shapes(gm, specs)
     ctx = PassContext(model_config=cfg, video_shape=shape, dtype=dt, device=dev, extras=extras,
-                      strict=strict, progress=progress)
+                      strict=strict, progress=progress, input_specs=dict(specs))
     verify_inputs = None
     if verify:
         if any(p.is_meta for p in wan.parameters()):
@@ -183,6 +183,7 @@ def optimize(
     gm, records = run_pipeline(gm, rec.instantiate_passes(), ctx, input_specs=specs,
                                verify_inputs=verify_inputs, disabled=disabled, log=log)
     out_val = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0].meta["val"]
+    specs = ctx.input_specs
     manifest = {
         "turbocompile_version": _version("turbocompile"),
         "torch_version": torch.__version__,
@@ -195,8 +196,10 @@ def optimize(
             "inputs": [{"name": k, "shape": list(s), "dtype": _dtype_name(d)} for k, (s, d) in specs.items()],
             "output": {"shape": list(out_val.shape), "dtype": _dtype_name(out_val.dtype)},
             "activation_dtype": _dtype_name(dt),
-            "dynamic_batch": True,
+            "dynamic_batch": ctx.dynamic_batch,
         },
+        "kind": ctx.artifact_kind,
+        **ctx.manifest_extra,
         "optimize_seconds": None,
     }
     result = OptimizeResult(graph_module=gm, manifest=manifest, records=records)
@@ -312,8 +315,15 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
     manifest = read_manifest(path, verify_checksums=verify_checksums)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = manifest.get("kind", "denoiser")
+    if kind not in ("denoiser", "sampler"):
+        raise ArtifactError(f"artifact kind '{kind}' is not supported; known kinds: denoiser, sampler")
     try:
         gm = load_graph_module(path, manifest, device=device)
+        if kind == "sampler":
+            from turbocompile.sampling.compiled import CompiledSampler
+
+            return CompiledSampler(gm, manifest).eval()
         module = CompiledWan(gm, manifest)
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"artifact manifest lacks or has a malformed entry: {exc}") from None

@@ -61,6 +61,10 @@ class PassContext:
             TurboDiffusion ``int8`` linears), for passes that consume it.
         strict: turn skipped rewrites into errors.
         progress: show progress bars.
+        input_specs: name -> (shape, dtype) of the graph's placeholders; a pass that changes
+            the graph's inputs (e.g. baking a sampler) must update it.
+        artifact_kind: "denoiser" (the Wan call contract) or "sampler" (set by sampler passes).
+        dynamic_batch: whether the graph accepts another batch size than the captured one.
     """
 
     model_config: Any
@@ -71,6 +75,10 @@ class PassContext:
     strict: bool = False
     progress: bool = False
     stats: dict[str, dict] = field(default_factory=dict)
+    input_specs: dict = field(default_factory=dict)
+    artifact_kind: str = "denoiser"
+    dynamic_batch: bool = True
+    manifest_extra: dict = field(default_factory=dict)
 
 
 class Pass:

@@ -23,11 +23,40 @@ from torch import nn
 
 from turbocompile.errors import CheckpointError
 
-__all__ = ["load_state_dict", "read_file", "checkpoint_files", "EXPERT_DIRS", "SUPPORTED_SUFFIXES"]
+__all__ = ["load_state_dict", "read_file", "checkpoint_files", "expert_dirs", "resolve_directory", "two_expert_error",
+           "EXPERT_DIRS", "SUPPORTED_SUFFIXES"]
 
 SUPPORTED_SUFFIXES = (".safetensors", ".pth", ".pt", ".index.json")
-# Wan2.2 A14B checkpoints: one directory per expert.
+# Wan2.2 A14B checkpoints: one directory per expert. Original Wan / TD release layout, and the
+# diffusers pipeline layout (``transformer`` runs the high-noise steps, ``transformer_2`` the
+# low-noise ones: diffusers ``WanPipeline`` with ``boundary_ratio``).
 EXPERT_DIRS = {"high": "high_noise_model", "low": "low_noise_model"}
+DIFFUSERS_EXPERT_DIRS = {"high": "transformer", "low": "transformer_2"}
+
+
+def expert_dirs(directory: Path) -> dict[str, Path] | None:
+    """{"high": dir, "low": dir} when ``directory`` is a two-expert (Wan2.2 A14B) checkpoint."""
+    for names in (EXPERT_DIRS, DIFFUSERS_EXPERT_DIRS):
+        if all((directory / n).is_dir() for n in names.values()):
+            return {k: directory / n for k, n in names.items()}
+    return None
+
+
+def two_expert_error(directory: Path, got: str = "no expert was given") -> CheckpointError:
+    names = ", ".join(p.name for p in expert_dirs(directory).values())
+    return CheckpointError(f"'{directory}' is a Wan2.2 A14B checkpoint with two experts ({names}) and {got}; "
+                           "choose one: expert='high' or expert='low' (or pass the expert's directory)")
+
+
+def resolve_directory(directory: Path) -> Path:
+    """The directory actually holding the weights: a diffusers pipeline root → its ``transformer/``."""
+    if expert_dirs(directory):
+        raise two_expert_error(directory)
+    sub = directory / DIFFUSERS_EXPERT_DIRS["high"]
+    has_files = any(p.is_file() and p.name.endswith(SUPPORTED_SUFFIXES) for p in directory.iterdir())
+    if not has_files and sub.is_dir():
+        return sub
+    return directory
 # Wrapper keys some trainers put around the tensors in a .pth file.
 _WRAPPER_KEYS = ("state_dict", "model", "net")
 
@@ -114,7 +143,7 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     ``*.safetensors`` file (shards without an index are merged); otherwise the single
     ``.pth`` / ``.pt`` file. Raises when the directory holds none, or several torch files.
     """
-    directory = Path(directory)
+    directory = resolve_directory(Path(directory))
     files = sorted(p for p in directory.iterdir() if p.is_file())
     indexes = [p for p in files if p.name.endswith(".index.json")]
     if len(indexes) == 1:
@@ -131,12 +160,6 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     if torch_files:
         raise CheckpointError(f"directory '{directory}' holds several torch checkpoints "
                               f"({', '.join(p.name for p in torch_files)}); pass the file to load")
-    subdirs = sorted(p.name for p in directory.iterdir() if p.is_dir())
-    if all(d in subdirs for d in EXPERT_DIRS.values()):
-        raise CheckpointError(
-            f"'{directory}' is a Wan2.2 A14B checkpoint with two experts ({', '.join(EXPERT_DIRS.values())}); "
-            "choose one: expert='high' or expert='low' (or pass the expert's directory)"
-        )
     raise CheckpointError(f"directory '{directory}' holds no checkpoint file "
                           f"({', '.join(SUPPORTED_SUFFIXES)})")
 
@@ -158,7 +181,7 @@ def load_state_dict(source) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     if path.is_file():
         return read_file(path)
-    files = checkpoint_files(path)
+    files = checkpoint_files(path)  # raises for a two-expert directory
     if len(files) == 1:
         return read_file(files[0])
     out: dict[str, torch.Tensor] = {}

@@ -13,7 +13,7 @@ from torch import nn
 from turbocompile.checkpoints.diffusers import config_from_diffusers
 from turbocompile.checkpoints.infer import infer_config, matching_presets
 from turbocompile.checkpoints.int8 import dequantize_int8_block128
-from turbocompile.checkpoints.io import EXPERT_DIRS, load_state_dict
+from turbocompile.checkpoints.io import two_expert_error, expert_dirs, load_state_dict, resolve_directory
 from turbocompile.checkpoints.layouts import detect_layout, to_canonical
 from turbocompile.errors import CheckpointError
 from turbocompile.model.config import PRESETS, WanConfig, get_preset
@@ -58,19 +58,15 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 
 def _select_expert(path: Path, expert: str | None) -> Path:
-    is_a14b = path.is_dir() and all((path / d).is_dir() for d in EXPERT_DIRS.values())
-    if is_a14b:
-        if expert not in EXPERT_DIRS:
-            got = "no expert" if expert is None else f"expert={expert!r}"
-            raise CheckpointError(
-                f"'{path}' is a Wan2.2 A14B checkpoint with experts {', '.join(EXPERT_DIRS.values())} and "
-                f"{got} was given; pass expert='high' or expert='low'"
-            )
-        return path / EXPERT_DIRS[expert]
+    experts = expert_dirs(path) if path.is_dir() else None
+    if experts:
+        if expert not in experts:
+            raise two_expert_error(path, "no expert was given" if expert is None else f"expert={expert!r} was given")
+        return resolve_directory(experts[expert])
     if expert is not None:
-        raise CheckpointError(f"expert={expert!r} given but '{path}' has no "
-                              f"{'/'.join(EXPERT_DIRS.values())} subdirectories (not a Wan2.2 A14B checkpoint)")
-    return path
+        raise CheckpointError(f"expert={expert!r} given but '{path}' is not a Wan2.2 A14B checkpoint "
+                              "(no high_noise_model/low_noise_model or transformer/transformer_2 subdirectories)")
+    return resolve_directory(path) if path.is_dir() else path
 
 
 def _preset_or(cfg: WanConfig) -> WanConfig:

@@ -222,9 +222,15 @@ class WanModel(nn.Module):
         self._rope_cache.clear()
         return out
 
-    def init_non_persistent_buffers(self) -> None:
-        """Recompute buffers not stored in checkpoints (after ``to_empty`` from meta)."""
-        self.time_freqs = sinusoid_freqs(self.config.freq_dim).to(self.time_freqs.device)
+    def init_non_persistent_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute buffers not stored in checkpoints, on the weights' device (or ``device``).
+
+        Needed after building on the meta device and loading with ``assign=True``, where the
+        buffer would otherwise stay on meta.
+        """
+        if device is None:
+            device = self.text_embedding[0]._parameters["weight"].device
+        self.time_freqs = sinusoid_freqs(self.config.freq_dim).to(device)
         self._rope_cache.clear()
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -271,7 +271,7 @@ def ln_modulate_quant(
 
     The quantizer is ``turbocompile::quantize_activation``'s: amax = max(1e-8, max|h|) per group
     in fp32. INT8: q = rint(h·(128/amax)) saturated to [-128, 127], scale = amax/128. FP8 e4m3:
-    scale = amax/448, q = e4m3(clamp(h/scale, ±448)). granularity "per_token" gives scale [M, 1],
+    q = e4m3(clamp(h·(448/amax), ±448)), scale = amax/448. granularity "per_token" gives scale [M, 1],
     "block128" gives [ceil(M/128), ceil(D/128)] (TurboDiffusion's 128×128 blocks).
 
     Example: ``qx, sx = ln_modulate_quant(x, shift=sh_a, scale=sc_a, format="fp8")``.
