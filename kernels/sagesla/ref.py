@@ -76,11 +76,11 @@ def quant_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """Fake-quant x [B, H, L, D] fp32 to int8 per block of ``block`` rows (dequantized fp32)."""
     B, H, L, D = x.shape
     nb = math.ceil(L / block)
-    xp = torch.nn.functional.pad(x, (0, 0, 0, nb * block - L)).view(B, H, nb, block * D)
+    xp = torch.nn.functional.pad(x, (0, 0, 0, nb * block - L)).reshape(B, H, nb, block * D)
     scale = xp.abs().amax(-1, keepdim=True) / 127.0 + EPS_SCALE
     y = xp / scale
     y = torch.sign(y) * torch.floor(y.abs() + 0.5)  # round half away from zero (as the kernel)
-    return (y.clamp(-127, 127) * scale).view(B, H, nb * block, D)[:, :, :L]
+    return (y.clamp(-127, 127) * scale).reshape(B, H, nb * block, D)[:, :, :L]
 
 
 def quant_fp8(x: torch.Tensor) -> torch.Tensor:

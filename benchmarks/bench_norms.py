@@ -1,0 +1,248 @@
+"""GPU benchmark of the fused norm kernels at Wan-14B 720p shapes (B1, L=75600, D=5120, H=40).
+
+(1) correctness of every variant vs the reference / eager model code on the GPU, (2) timing of
+the fused Triton kernels and of the eager PyTorch sequences they replace (do_bench, median),
+(3) achieved bandwidth vs a measured device-to-device copy. Prints a table last and writes JSON
+to $OUT/bench_norms.json. Run from the repo root:
+    pip install --no-deps --no-build-isolation -e . -q; python benchmarks/bench_norms.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+try:  # installed (pip install -e .): turbocompile.kernels maps to ./kernels
+    import turbocompile.kernels.norms  # noqa: F401
+except ImportError:  # not installed: map turbocompile.kernels -> ./kernels by hand (before the
+    import types  # package __init__ runs, since it imports the op families)
+
+    for _name in [m for m in sys.modules if m == "turbocompile" or m.startswith("turbocompile.")]:
+        del sys.modules[_name]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, _root)
+    _k = types.ModuleType("turbocompile.kernels")
+    _k.__path__ = [os.path.join(_root, "kernels")]
+    sys.modules["turbocompile.kernels"] = _k
+    import turbocompile
+
+    turbocompile.kernels = _k
+
+from turbocompile.kernels.norms import ref
+from turbocompile.ops import norms
+
+torch.manual_seed(0)
+DRY = os.environ.get("BENCH_DRY") == "1"  # CPU smoke run of the script logic (TRITON_INTERPRET=1, small L)
+dev = "cpu" if DRY else "cuda"
+dt = torch.bfloat16
+B, L, D, H = 1, int(os.environ.get("BENCH_L", 75600)), 5120, 40
+d = D // H
+M = B * L
+RESULTS = {"device": "cpu-dry" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "shape": dict(B=B, L=L, D=D, H=H), "checks": {}, "timings": []}
+print(RESULTS["device"], "torch", torch.__version__, "triton", triton.__version__, flush=True)
+
+
+def bench(fn):
+    if DRY:
+        fn()
+        return 1.0
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")  # ms
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def cos_sim(a, b):
+    return F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def check(name, ok, **vals):
+    RESULTS["checks"][name] = dict(ok=bool(ok), **vals)
+    print(f"check {name:38s} {'OK ' if ok else 'FAIL'} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items()), flush=True)
+
+
+# ---------------------------------------------------------------- copy bandwidth
+big = torch.empty((1 << 20) if DRY else (1 << 30), dtype=torch.uint8, device=dev).random_(0, 255)  # 1 GiB
+dst = torch.empty_like(big)
+t_copy = bench(lambda: dst.copy_(big))
+copy_bw = 2 * big.numel() / (t_copy * 1e-3) / 1e9
+RESULTS["copy_GBps"] = copy_bw
+print(f"device copy: {copy_bw:.0f} GB/s (read+write, 1 GiB)", flush=True)
+del big, dst
+
+# ---------------------------------------------------------------- inputs (random, never zeros)
+x = (torch.randn(B, L, D, device=dev) * 2 + 0.5).to(dt)
+y = torch.randn(B, L, D, device=dev).to(dt)
+sh = torch.randn(B, 1, D, device=dev) * 0.5
+sc = torch.randn(B, 1, D, device=dev) * 0.5
+gate = torch.randn(B, 1, D, device=dev)
+w = torch.randn(D, device=dev)
+bvec = torch.randn(D, device=dev)
+wq = (torch.rand(D, device=dev) + 0.5).to(dt)
+f, hh, ww = 21, 60, 60  # 21·60·60 = 75600 grid positions for the 3D RoPE table
+pos = torch.arange(L, device=dev)
+theta = pos[:, None].float() * (10000.0 ** (-torch.arange(d // 2, device=dev).float() / (d // 2)))
+cos_t, sin_t = torch.cos(theta), torch.sin(theta)
+E = M * D  # elements
+
+
+# ---------------------------------------------------------------- eager baselines (the model code)
+def eager_ln_mod(x):
+    return (F.layer_norm(x.float(), (D,), eps=1e-6).to(dt).float() * (1 + sc) + sh).to(dt)
+
+
+def eager_ln_affine(x):
+    return F.layer_norm(x.float(), (D,), w.float(), bvec.float(), eps=1e-6).to(dt)
+
+
+def eager_head(x):
+    return F.layer_norm(x.float(), (D,), eps=1e-6) * (1 + sc) + sh
+
+
+def eager_res_ln_mod(x, y):
+    xn = x + y * gate.to(dt)
+    return xn, eager_ln_mod(xn)
+
+
+def eager_rms_rope(z):
+    n = (z.float() * torch.rsqrt(z.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt) * wq
+    nf = n.float().view(B, L, H, d // 2, 2)
+    c, s = cos_t.view(1, L, 1, -1), sin_t.view(1, L, 1, -1)
+    a, b = nf[..., 0], nf[..., 1]
+    return torch.stack((a * c - b * s, a * s + b * c), -1).flatten(2).to(dt)
+
+
+def eager_rms(z):
+    return (z.float() * torch.rsqrt(z.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt) * wq
+
+
+def eager_quant(h, fmt, gran):
+    return ref.quantize_ref(h.reshape(-1, D), fmt, gran)
+
+
+# ---------------------------------------------------------------- correctness on the GPU
+h_t = norms.ln_modulate(x, shift=sh, scale=sc, backend="triton")
+check("ln_modulate vs ref", rel(h_t, ref.layer_norm_modulate_ref(x, None, None, sh, sc)) < 4e-3,
+      rel=rel(h_t, ref.layer_norm_modulate_ref(x, None, None, sh, sc)))
+check("ln_modulate vs eager model", rel(h_t, eager_ln_mod(x)) < 8e-3, rel=rel(h_t, eager_ln_mod(x)),
+      cos=cos_sim(h_t, eager_ln_mod(x)))
+o = norms.ln_modulate(x, w, bvec, backend="triton")
+check("ln affine vs eager model", rel(o, eager_ln_affine(x)) < 8e-3, rel=rel(o, eager_ln_affine(x)))
+o = norms.ln_modulate(x, shift=sh, scale=sc, out_dtype=torch.float32, backend="triton")
+check("head fp32 vs eager model", rel(o, eager_head(x)) < 1e-5, rel=rel(o, eager_head(x)))
+xn_t, o = norms.residual_ln_modulate(x, y, gate, None, None, sh, sc, backend="triton")
+xn_e, o_e = eager_res_ln_mod(x, y)
+check("residual x_new bit-exact vs eager", torch.equal(xn_t, xn_e), mism=int((xn_t != xn_e).sum()))
+check("residual h vs eager model", rel(o, o_e) < 8e-3, rel=rel(o, o_e))
+xn_t, o = norms.residual_ln_modulate(x, y, None, w, bvec, None, None, backend="triton")
+check("residual(ungated)+affine", torch.equal(xn_t, x + y) and rel(o, eager_ln_affine(x + y)) < 8e-3,
+      rel=rel(o, eager_ln_affine(x + y)))
+o = norms.rmsnorm_rope(x, wq, cos_t, sin_t, H, backend="triton")
+check("rmsnorm_rope vs eager model", rel(o, eager_rms_rope(x)) < 8e-3, rel=rel(o, eager_rms_rope(x)),
+      cos=cos_sim(o, eager_rms_rope(x)))
+o = norms.rmsnorm_rope(x, wq, None, None, H, backend="triton")
+check("rmsnorm vs eager model", rel(o, eager_rms(x)) < 8e-3, rel=rel(o, eager_rms(x)))
+LQ = min(L, 4096)
+qkv = torch.randn(1, LQ, 3 * D, device=dev).to(dt)
+ks = qkv[..., D:2 * D]
+o = norms.rmsnorm_rope(ks, wq, cos_t[:LQ], sin_t[:LQ], H, backend="triton")
+check("rmsnorm_rope strided qkv slice", rel(o, ref.rmsnorm_rope_ref(ks, wq, cos_t[:LQ], sin_t[:LQ], H)) < 8e-3,
+      rel=rel(o, ref.rmsnorm_rope_ref(ks, wq, cos_t[:LQ], sin_t[:LQ], H)))
+for fmt in ("int8", "fp8"):
+    q, s = norms.ln_modulate_quant(x, None, None, sh, sc, format=fmt, granularity="per_token", backend="triton")
+    q_r, s_r = ref.quantize_ref(h_t.reshape(-1, D), fmt, "per_token")
+    check(f"quant {fmt} per_token bit-exact", torch.equal(s, s_r) and torch.equal(q.view(torch.int8), q_r.view(torch.int8)),
+          mism=int((q.view(torch.int8) != q_r.view(torch.int8)).sum()), smism=int((s != s_r).sum()))
+    q, s = norms.ln_modulate_quant(x, None, None, sh, sc, format=fmt, granularity="block128", backend="triton")
+    q_r, s_r = ref.quantize_ref(h_t.reshape(-1, D), fmt, "block128")
+    se, sre = s.repeat_interleave(128, 0)[:M].repeat_interleave(128, 1), s_r.repeat_interleave(128, 0)[:M].repeat_interleave(128, 1)
+    deq, deq_r = q.float() * se, q_r.float() * sre
+    check(f"quant {fmt} block128 close", rel(deq, deq_r) < 1e-2 and rel(s, s_r) < 4e-3,
+          rel_deq=rel(deq, deq_r), rel_s=rel(s, s_r), exact_frac=(q.view(torch.int8) == q_r.view(torch.int8)).float().mean().item())
+    del se, sre, deq, deq_r
+xq, q, s = norms.residual_ln_modulate_quant(x, y, gate, None, None, sh, sc, format="int8", granularity="per_token", backend="triton")
+_, h2 = norms.residual_ln_modulate(x, y, gate, None, None, sh, sc, backend="triton")
+q_r, s_r = ref.quantize_ref(h2.reshape(-1, D), "int8", "per_token")
+check("residual quant int8 per_token bit-exact", torch.equal(q, q_r) and torch.equal(s, s_r) and torch.equal(xq, xn_e),
+      mism=int((q != q_r).sum()))
+have_qa = hasattr(torch.ops.turbocompile, "quantize_activation")
+if not have_qa:
+    try:
+        from turbocompile.ops import w8a8  # noqa: F401
+        have_qa = True
+    except Exception as err:  # report, keep benchmarking
+        print("quantize_activation unavailable:", err)
+if have_qa:
+    for fmt in ("int8", "fp8"):
+        q, s = norms.ln_modulate_quant(x, None, None, sh, sc, format=fmt, granularity="per_token", backend="triton")
+        q2, s2 = torch.ops.turbocompile.quantize_activation(h_t.reshape(-1, D), fmt, "per_token", "auto")
+        check(f"vs quantize_activation {fmt} per_token", torch.equal(s, s2) and torch.equal(q.view(torch.int8), q2.view(torch.int8)),
+              mism=int((q.view(torch.int8) != q2.view(torch.int8)).sum()))
+del qkv, ks, o, q, s, q_r, s_r, h2, xq
+if not DRY:
+    torch.cuda.empty_cache()
+
+# ---------------------------------------------------------------- timings
+rows = []
+
+
+def timed(site, nbytes, fused, eager, extra=None):
+    tf = bench(fused)
+    te = bench(eager)
+    bw = nbytes / (tf * 1e-3) / 1e9
+    row = dict(site=site, fused_ms=tf, eager_ms=te, speedup=te / tf, GBps=bw, pct_copy=100 * bw / copy_bw)
+    if extra is not None:
+        row["alt_ms"] = bench(extra)
+    rows.append(row)
+    print(f"{site:34s} fused {tf:7.3f} ms  eager {te:7.3f} ms  x{te / tf:5.2f}  {bw:6.0f} GB/s  {100 * bw / copy_bw:5.1f}% copy"
+          + (f"  alt {row['alt_ms']:.3f} ms" if extra is not None else ""), flush=True)
+
+
+timed("ln_modulate (pre-attn/FFN)", 4 * E, lambda: norms.ln_modulate(x, shift=sh, scale=sc, backend="triton"),
+      lambda: eager_ln_mod(x))
+timed("ln affine (cross-attn pre-norm)", 4 * E, lambda: norms.ln_modulate(x, w, bvec, backend="triton"),
+      lambda: eager_ln_affine(x))
+timed("head ln_modulate -> fp32", 6 * E,
+      lambda: norms.ln_modulate(x, shift=sh, scale=sc, out_dtype=torch.float32, backend="triton"), lambda: eager_head(x))
+timed("gated residual + ln_modulate", 8 * E,
+      lambda: norms.residual_ln_modulate(x, y, gate, None, None, sh, sc, backend="triton"), lambda: eager_res_ln_mod(x, y))
+timed("residual + ln affine (ungated)", 8 * E,
+      lambda: norms.residual_ln_modulate(x, y, None, w, bvec, None, None, backend="triton"),
+      lambda: eager_ln_affine(x + y))
+timed("rmsnorm + rope (H40 d128)", 4 * E + 8 * L * (d // 2),
+      lambda: norms.rmsnorm_rope(x, wq, cos_t, sin_t, H, backend="triton"), lambda: eager_rms_rope(x))
+timed("rmsnorm only", 4 * E, lambda: norms.rmsnorm_rope(x, wq, None, None, H, backend="triton"), lambda: eager_rms(x))
+qa = (lambda h, f, g: torch.ops.turbocompile.quantize_activation(h.reshape(-1, D), f, g, "auto")) if have_qa else None
+for fmt in ("int8", "fp8"):
+    for gran in ("per_token", "block128"):
+        nb = 3 * E + 4 * (M if gran == "per_token" else triton.cdiv(M, 128) * triton.cdiv(D, 128))
+        timed(f"ln_mod+quant {fmt} {gran}", nb,
+              lambda f=fmt, g=gran: norms.ln_modulate_quant(x, None, None, sh, sc, format=f, granularity=g, backend="triton"),
+              lambda f=fmt, g=gran: eager_quant(eager_ln_mod(x), f, g),
+              extra=(lambda f=fmt, g=gran: qa(norms.ln_modulate(x, shift=sh, scale=sc, backend="triton"), f, g)) if qa else None)
+timed("residual+ln_mod+quant int8 per_token", 7 * E + 4 * M,
+      lambda: norms.residual_ln_modulate_quant(x, y, gate, None, None, sh, sc, format="int8", granularity="per_token",
+                                               backend="triton"),
+      lambda: (lambda xn_h: eager_quant(xn_h[1], "int8", "per_token"))(eager_res_ln_mod(x, y)))
+RESULTS["timings"] = rows
+
+out_dir = os.environ.get("OUT", ".")
+with open(os.path.join(out_dir, "bench_norms.json"), "w") as fh:
+    json.dump(RESULTS, fh, indent=1)
+
+print("\n=== " + RESULTS["device"] + f" | torch {torch.__version__} | triton {triton.__version__} | copy {copy_bw:.0f} GB/s ===")
+print(f"{'site (B1 L75600 D5120 bf16)':38s} {'fused ms':>9s} {'eager ms':>9s} {'speedup':>8s} {'GB/s':>7s} {'%copy':>6s} {'2-kernel ms':>11s}")
+for r in rows:
+    print(f"{r['site']:38s} {r['fused_ms']:9.3f} {r['eager_ms']:9.3f} {r['speedup']:8.2f} {r['GBps']:7.0f} {r['pct_copy']:6.1f}"
+          + (f" {r['alt_ms']:11.3f}" if "alt_ms" in r else ""))
+bad = [k for k, v in RESULTS["checks"].items() if not v["ok"]]
+print("checks:", "all OK" if not bad else "FAILED: " + ", ".join(bad))
+sys.exit(1 if bad else 0)

@@ -1,0 +1,177 @@
+"""GPU benchmark of turbocompile.ops.sagesla (SageSLA attention) vs torch SDPA and sageattention 1.0.6.
+
+Run from the repo root (package installed, e.g. ``pip install --no-deps --no-build-isolation -e .``):
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_sagesla.py
+
+1. correctness on the GPU: Triton vs the fake-quant reference, dense mode vs fp32 SDPA;
+2. timing (triton.testing.do_bench, median) of the whole op (block map + quantization + sparse
+   + linear branch + proj_l) at Wan shapes, its two stages separately, SDPA (cuDNN / flash on
+   pre-transposed [B, H, L, D] inputs: their best case) and sageattention 1.0.6;
+3. a table last; JSON to $OUT/bench_sagesla.json.
+Inputs are random bf16 (never zeros); every input is > 50 MB, larger than L2, so no rotation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from turbocompile.kernels.sagesla import ref as sref
+from turbocompile.kernels.sagesla.triton_attn import launch_attn
+from turbocompile.kernels.sagesla.triton_prep import prepare
+from turbocompile.ops.attention import sagesla
+
+DEV = "cuda"
+RESULTS: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                 "correctness": [], "timing": []}
+
+
+def metrics(out, ref):
+    o, r = out.double().flatten(), ref.double().flatten()
+    cos = (o @ r / (o.norm() * r.norm())).item()
+    return cos, ((o - r).abs().sum() / r.abs().sum()).item(), ((o - r).norm() / r.norm()).item()
+
+
+def bench(fn):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    return triton.testing.do_bench(fn, warmup=max(25, 3 * est), rep=max(100, 12 * est), return_mode="median")
+
+
+def qkv(B, L, H, D, v_mean=0.0):
+    q, k, v = (torch.randn(B, L, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    if v_mean:
+        v += v_mean
+    return q, k, v
+
+
+def proj(D):
+    return torch.randn(D, D, device=DEV) / math.sqrt(D) * 0.5, torch.randn(D, device=DEV) * 0.02
+
+
+def check_correctness():
+    print("== correctness (GPU) ==")
+    for (B, L, H, D) in [(1, 4096, 4, 128), (2, 3001, 3, 64)]:
+        q, k, v = qkv(B, L, H, D)
+        w, b = proj(D)
+        for quant in ("int8-fp8", "int8-fp16", "none"):
+            for topk in (0.1, 1.0):
+                row = dict(shape=[B, L, H, D], quant=quant, topk=topk)
+                try:
+                    out = sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=b, quant=quant, backend="triton")
+                    r = sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=b, quant=quant, backend="torch")
+                    row["vs_ref"] = metrics(out, r)
+                    row["finite"] = bool(torch.isfinite(out).all())
+                    if topk == 1.0:  # dense: vs fp32 SDPA (no linear branch)
+                        o2 = sagesla(q, k, v, topk=1.0, quant=quant, backend="triton")
+                        sd = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
+                        row["dense_vs_sdpa_fp32"] = metrics(o2, sd.transpose(1, 2))
+                except Exception as e:  # keep going: one broken variant must not hide the others
+                    row["error"] = repr(e)[:300]
+                    traceback.print_exc()
+                print(row)
+                RESULTS["correctness"].append(row)
+
+
+def time_shape(name, B, L, H, D):
+    print(f"== timing {name}: B{B} H{H} L{L} D{D} ==")
+    q, k, v = qkv(B, L, H, D)
+    w, b = proj(D)
+    flops = 4.0 * B * H * L * L * D
+    rows = []
+
+    def add(variant, ms, density=1.0, extra=None):
+        eff = (density * flops + 4.0 * B * H * L * D * D) / (ms * 1e-3) / 1e12
+        row = dict(shape=name, variant=variant, ms=ms, dense_eq_tops=flops / (ms * 1e-3) / 1e12,
+                   density=density, eff_tops=eff)
+        if extra:
+            row.update(extra)
+        print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()})
+        rows.append(row)
+
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    for bk_name, bk in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel([bk]):
+                add(f"sdpa-{bk_name}", bench(lambda: F.scaled_dot_product_attention(qt, kt, vt)))
+        except Exception as e:
+            print(f"sdpa-{bk_name} failed: {e!r}"[:300])
+    del qt, kt, vt
+    torch.cuda.empty_cache()
+    try:
+        from sageattention import sageattn
+
+        o_sage = sageattn(q, k, v, tensor_layout="NHD")
+        sd = F.scaled_dot_product_attention(*(t[:, :, :2].float().transpose(1, 2) for t in (q, k, v)))
+        cs = metrics(o_sage[:, :, :2], sd.transpose(1, 2))[0]
+        add("sageattention-1.0.6", bench(lambda: sageattn(q, k, v, tensor_layout="NHD")), extra={"cos_fp32": cs})
+        del o_sage, sd
+    except Exception as e:
+        print(f"sageattention failed: {e!r}"[:300])
+    torch.cuda.empty_cache()
+
+    for quant, topk in (("int8-fp8", 0.1), ("int8-fp8", 0.05), ("int8-fp8", 0.15), ("int8-fp8", 1.0),
+                        ("int8-fp16", 0.1), ("none", 0.1)):
+        try:
+            kb = math.ceil(L / 128)
+            dens = sref.num_kept_blocks(topk, kb) / kb
+            fn = lambda: sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=b, quant=quant, backend="triton")  # noqa: E731
+            extra = {}
+            if topk == 1.0:  # dense accuracy vs fp32 on 2 heads (no linear branch)
+                o = sagesla(q, k, v, topk=1.0, quant=quant, backend="triton")[:, :, :2]
+                sd = F.scaled_dot_product_attention(*(t[:, :, :2].float().transpose(1, 2) for t in (q, k, v)))
+                extra["cos_fp32"], extra["l1_fp32"], _ = metrics(o, sd.transpose(1, 2))
+                del o, sd
+            add(f"sagesla-{quant}-topk{topk}", bench(fn), dens, extra)
+            if topk in (0.1, 1.0) and quant == "int8-fp8":
+                add(f"  prep-only-topk{topk}", bench(lambda: prepare(q, k, v, topk, 64, 128, quant, True)), dens)
+                prep = prepare(q, k, v, topk, 64, 128, quant, True)
+                for nw, ns in ((4, 3), (4, 4)):
+                    add(f"  attn-only-topk{topk}-w{nw}s{ns}",
+                        bench(lambda: launch_attn(q, k, v, prep, w, b, 64, 128, nw, ns)), dens)
+                del prep
+        except Exception as e:
+            print(f"sagesla {quant} {topk} failed: {e!r}"[:400])
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    RESULTS["timing"] += rows
+    return rows
+
+
+def main():
+    print(RESULTS["device"], "torch", torch.__version__, "triton", triton.__version__)
+    torch.manual_seed(0)
+    check_correctness()
+    allrows = []
+    for name, shp in (("wan1.3b-480p", (1, 32760, 12, 128)), ("wan14b-720p", (1, 75600, 40, 128))):
+        allrows += time_shape(name, *shp)
+        out_dir = os.environ.get("OUT", ".")
+        with open(os.path.join(out_dir, "bench_sagesla.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    print("\n== summary ==")
+    for name in ("wan1.3b-480p", "wan14b-720p"):
+        rs = [r for r in allrows if r["shape"] == name]
+        sd = [r["ms"] for r in rs if r["variant"].startswith("sdpa")]
+        best = min(sd) if sd else float("nan")
+        print(f"{name}: best SDPA {best:.2f} ms")
+        print(f"  {'variant':34s} {'ms':>8s} {'xSDPA':>7s} {'denseTOPS':>10s} {'effTOPS':>8s} {'cos':>8s}")
+        for r in rs:
+            print(f"  {r['variant']:34s} {r['ms']:8.3f} {best / r['ms']:7.2f} {r['dense_eq_tops']:10.0f} "
+                  f"{r['eff_tops']:8.0f} {r.get('cos_fp32', float('nan')):8.5f}")
+
+
+if __name__ == "__main__":
+    main()

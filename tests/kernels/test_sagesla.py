@@ -1,0 +1,215 @@
+"""SageSLA kernels (Triton, CPU interpreter on CPU) and reference vs independent fp32 math.
+
+The fp32 oracle below is written from the semantics (TurboDiffusion main-branch SLA), with
+explicit per-block loops; it does not call ``turbocompile.kernels.sagesla.ref``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests._env import kernel_device, triton_runs_here
+from turbocompile.ops.attention import sagesla
+
+DEV = kernel_device()
+BACKENDS = ["torch"] + (["triton"] if triton_runs_here() else [])
+
+
+# ----------------------------------------------------------------------------- oracle
+def oracle_lut(q, k, topk, bq, bk):
+    """Kept key blocks per (b, h, query block): list of sets, via explicit block loops."""
+    B, L, H, D = q.shape
+    qf, kf = q.double(), k.double()
+    kf = kf - kf.mean(dim=1, keepdim=True)
+    Qb, Kb = -(-L // bq), -(-L // bk)
+    qbar = torch.stack([qf[:, i * bq:(i + 1) * bq].mean(1) for i in range(Qb)], 1)  # [B, Qb, H, D]
+    kbar = torch.stack([kf[:, j * bk:(j + 1) * bk].mean(1) for j in range(Kb)], 1)  # [B, Kb, H, D]
+    scores = torch.einsum("bihd,bjhd->bhij", qbar, kbar)
+    keep = max(1, int(topk * Kb))
+    return scores, keep
+
+
+def oracle(q, k, v, topk, bq, bk, w=None, bias=None, lut=None):
+    """fp32/fp64 SageSLA semantics without quantization. ``lut`` [B,H,Qb,T] may be given to
+    score the same selection as the kernel (ties in the top-k may be broken either way)."""
+    B, L, H, D = q.shape
+    qf, kf, vf = q.double(), k.double(), v.double()
+    scores, keep = oracle_lut(q, k, topk, bq, bk)
+    Qb, Kb = scores.shape[-2:]
+    out = torch.zeros(B, L, H, D, dtype=torch.float64, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Qb):
+                sel = lut[b, h, i].tolist() if lut is not None else scores[b, h, i].topk(keep).indices.tolist()
+                cols = torch.cat([torch.arange(j * bk, min(L, (j + 1) * bk)) for j in sorted(sel)]).to(q.device)
+                rows = slice(i * bq, min(L, (i + 1) * bq))
+                s = qf[b, rows, h] @ kf[b, cols, h].T / math.sqrt(D)
+                out[b, rows, h] = torch.softmax(s, -1) @ vf[b, cols, h]
+    if w is not None:
+        pq, pk = torch.softmax(qf, -1), torch.softmax(kf, -1)
+        kv = torch.einsum("blhd,blhe->bhde", pk, vf)
+        ks = pk.sum(1)  # [B, H, D]
+        ol = torch.einsum("blhd,bhde->blhe", pq, kv) / (1e-5 + torch.einsum("blhd,bhd->blh", pq, ks))[..., None]
+        out = out + ol @ w.double().T
+    if bias is not None:
+        out = out + bias.double()
+    return out
+
+
+def metrics(out, ref):
+    o, r = out.double().flatten(), ref.double().flatten()
+    cos = (o @ r / (o.norm() * r.norm() + 1e-300)).item()
+    l1 = ((o - r).abs().sum() / r.abs().sum()).item()
+    return cos, l1
+
+
+def rand(B, L, H, D, dtype=torch.bfloat16, scale=1.0):
+    return [(torch.randn(B, L, H, D, device=DEV) * scale).to(dtype) for _ in range(3)]
+
+
+# ----------------------------------------------------------------------------- dense mode
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("L,D,quant,v_mean", [
+    (1, 64, "int8-fp8", 0.0), (37, 128, "int8-fp8", 0.5), (200, 64, "int8-fp16", 0.0),
+    (300, 128, "int8-fp8", 0.0), (300, 64, "int8-fp8", 0.5), (200, 128, "none", 0.0),
+])
+def test_dense_matches_sdpa(backend, L, D, quant, v_mean):
+    q, k, v = rand(1, L, 2, D)
+    v = (v.float() + v_mean).to(v.dtype)
+    out = sagesla(q, k, v, topk=1.0, quant=quant, backend=backend)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    cos, l1 = metrics(out, ref)
+    # Zero-mean random V is the worst case for FP8 P·V: e4m3 keeps 3 mantissa bits, so P and V
+    # each carry ~2-3% relative rounding error that does not average out against an output that
+    # is itself an average of zero-mean values (measured rel-L1 0.033-0.038 for L 37..1000).
+    # Real activations (V with a channel mean, as here with v_mean=0.5) land at 0.003-0.01.
+    l1_max = 0.045 if (quant == "int8-fp8" and v_mean == 0.0) else 0.03
+    assert cos >= 0.999 and l1 <= l1_max, (cos, l1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quant,v_mean", [("int8-fp8", 0.5), ("int8-fp16", 0.0)])
+def test_dense_k_channel_outliers(backend, quant, v_mean):
+    q, k, v = rand(1, 200, 2, 128)
+    # K-channel outliers as observed in DiTs: large per-channel offsets shared by all tokens
+    # (smooth-K removes them before INT8 quantization; without it, INT8 K collapses)
+    k = (k.float() + torch.randn(128, device=DEV) * 8 + (torch.arange(128, device=DEV) == 5) * 40).bfloat16()
+    v = (v.float() + v_mean).bfloat16()
+    out = sagesla(q, k, v, topk=1.0, block_q=64, block_k=64, quant=quant, backend=backend)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    cos, l1 = metrics(out, ref)
+    assert cos >= 0.999 and l1 <= 0.03, (cos, l1)
+
+
+# ----------------------------------------------------------------------------- sparse mode
+def _kernel_lut(q, k, topk, bq, bk):
+    from turbocompile.kernels.sagesla.ref import block_lut_ref
+    return block_lut_ref(q, k, topk, bq, bk)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("L,D,bq,bk,topk,quant", [
+    (300, 64, 32, 32, 0.3, "int8-fp8"),
+    (300, 128, 64, 32, 0.25, "int8-fp16"),
+    (200, 64, 16, 32, 0.5, "none"),
+])
+def test_sparse_matches_semantics(backend, L, D, bq, bk, topk, quant):
+    q, k, v = rand(1, L, 2, D)
+    w = torch.randn(D, D, device=DEV) / math.sqrt(D)
+    bias = torch.randn(D, device=DEV) * 0.1
+    out, dens = sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, block_q=bq, block_k=bk,
+                        quant=quant, backend=backend, return_density=True)
+    kb = -(-L // bk)
+    assert dens == pytest.approx(int(topk * kb) / kb)
+    ref = oracle(q, k, v, topk, bq, bk, w, bias)
+    cos, l1 = metrics(out, ref)
+    assert cos >= 0.995, (cos, l1)
+    # a sparse result must differ from dense attention (the selection is really applied)
+    dense = oracle(q, k, v, 1.0, bq, bk, w, bias)
+    assert metrics(ref, dense)[0] < 0.99
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_block_kept(backend):
+    q, k, v = rand(1, 300, 1, 64)
+    out, dens = sagesla(q, k, v, topk=1e-3, block_q=32, block_k=32, backend=backend, return_density=True)
+    assert dens == pytest.approx(1 / 10)
+    ref = oracle(q, k, v, 1e-3, 32, 32)
+    assert metrics(out, ref)[0] >= 0.995
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["zero_blocks", "constant_rows", "huge"])
+def test_awkward_inputs_finite_and_close(backend, case):
+    q, k, v = rand(1, 200, 2, 64)
+    if case == "zero_blocks":
+        q[:, :64] = 0
+        k[:, 64:128] = 0
+        v[:, 64:128] = 0
+        v[..., 3] = 0  # an all-zero V channel: its FP8 scale must not give 0/0
+    elif case == "constant_rows":
+        q[:, 10:50] = 0.5
+        k[:, :] = 0.25
+    else:
+        q = q * 200  # very peaked softmax, scores ~ 1e4
+        v = v * 3000
+    w = torch.randn(64, 64, device=DEV) * 0.1
+    out = sagesla(q, k, v, topk=0.5, proj_weight=w, block_q=32, block_k=32, backend=backend)
+    assert torch.isfinite(out).all()
+    lut = _kernel_lut(q, k, 0.5, 32, 32)  # constant inputs tie every score: score the same pick
+    ref = oracle(q, k, v, 0.5, 32, 32, w, lut=lut)
+    cos, l1 = metrics(out, ref)
+    assert cos >= 0.995, (cos, l1)
+
+
+# ----------------------------------------------------------------------------- block map
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("L,bq,bk,topk", [(300, 32, 32, 0.3), (200, 16, 64, 0.5), (37, 64, 128, 0.1)])
+def test_block_map_matches_torch(L, bq, bk, topk):
+    from turbocompile.kernels.sagesla.triton_prep import prepare
+
+    q, k, v = rand(2, L, 2, 64)
+    p = prepare(q, k, v, topk, bq, bk, "int8-fp8", linear=False)
+    scores, keep = oracle_lut(q, k, topk, bq, bk)
+    lut = p["lut"].view(2, 2, -1, p["T"]).long().cpu()
+    assert p["T"] == keep
+    assert (lut[..., 1:] > lut[..., :-1]).all(), "LUT must be strictly ascending"
+    chosen = scores.cpu().gather(-1, lut)
+    mask = torch.ones_like(scores, dtype=torch.bool).cpu().scatter_(-1, lut, False)
+    worst_kept = chosen.amin(-1)
+    best_dropped = scores.cpu().masked_fill(~mask, -math.inf).amax(-1)
+    assert (worst_kept >= best_dropped - 1e-4).all()  # a valid top-k (ties either way)
+
+
+# ----------------------------------------------------------------------------- dtype / layout
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtype_layout_and_strided_inputs(backend):
+    B, L, H, D = 2, 70, 2, 64
+    qkv = torch.randn(B, L, 3, H, D, device=DEV).half()
+    q, k, v = qkv.unbind(2)  # non-contiguous views, as a fused qkv projection produces
+    w = torch.randn(D, D, device=DEV) * 0.05
+    out = sagesla(q, k, v, topk=0.5, proj_weight=w, block_q=32, block_k=32, backend=backend)
+    assert out.dtype == torch.float16 and out.shape == (B, L, H, D) and out.is_contiguous()
+    ref = sagesla(q.contiguous(), k.contiguous(), v.contiguous(), topk=0.5, proj_weight=w,
+                  block_q=32, block_k=32, backend=backend)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert metrics(out, oracle(q, k, v, 0.5, 32, 32, w))[0] >= 0.995
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("quant", ["int8-fp8", "int8-fp16", "none"])
+def test_triton_matches_reference_closely(quant):
+    """Same quantization recipe in both: the kernel tracks the fake-quant reference tightly."""
+    q, k, v = rand(1, 150, 2, 128)
+    w = torch.randn(128, 128, device=DEV) * 0.05
+    b = torch.randn(128, device=DEV) * 0.05
+    kw = dict(topk=0.4, proj_weight=w, proj_bias=b, block_q=32, block_k=32, quant=quant)
+    t = sagesla(q, k, v, backend="triton", **kw)
+    r = sagesla(q, k, v, backend="torch", **kw)
+    cos, l1 = metrics(t, r)
+    assert cos >= 0.9999 and l1 <= 0.015, (cos, l1)

@@ -1,0 +1,103 @@
+"""turbocompile::{ln_modulate, residual_ln_modulate, rmsnorm_rope, ln_modulate_quant,
+residual_ln_modulate_quant}: schemas, fake kernels (opcheck), backend dispatch, error messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests._env import has_cuda, triton_runs_here
+from turbocompile.errors import KernelUnavailableError
+from turbocompile.ops import norms
+
+B, L, D, H = 2, 5, 64, 2
+
+
+def _args():
+    x = torch.randn(B, L, D, dtype=torch.bfloat16)
+    return dict(x=x, y=torch.randn_like(x), gate=torch.randn(B, 1, D), w=torch.randn(D), b=torch.randn(D),
+                sh=torch.randn(B, 1, D), sc=torch.randn(B, 1, D),
+                cos=torch.rand(L, D // H // 2), sin=torch.rand(L, D // H // 2))
+
+
+def _cases(backend):
+    a = _args()
+    ops = torch.ops.turbocompile
+    return [
+        (ops.ln_modulate.default, (a["x"], None, None, a["sh"], a["sc"], 1e-6, None, backend)),
+        (ops.ln_modulate.default, (a["x"], a["w"], a["b"], None, None, 1e-6, torch.float32, backend)),
+        (ops.residual_ln_modulate.default, (a["x"], a["y"], a["gate"], None, None, a["sh"], a["sc"], 1e-6, None, backend)),
+        (ops.rmsnorm_rope.default, (a["x"], a["w"], a["cos"], a["sin"], H, 1e-6, backend)),
+        (ops.rmsnorm_rope.default, (a["x"], a["w"].bfloat16(), None, None, H, 1e-6, backend)),
+        (ops.ln_modulate_quant.default, (a["x"], None, None, a["sh"], a["sc"], 1e-6, "int8", "per_token", backend)),
+        (ops.ln_modulate_quant.default, (a["x"], None, None, a["sh"], a["sc"], 1e-6, "fp8", "block128", backend)),
+        (ops.residual_ln_modulate_quant.default,
+         (a["x"], a["y"], None, None, None, a["sh"], a["sc"], 1e-6, "int8", "block128", backend)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_opcheck_torch_backend(i):
+    op, args = _cases("torch")[i]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("i", [0, 3, 5])
+def test_opcheck_triton_backend(i):
+    op, args = _cases("triton")[i]
+    if has_cuda():
+        args = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fake_shapes_under_meta():
+    x = torch.empty(B, 300, 200, dtype=torch.bfloat16, device="meta")
+    q, s = norms.ln_modulate_quant(x, format="fp8", granularity="block128")
+    assert q.shape == (600, 200) and q.dtype == torch.float8_e4m3fn and s.shape == (5, 2)
+    q, s = norms.ln_modulate_quant(x, format="int8", granularity="per_token")
+    assert q.dtype == torch.int8 and s.shape == (600, 1) and s.dtype == torch.float32
+    x_new, h = norms.residual_ln_modulate(x, x, out_dtype=torch.float32)
+    assert x_new.dtype == torch.bfloat16 and h.dtype == torch.float32 and h.shape == x.shape
+
+
+def test_auto_on_cpu_is_reference():
+    a = _args()
+    out = norms.ln_modulate(a["x"], shift=a["sh"], scale=a["sc"], backend="auto")
+    assert torch.equal(out, norms.ln_modulate(a["x"], shift=a["sh"], scale=a["sc"], backend="torch"))
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a = _args()
+    with pytest.raises(KernelUnavailableError, match="ln_modulate"):
+        norms.ln_modulate(a["x"], backend="triton")
+    with pytest.raises(KernelUnavailableError, match="unknown backend"):
+        norms.rmsnorm_rope(a["x"], a["w"], backend="cuda")
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda a: norms.ln_modulate(a["x"], weight=torch.randn(D + 1)), r"weight must be \[D=64\]"),
+    (lambda a: norms.ln_modulate(a["x"], shift=torch.randn(3, 1, D)), "shift of shape"),
+    (lambda a: norms.ln_modulate(a["x"].int()), "dtype"),
+    (lambda a: norms.residual_ln_modulate(a["x"], a["y"][:, :2]), "must match x"),
+    (lambda a: norms.rmsnorm_rope(a["x"], a["w"], a["cos"], None, H), "both"),
+    (lambda a: norms.rmsnorm_rope(a["x"], a["w"], a["cos"], a["sin"], 3), "num_heads=3"),
+    (lambda a: norms.rmsnorm_rope(a["x"], a["w"], a["cos"][:2], a["sin"], H), r"cos must be \[L=5"),
+    (lambda a: norms.rmsnorm_rope(a["x"], a["w"].half()), "weight dtype"),
+    (lambda a: norms.ln_modulate_quant(a["x"], format="int4"), "unknown format 'int4'"),
+    (lambda a: norms.ln_modulate_quant(a["x"], granularity="per_tensor"), "valid: per_token, block128"),
+])
+def test_errors_name_the_problem(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(_args())
+
+
+def test_import_is_lean():
+    code = ("import sys, turbocompile.ops.norms; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "import torch; assert not torch.cuda.is_initialized()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/tmp")
