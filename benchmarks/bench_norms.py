@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
+from triton.testing import do_bench
 
 try:  # installed (pip install -e .): turbocompile.kernels maps to ./kernels
     import turbocompile.kernels.norms  # noqa: F401

@@ -36,9 +36,9 @@ class W8A8Linear(Pass):
     @dataclass(frozen=True, kw_only=True)
     class Options:
         format: str = choice("int8", ("int8", "fp8"), "8-bit format (fp8 = e4m3)")
-        weight_granularity: str = choice("block128", ("block128", "per_channel"),
+        weight_granularity: str = choice("per_channel", ("block128", "per_channel"),
                                          "weight scales: 128x128 tiles (TurboDiffusion) or one per output channel")
-        act_granularity: str = choice("block128", ("block128", "per_token"),
+        act_granularity: str = choice("per_token", ("block128", "per_token"),
                                       "activation scales: 128 tokens x 128 channels (TurboDiffusion) or per token")
         include: tuple[str, ...] = globs(("blocks.*",), "module paths to quantize (globs)")
         skip: tuple[str, ...] = globs(("*proj_l*",), "module paths never quantized (globs; wins over include)")
