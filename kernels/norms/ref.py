@@ -34,6 +34,18 @@ FP8_QMAX = 448.0  # largest finite float8_e4m3fn
 AMAX_FLOOR = 1e-8
 
 
+def round_ln_output(x_dtype: torch.dtype, out_dtype: torch.dtype | None, modulated: bool) -> bool:
+    """Whether the LN output is rounded to x.dtype before the AdaLN modulation.
+
+    The eager model (and TurboDiffusion) computes ``LN(x).to(dt)`` and then modulates in fp32
+    when the result goes back to a low-precision ``dt``; the head keeps everything in fp32.
+    The fused kernels reproduce that rounding so they stay within bf16 rounding of the
+    unfused graph.
+    """
+    out_dtype = out_dtype or x_dtype
+    return modulated and x_dtype != torch.float32 and out_dtype != torch.float32
+
+
 def layer_norm_modulate_ref(
     x: torch.Tensor,
     weight: torch.Tensor | None = None,
@@ -43,18 +55,19 @@ def layer_norm_modulate_ref(
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``(LN(x)·w + b)·(1 + scale) + shift`` over the last dim, all in fp32, one final rounding.
+    """``(LN(x)·w + b)·(1 + scale) + shift`` over the last dim in fp32.
 
-    shift/scale broadcast against x (e.g. [B,1,D] or [1,1,D] against x [B,L,D]).
+    shift/scale broadcast against x (e.g. [B,1,D] or [1,1,D] against x [B,L,D]). When the
+    output is low precision and modulated, the LN output is rounded to x.dtype before the
+    modulation (:func:`round_ln_output`), like the eager model.
     """
-    xf = x.float()
-    mean = xf.mean(-1, keepdim=True)
-    var = (xf - mean).square().mean(-1, keepdim=True)  # biased variance, like F.layer_norm
-    h = (xf - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        h = h * weight.float()
-    if bias is not None:
-        h = h + bias.float()
+    # F.layer_norm itself (fp32): the reference then reproduces the eager model bit for bit.
+    D = x.shape[-1]
+    h = torch.nn.functional.layer_norm(
+        x.float(), (D,), None if weight is None else weight.float(), None if bias is None else bias.float(), eps
+    )
+    if round_ln_output(x.dtype, out_dtype, scale is not None or shift is not None):
+        h = h.to(x.dtype).float()
     if scale is not None:
         h = h * (1.0 + scale.float())
     if shift is not None:

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from turbocompile.kernels.norms._launch import as_rows, bcast_rows, row_tiling
+from turbocompile.kernels.norms.ref import round_ln_output
 from turbocompile.kernels.norms.triton_rounding import round_e4m3, round_to
 
 __all__ = ["ln_modulate_triton", "residual_ln_modulate_triton"]
@@ -48,12 +49,18 @@ def _residual(x, y_ptr, gate_ptr, xnew_ptr, y_off, g_off, xn_off, mask, HAS_GATE
 @triton.jit
 def _affine_modulate(h, w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask, shift_off, scale_off, mask,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """(h·w + b)·(1 + scale) + shift in fp32; w/b are [D], shift/scale are per row (offsets given)."""
+                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ROUND_LN: tl.constexpr, RDT: tl.constexpr):
+    """(h·w + b)·(1 + scale) + shift in fp32; w/b are [D], shift/scale are per row (offsets given).
+
+    ROUND_LN: round the (affine) LN output to RDT before the modulation, as the eager model and
+    TurboDiffusion do (``LN(x).type_as(x)``, then the fp32 modulation).
+    """
     if HAS_W:
         h = h * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
         h = h + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if ROUND_LN:
+        h = round_to(h, RDT)
     if HAS_SCALE:
         h = h * (1.0 + tl.load(scale_ptr + scale_off, mask=mask, other=0.0).to(tl.float32))
     if HAS_SHIFT:
@@ -87,7 +94,7 @@ def _ln_rows_kernel(
     M, L, D, eps,
     stride_xm, stride_ym, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb, stride_cl,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -114,7 +121,7 @@ def _ln_rows_kernel(
     h = _affine_modulate(diff * rstd[:, None], w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask,
                          (bi * stride_sb + li * stride_sl)[:, None] + cols[None, :],
                          (bi * stride_cb + li * stride_cl)[:, None] + cols[None, :], mask,
-                         HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE)
+                         HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, x_ptr.dtype.element_ty)
 
     if OUT_MODE == 0:
         tl.store(out_ptr + offs_out, round_to(h, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask)
@@ -133,7 +140,7 @@ def _ln_block128_kernel(
     M, L, D, eps,
     stride_xm, stride_ym, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb, stride_cl,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     QBLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -182,7 +189,7 @@ def _ln_block128_kernel(
         h = _affine_modulate(h, w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask,
                              (bi * stride_sb + li * stride_sl)[:, None] + cols[None, :],
                              (bi * stride_cb + li * stride_cl)[:, None] + cols[None, :], mask,
-                             HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE)
+                             HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, x_ptr.dtype.element_ty)
         hq = tl.where(mask, round_to(h, x_ptr.dtype.element_ty), 0.0)
         amax = tl.max(tl.max(tl.abs(hq), axis=1, keep_dims=True), axis=0, keep_dims=True)  # [1, 1]
         q, s = _quantize(hq, amax, OUT_MODE)
@@ -225,6 +232,7 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant):
         qscale = None
     if M == 0 or D == 0:
         return x_new, out, qscale
+    round_ln = round_ln_output(x.dtype, out_dtype if quant is None else x.dtype, shift is not None or scale is not None)
 
     args = (x2, y2 if y2 is not None else dummy, g, w, b, sh, sc,
             x_new if x_new is not None else dummy, out, qscale if qscale is not None else dummy,
@@ -232,7 +240,7 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant):
             x2.stride(0), y2.stride(0) if y2 is not None else 0, sgb, sgl, ssb, ssl, scb, scl)
     flags = dict(HAS_RES=y is not None, HAS_GATE=gate is not None, HAS_W=weight is not None,
                  HAS_B=bias is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
-                 OUT_MODE=mode)
+                 OUT_MODE=mode, ROUND_LN=round_ln)
     if gran == "block128":
         _ln_block128_kernel[(triton.cdiv(M, 128),)](*args, **flags, QBLOCK=128, num_warps=8)
     else:

@@ -11,7 +11,7 @@ from turbocompile.model.config import get_preset
 
 
 def _ops(gm):
-    return Counter(str(n.target).split(".")[2] for n in gm.graph.nodes
+    return Counter(str(n.target).split(".")[1] for n in gm.graph.nodes
                    if str(n.target).startswith("turbocompile."))
 
 
@@ -22,7 +22,9 @@ def test_matches_per_block(name):
     res = turbocompile.optimize(name, {"version": 1, "passes": ["fuse_norms"]}, dtype="bfloat16")
     st = res.records[0].stats
     # per block: LN1+mod, norm3 (affine), LN2+mod; plus the head
-    assert st["ln_modulate"] == 2 * n and st["ln_affine"] == n and st["head"] == 1
+    # (Wan2.1 I2V's image embedding adds two affine LayerNorms)
+    assert st["ln_modulate"] == 2 * n and st["head"] == 1
+    assert st["ln_affine"] == n + (2 if cfg.has_image_input else 0)
     # every LN except block 0's LN1 follows a residual add
     assert st["residual"] == 3 * n + 1 - 1
     # self-attn q/k: RMSNorm+RoPE; cross-attn q/k (+k_img): RMSNorm only
@@ -33,11 +35,17 @@ def test_matches_per_block(name):
     assert not any("layer_norm" in str(node.target) for node in res.graph_module.graph.nodes)
 
 
-def test_numerics_within_bf16_rounding_and_exact_in_float32():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_numerics_within_bf16_rounding_and_exact_in_float32(backend):
+    """The fused graph vs the unfused one: ≤ 2e-3 in bf16 (the issue's bound), ~exact in float32.
+
+    backend "triton" runs the Triton kernels (the CPU interpreter here, the GPU on a GPU machine).
+    """
     cfg = get_preset("wan-tiny")
-    fused32 = turbocompile.optimize("wan-tiny", {"version": 1, "passes": ["fuse_norms"]}, dtype="float32")
+    recipe = {"version": 1, "passes": [{"name": "fuse_norms", "options": {"backend": backend}}]}
+    fused32 = turbocompile.optimize("wan-tiny", recipe, dtype="float32")
     base32 = turbocompile.optimize("wan-tiny", "baseline", dtype="float32")
-    fused = turbocompile.optimize("wan-tiny", {"version": 1, "passes": ["fuse_norms"]}, dtype="bfloat16")
+    fused = turbocompile.optimize("wan-tiny", recipe, dtype="bfloat16")
     base = turbocompile.optimize("wan-tiny", "baseline", dtype="bfloat16")
     for seed in (0, 1):
         inp = example_inputs(cfg, cfg.video_shape(), seed=seed)

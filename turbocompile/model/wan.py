@@ -293,6 +293,11 @@ def init_random_(model: WanModel, seed: int = 0) -> WanModel:
             if name.endswith(".weight") and p.ndim == 2:
                 fan_in = p.shape[1]
                 vals = torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
+            elif name.endswith(("norm_q.weight", "norm_k.weight", "norm_k_img.weight")):
+                # q/k are RMS-normalised to unit scale: with weights ~1 the attention logits
+                # q·k/√d would have std ≈ √d ≈ 11 (an argmax-like softmax no trained Wan has);
+                # ~d^-1/4 keeps them O(1).
+                vals = (1.0 + 0.1 * torch.randn(p.shape, generator=gen)) * p.shape[0] ** -0.25 * 2 ** 0.25
             elif "norm" in name and name.endswith("weight"):
                 vals = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
             else:
