@@ -88,9 +88,10 @@ def resolve_model(model: Any, *, dtype: torch.dtype | None, device: torch.device
         if text in PRESETS:
             cfg = get_preset(text)
             dt = dtype or torch.bfloat16
-            m = WanModel(cfg)
-            init_random_(m, seed)
-            m = m.to(device=device, dtype=dt)
+            with torch.device(device):
+                m = WanModel(cfg)
+            init_random_(m, seed)  # drawn on `device`
+            m = m.to(dtype=dt)
             m.init_non_persistent_buffers()
             return m, {"kind": "builtin", "name": text, "seed": seed,
                        "weights": "random (built-in model, not trained weights)"}, {}

@@ -286,21 +286,26 @@ class WanModel(nn.Module):
 
 
 def init_random_(model: WanModel, seed: int = 0) -> WanModel:
-    """Deterministic random weights at a scale that keeps activations O(1) (for built-in models)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Deterministic random weights at a scale that keeps activations O(1) (for built-in models).
+
+    Values are drawn on the parameters' device (a CUDA generator for CUDA models, so a 14B
+    model initialises in seconds); the same seed gives the same weights on the same device type.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
             if name.endswith(".weight") and p.ndim == 2:
-                fan_in = p.shape[1]
-                vals = torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
+                vals = noise / math.sqrt(p.shape[1])
             elif name.endswith(("norm_q.weight", "norm_k.weight", "norm_k_img.weight")):
                 # q/k are RMS-normalised to unit scale: with weights ~1 the attention logits
                 # q·k/√d would have std ≈ √d ≈ 11 (an argmax-like softmax no trained Wan has);
                 # ~d^-1/4 keeps them O(1).
-                vals = (1.0 + 0.1 * torch.randn(p.shape, generator=gen)) * p.shape[0] ** -0.25 * 2 ** 0.25
+                vals = (1.0 + 0.1 * noise) * p.shape[0] ** -0.25 * 2 ** 0.25
             elif "norm" in name and name.endswith("weight"):
-                vals = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+                vals = 1.0 + 0.1 * noise
             else:
-                vals = 0.1 * torch.randn(p.shape, generator=gen)
+                vals = 0.1 * noise
             p.copy_(vals.to(p.dtype))
     return model

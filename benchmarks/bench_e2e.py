@@ -1,0 +1,170 @@
+"""End-to-end DiT forward benchmark (issue 8 (b), (d), (e)): eager bf16, torch.compile bf16, and
+turbocompile with passes added one at a time, on random weights at a real Wan config.
+
+Weights do not change speed, so random weights are used (said in the output). Every variant is timed
+in the same process against the eager baseline measured in the same run. Writes JSON (+ a PNG chart
+when matplotlib is present) to --out.
+
+    python benchmarks/bench_e2e.py --model wan2.1-t2v-1.3b --size 832x480 --frames 81 --out $OUT
+    python benchmarks/bench_e2e.py --model wan-tiny --device cpu --variants eager,baseline   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import turbocompile  # noqa: E402
+from turbocompile.capture import example_inputs  # noqa: E402
+from turbocompile.metrics import compare  # noqa: E402
+from turbocompile.model.config import get_preset  # noqa: E402
+from turbocompile.model.wan import WanModel, init_random_  # noqa: E402
+
+# name -> recipe passes (None = not a turbocompile variant)
+VARIANTS = {
+    "eager": None,
+    "compile": None,
+    "baseline": [],
+    "w8a8_int8": [{"name": "w8a8_linear", "options": {"format": "int8"}}],
+    "w8a8_int8+norms": [{"name": "w8a8_linear", "options": {"format": "int8"}}, "fuse_norms"],
+    "w8a8_int8+norms+sagesla": [{"name": "w8a8_linear", "options": {"format": "int8"}}, "fuse_norms",
+                                {"name": "sagesla_attention", "options": {"topk": 0.1}}],
+    "w8a8_fp8+norms+sagesla": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
+                               {"name": "sagesla_attention", "options": {"topk": 0.1}}],
+}
+
+
+def timed(fn, device, warmup=2, reps=5):
+    """Median wall time (ms) of fn() with device synchronisation."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="wan2.1-t2v-1.3b")
+    ap.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    dev = args.device
+    cfg = get_preset(args.model)
+    size = tuple(int(v) for v in args.size.split("x")) if args.size else None
+    shape = cfg.video_shape(frames=args.frames, size=size)
+    recipe_model = {"dtype": "bfloat16", "device": dev, "frames": shape.frames,
+                    "size": f"{shape.width}x{shape.height}"}
+    print(f"torch {torch.__version__}, triton {turbocompile.api._version('triton')}, "
+          f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}", flush=True)
+    print(f"model {cfg.name} (RANDOM weights), {shape.width}x{shape.height}x{shape.frames}, L={shape.seq_len}",
+          flush=True)
+    inp = example_inputs(cfg, shape, seed=0, device=dev, dtype=torch.bfloat16)
+    args_in = list(inp.values())
+    results = {"model": cfg.name, "weights": "random", "video": shape.to_dict(), "torch": torch.__version__,
+               "triton": turbocompile.api._version("triton"),
+               "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "variants": {}}
+    ref_out = None
+    eager_ms = None
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name}; choose from {', '.join(VARIANTS)}")
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        if name in ("eager", "compile"):
+            with torch.device(dev):
+                model = WanModel(cfg)
+            init_random_(model, 0)
+            model = model.to(torch.bfloat16).eval()
+            model.init_non_persistent_buffers()
+            fn_model = model
+            if name == "compile":
+                for i, blk in enumerate(model.blocks):
+                    model.blocks[i] = torch.compile(blk)
+            run = lambda: fn_model(*args_in)  # noqa: E731
+            prep_s = time.perf_counter() - t0
+        else:
+            recipe = {"version": 1, "name": name, "model": recipe_model, "passes": VARIANTS[name]}
+            res = turbocompile.optimize(args.model, recipe, seed=0)
+            gm = res.graph_module
+            run = lambda: gm(*args_in)  # noqa: E731
+            prep_s = time.perf_counter() - t0
+        with torch.no_grad():
+            if name == "compile":
+                t1 = time.perf_counter()
+                run()
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                prep_s += time.perf_counter() - t1
+            ms = timed(lambda: torch.no_grad()(run)(), dev, reps=args.reps)
+            out = run().float()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+        if ref_out is None:
+            ref_out = out
+        m = compare(out, ref_out)
+        if name == "eager":
+            eager_ms = ms
+        entry = {"ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak, "vs_eager_rel_err": m["rel_err"],
+                 "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
+        results["variants"][name] = entry
+        print(f"{name:<28} {ms:9.2f} ms  prep {prep_s:6.1f}s  peak {peak or 0:6.2f} GiB  "
+              f"x{entry['speedup_vs_eager'] or 0:5.2f}  rel {m['rel_err']:.3e} cos {m['cosine']:.5f}", flush=True)
+        del run
+        if name in ("eager", "compile"):
+            del model, fn_model
+        else:
+            del gm, res
+    path = os.path.join(args.out, f"e2e_{cfg.name}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(results["variants"])
+        vals = [results["variants"][n]["ms"] for n in names]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.barh(names, vals)
+        ax.set_xlabel("DiT forward, ms (lower is better)")
+        ax.set_title(f"{cfg.name} {shape.width}x{shape.height}x{shape.frames} on {results['device']}")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, f"e2e_{cfg.name}.png"), dpi=110)
+    except ImportError:
+        pass
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
