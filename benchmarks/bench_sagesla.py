@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from turbocompile.kernels.sagesla import ref as sref
 from turbocompile.kernels.sagesla.triton_attn import launch_attn
-from turbocompile.kernels.sagesla.triton_prep import prepare
+from turbocompile.kernels.sagesla.triton_prep import DEFAULT_TUNE, prepare, topk_lut
 from turbocompile.ops.attention import sagesla
 
 DEV = "cuda"
@@ -136,23 +136,83 @@ def time_shape(name, B, L, H, D):
                 extra["cos_fp32"], extra["l1_fp32"], _ = metrics(o, sd.transpose(1, 2))
                 del o, sd
             add(f"sagesla-{quant}-topk{topk}", bench(fn), dens, extra)
-            if topk in (0.1, 1.0) and quant == "int8-fp8":
-                add(f"  prep-only-topk{topk}", bench(lambda: prepare(q, k, v, topk, 64, 128, quant, True)), dens)
-                prep = prepare(q, k, v, topk, 64, 128, quant, True)
-                for nw, ns in ((4, 3), (4, 4)):
-                    add(f"  attn-only-topk{topk}-w{nw}s{ns}",
-                        bench(lambda: launch_attn(q, k, v, prep, w, b, 64, 128, nw, ns)), dens)
-                del prep
         except Exception as e:
             print(f"sagesla {quant} {topk} failed: {e!r}"[:400])
             traceback.print_exc()
         torch.cuda.empty_cache()
+    if os.environ.get("SWEEP", "1") == "1":
+        try:
+            sweep(q, k, v, w, b, L, add)
+        except Exception as e:  # a broken variant must not lose the rows already measured
+            print(f"sweep failed: {e!r}"[:400])
+            traceback.print_exc()
     RESULTS["timing"] += rows
     return rows
 
 
+ATTN_VARIANTS = {  # name: launch_attn kwargs (defaults: I2F convert, linear branch split out, bm 64/128)
+    0.1: [("bm64-w4-s2", dict(num_warps=4, num_stages=2)), ("bm64-w4-s3", dict(num_warps=4, num_stages=3)),
+          ("bm64-w4-s4", dict(num_warps=4, num_stages=4)),
+          ("bm64-w4-s3-magiccvt", dict(num_warps=4, num_stages=3, magic_cvt=True)),
+          ("bm64-w4-s3-fusedlinear", dict(num_warps=4, num_stages=3, split_linear=False)),
+          ("bm64-w4-s3-nolinear", dict(num_warps=4, num_stages=3, linear=False))],
+    1.0: [("bm128-w8-s3", dict(block_m=128, num_warps=8, num_stages=3)),
+          ("bm128-w8-s4", dict(block_m=128, num_warps=8, num_stages=4)),
+          ("bm64-w4-s3", dict(block_m=64, num_warps=4, num_stages=3)),
+          ("bm64-w4-s4", dict(block_m=64, num_warps=4, num_stages=4)),
+          ("bm128-w8-s3-fusedlinear", dict(block_m=128, num_warps=8, num_stages=3, split_linear=False))],
+}
+PREP_VARIANTS = [
+    ("default", {}), ("torch-topk", {"topk": "torch"}), ("lin-in-a-wa8", {"linear_in": "a", "warps_a": 8}),
+    ("sa2-sb2", {"stages_a": 2, "stages_b": 2}), ("progs2048", {"progs_a": 2048, "progs_b": 2048}),
+]
+
+
+def sweep(q, k, v, w, b, L, add):
+    """Stage-by-stage variants: the attention kernel on fixed operands, the prep passes."""
+    kb = math.ceil(L / 128)
+    for topk in (0.1, 1.0):
+        dens = sref.num_kept_blocks(topk, kb) / kb
+        prep = prepare(q, k, v, topk, 64, 128, "int8-fp8", True)
+        ref_out = launch_attn(q, k, v, prep, w, b, 64, 128)
+        for name, kw in ATTN_VARIANTS[topk]:
+            kw = dict(kw)
+            lin = kw.pop("linear", True)
+            ww, bb = (w, b) if lin else (None, None)
+            try:
+                o, kern = launch_attn(q, k, v, prep, ww, bb, 64, 128, return_kernel=True, **kw)
+                extra = {"n_regs": getattr(kern, "n_regs", None), "n_spills": getattr(kern, "n_spills", None)}
+                if lin:
+                    extra["cos_vs_default"] = metrics(o[:, :, :4], ref_out[:, :, :4])[0]
+                add(f"  attn-topk{topk}-{name}",
+                    bench(lambda: launch_attn(q, k, v, prep, ww, bb, 64, 128, **kw)), dens, extra)
+            except Exception as e:
+                print(f"attn variant {name} failed: {e!r}"[:400])
+        del prep, ref_out
+        torch.cuda.empty_cache()
+    for topk in (0.1, 1.0):
+        for name, tune in PREP_VARIANTS if topk == 0.1 else PREP_VARIANTS[:1]:
+            try:
+                add(f"  prep-topk{topk}-{name}",
+                    bench(lambda: prepare(q, k, v, topk, 64, 128, "int8-fp8", True, tune)), 1.0)
+            except Exception as e:
+                print(f"prep variant {name} failed: {e!r}"[:400])
+            torch.cuda.empty_cache()
+    # the block map alone: torch topk+sort vs the Triton bisection kernel, on the real score matrix
+    Qb = math.ceil(L / 64)
+    H = q.shape[2]
+    T = sref.num_kept_blocks(0.1, kb)
+    scores = torch.randn(H, Qb, kb, device=DEV)
+    a = topk_lut(scores, T)
+    ref_idx = torch.sort(torch.topk(scores, T, dim=-1, sorted=False).indices.to(torch.int32), -1).values
+    same = bool((a == ref_idx).all())
+    add("  blockmap-triton-topk", bench(lambda: topk_lut(scores, T)), 1.0, {"equal_torch": same})
+    add("  blockmap-torch-topk+sort",
+        bench(lambda: torch.sort(torch.topk(scores, T, dim=-1, sorted=False).indices.to(torch.int32), -1)), 1.0)
+
+
 def main():
-    print(RESULTS["device"], "torch", torch.__version__, "triton", triton.__version__)
+    print(RESULTS["device"], "torch", torch.__version__, "triton", triton.__version__, "defaults", DEFAULT_TUNE)
     torch.manual_seed(0)
     check_correctness()
     allrows = []
@@ -167,10 +227,11 @@ def main():
         sd = [r["ms"] for r in rs if r["variant"].startswith("sdpa")]
         best = min(sd) if sd else float("nan")
         print(f"{name}: best SDPA {best:.2f} ms")
-        print(f"  {'variant':34s} {'ms':>8s} {'xSDPA':>7s} {'denseTOPS':>10s} {'effTOPS':>8s} {'cos':>8s}")
+        print(f"  {'variant':34s} {'ms':>8s} {'xSDPA':>7s} {'denseTOPS':>10s} {'effTOPS':>8s} {'cos':>8s} regs/spill")
         for r in rs:
             print(f"  {r['variant']:34s} {r['ms']:8.3f} {best / r['ms']:7.2f} {r['dense_eq_tops']:10.0f} "
-                  f"{r['eff_tops']:8.0f} {r.get('cos_fp32', float('nan')):8.5f}")
+                  f"{r['eff_tops']:8.0f} {r.get('cos_fp32', r.get('cos_vs_default', float('nan'))):8.5f} "
+                  f"{r.get('n_regs', '')}/{r.get('n_spills', '')}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,26 @@
 """SageSLA sparse forward with the linear branch fused into the epilogue.
 
-Grid (Qb, B*H); query block fastest so programs running together share one head's K/V in L2.
+Grid (Qb', B*H); query tile fastest so programs running together share one head's K/V in L2.
 Each program:
   1. loads its q tile [BLOCK_M, D] straight from [B, L, H, D] and quantizes it to INT8 in
-     registers (one scale per block_q rows: the program's tile IS the quantization group);
-  2. loops over the T selected key blocks of its LUT row (ascending, so only the last one can
-     be the partial tail block: the loop is peeled and only the last iteration is masked):
-     s = float(q_i8 · k_i8ᵀ) · q_scale · k_scale[j] · sm_scale · log2e, online exp2 softmax,
-     P̃ = 448·p cast to e4m3, pv = dot(P̃, V_fp8) into a fresh fp32 tile, acc = acc·α + pv
-     (two-level accumulation: Triton does not fold `acc + dot` on sm90 fp8, §4.3 of the spec);
-  3. epilogue: o_s = acc · v_scale / (448 · l); linear branch φ(q)·KV / (1e-5 + φ(q)·ksum)
-     (q tile reloaded), proj_l (bf16 dot, fp32 bias), o = o_s + o_l written to [B, L, H, D].
+     registers, one scale per QGROUP (= block_q) rows. BLOCK_M is block_q in sparse mode (the
+     tile is one query block of the block map) and may be a multiple of it in dense mode
+     (e.g. 128 rows over 8 warps = two warpgroups, each owning one 64-row quantization group);
+  2. loops over the selected key blocks: the LUT row in sparse mode, every key block in DENSE
+     mode (no LUT at all). Blocks are ascending, so only the last can be the partial tail
+     block: the loop is peeled and only the last iteration is masked.
+     Per key block: the INT8 dot's int32 result is converted to fp32 (MAGIC_CVT: the exact
+     add-0x4B400000 bit trick instead of I2F; measured 1-2% slower on the H200, so off by
+     default); the row max is taken on the raw scores and scaled afterwards; p = exp2(s·c − m)
+     is ONE FMA + EX2 per element, with c = q_scale·k_scale·log2e/√D per row and, for FP8,
+     log2(448) folded into
+     m so that p comes out already multiplied by the static 448 P scale (l is kept in the
+     same units, so the 448s cancel in o = acc / l);
+     pv = dot(P̃_e4m3, V_fp8) into a fresh fp32 tile, acc = acc·α + pv (two-level accumulation:
+     the sm90 fp8 MMA accumulates at reduced precision, spec §4.3).
+  3. epilogue: o_s = acc · v_scale / l, plus the linear branch φ(q)·KV / (1e-5 + φ(q)·ksum) →
+     proj_l → bias: by default precomputed into the output by `_linear_out_kernel` and added
+     (ADD_OUT: the fused variant, LINEAR, made the main loop spill), written to [B, L, H, D].
 QUANT: 0 = plain bf16/fp16 SLA (K, V read from the inputs), 1 = int8-fp8, 2 = int8-fp16.
 """
 
@@ -25,14 +35,16 @@ import triton.language as tl
 from .triton_prep import INTERPRET, dot_acc, prepare, round_e4m3
 
 LOG2E = 1.4426950408889634
+LOG2_448 = tl.constexpr(8.807354922057604)  # log2(448): P̃ = 448·p = exp2(s − m + log2 448)
 
 
 @triton.jit
 def _attn_step(
-    acc, m_i, l_i, q, qk_mul, j, L,
+    acc, m_i, l_i, q, c_row, j, L,
     kbase, vbase, kscale_ptr, stride_kl, stride_kd, stride_vl, stride_vd,
     offs_n, offs_d,
     BLOCK_N: tl.constexpr, QUANT: tl.constexpr, TAIL: tl.constexpr, EXACT_FP8: tl.constexpr,
+    MAGIC_CVT: tl.constexpr,
 ):
     cols = j * BLOCK_N + offs_n
     kptrs = kbase + cols[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd
@@ -44,20 +56,29 @@ def _attn_step(
         kt = tl.load(kptrs)
         vt = tl.load(vptrs)
     if QUANT == 0:
-        s = dot_acc(q, tl.trans(kt), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EXACT_FP8) * qk_mul
+        s = dot_acc(q, tl.trans(kt), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), EXACT_FP8)
+        c = c_row
     else:
-        s = tl.dot(q, tl.trans(kt)).to(tl.float32) * (qk_mul * tl.load(kscale_ptr + j))
+        si = tl.dot(q, tl.trans(kt))  # int32, |si| <= 127*127*D < 2**22
+        if MAGIC_CVT:
+            # exact int32 -> fp32 for |si| < 2**22: bits(1.5*2**23) + si is the float 1.5*2**23 + si
+            s = (si + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            s = si.to(tl.float32)
+        c = c_row * tl.load(kscale_ptr + j)
     if TAIL:
         s = tl.where(cols[None, :] < L, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * c)  # c > 0: max commutes with the scaling
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    if QUANT == 1:
+        p = tl.exp2(s * c[:, None] - (m_new - LOG2_448)[:, None])  # = 448 · softmax numerator
+    else:
+        p = tl.exp2(s * c[:, None] - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if QUANT == 1:
-        pq = p * 448.0
         if EXACT_FP8:
-            pq = round_e4m3(pq)
-        pv = tl.dot(pq.to(tl.float8e4nv), vt)
+            p = round_e4m3(p)
+        pv = tl.dot(p.to(tl.float8e4nv), vt)
     else:
         pv = dot_acc(p.to(vt.dtype), vt, tl.zeros(acc.shape, dtype=tl.float32), EXACT_FP8)
     acc = acc * alpha[:, None] + pv
@@ -71,7 +92,7 @@ def _sagesla_fwd_kernel(
     v_ptr,  # QUANT 1/2: [B*H, D, Lpad] e4m3/fp16 | raw v [B, L, H, D]
     kscale_ptr,  # [B*H, Kb] fp32
     vscale_ptr,  # [B*H, D] fp32 (QUANT == 1)
-    lut_ptr,  # [B*H, Qb, T] int32, ascending
+    lut_ptr,  # [B*H, Qb, T] int32, ascending (unused when DENSE)
     kv_ptr,  # [B*H, D, D] q dtype  φ(k)ᵀ v
     ksum_ptr,  # [B*H, D] fp32     Σ φ(k)
     w_ptr,  # [D, D] proj_l weight (out, in), q dtype
@@ -82,8 +103,9 @@ def _sagesla_fwd_kernel(
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_ol, stride_oh, stride_od,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, QGROUP: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     QUANT: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT_FP8: tl.constexpr,
+    DENSE: tl.constexpr, MAGIC_CVT: tl.constexpr, WS: tl.constexpr, ADD_OUT: tl.constexpr,
 ):
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -98,13 +120,18 @@ def _sagesla_fwd_kernel(
     qx = tl.load(qptrs, mask=row_ok, other=0.0)
     if QUANT == 0:
         q = qx
-        qk_mul = qk_scale
+        c_row = tl.zeros([BLOCK_M], dtype=tl.float32) + qk_scale
     else:
         qf = qx.to(tl.float32)
-        q_scale = tl.max(tl.max(tl.abs(qf), axis=1), axis=0) / 127.0 + 1e-7
-        y = qf / q_scale
+        ramax = tl.max(tl.abs(qf), axis=1)  # [BLOCK_M]
+        if BLOCK_M == QGROUP:
+            q_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + (tl.max(ramax, axis=0) / 127.0 + 1e-7)
+        else:  # several quantization groups of QGROUP rows in one tile
+            g = tl.max(tl.reshape(ramax, [BLOCK_M // QGROUP, QGROUP]), axis=1) / 127.0 + 1e-7
+            q_scale = tl.reshape(tl.broadcast_to(g[:, None], [BLOCK_M // QGROUP, QGROUP]), [BLOCK_M])
+        y = qf / q_scale[:, None]
         q = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)
-        qk_mul = qk_scale * q_scale
+        c_row = qk_scale * q_scale
 
     if QUANT == 0:
         kbase = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
@@ -113,33 +140,41 @@ def _sagesla_fwd_kernel(
         kbase = k_ptr + bh.to(tl.int64) * stride_kh
         vbase = v_ptr + bh.to(tl.int64) * stride_vh
     kscale_base = kscale_ptr + bh * Kb
-    lut_base = lut_ptr + (bh * Qb + i).to(tl.int64) * T
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    for t in range(T - 1):
-        j = tl.load(lut_base + t)
-        acc, m_i, l_i = _attn_step(
-            acc, m_i, l_i, q, qk_mul, j, L, kbase, vbase, kscale_base,
-            stride_kl, stride_kd, stride_vl, stride_vd, offs_n, offs_d,
-            BLOCK_N, QUANT, False, EXACT_FP8)
-    j = tl.load(lut_base + T - 1)  # the largest selected block: the only one that may be partial
+    if DENSE:
+        for j in tl.range(0, Kb - 1, warp_specialize=WS):
+            acc, m_i, l_i = _attn_step(
+                acc, m_i, l_i, q, c_row, j, L, kbase, vbase, kscale_base,
+                stride_kl, stride_kd, stride_vl, stride_vd, offs_n, offs_d,
+                BLOCK_N, QUANT, False, EXACT_FP8, MAGIC_CVT)
+        j = Kb - 1
+    else:
+        lut_base = lut_ptr + (bh * Qb + i).to(tl.int64) * T
+        for t in tl.range(0, T - 1, warp_specialize=WS):
+            j = tl.load(lut_base + t)
+            acc, m_i, l_i = _attn_step(
+                acc, m_i, l_i, q, c_row, j, L, kbase, vbase, kscale_base,
+                stride_kl, stride_kd, stride_vl, stride_vd, offs_n, offs_d,
+                BLOCK_N, QUANT, False, EXACT_FP8, MAGIC_CVT)
+        j = tl.load(lut_base + T - 1)  # the largest selected block: the only one that may be partial
     acc, m_i, l_i = _attn_step(
-        acc, m_i, l_i, q, qk_mul, j, L, kbase, vbase, kscale_base,
+        acc, m_i, l_i, q, c_row, j, L, kbase, vbase, kscale_base,
         stride_kl, stride_kd, stride_vl, stride_vd, offs_n, offs_d,
-        BLOCK_N, QUANT, True, EXACT_FP8)
+        BLOCK_N, QUANT, True, EXACT_FP8, MAGIC_CVT)
 
     if QUANT == 1:
         vs = tl.load(vscale_ptr + bh * HEAD_D + offs_d)
-        o = acc * (vs[None, :] / 448.0) / l_i[:, None]
+        o = acc * vs[None, :] / l_i[:, None]  # P̃ and l both carry the 448
     else:
         o = acc / l_i[:, None]
 
     if LINEAR:
         # φ(q) = softmax over the head dim of the (unquantized) q tile.
-        qf2 = qx.to(tl.float32)
-        e = tl.exp(qf2 - tl.max(qf2, axis=1)[:, None])
+        qf2 = tl.load(qptrs, mask=row_ok, other=0.0).to(tl.float32)
+        e = tl.exp2((qf2 - tl.max(qf2, axis=1)[:, None]) * 1.4426950408889634)
         phi = e / tl.sum(e, axis=1)[:, None]
         kvm = tl.load(kv_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
         ks = tl.load(ksum_ptr + bh * HEAD_D + offs_d)
@@ -153,7 +188,45 @@ def _sagesla_fwd_kernel(
         o += tl.load(bias_ptr + offs_d)[None, :]
     optrs = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh \
         + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :] * stride_od
+    if ADD_OUT:  # the linear branch (+ proj_l, bias) was written there by _linear_out_kernel
+        o += tl.load(optrs, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(optrs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _linear_out_kernel(
+    q_ptr, kv_ptr, ksum_ptr, w_ptr, bias_ptr, o_ptr, H, L,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT_FP8: tl.constexpr,
+):
+    """o = proj_l(φ(q)·KV / (1e-5 + φ(q)·ksum)) (+ bias), written to o_ptr in its dtype; the
+    attention kernel (ADD_OUT) adds the sparse branch. Kept out of the attention epilogue,
+    whose extra registers made the main loop spill (255 regs, 28 spills at 64×128)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m[:, None] < L
+    qx = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+                 + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd, mask=row_ok, other=0.0)
+    qf = qx.to(tl.float32)
+    e = tl.exp2((qf - tl.max(qf, axis=1)[:, None]) * 1.4426950408889634)
+    phi = e / tl.sum(e, axis=1)[:, None]
+    kvm = tl.load(kv_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
+    ks = tl.load(ksum_ptr + bh * HEAD_D + offs_d)
+    num = dot_acc(phi.to(qx.dtype), kvm, tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32), EXACT_FP8)
+    den = 1e-5 + tl.sum(phi * ks[None, :], axis=1)
+    ol = (num / den[:, None]).to(qx.dtype)
+    wt = tl.load(w_ptr + offs_d[None, :] * HEAD_D + offs_d[:, None])
+    o = dot_acc(ol, wt, tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32), EXACT_FP8)
+    if HAS_BIAS:
+        o += tl.load(bias_ptr + offs_d)[None, :]
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
+             + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :] * stride_od,
+             o.to(o_ptr.dtype.element_ty), mask=row_ok)
 
 
 def sagesla_triton(
@@ -168,12 +241,25 @@ def sagesla_triton(
     return launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps, num_stages)
 
 
-def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps=None, num_stages=None):
+def default_block_m(block_q: int, dense: bool) -> int:
+    """Query rows per program: block_q (one block-map row). Dense mode may use a multiple of it
+    (block_m=128, 8 warps: two warpgroups, one quantization group each), but on the H200 that
+    measured 184 ms vs 174 ms for 64 rows × 4 warps at B1 H40 L75600 (see RESULTS.md)."""
+    return block_q
+
+
+def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps=None, num_stages=None,
+                block_m=None, magic_cvt=False, warp_specialize=False, split_linear=True, return_kernel=False):
     """The sparse forward alone, on the operands made by :func:`prepare`."""
     B, L, H, D = q.shape
     linear = proj_weight is not None
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
     qnt = prep["quant"]
+    dense = prep["dense"]
+    if block_m is None:
+        block_m = default_block_m(block_q, dense)
+    if block_m != block_q and (not dense or block_m % block_q):
+        raise ValueError(f"block_m={block_m} must equal block_q={block_q} (sparse) or be a multiple of it (dense)")
     if qnt:
         Lpad = prep["Lpad"]
         kq, vq = prep["kq"], prep["vq"]
@@ -189,17 +275,26 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     else:
         kv = ksum = w = prep["vscale"]
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
+    split = linear and split_linear
+    if split:
+        _linear_out_kernel[(triton.cdiv(L, 64), B * H)](
+            q, kv, ksum, w, bias, out, H, L, *q.stride(), *out.stride(),
+            BLOCK_M=64, HEAD_D=D, HAS_BIAS=proj_bias is not None, EXACT_FP8=INTERPRET, num_warps=4)
     if num_warps is None:
-        num_warps = 4 if block_q <= 64 else 8
+        num_warps = 4 if block_m <= 64 else 8
     if num_stages is None:
-        num_stages = 4  # H200: s3 and s4 within run-to-run noise (±5%); s2 no better; 8 warps 2x slower
-    grid = (prep["Qb"], B * H)
-    _sagesla_fwd_kernel[grid](
-        q, kq, vq, prep["kscale"], prep["vscale"], prep["lut"], kv, ksum, w, bias, out,
+        num_stages = 3
+    lut = prep["lut"] if prep["lut"] is not None else prep["vscale"]
+    grid = (triton.cdiv(L, block_m), B * H)
+    kern = _sagesla_fwd_kernel[grid](
+        q, kq, vq, prep["kscale"], prep["vscale"], lut, kv, ksum, w, bias, out,
         H, L, prep["Qb"], prep["Kb"], prep["T"], LOG2E / math.sqrt(D),
         *q.stride(), *kstr, *vstr, *out.stride(),
-        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D,
-        QUANT=qnt, LINEAR=linear, HAS_BIAS=proj_bias is not None, EXACT_FP8=INTERPRET,
+        BLOCK_M=block_m, QGROUP=block_q, BLOCK_N=block_k, HEAD_D=D,
+        QUANT=qnt, LINEAR=linear and not split, HAS_BIAS=proj_bias is not None and not split,
+        EXACT_FP8=INTERPRET, DENSE=dense, MAGIC_CVT=magic_cvt, WS=warp_specialize, ADD_OUT=split,
         num_warps=num_warps, num_stages=num_stages,
     )
+    if return_kernel:
+        return out, kern
     return out

@@ -107,7 +107,17 @@ def test_dense_k_channel_outliers(backend, quant, v_mean):
 
 
 # ----------------------------------------------------------------------------- sparse mode
-def _kernel_lut(q, k, topk, bq, bk):
+def _kernel_lut(q, k, topk, bq, bk, backend="torch"):
+    """The selection the given backend makes (ties in the top-k may be broken differently:
+    the reference uses torch.topk, the Triton block map a bisection that prefers low indices)."""
+    if backend == "triton":
+        from turbocompile.kernels.sagesla.triton_prep import prepare
+
+        p = prepare(q, k, k, topk, bq, bk, "int8-fp8", linear=False)
+        B, L, H, _ = q.shape
+        if p["dense"]:
+            return torch.arange(p["Kb"], device=q.device).expand(B, H, p["Qb"], p["Kb"])
+        return p["lut"].view(B, H, -1, p["T"]).long()
     from turbocompile.kernels.sagesla.ref import block_lut_ref
     return block_lut_ref(q, k, topk, bq, bk)
 
@@ -161,7 +171,7 @@ def test_awkward_inputs_finite_and_close(backend, case):
     w = torch.randn(64, 64, device=DEV) * 0.1
     out = sagesla(q, k, v, topk=0.5, proj_weight=w, block_q=32, block_k=32, backend=backend)
     assert torch.isfinite(out).all()
-    lut = _kernel_lut(q, k, 0.5, 32, 32)  # constant inputs tie every score: score the same pick
+    lut = _kernel_lut(q, k, 0.5, 32, 32, backend)  # constant inputs tie every score: score the same pick
     ref = oracle(q, k, v, 0.5, 32, 32, w, lut=lut)
     cos, l1 = metrics(out, ref)
     assert cos >= 0.995, (cos, l1)
@@ -176,8 +186,12 @@ def test_block_map_matches_torch(L, bq, bk, topk):
     q, k, v = rand(2, L, 2, 64)
     p = prepare(q, k, v, topk, bq, bk, "int8-fp8", linear=False)
     scores, keep = oracle_lut(q, k, topk, bq, bk)
-    lut = p["lut"].view(2, 2, -1, p["T"]).long().cpu()
     assert p["T"] == keep
+    if p["dense"]:  # every key block kept: the kernel iterates them directly, no LUT is built
+        assert p["lut"] is None and keep == p["Kb"]
+        lut = torch.arange(p["Kb"]).expand(2, 2, p["Qb"], p["Kb"])
+    else:
+        lut = p["lut"].view(2, 2, -1, p["T"]).long().cpu()
     assert (lut[..., 1:] > lut[..., :-1]).all(), "LUT must be strictly ascending"
     chosen = scores.cpu().gather(-1, lut)
     mask = torch.ones_like(scores, dtype=torch.bool).cpu().scatter_(-1, lut, False)
@@ -213,3 +227,23 @@ def test_triton_matches_reference_closely(quant):
     r = sagesla(q, k, v, backend="torch", **kw)
     cos, l1 = metrics(t, r)
     assert cos >= 0.9999 and l1 <= 0.015, (cos, l1)
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("split_linear", [True, False])
+def test_dense_block_m_and_linear_epilogue_variants(split_linear):
+    """Dense mode with 128-row programs (two 64-row quantization groups per tile) equals the
+    64-row programs; the linear branch split into its own kernel matches the fused epilogue."""
+    from turbocompile.kernels.sagesla.triton_attn import launch_attn
+    from turbocompile.kernels.sagesla.triton_prep import prepare
+
+    q, k, v = rand(1, 200, 1, 64)
+    w = torch.randn(64, 64, device=DEV) * 0.1
+    b = torch.randn(64, device=DEV) * 0.1
+    p = prepare(q, k, v, 1.0, 64, 128, "int8-fp8", linear=True)
+    assert p["dense"] and p["lut"] is None
+    o64 = launch_attn(q, k, v, p, w, b, 64, 128, block_m=64, split_linear=split_linear)
+    o128 = launch_attn(q, k, v, p, w, b, 64, 128, block_m=128, split_linear=split_linear)
+    torch.testing.assert_close(o64, o128, atol=0, rtol=0)
+    fused = launch_attn(q, k, v, p, w, b, 64, 128, split_linear=False)
+    assert metrics(o64, fused)[0] >= 0.99999  # split: o_l rounded to the output dtype once more
