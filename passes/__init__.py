@@ -8,3 +8,4 @@ ops by name and never import ``turbocompile.kernels``.
 from turbocompile.passes import w8a8_linear  # noqa: E402,F401
 from turbocompile.passes import sagesla_attention  # noqa: E402,F401
 from turbocompile.passes import fuse_norms  # noqa: E402,F401
+from turbocompile.passes import bake_rcm_sampler  # noqa: E402,F401

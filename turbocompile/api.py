@@ -121,6 +121,41 @@ def _video_shape(cfg: WanConfig, recipe: Recipe) -> tuple[WanConfig, VideoShape]
     return cfg, shape
 
 
+def _num_experts(model: Any) -> int:
+    """Experts of a built-in name or checkpoint directory (1 for anything else)."""
+    if isinstance(model, (str, Path)):
+        if str(model) in PRESETS:
+            return PRESETS[str(model)].num_experts
+        p = Path(model)
+        if p.is_dir() and (p / "high_noise_model").is_dir() and (p / "low_noise_model").is_dir():
+            return 2
+    return 1
+
+
+def _capture_and_run(wan: WanModel, rec: Recipe, dt, dev, extras, passes, *, strict, progress, verify, seed,
+                     disabled, log):
+    """Capture ``wan`` for the recipe's geometry and run ``passes``: (graph, pass records, context)."""
+    cfg, shape = _video_shape(wan.config, rec)
+    if cfg is not wan.config:
+        wan.config = cfg
+    if log:
+        log(f"capturing {cfg.name} for {shape.width}x{shape.height}, {shape.frames} frames "
+            f"(L={shape.seq_len}) in {_dtype_name(dt)} on {dev}")
+    gm = capture(wan, shape)
+    specs = input_specs(cfg, shape, dt)
+    propagate_shapes(gm, specs)
+    ctx = PassContext(model_config=cfg, video_shape=shape, dtype=dt, device=dev, extras=extras,
+                      strict=strict, progress=progress, input_specs=dict(specs))
+    verify_inputs = None
+    if verify:
+        if any(p.is_meta for p in wan.parameters()):
+            raise ModelConfigError("--verify needs real weights; the model is on the meta device")
+        verify_inputs = example_inputs(cfg, shape, seed=seed, device=dev, dtype=dt)
+    gm, records = run_pipeline(gm, passes, ctx, input_specs=specs, verify_inputs=verify_inputs,
+                               disabled=disabled, log=log)
+    return gm, records, ctx
+
+
 def optimize(
     model: Any,
     recipe: "str | Path | Recipe | dict",
@@ -162,27 +197,30 @@ def optimize(
     dt = _pick_dtype(dtype or rec.model.dtype or "bfloat16")
     dev = _pick_device(device or rec.model.device)
     needs_int8 = any(p.name == "w8a8_linear" for p in rec.passes)
+    bakes = any(p.name == "bake_rcm_sampler" for p in rec.passes)
+    disabled = tuple(disable) + disabled_from_env()
+    low_gm = None
+    if bakes and _num_experts(model) == 2 and "bake_rcm_sampler" not in disabled:
+        # Wan2.2 A14B: the baked sampler switches experts mid-schedule, so both experts are
+        # optimized (every pass but the bake) and the low-noise one handed to the bake pass.
+        if expert is not None:
+            raise ModelConfigError("a baked sampler uses both Wan2.2 experts; do not pass --expert")
+        if log:
+            log("optimizing the low-noise expert")
+        low, _, low_extras = resolve_model(model, dtype=dt, device=dev, seed=seed + 1, expert="low",
+                                           allow_quantized=needs_int8, progress=progress)
+        low_passes = [p for p in rec.instantiate_passes() if p.name != "bake_rcm_sampler"]
+        low_gm, _, _ = _capture_and_run(low, rec, dt, dev, low_extras, low_passes, strict=strict,
+                                        progress=progress, verify=False, seed=seed, disabled=disabled, log=None)
+        expert = "high"
     wan, source, extras = resolve_model(model, dtype=dt, device=dev, seed=seed, expert=expert,
                                         allow_quantized=needs_int8, progress=progress)
-    cfg, shape = _video_shape(wan.config, rec)
-    if cfg is not wan.config:
-        wan.config = cfg
-    if log:
-        log(f"capturing {cfg.name} for {shape.width}x{shape.height}, {shape.frames} frames "
-            f"(L={shape.seq_len}) in {_dtype_name(dt)} on {dev}")
-    gm = capture(wan, shape)
-    specs = input_specs(cfg, shape, dt)
-    propagate_shapes(gm, specs)
-    ctx = PassContext(model_config=cfg, video_shape=shape, dtype=dt, device=dev, extras=extras,
-                      strict=strict, progress=progress, input_specs=dict(specs))
-    verify_inputs = None
-    if verify:
-        if any(p.is_meta for p in wan.parameters()):
-            raise ModelConfigError("--verify needs real weights; the model is on the meta device")
-        verify_inputs = example_inputs(cfg, shape, seed=seed, device=dev, dtype=dt)
-    disabled = tuple(disable) + disabled_from_env()
-    gm, records = run_pipeline(gm, rec.instantiate_passes(), ctx, input_specs=specs,
-                               verify_inputs=verify_inputs, disabled=disabled, log=log)
+    if low_gm is not None:
+        extras = dict(extras, experts={"low": low_gm})
+        source = dict(source, experts=["high", "low"])
+    gm, records, ctx = _capture_and_run(wan, rec, dt, dev, extras, rec.instantiate_passes(), strict=strict,
+                                        progress=progress, verify=verify, seed=seed, disabled=disabled, log=log)
+    cfg, shape = ctx.model_config, ctx.video_shape
     out_val = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0].meta["val"]
     specs = ctx.input_specs
     manifest = {

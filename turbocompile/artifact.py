@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -159,7 +160,7 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True) -> dict:
         raise ArtifactError(f"'{path}' is not a turbocompile artifact (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ArtifactError(f"{mpath}: not valid JSON (truncated or edited?)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{mpath}: not a turbocompile artifact manifest")
@@ -177,9 +178,10 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True) -> dict:
     if not isinstance(files, dict) or "graph.json" not in files:
         raise ArtifactError(f"{mpath}: file list missing or without graph.json")
     for name, info in files.items():
+        if not _FILE_NAME.fullmatch(name) or not isinstance(info, dict) or \
+                not isinstance(info.get("sha256"), str) or type(info.get("bytes")) is not int:
+            raise ArtifactError(f"{mpath}: invalid file entry '{name[:100]}'")
         fpath = path / name
-        if "/" in name or name.startswith(".") or not isinstance(info, dict):
-            raise ArtifactError(f"{mpath}: invalid file entry '{name}'")
         if not fpath.is_file():
             raise ArtifactError(f"artifact file '{name}' is missing")
         if fpath.stat().st_size != info.get("bytes"):
@@ -187,7 +189,75 @@ def read_manifest(path: str | Path, *, verify_checksums: bool = True) -> dict:
                                 f"{info.get('bytes')} (truncated or edited)")
         if verify_checksums and _sha256(fpath) != info.get("sha256"):
             raise ArtifactError(f"artifact file '{name}' does not match its sha256 (corrupted or edited)")
+    _check_schema(manifest, mpath)
     return manifest
+
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+_DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64", "int64", "int32")
+
+
+def _need(cond: bool, mpath: Path, what: str) -> None:
+    if not cond:
+        raise ArtifactError(f"{mpath}: {what} is missing or malformed")
+
+
+def _is_int(v, lo: int = 0) -> bool:
+    return type(v) is int and v >= lo
+
+
+def _is_num(v) -> bool:
+    return type(v) in (int, float)
+
+
+def _check_schema(m: dict, mpath: Path) -> None:
+    """Every manifest entry that ``load`` and ``inspect`` read has the right type (else one-line error)."""
+    model = m.get("model")
+    _need(isinstance(model, dict), mpath, "'model'")
+    _need(isinstance(model.get("config"), dict), mpath, "'model.config'")
+    _need(isinstance(model.get("source"), dict), mpath, "'model.source'")
+    vs = model.get("video_shape")
+    _need(isinstance(vs, dict) and all(_is_int(vs.get(k), 1) for k in ("width", "height", "frames", "seq_len",
+                                                                           "batch"))
+          and isinstance(vs.get("grid"), list) and all(_is_int(g, 1) for g in vs["grid"]), mpath,
+          "'model.video_shape'")
+    try:
+        from turbocompile.model.config import WanConfig
+
+        cfg = WanConfig.from_dict(model["config"])
+    except Exception as exc:  # noqa: BLE001 - any invalid config is a malformed manifest
+        raise ArtifactError(f"{mpath}: 'model.config' is invalid: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+    for key in ("name", "model_type"):
+        _need(isinstance(getattr(cfg, key, None), str), mpath, f"'model.config.{key}'")
+    for key in ("dim", "num_layers", "num_heads"):
+        _need(_is_int(getattr(cfg, key, None), 1), mpath, f"'model.config.{key}'")
+    rec = m.get("recipe")
+    _need(isinstance(rec, dict) and isinstance(rec.get("name"), str)
+          and isinstance(rec.get("description", ""), str), mpath, "'recipe'")
+    passes = m.get("passes")
+    _need(isinstance(passes, list) and all(
+        isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("status"), str)
+        and isinstance(p.get("stats", {}), dict) and _is_num(p.get("seconds", 0)) for p in passes), mpath, "'passes'")
+    t = m.get("tensors")
+    _need(isinstance(t, dict) and _is_int(t.get("count")) and _is_int(t.get("bytes"))
+          and isinstance(t.get("by_dtype"), dict) and all(
+              isinstance(e, dict) and _is_int(e.get("count")) and _is_int(e.get("bytes"))
+              for e in t["by_dtype"].values()), mpath, "'tensors'")
+    sig = m.get("signature")
+    _need(isinstance(sig, dict) and isinstance(sig.get("inputs"), list) and sig["inputs"], mpath, "'signature'")
+    names = []
+    for i in sig["inputs"]:
+        _need(isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("shape"), list)
+              and len(i["shape"]) >= 1 and all(_is_int(d, 1) for d in i["shape"])
+              and i.get("dtype") in _DTYPE_NAMES, mpath, "'signature.inputs'")
+        names.append(i["name"])
+    _need(len(set(names)) == len(names), mpath, "'signature.inputs' (duplicate names)")
+    out = sig.get("output")
+    _need(isinstance(out, dict) and isinstance(out.get("shape"), list) and all(_is_int(d, 1) for d in out["shape"])
+          and out.get("dtype") in _DTYPE_NAMES, mpath, "'signature.output'")
+    _need(sig.get("activation_dtype") in ("float32", "bfloat16", "float16"), mpath, "'signature.activation_dtype'")
+    _need(isinstance(sig.get("dynamic_batch", False), bool), mpath, "'signature.dynamic_batch'")
+    _need(isinstance(m.get("kind", "denoiser"), str), mpath, "'kind'")
 
 
 def load_graph_module(path: str | Path, manifest: dict, device: str | torch.device = "cpu") -> fx.GraphModule:
@@ -197,6 +267,8 @@ def load_graph_module(path: str | Path, manifest: dict, device: str | torch.devi
         graph = graph_from_json(json.loads((path / "graph.json").read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ArtifactError("graph.json is not valid JSON") from None
+    except RecursionError:
+        raise ArtifactError("graph.json is nested too deeply") from None
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(manifest["files"]):
         if name.endswith(".safetensors"):
@@ -214,5 +286,8 @@ def load_graph_module(path: str | Path, manifest: dict, device: str | torch.devi
     missing = sorted(needed - set(tensors))
     if missing:
         raise ArtifactError(f"artifact weights lack {len(missing)} tensors the graph uses, e.g. '{missing[0]}'")
-    gm = fx.GraphModule({k: tensors[k] for k in needed}, graph, class_name="WanGraph")
+    try:
+        gm = fx.GraphModule({k: tensors[k] for k in needed}, graph, class_name="WanGraph")
+    except Exception as exc:  # noqa: BLE001 - clashing attribute paths, codegen failures: a malformed file
+        raise ArtifactError(f"graph.json cannot be rebuilt into a module: {type(exc).__name__}") from None
     return gm

@@ -166,6 +166,20 @@ def models():
                    f"default {c.default_size[0]}x{c.default_size[1]}, {c.default_frames} frames")
 
 
+def _register_subcommands() -> None:
+    from turbocompile.cli_run import run
+
+    cli.add_command(run)
+    try:
+        from turbocompile.cli_export import export
+    except ImportError:  # pragma: no cover - export support not installed
+        return
+    cli.add_command(export)
+
+
+_register_subcommands()
+
+
 def main(argv=None):
     """Console-script entry point."""
     try:

@@ -14,6 +14,7 @@ import builtins
 import importlib
 import math
 import operator
+import types
 from typing import Any
 
 import torch
@@ -46,34 +47,54 @@ def _target_name(target) -> str:
     return _get_qualified_name(target)
 
 
+# operator functions a graph may call (no operator.call / methodcaller / attrgetter: those would let a
+# crafted graph call arbitrary objects).
+_OPERATOR_OK = frozenset((
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "matmul", "getitem",
+    "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "invert", "not_", "lshift", "rshift",
+    "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "index", "truth", "contains",
+))
+# torch.* callables that touch files, global state or compilation: never reachable from a graph.
+_TORCH_DENY = frozenset((
+    "load", "save", "from_file", "compile", "hub", "manual_seed", "seed", "set_default_device",
+    "set_default_dtype", "set_default_tensor_type", "set_num_threads", "set_num_interop_threads",
+    "set_printoptions", "set_grad_enabled", "set_float32_matmul_precision", "set_rng_state",
+    "use_deterministic_algorithms", "set_deterministic_debug_mode", "set_warn_always", "export", "jit",
+    "package", "cond", "while_loop", "vmap", "func",
+))
+
+
 def _resolve_target(name: str):
+    """Map a qualified name to an allowed callable: one attribute of an allow-listed module (never
+    a walk through submodules, never a private or dunder name), or a registered custom/aten op."""
+    if not isinstance(name, str):
+        raise ArtifactError("graph.json: a call target is not a string")
     if name == "builtins.getattr":
         return builtins.getattr
     if name.startswith("torch.ops."):
         parts = name.split(".")
-        if len(parts) not in (4, 5) or parts[2] not in _OP_NAMESPACES:
-            raise ArtifactError(f"graph uses op '{name}' outside the allowed namespaces {_OP_NAMESPACES}")
+        if len(parts) not in (4, 5) or parts[2] not in _OP_NAMESPACES or any(
+                not p.isidentifier() or p.startswith("_") for p in parts[3:]):
+            raise ArtifactError(f"graph uses op '{name[:200]}' outside the allowed namespaces {_OP_NAMESPACES}")
         obj = torch.ops
         try:
             for p in parts[2:]:
                 obj = getattr(obj, p)
         except (AttributeError, RuntimeError):
             raise ArtifactError(f"graph uses op '{name}', which is not registered in this turbocompile") from None
+        if not isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            raise ArtifactError(f"graph uses op '{name}', which is not an operator")
         return obj
-    for mod in sorted(_FUNCTION_MODULES, key=len, reverse=True):
-        if name.startswith(mod + "."):
-            attr_path = name[len(mod) + 1:].split(".")
-            root = importlib.import_module(mod.split(".")[0])
-            obj = root
-            for p in mod.split(".")[1:] + attr_path:
-                if p.startswith("__"):
-                    break
-                obj = getattr(obj, p, None)
-                if obj is None:
-                    break
-            if obj is not None and callable(obj):
-                return obj
-    raise ArtifactError(f"graph calls '{name}', which is not an allowed function")
+    mod, _, attr = name.rpartition(".")
+    if mod in _FUNCTION_MODULES and attr.isidentifier() and not attr.startswith("_"):
+        if mod in ("_operator", "operator") and attr not in _OPERATOR_OK:
+            raise ArtifactError(f"graph calls '{name}', which is not an allowed function")
+        if mod == "torch" and attr in _TORCH_DENY:
+            raise ArtifactError(f"graph calls '{name}', which is not an allowed function")
+        obj = getattr(importlib.import_module(mod), attr, None)
+        if obj is not None and callable(obj) and not isinstance(obj, (type, types.ModuleType)):
+            return obj
+    raise ArtifactError(f"graph calls '{name[:200]}', which is not an allowed function")
 
 
 def _enc(a: Any):
@@ -122,11 +143,13 @@ def _dec(a: Any, env: dict[str, fx.Node]):
         if kind == "node":
             return env[v]
         if kind == "float":
+            if not isinstance(v, str):
+                raise TypeError
             return float(v)
         if kind == "tuple":
             return tuple(_dec(x, env) for x in v)
         if kind == "dict":
-            return {k: _dec(x, env) for k, x in v.items()}
+            return {k: _dec(x, env) for k, x in v.items()}  # keys are checked by graph_from_json
         if kind == "slice":
             return slice(*(_dec(x, env) for x in v))
         if kind == "ellipsis":
@@ -134,12 +157,18 @@ def _dec(a: Any, env: dict[str, fx.Node]):
         if kind == "dtype":
             return _DTYPES[v]
         if kind == "device":
+            if not isinstance(v, str):
+                raise TypeError
             return torch.device(v)
         if kind == "memory_format":
-            return getattr(torch, v)
+            out = getattr(torch, v)
+            if isinstance(out, torch.memory_format):
+                return out
         if kind == "layout":
-            return getattr(torch, v)
-    except (KeyError, TypeError, ValueError, AttributeError):
+            out = getattr(torch, v)
+            if isinstance(out, torch.layout):
+                return out
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
         raise ArtifactError(f"malformed graph argument {a!r}") from None
     raise ArtifactError(f"malformed graph argument {a!r}")
 
@@ -175,23 +204,48 @@ def graph_from_json(data: dict) -> fx.Graph:
             kwargs = _dec(entry["kwargs"], env)
         except KeyError as exc:
             raise ArtifactError(f"graph.json: node entry lacks {exc}") from None
+        except RecursionError:
+            raise ArtifactError("graph.json: a node argument is nested too deeply") from None
         if not isinstance(name, str) or not isinstance(target, str):
             raise ArtifactError("graph.json: node name and target must be strings")
-        if op in ("placeholder", "get_attr"):
-            node = graph.create_node(op, target, name=name)
-        elif op == "call_function":
-            node = graph.create_node(op, _resolve_target(target), tuple(args), dict(kwargs), name=name)
-        elif op == "call_method":
-            if target.startswith("_") or target not in tensor_methods:
-                raise ArtifactError(f"graph.json: '{target}' is not an allowed tensor method")
-            node = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
-        elif op == "output":
-            node = graph.output(args[0] if args else None)
-        else:
-            raise ArtifactError(f"graph.json: unsupported node op '{op}'")
+        if not name.isidentifier() or name in env:
+            raise ArtifactError(f"graph.json: invalid or duplicate node name '{name[:100]}'")
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict) or \
+                not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise ArtifactError(f"graph.json: node '{name}' has malformed args/kwargs")
+        # The graph's Python code is generated from these names: only plain identifiers may reach it.
+        if op == "placeholder" and (not target.isidentifier() or args or kwargs):
+            raise ArtifactError(f"graph.json: placeholder '{name}' has an invalid target")
+        if op == "get_attr" and not all((p.isidentifier() and not p.startswith("__")) or (p.isascii() and p.isdigit())
+                                      for p in target.split(".")):
+            raise ArtifactError(f"graph.json: get_attr '{name}' has an invalid target '{target[:100]}'")
+        if op == "call_function" and target == "builtins.getattr" and not (
+                len(args) == 2 and isinstance(args[1], str) and not args[1].startswith("_") and not kwargs):
+            raise ArtifactError(f"graph.json: getattr node '{name}' must read a public attribute by name")
+        try:
+            if op in ("placeholder", "get_attr"):
+                node = graph.create_node(op, target, name=name)
+            elif op == "call_function":
+                node = graph.create_node(op, _resolve_target(target), tuple(args), dict(kwargs), name=name)
+            elif op == "call_method":
+                if target.startswith("_") or target not in tensor_methods:
+                    raise ArtifactError(f"graph.json: '{target[:100]}' is not an allowed tensor method")
+                node = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
+            elif op == "output":
+                if len(args) != 1 or kwargs:
+                    raise ArtifactError("graph.json: the output node must have exactly one argument")
+                node = graph.output(args[0])
+            else:
+                raise ArtifactError(f"graph.json: unsupported node op '{str(op)[:50]}'")
+        except ArtifactError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fx rejects something: a malformed file
+            raise ArtifactError(f"graph.json: node '{name}' is malformed: {type(exc).__name__}") from None
         if node.name != name and op != "output":
             raise ArtifactError(f"graph.json: duplicate node name '{name}'")
         env[name] = node
+    if not any(n.op == "output" for n in graph.nodes):
+        raise ArtifactError("graph.json: the graph has no output node")
     try:
         graph.lint()
     except Exception as exc:  # noqa: BLE001 - any lint failure means a malformed file

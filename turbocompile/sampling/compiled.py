@@ -1,0 +1,249 @@
+"""Loaded sampler artifacts (``bake_rcm_sampler``) and the one-call "generate latents" API.
+
+* :class:`CompiledSampler` — what :func:`turbocompile.load` returns for a manifest of kind
+  ``"sampler"``: ``module.sample(noise, context, *, y=None, clip_fea=None, generator=None,
+  step_noise=None) -> latents`` (float32). The whole N-step loop is ONE graph call.
+* :func:`generate` — the Python twin of ``turbocompile run``: load an artifact (sampler or
+  denoiser), draw the noise from a seed, sample (baked rCM, Python rCM loop, or the teacher's
+  Euler/UniPC with CFG), return the latents.
+
+Progress: the baked graph runs the N steps in one call, so ``progress=True`` shows a bar of
+N steps that advances when the call returns (it measures the call, not each step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from turbocompile.errors import InputError
+from turbocompile.model.config import WanConfig
+
+__all__ = ["CompiledSampler", "generate", "GenerateResult"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CompiledSampler(nn.Module):
+    """A baked rCM sampler: ``sample(noise, context, *, y=None, clip_fea=None, generator=None,
+    step_noise=None, progress=False) -> latents`` (float32, shaped like ``noise``).
+
+    ``noise`` is ε0 (x_0 = t_0·ε0 inside). SDE step noise is drawn exactly as
+    :func:`~turbocompile.sampling.rcm.rcm_sample` draws it — fp32 ``torch.randn(noise.shape,
+    generator=generator)`` on noise's device at every step, the last included — unless
+    ``step_noise`` (N tensors) is given. The batch and geometry are those baked in.
+    """
+
+    def __init__(self, gm: fx.GraphModule, manifest: dict):
+        super().__init__()
+        self.graph_module = gm
+        self.manifest = manifest
+        sig = manifest["signature"]
+        self.input_names = [i["name"] for i in sig["inputs"]]
+        self._input_shapes = {i["name"]: tuple(i["shape"]) for i in sig["inputs"]}
+        self.sampler = dict(manifest["sampler"])
+        self.steps = int(self.sampler["steps"])
+        self.mode = self.sampler["mode"]
+        self.config = WanConfig.from_dict(manifest["model"]["config"])
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return self._input_shapes["noise"]
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return _DTYPES[self.manifest["signature"]["activation_dtype"]]
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.graph_module.buffers():
+            return t.device
+        for t in self.graph_module.parameters():
+            return t.device
+        return torch.device("cpu")
+
+    def _check(self, name: str, value) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"{name} must be a tensor, got {type(value).__name__}")
+        want = self._input_shapes[name]
+        if tuple(value.shape) != want:
+            raise InputError(f"{name} has shape {list(value.shape)}; this sampler artifact is baked for "
+                             f"{list(want)} (batch and video geometry are fixed)")
+        if not value.is_floating_point():
+            raise InputError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        return value
+
+    def sample(self, noise, context, *, y=None, clip_fea=None, generator: torch.Generator | None = None,
+               step_noise: Sequence[torch.Tensor] | None = None, progress: bool = False) -> torch.Tensor:
+        """Run the baked sampler; see the class docstring."""
+        self._check("noise", noise)
+        args = [noise.float(), self._check("context", context)]
+        for name, val in (("y", y), ("clip_fea", clip_fea)):
+            if name in self.input_names:
+                if val is None:
+                    raise InputError(f"this sampler needs '{name}' (inputs: {', '.join(self.input_names)})")
+                args.append(self._check(name, val))
+            elif val is not None:
+                raise InputError(f"this sampler takes no '{name}' (inputs: {', '.join(self.input_names)})")
+        if self.mode == "sde":
+            if step_noise is None:
+                step_noise = [torch.randn(noise.shape, generator=generator, dtype=torch.float32, device=noise.device)
+                              for _ in range(self.steps)]
+            step_noise = list(step_noise)
+            if len(step_noise) != self.steps:
+                raise InputError(f"step_noise must hold {self.steps} tensors (one per baked step), got "
+                                 f"{len(step_noise)}")
+            for i, e in enumerate(step_noise):
+                args.append(self._check(f"step_noise_{i}", e).float())
+        elif step_noise is not None:
+            raise InputError("step_noise is only used by SDE samplers; this one is baked with mode 'ode'")
+        device = self.device
+        args = [a.to(device) for a in args]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.steps, desc="rCM (baked, one call)")
+        with torch.no_grad():
+            out = self.graph_module(*args)
+        if bar is not None:
+            bar.update(self.steps)
+            bar.close()
+        return out
+
+    def forward(self, noise, context, **kwargs):
+        return self.sample(noise, context, **kwargs)
+
+
+class GenerateResult:
+    """Latents plus what produced them (written as safetensors metadata by the CLI)."""
+
+    def __init__(self, latents: torch.Tensor, metadata: dict[str, str]):
+        self.latents = latents
+        self.metadata = metadata
+
+
+def read_conditioning(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or ``.pt`` file (``context`` required; ``y``, ``clip_fea``,
+    ``negative_context`` optional)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"context file '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path))
+        else:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any read failure is a user input problem
+        raise InputError(f"cannot read context file '{path}': {type(exc).__name__}: {exc}") from None
+    if isinstance(data, torch.Tensor):
+        data = {"context": data}
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise InputError(f"context file '{path}' must hold a mapping of tensors (context[, y, clip_fea, "
+                         "negative_context])")
+    if "context" not in data:
+        raise InputError(f"context file '{path}' has no 'context' tensor (found: {', '.join(sorted(data)) or 'none'})")
+    allowed = {"context", "y", "clip_fea", "negative_context"}
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise InputError(f"context file '{path}' has unknown tensor '{extra[0]}'; allowed: {', '.join(sorted(allowed))}")
+    return dict(data)
+
+
+def generate(artifact, conditioning: "dict | str | Path", *, seed: int = 0, steps: int | None = None,
+             frames: int | None = None, size: tuple[int, int] | None = None, teacher: str | None = None,
+             guidance: float = 5.0, shift: float = 5.0, sigma_max: float | None = None, mode: str = "sde",
+             device: str | None = None, progress: bool = False) -> GenerateResult:
+    """Sample latents from an artifact (path or loaded module); the Python ``turbocompile run``.
+
+    Args:
+        artifact: artifact directory, or a module returned by :func:`turbocompile.load`.
+        conditioning: dict or file with ``context`` [B, Lc, text_dim] (and ``y``, ``clip_fea``,
+            ``negative_context`` when needed).
+        seed: seeds ε0 and the SDE step noise (one generator on the run device, as TD does).
+        steps: sampler steps; for a sampler artifact it must equal the baked count (default
+            it); for a denoiser, rCM default 4, teacher default 50.
+        frames, size: optional check against the artifact's baked geometry (width, height).
+        teacher: ``None`` (rCM), ``"euler"`` or ``"unipc"`` (denoiser artifacts only; needs
+            ``negative_context`` unless guidance is 1).
+    """
+    from turbocompile.api import CompiledWan, load
+    from turbocompile.sampling import euler_sample, rcm_sample, unipc_sample
+    from turbocompile.sampling.schedules import SamplingError
+
+    module = artifact if isinstance(artifact, (CompiledSampler, CompiledWan)) else load(artifact, device=device)
+    manifest = module.manifest
+    cond = read_conditioning(conditioning) if not isinstance(conditioning, dict) else dict(conditioning)
+    if "context" not in cond:
+        raise InputError("conditioning has no 'context' tensor")
+    vs = manifest["model"]["video_shape"]
+    if frames is not None and frames != vs["frames"]:
+        raise InputError(f"--frames {frames} does not match the artifact, which is specialised for {vs['frames']} "
+                         "frames (re-optimize for another geometry)")
+    if size is not None and tuple(size) != (vs["width"], vs["height"]):
+        raise InputError(f"--size {size[0]}x{size[1]} does not match the artifact, which is specialised for "
+                         f"{vs['width']}x{vs['height']}")
+    run_device = module.device if isinstance(module, CompiledSampler) else _module_device(module)
+    gen = torch.Generator(device=run_device).manual_seed(int(seed))
+    context = cond["context"].to(run_device)
+    y = cond.get("y")
+    clip_fea = cond.get("clip_fea")
+    y = None if y is None else y.to(run_device)
+    clip_fea = None if clip_fea is None else clip_fea.to(run_device)
+    meta = {"seed": str(seed), "artifact": str(artifact if not isinstance(artifact, nn.Module) else "<module>")}
+    try:
+        if isinstance(module, CompiledSampler):
+            if teacher is not None:
+                raise InputError(f"this artifact is a baked rCM sampler; --teacher {teacher} needs a denoiser artifact")
+            if steps is not None and steps != module.steps:
+                raise InputError(f"--steps {steps} differs from the {module.steps} steps baked into this sampler "
+                                 "artifact (re-optimize with bake_rcm_sampler steps to change it)")
+            noise = torch.randn(module.noise_shape, generator=gen, dtype=torch.float32, device=run_device)
+            if context.shape[0] != module.noise_shape[0]:
+                raise InputError(f"context has batch {context.shape[0]}; this sampler is baked for batch "
+                                 f"{module.noise_shape[0]}")
+            latents = module.sample(noise, context, y=y, clip_fea=clip_fea, generator=gen, progress=progress)
+            meta.update(sampler="rcm-baked", steps=str(module.steps), mode=module.mode,
+                        sigma_max=str(module.sampler["sigma_max"]))
+        else:
+            cfg = module.config
+            batch = context.shape[0]
+            ch = cfg.out_dim if cfg.model_type == "i2v" else cfg.in_dim
+            lat = vs.get("latent") or [None, None, None]
+            noise = torch.randn((batch, ch, *lat), generator=gen, dtype=torch.float32, device=run_device)
+            if teacher is None:
+                n = 4 if steps is None else steps
+                sm = sigma_max if sigma_max is not None else (200.0 if cfg.model_type == "i2v" else 80.0)
+                latents = rcm_sample(module, noise, context, steps=n, sigma_max=sm, mode=mode, generator=gen,
+                                     y=y, clip_fea=clip_fea, net_dtype=module.activation_dtype, progress=progress)
+                meta.update(sampler="rcm-loop", steps=str(n), mode=mode, sigma_max=str(sm))
+            else:
+                n = 50 if steps is None else steps
+                fn = {"euler": euler_sample, "unipc": unipc_sample}.get(teacher)
+                if fn is None:
+                    raise InputError(f"teacher '{teacher}' is not valid; choose one of euler, unipc")
+                neg = cond.get("negative_context")
+                if neg is None and guidance != 1.0:
+                    raise InputError(f"--teacher {teacher} with guidance {guidance} needs 'negative_context' in the "
+                                     "context file (or --guidance 1)")
+                latents = fn(module, noise, context, steps=n, shift=shift, guidance=guidance,
+                             negative_context=None if neg is None else neg.to(run_device), y=y, clip_fea=clip_fea,
+                             progress=progress)
+                meta.update(sampler=f"teacher-{teacher}", steps=str(n), guidance=str(guidance), shift=str(shift))
+    except SamplingError as exc:
+        raise InputError(str(exc)) from None
+    return GenerateResult(latents.float().cpu(), meta)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in module.buffers():
+        return t.device
+    for t in module.parameters():
+        return t.device
+    return torch.device("cpu")
