@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from turbocompile.capture import graph_device
 from turbocompile.errors import TurboCompileError
 from turbocompile.options import choice, number
 from turbocompile.passbase import Pass, PassResult, register_pass
@@ -144,7 +145,7 @@ class BakeRCMSampler(Pass):
         x_shape = tuple(den_specs["x"][0])
         batch = x_shape[0]
         act_dtype = ctx.dtype
-        device = _graph_device(gm)
+        device = graph_device(gm)
 
         # -- 1. unroll ------------------------------------------------------------------
         attrs: dict[str, torch.Tensor] = {}     # new attribute name -> tensor
@@ -290,10 +291,3 @@ def _const_namer():
 
     return name_for
 
-
-def _graph_device(gm: fx.GraphModule) -> torch.device:
-    for t in gm.parameters():
-        return t.device
-    for t in gm.buffers():
-        return t.device
-    return torch.device("cpu")

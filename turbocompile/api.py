@@ -27,7 +27,7 @@ from turbocompile.passbase import PassContext
 from turbocompile.pipeline import PassRecord, disabled_from_env, run_pipeline
 from turbocompile.recipe import DEVICES, DTYPES, Recipe, load_recipe
 
-__all__ = ["optimize", "load", "OptimizeResult", "CompiledWan", "resolve_model", "DTYPE_MAP"]
+__all__ = ["optimize", "load", "OptimizeResult", "CompiledArtifact", "CompiledWan", "resolve_model", "DTYPE_MAP"]
 
 DTYPE_MAP = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -251,13 +251,8 @@ def optimize(
     return result
 
 
-class CompiledWan(nn.Module):
-    """A loaded artifact obeying the Wan call contract.
-
-    ``module(x, timestep, context, *, y=None, clip_fea=None) -> velocity`` (float32
-    ``[B, out_dim, T, H, W]``). Inputs are checked against the artifact's signature (the
-    batch may differ from the captured one); one-line :class:`InputError` otherwise.
-    """
+class CompiledArtifact(nn.Module):
+    """Base of loaded artifacts: the rebuilt graph, its manifest and the input signature."""
 
     def __init__(self, gm: fx.GraphModule, manifest: dict):
         super().__init__()
@@ -271,6 +266,21 @@ class CompiledWan(nn.Module):
     @property
     def activation_dtype(self) -> torch.dtype:
         return DTYPE_MAP[self.manifest["signature"]["activation_dtype"]]
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.graph_module.buffers():
+            return t.device
+        return torch.device("cpu")
+
+
+class CompiledWan(CompiledArtifact):
+    """A loaded denoiser artifact obeying the Wan call contract.
+
+    ``module(x, timestep, context, *, y=None, clip_fea=None) -> velocity`` (float32
+    ``[B, out_dim, T, H, W]``). Inputs are checked against the artifact's signature (the
+    batch may differ from the captured one); one-line :class:`InputError` otherwise.
+    """
 
     def _check(self, name: str, value, batch: int | None):
         want = self._input_shapes[name]
@@ -305,8 +315,7 @@ class CompiledWan(nn.Module):
                 args.append(val)
             elif val is not None:
                 raise InputError(f"this model takes no '{name}' (inputs: {', '.join(self.input_names)})")
-        device = next(iter(self.graph_module.buffers())).device
-        args = [a.to(device) for a in args]
+        args = [a.to(self.device) for a in args]
         return self.graph_module(*args)
 
 

@@ -23,7 +23,7 @@ from turbocompile.model.config import VideoShape
 from turbocompile.model.rope import rope_tables
 from turbocompile.model.wan import WanModel
 
-__all__ = ["capture", "input_specs", "example_inputs", "propagate_shapes", "lint"]
+__all__ = ["capture", "input_specs", "example_inputs", "propagate_shapes", "lint", "graph_device"]
 
 
 class _FlatTracer(fx.Tracer):
@@ -144,14 +144,15 @@ def propagate_shapes(gm: fx.GraphModule, inputs: dict[str, tuple]) -> fx.GraphMo
     Works for parameters on any device, the meta device included: nothing is computed.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    device = _graph_device(gm)
+    device = graph_device(gm)
     with mode:
         fakes = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in inputs.values()]
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     return gm
 
 
-def _graph_device(gm: fx.GraphModule) -> torch.device:
+def graph_device(gm: fx.GraphModule) -> torch.device:
+    """Device of a graph's weights (cpu when it has none)."""
     for t in gm.parameters():
         return t.device
     for t in gm.buffers():

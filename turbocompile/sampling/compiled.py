@@ -20,15 +20,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from turbocompile.api import CompiledArtifact
 from turbocompile.errors import InputError
-from turbocompile.model.config import WanConfig
 
 __all__ = ["CompiledSampler", "generate", "GenerateResult"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CompiledSampler(nn.Module):
+class CompiledSampler(CompiledArtifact):
     """A baked rCM sampler: ``sample(noise, context, *, y=None, clip_fea=None, generator=None,
     step_noise=None, progress=False) -> latents`` (float32, shaped like ``noise``).
 
@@ -39,32 +38,14 @@ class CompiledSampler(nn.Module):
     """
 
     def __init__(self, gm: fx.GraphModule, manifest: dict):
-        super().__init__()
-        self.graph_module = gm
-        self.manifest = manifest
-        sig = manifest["signature"]
-        self.input_names = [i["name"] for i in sig["inputs"]]
-        self._input_shapes = {i["name"]: tuple(i["shape"]) for i in sig["inputs"]}
+        super().__init__(gm, manifest)
         self.sampler = dict(manifest["sampler"])
         self.steps = int(self.sampler["steps"])
         self.mode = self.sampler["mode"]
-        self.config = WanConfig.from_dict(manifest["model"]["config"])
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
         return self._input_shapes["noise"]
-
-    @property
-    def activation_dtype(self) -> torch.dtype:
-        return _DTYPES[self.manifest["signature"]["activation_dtype"]]
-
-    @property
-    def device(self) -> torch.device:
-        for t in self.graph_module.buffers():
-            return t.device
-        for t in self.graph_module.parameters():
-            return t.device
-        return torch.device("cpu")
 
     def _check(self, name: str, value) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
