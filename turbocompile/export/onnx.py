@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import onnx
 import onnxscript
@@ -473,13 +474,46 @@ def save_onnx(prog, out, *, attention: str = "standard", opset: int | None = Non
     for key, value in meta.items():
         model.metadata_props[f"turbocompile.{key}"] = value
 
-    def write(tmp):
-        proto = onnx_prog.model_proto
-        onnx.save_model(proto, str(tmp))
-
-    atomic_write(out, write, overwrite=overwrite)
+    nbytes = sum(t.numel() * t.element_size() for t in
+                 list(prog.program.state_dict.values()) + list(prog.program.constants.values())
+                 if isinstance(t, torch.Tensor))
+    if nbytes < _EXTERNAL_DATA_BYTES:
+        atomic_write(out, lambda tmp: onnx_prog.save(str(tmp), external_data=False), overwrite=overwrite)
+    else:  # protobuf's 2 GiB limit: weights go to OUT.data beside OUT (both renamed into place)
+        _write_with_external_data(onnx_prog, Path(out), overwrite)
+        notes.append(f"weights stored in {Path(out).name}.data beside the model (keep them together)")
     if log:
         log(f"wrote {out}")
     return {"out": str(out), "format": "onnx", "opset": opset, "attention": attention,
             "dynamic_batch": prog.dynamic_batch, "input_shapes": json.loads(meta["input_shapes"]),
             "notes": notes}
+
+
+_EXTERNAL_DATA_BYTES = 1800 << 20
+
+
+def _write_with_external_data(onnx_prog, out: Path, overwrite: bool) -> None:
+    """Atomic-ish write of a model with external data: both files are written to a temporary
+    directory beside ``out`` and renamed into place, data first (the model names it ``OUT.data``)."""
+    import os
+    import shutil
+    import uuid
+
+    from turbocompile.export import ExportError
+
+    if out.exists() and not overwrite:
+        raise ExportError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmpdir.mkdir()
+    try:
+        onnx_prog.save(str(tmpdir / out.name), external_data=True)
+        for f in tmpdir.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        data = [f for f in tmpdir.iterdir() if f.name != out.name]
+        for f in data:
+            os.replace(f, out.parent / f.name)
+        os.replace(tmpdir / out.name, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
