@@ -106,7 +106,9 @@ def quantize_ref(x: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Ten
     else:
         inv = torch.full_like(amax_e, FP8_QMAX) / amax_e
         q = (x32 * inv).clamp_(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)  # RNE cast
-        scale = amax / FP8_QMAX
+        # tensor / tensor: on CUDA, ``tensor / python_scalar`` is computed as x * fl(1/448), two
+        # roundings, off by one ulp from the kernels' correctly rounded amax/448 for some amax.
+        scale = amax / torch.full_like(amax, FP8_QMAX)
     return q, scale.float().contiguous()
 
 

@@ -31,7 +31,11 @@ import triton.language as tl
 from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR, quant_scale_math
 from turbocompile.ops._backend import triton_interpret
 
-__all__ = ["w8a8_gemm_triton", "gemm_configs"]
+__all__ = ["w8a8_gemm_triton", "gemm_configs", "DEFAULT_BLOCK_VARIANT"]
+
+# block128 x block128 (not fused) runs kernels/w8a8/triton_gemm_block.py; "v1" = the generic
+# kernel below (round 1). Picked from the side-by-side H200 run in benchmarks/RESULTS.md.
+DEFAULT_BLOCK_VARIANT = {"int8": "scalar", "fp8": "scalar"}
 
 
 @triton.jit
@@ -193,6 +197,7 @@ def w8a8_gemm_triton(
     out_dtype: torch.dtype,
     fuse_quant: bool = False,
     config: dict | None = None,
+    block_variant: str | None = None,
 ) -> torch.Tensor:
     """Launch the scaled GEMM. Inputs are validated by the op layer; shapes are re-checked here.
 
@@ -200,6 +205,8 @@ def w8a8_gemm_triton(
         fuse_quant: ``qa`` is the unquantized activation; quantize block128 tiles in the GEMM.
         config: fixed ``{"BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages"}`` instead of
             autotuning (always used under the CPU interpreter, where autotuning is pointless).
+        block_variant: block128 x block128 only: "scalar" | "magic" (int8) | "skew" (fp8) of
+            :mod:`.triton_gemm_block`, or "v1" for the generic kernel; None = DEFAULT_BLOCK_VARIANT.
     """
     m, k = qa.shape
     n, k2 = qw.shape
@@ -233,6 +240,10 @@ def w8a8_gemm_triton(
         A_BLOCK=a_block, W_BLOCK=w_block, IS_FP8=is_fp8, HAS_BIAS=bias is not None,
         EVEN_K=k % 128 == 0, FUSE_QUANT=fuse_quant, USE_RINT=not triton_interpret(), BLOCK_K=128,
     )
+    if a_block and w_block and not fuse_quant:
+        variant = block_variant or DEFAULT_BLOCK_VARIANT["fp8" if is_fp8 else "int8"]
+        if variant != "v1":
+            return _launch_block(args, y, is_fp8, bias is not None, k % 128 == 0, variant, config)
     if config is None and triton_interpret():
         config = {"BLOCK_M": 64 if not fuse_quant else 128, "BLOCK_N": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
     if config is not None:
@@ -246,3 +257,45 @@ def w8a8_gemm_triton(
 
     kernel[grid](*args, **meta)
     return y
+
+
+_TUNED_BLOCK: dict[int, object] = {}
+
+
+def _launch_block(args, y, is_fp8: bool, has_bias: bool, even_k: bool, variant: str, config: dict | None):
+    """Run the block128 x block128 kernel (scalar per-tile scales; see triton_gemm_block)."""
+    from turbocompile.kernels.w8a8.triton_gemm_block import VARIANTS, block_configs, block_gemm_kernel
+
+    if variant not in VARIANTS:
+        raise ValueError(f"w8a8_gemm_triton: unknown block_variant '{variant}'; valid: v1, {', '.join(VARIANTS)}")
+    if (variant == "magic" and is_fp8) or (variant == "skew" and not is_fp8):
+        raise ValueError(f"w8a8_gemm_triton: block_variant '{variant}' is for {'int8' if is_fp8 else 'fp8'} only")
+    v = VARIANTS[variant]
+    m, n = y.shape
+    meta = dict(IS_FP8=is_fp8, HAS_BIAS=has_bias, EVEN_K=even_k, VARIANT=v, BLOCK_K=128)
+    if config is None and triton_interpret():
+        config = {"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    if config is not None:
+        if 128 % config["BLOCK_M"] or 128 % config["BLOCK_N"]:
+            raise ValueError("w8a8_gemm_triton: block128 tiles must divide 128")
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        block_gemm_kernel[grid](*args, **meta, **config)
+        return y
+    if v not in _TUNED_BLOCK:
+        _TUNED_BLOCK[v] = triton.autotune(
+            configs=block_configs(v), key=["M_BUCKET", "N", "K", "IS_FP8", "HAS_BIAS", "EVEN_K"],
+        )(block_gemm_kernel)
+
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
+    _TUNED_BLOCK[v][grid](*args, **meta)
+    return y
+
+
+def tuned_block_config(variant: str):
+    """The autotuner's last pick for a block variant (for the benchmark's report), or None."""
+    from turbocompile.kernels.w8a8.triton_gemm_block import VARIANTS
+
+    tuned = _TUNED_BLOCK.get(VARIANTS.get(variant, -1))
+    return None if tuned is None else getattr(tuned, "best_config", None)

@@ -140,6 +140,57 @@ def test_gemm_vs_fp64_reference(fmt, ag, wg, m, k, n):
     assert ybf.dtype == torch.bfloat16 and _rel(ybf, want) < 8e-3  # bf16 output rounding
 
 
+BLOCK_VARIANTS = [("int8", "v1"), ("int8", "scalar"), ("int8", "magic"), ("fp8", "v1"), ("fp8", "scalar"),
+                  ("fp8", "skew")]
+
+
+@pytest.mark.parametrize("variant", ["v1", "scalar", "magic"])
+@pytest.mark.parametrize("m,k,n", [(7, 200, 96), (130, 384, 200)])
+def test_block_variants_int8_exact(variant, m, k, n):
+    # Every block128 x block128 kernel variant: integer partials converted exactly (incl. the
+    # exponent-trick conversion at the extreme partial -128*-128*128 = 2^21), unit scales.
+    qa = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=DEV)
+    qw = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEV)
+    qa[0] = -128
+    qw[0] = -128
+    qa[1] = -128
+    qw[1] = 127
+    kb = -(-k // 128)
+    sa = torch.ones((-(-m // 128), kb), device=DEV)
+    sw = torch.ones((-(-n // 128), kb), device=DEV)
+    y = _gemm()(qa, sa, qw, sw, None, "block128", "block128", torch.float32, block_variant=variant)
+    assert torch.equal(y.cpu(), (qa.long().cpu() @ qw.long().cpu().T).float())
+
+
+@pytest.mark.parametrize("fmt,variant", BLOCK_VARIANTS)
+@pytest.mark.parametrize("m,k,n", [(1, 128, 200), (121, 520, 96)])
+def test_block_variants_vs_fp64_reference(fmt, variant, m, k, n):
+    # Per-block scales that differ along K, rows and columns (a wrong scale index must show);
+    # k=520 gives 5 K blocks with a 8-wide tail (skewed loop prologue/epilogue + masking).
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    x[:, 128:256] *= 20.0
+    w = torch.randn(n, k, device=DEV) * 0.05
+    w[:64] *= 0.1
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    qa, sa = ref.quantize_ref(x, fmt, "block128")
+    qw, sw = ref.quantize_ref(w, fmt, "block128")
+    out = _gemm()(qa, sa, qw, sw, bias, "block128", "block128", torch.float32, block_variant=variant)
+    want = ref.w8a8_gemm_ref(qa, sa, qw, sw, bias, "block128", "block128", torch.float32)
+    assert not torch.isnan(out).any()
+    assert _rel(out, want) < 1e-6
+    ybf = _gemm()(qa, sa, qw, sw, bias, "block128", "block128", torch.bfloat16, block_variant=variant)
+    assert _rel(ybf, want) < 8e-3
+
+
+def test_block_variant_errors():
+    qa = torch.zeros(4, 128, dtype=torch.int8, device=DEV)
+    s = torch.ones(1, 1, device=DEV)
+    with pytest.raises(ValueError, match="unknown block_variant"):
+        _gemm()(qa, s, qa, s, None, "block128", "block128", torch.float32, block_variant="nope")
+    with pytest.raises(ValueError, match="fp8 only"):
+        _gemm()(qa, s, qa, s, None, "block128", "block128", torch.float32, block_variant="skew")
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("wg", ["block128", "per_channel"])
 def test_fused_activation_quant_gemm(fmt, wg):
