@@ -1,0 +1,85 @@
+"""Where does an optimized forward spend its time? torch.profiler over one DiT forward, CUDA time
+grouped by kernel family (GEMM, attention, norms, quantizer, elementwise glue, ...).
+
+    python benchmarks/profile_forward.py --model wan2.1-t2v-1.3b --recipe turbo-int8 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import turbocompile
+from turbocompile.capture import example_inputs
+
+FAMILIES = [  # first match wins (kernel names, lower case)
+    ("sagesla attention", ("_attn_fwd", "sagesla", "_sparse", "attn_kernel")),
+    ("sagesla prep", ("_prep", "_pool", "_topk", "_lut", "_linear_stats", "_kv_stats", "_quant_k", "_stats")),
+    ("sdpa (cross-attn)", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("w8a8 gemm", ("_w8a8", "gemm", "_scaled_mm", "int_mm")),
+    ("fused norms", ("_ln_", "_rms", "layernorm", "layer_norm")),
+    ("activation quant", ("_quant",)),
+    ("bf16 gemm (cublas)", ("sm90_xmma", "cutlass", "gemm", "ampere", "sm80")),
+]
+
+
+def family(name: str) -> str:
+    n = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in n for k in keys):
+            return fam
+    return "elementwise / other"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="wan2.1-t2v-1.3b")
+    ap.add_argument("--recipe", default="turbo-int8")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    recipe = turbocompile.recipe.load_recipe(a.recipe).to_dict()
+    recipe["model"] = {"dtype": "bfloat16", "device": "cuda"}
+    res = turbocompile.optimize(a.model, recipe)
+    gm = res.graph_module
+    cfg = turbocompile.get_preset(a.model)
+    inp = list(example_inputs(cfg, cfg.video_shape(), device="cuda", dtype=torch.bfloat16).values())
+    with torch.no_grad():
+        for _ in range(3):
+            gm(*inp)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gm(*inp)
+        host_ms = (time.perf_counter() - t0) * 1e3  # launch-side time of one forward (async)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            gm(*inp)
+            torch.cuda.synchronize()
+    fam = collections.Counter()
+    per_kernel = collections.Counter()
+    for ev in prof.key_averages():
+        t = ev.device_time_total / 1e3  # ms
+        if t <= 0:
+            continue
+        fam[family(ev.key)] += t
+        per_kernel[ev.key[:90]] += t
+    total = sum(fam.values())
+    print(f"{a.model} {a.recipe}: wall {wall_ms:.1f} ms, host launch {host_ms:.1f} ms, GPU kernels {total:.1f} ms")
+    for k, v in fam.most_common():
+        print(f"  {k:<26} {v:8.2f} ms  {100 * v / total:5.1f}%")
+    print("top kernels:")
+    for k, v in per_kernel.most_common(18):
+        print(f"  {v:8.2f} ms  {k}")
+    with open(os.path.join(a.out, f"profile_{a.model}_{a.recipe}.json"), "w") as f:
+        json.dump({"wall_ms": wall_ms, "host_ms": host_ms, "families": dict(fam),
+                   "kernels": dict(per_kernel.most_common(60))}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
