@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from turbocompile.passes._graph import get_attr_value, set_attr_value
+from turbocompile.passes._graph import get_attr_value, remove_attr, set_attr_value
 
 __all__ = ["constant_nodes", "fold_constants", "eliminate_common_subexpressions", "drop_unused_attributes",
            "FoldResult"]
@@ -221,14 +221,7 @@ def drop_unused_attributes(gm: fx.GraphModule) -> int:
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         if name in used:
             continue
-        *parents, leaf = name.split(".")
-        mod = gm
-        for p in parents:
-            mod = getattr(mod, p)
-        if leaf in mod._parameters:
-            del mod._parameters[leaf]
-        elif leaf in mod._buffers:
-            del mod._buffers[leaf]
+        remove_attr(gm, name)
         dropped += 1
     return dropped
 

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["is_linear", "attr_target", "get_attr_value", "set_attr_value", "del_attr_if_unused",
+__all__ = ["is_linear", "attr_target", "get_attr_value", "set_attr_value", "del_attr_if_unused", "remove_attr",
            "module_path", "matches_any", "mark", "LINEAR_TARGETS"]
 
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
@@ -44,9 +44,8 @@ def set_attr_value(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None
     mod.register_buffer(leaf, value)
 
 
-def del_attr_if_unused(gm: fx.GraphModule, target: str) -> bool:
-    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-        return False
+def remove_attr(gm: fx.GraphModule, target: str) -> None:
+    """Delete the parameter, buffer or plain attribute at dotted ``target``."""
     *parents, leaf = target.split(".")
     mod = gm
     for p in parents:
@@ -57,6 +56,13 @@ def del_attr_if_unused(gm: fx.GraphModule, target: str) -> bool:
         del mod._buffers[leaf]
     else:
         delattr(mod, leaf)
+
+
+def del_attr_if_unused(gm: fx.GraphModule, target: str) -> bool:
+    """Remove ``target`` unless a ``get_attr`` node still reads it; True when removed."""
+    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        return False
+    remove_attr(gm, target)
     return True
 
 
