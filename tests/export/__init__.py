@@ -30,6 +30,8 @@ RECIPES = {
     "int8_block_fused": {"version": 1, "name": "w8a8-int8+fuse_norms",
                          "passes": [_w8a8("block128", "block128"), "fuse_norms"]},
     "sagesla": "sagesla",
+    # the full built-in stack: per-token x per-channel INT8, fused norms, SageSLA (standard ops)
+    "turbo_int8": "turbo-int8",
 }
 
 

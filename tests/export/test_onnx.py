@@ -1,7 +1,8 @@
 """ONNX export: onnx.checker, onnxruntime (CPU) vs the PyTorch artifact / op references.
 
-End to end on wan-tiny (float32): the baseline recipe and W8A8 INT8 (block-128, TD's scheme)
-+ fuse_norms, which puts every W8A8 and fused-norm op into one graph. The remaining modes
+End to end on wan-tiny (float32): the baseline recipe, W8A8 INT8 (block-128, TD's scheme)
++ fuse_norms, which puts every W8A8 and fused-norm op into one graph, and the built-in
+``turbo-int8`` stack (per-token x per-channel INT8 + fused norms + SageSLA in standard ops). The remaining modes
 (per-token x per-channel INT8, mixed granularities, FP8, sagesla standard/custom) are checked
 op by op on small modules, which is much faster than more full-model exports.
 """
@@ -42,7 +43,7 @@ def _run(sess, args):
     return sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})
 
 
-@pytest.mark.parametrize("key", ["baseline", "int8_block_fused"])
+@pytest.mark.parametrize("key", ["baseline", "int8_block_fused", "turbo_int8"])
 def test_wan_tiny_onnx_matches_artifact(key):
     out = tmp_root() / f"{key}.onnx"
     info = tco.save_onnx(program(key), out)
@@ -54,7 +55,8 @@ def test_wan_tiny_onnx_matches_artifact(key):
         assert "MatMulInteger" in kinds and "Round" in kinds
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["turbocompile.turbocompile_version"] == turbocompile.__version__
-    assert meta["turbocompile.recipe"] == ("baseline" if key == "baseline" else "w8a8-int8+fuse_norms")
+    names = {"baseline": "baseline", "int8_block_fused": "w8a8-int8+fuse_norms", "turbo_int8": "turbo-int8"}
+    assert meta["turbocompile.recipe"] == names[key]
     assert json.loads(meta["turbocompile.input_shapes"])["x"] == ["batch", 16, 3, 16, 16]
     assert meta["turbocompile.dynamic_batch"] == "true" and info["dynamic_batch"]
     model = turbocompile.load(artifact(key), device="cpu")
