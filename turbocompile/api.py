@@ -52,6 +52,20 @@ class OptimizeResult:
     records: list[PassRecord] = field(default_factory=list)
     artifact: Path | None = None
 
+    def cuda_graph(self, example_inputs=None, *, warmup: int = 2):
+        """The graph as a :class:`~turbocompile.cuda_graph.CUDAGraphRunner` (captured now, static shapes).
+
+        ``example_inputs`` default: random tensors shaped as the manifest's signature. CUDA only
+        (:class:`KernelUnavailableError` otherwise).
+        """
+        from turbocompile.cuda_graph import CUDAGraphRunner, require_cuda, signature_example_inputs
+
+        dev = next((t.device for t in self.graph_module.buffers()), torch.device("cpu"))
+        require_cuda(dev)
+        sig = self.manifest["signature"]
+        inputs = example_inputs if example_inputs is not None else signature_example_inputs(sig, dev)
+        return CUDAGraphRunner(self.graph_module, inputs, warmup=warmup, names=[i["name"] for i in sig["inputs"]])
+
 
 def _pick_device(name: str | None) -> torch.device:
     if name is None:
@@ -262,6 +276,14 @@ class CompiledArtifact(nn.Module):
         self.input_names = [i["name"] for i in sig["inputs"]]
         self._input_shapes = {i["name"]: tuple(i["shape"]) for i in sig["inputs"]}
         self.config = WanConfig.from_dict(manifest["model"]["config"])
+        placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        if placeholders != self.input_names:
+            raise ArtifactError(f"manifest signature inputs {self.input_names} do not match the graph's inputs "
+                                f"{placeholders}")
+        self._check_signature()
+
+    def _check_signature(self) -> None:
+        """Kind-specific signature checks (subclasses)."""
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -273,6 +295,30 @@ class CompiledArtifact(nn.Module):
             return t.device
         return torch.device("cpu")
 
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether calls replay a captured CUDA graph (see :meth:`enable_cuda_graph`)."""
+        from turbocompile.cuda_graph import CUDAGraphRunner
+
+        return isinstance(self.graph_module, CUDAGraphRunner)
+
+    def enable_cuda_graph(self, example_inputs=None, *, warmup: int = 2):
+        """Capture the graph into a CUDA graph now and replay it on every call; returns self.
+
+        Shapes become fixed to the signature's (or ``example_inputs``'): another batch size is an
+        :class:`InputError`. Warm-up runs (Triton compilation/autotuning) happen before capture.
+        Raises :class:`KernelUnavailableError` unless the artifact is on a CUDA device.
+        """
+        from turbocompile.cuda_graph import CUDAGraphRunner, require_cuda, signature_example_inputs
+
+        if self.cuda_graph:
+            return self
+        require_cuda(self.device)
+        inputs = example_inputs if example_inputs is not None else signature_example_inputs(
+            self.manifest["signature"], self.device)
+        self.graph_module = CUDAGraphRunner(self.graph_module, inputs, warmup=warmup, names=self.input_names)
+        return self
+
 
 class CompiledWan(CompiledArtifact):
     """A loaded denoiser artifact obeying the Wan call contract.
@@ -281,6 +327,12 @@ class CompiledWan(CompiledArtifact):
     ``[B, out_dim, T, H, W]``). Inputs are checked against the artifact's signature (the
     batch may differ from the captured one); one-line :class:`InputError` otherwise.
     """
+
+    def _check_signature(self) -> None:
+        names = self.input_names
+        if names[:3] != ["x", "timestep", "context"] or not set(names[3:]) <= {"y", "clip_fea"}:
+            raise ArtifactError(f"denoiser artifact inputs {names} do not follow the call contract "
+                                "(x, timestep, context[, y][, clip_fea])")
 
     def _check(self, name: str, value, batch: int | None):
         want = self._input_shapes[name]
@@ -346,7 +398,7 @@ def _retarget_dtype(gm: fx.GraphModule, src: torch.dtype, dst: torch.dtype) -> N
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         verify_checksums: bool = True) -> CompiledWan:
+         verify_checksums: bool = True, cuda_graph: bool = False) -> CompiledWan:
     """Load an artifact written by :func:`optimize` (or ``turbocompile optimize``).
 
     Args:
@@ -355,6 +407,9 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
         dtype: activation dtype to run in (default: the artifact's). Changing it is exact
             only in the sense of re-rounding weights; quantized weights are never touched.
         verify_checksums: check every file's sha256 (a truncated or edited file is refused).
+        cuda_graph: capture the graph into a CUDA graph at load (warm-up + capture, see
+            :meth:`CompiledArtifact.enable_cuda_graph`); shapes are then fixed to the signature's.
+            CUDA only: :class:`KernelUnavailableError` on a CPU device.
 
     Example:
         >>> m = load("out/wan-tiny")  # doctest: +SKIP
@@ -363,6 +418,10 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
     manifest = read_manifest(path, verify_checksums=verify_checksums)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cuda_graph:
+        from turbocompile.cuda_graph import require_cuda
+
+        require_cuda(torch.device(device))
     kind = manifest.get("kind", "denoiser")
     if kind not in ("denoiser", "sampler"):
         raise ArtifactError(f"artifact kind '{kind}' is not supported; known kinds: denoiser, sampler")
@@ -371,7 +430,8 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
         if kind == "sampler":
             from turbocompile.sampling.compiled import CompiledSampler
 
-            return CompiledSampler(gm, manifest).eval()
+            sampler = CompiledSampler(gm, manifest).eval()
+            return sampler.enable_cuda_graph() if cuda_graph else sampler
         module = CompiledWan(gm, manifest)
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"artifact manifest lacks or has a malformed entry: {exc}") from None
@@ -383,4 +443,5 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
         if dst != src:
             _retarget_dtype(gm, src, dst)
             module.manifest = dict(manifest, signature=dict(manifest["signature"], activation_dtype=_dtype_name(dst)))
-    return module.eval()
+    module = module.eval()
+    return module.enable_cuda_graph() if cuda_graph else module

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from turbocompile.api import CompiledArtifact
-from turbocompile.errors import InputError
+from turbocompile.errors import ArtifactError, InputError
 
 __all__ = ["CompiledSampler", "generate", "GenerateResult"]
 
@@ -38,10 +38,18 @@ class CompiledSampler(CompiledArtifact):
     """
 
     def __init__(self, gm: fx.GraphModule, manifest: dict):
-        super().__init__(gm, manifest)
         self.sampler = dict(manifest["sampler"])
         self.steps = int(self.sampler["steps"])
         self.mode = self.sampler["mode"]
+        super().__init__(gm, manifest)
+
+    def _check_signature(self) -> None:
+        names = self.input_names
+        steps = [n for n in names if n.startswith("step_noise_")]
+        if names[:2] != ["noise", "context"] or not set(names[2:]) - set(steps) <= {"y", "clip_fea"} \
+                or (self.mode == "sde" and len(steps) != self.steps):
+            raise ArtifactError(f"sampler artifact inputs {names} do not match its baked schedule "
+                                f"({self.steps} steps, {self.mode})")
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
