@@ -109,25 +109,41 @@ def inspect(artifact, as_json, no_checksums):
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
+    try:
+        lines = _describe(artifact, m)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        from turbocompile.errors import ArtifactError
+
+        raise ArtifactError(f"{artifact}: manifest has a missing or malformed field ({type(exc).__name__}: {exc})") \
+            from None
+    for line in lines:
+        click.echo(line)
+
+
+def _describe(artifact, m: dict) -> list[str]:
+    """Human-readable summary lines of a validated manifest."""
     cfg = m["model"]["config"]
     vs = m["model"]["video_shape"]
-    click.echo(f"artifact     {artifact}  (format v{m['format_version']}, turbocompile {m.get('turbocompile_version')},"
-               f" torch {m.get('torch_version')})")
-    click.echo(f"model        {cfg['name']}: dim {cfg['dim']}, {cfg['num_layers']} layers, {cfg['num_heads']} heads, "
-               f"{cfg['model_type']}; source {m['model']['source']}")
-    click.echo(f"video        {vs['width']}x{vs['height']}, {vs['frames']} frames, grid {vs['grid']}, "
-               f"L={vs['seq_len']}, batch {vs['batch']}")
-    click.echo(f"recipe       {m['recipe']['name']}: {m['recipe'].get('description', '')}")
+    out = [
+        f"artifact     {artifact}  (format v{m['format_version']}, {m.get('kind', 'denoiser')}, turbocompile "
+        f"{m.get('turbocompile_version')}, torch {m.get('torch_version')})",
+        f"model        {cfg['name']}: dim {cfg['dim']}, {cfg['num_layers']} layers, {cfg['num_heads']} heads, "
+        f"{cfg['model_type']}; source {m['model']['source']}",
+        f"video        {vs['width']}x{vs['height']}, {vs['frames']} frames, grid {vs['grid']}, "
+        f"L={vs['seq_len']}, batch {vs['batch']}",
+        f"recipe       {m['recipe']['name']}: {m['recipe'].get('description', '')}",
+    ]
     for p in m["passes"]:
         stats = ", ".join(f"{k}={v}" for k, v in p.get("stats", {}).items())
-        click.echo(f"  pass {p['name']:<22} {p['status']:<8} {p.get('seconds', 0):7.3f}s  {stats}")
+        out.append(f"  pass {p['name']:<22} {p['status']:<8} {p.get('seconds', 0):7.3f}s  {stats}")
     t = m["tensors"]
-    click.echo(f"weights      {t['count']} tensors, {_fmt_bytes(t['bytes'])}")
+    out.append(f"weights      {t['count']} tensors, {_fmt_bytes(t['bytes'])}")
     for dt, e in sorted(t["by_dtype"].items()):
-        click.echo(f"  {dt:<14} {e['count']:5d} tensors  {_fmt_bytes(e['bytes'])}")
+        out.append(f"  {dt:<14} {e['count']:5d} tensors  {_fmt_bytes(e['bytes'])}")
     sig = m["signature"]
     ins = ", ".join(f"{i['name']}{i['shape']}" for i in sig["inputs"])
-    click.echo(f"signature    ({ins}) -> {sig['output']['dtype']}{sig['output']['shape']}")
+    out.append(f"signature    ({ins}) -> {sig['output']['dtype']}{sig['output']['shape']}")
+    return out
 
 
 @cli.command()
