@@ -1,6 +1,5 @@
 """Pass ordering (networkx), prerequisites, cycles, disabling and verification."""
 
-from dataclasses import dataclass
 
 import pytest
 import torch
