@@ -52,3 +52,73 @@ def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return x2, B, L
+
+
+def split_tiles(D: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the row as one power-of-two tile plus an optional second one.
+
+    D = 5120 -> (4096, 1024), 1536 -> (1024, 512), 3072 -> (2048, 1024): no masked lanes, where
+    next_pow2(D) would leave 37.5% of an 8192-lane tile idle at D = 5120. When the remainder
+    needs a tile as large as the first (D = 200 -> 128 + 72), one next_pow2(D) tile is used.
+    """
+    D = max(int(D), 1)
+    a = max(16, 1 << (D.bit_length() - 1))
+    rem = D - a
+    if rem <= 0:
+        return a, 0
+    b = max(16, _next_pow2(rem))
+    if b >= a:
+        return max(16, _next_pow2(D)), 0
+    return a, b
+
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (4 for the CPU interpreter), cached."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def row_config(D: int, kind: str = "ln", override: dict | None = None) -> dict:
+    """kind: "ln", "ln_res" (with the residual add), "quant", "quant_res", "rms"."""
+    return _row_config(D, kind, override)
+
+
+def _row_config(D: int, kind: str, override: dict | None) -> dict:
+    """Launch configuration of the row kernels (LayerNorm family and RMSNorm/RoPE).
+
+    Keys: block_m (rows per program), num_warps, split (two column tiles instead of one
+    next_pow2 tile), persist (programs per SM of a persistent grid; 0 = one program per row
+    block), prefetch (persistent only: load the next block before computing this one),
+    stages (num_stages of the persistent loop when not prefetching).
+    ``override`` (benchmarks, tests) replaces any key.
+    """
+    cfg = dict(block_m=1, num_warps=8, split=True, persist=0, prefetch=False, stages=1)
+    width = sum(split_tiles(D))
+    if width <= 1024:  # narrow rows: several rows per program, each program moves a few KB
+        cfg["block_m"] = 1 << ((4096 // width).bit_length() - 1)  # a power of two
+        cfg["num_warps"] = 4
+    elif width <= 2048:
+        cfg["block_m"] = 2
+    else:
+        # Wide rows (D = 5120): best configs of the H200 sweep, benchmarks/RESULTS.md round 2.
+        # 4 warps per row (40 elements per thread) keep the most rows in flight; two rows per
+        # program where no y is read (ln_modulate 93.5%, LN affine 89.6%, head 95.8% of copy);
+        # one row with the residual (94.8%; 2 rows: 73.7%); the residual + quant epilogue
+        # keeps its fp32 row twice (x_new, h): 2 rows × 8 warps (67.2%).
+        cfg["num_warps"] = 4
+        if kind in ("ln", "quant"):
+            cfg["block_m"] = 2
+        elif kind == "quant_res":
+            cfg["num_warps"] = 8
+            cfg["block_m"] = 2
+        # "ln_res", "rms": one row × 4 warps
+    if override:
+        cfg.update(override)
+    return cfg

@@ -155,7 +155,7 @@ def quantize_ref(h: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Ten
     if fmt == "fp8":
         inv = torch.full_like(amax_e, FP8_QMAX) / amax_e
         q = (hf * inv).clamp(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)  # RNE cast
-        return q, amax / FP8_QMAX
+        return q, amax / torch.full_like(amax, FP8_QMAX)  # a true division (CUDA's tensor / scalar is x·(1/448))
     raise ValueError(f"unknown format '{fmt}'; valid: int8, fp8")
 
 

@@ -2,10 +2,13 @@
 
 Two kernels:
 
-* ``_ln_rows_kernel``: one tile of BLOCK_M rows × next_pow2(D) columns per program. The row
-  stays in registers, so x (and y) are read once and x_new / h (or q and a per-row scale) are
-  written once: 4 B/elt for bf16 ln_modulate, 8 B/elt with the residual, 3 B/elt + scales
-  for the per-token quant epilogue.
+* ``_ln_rows_kernel``: blocks of BLOCK_M rows; each row is held in registers as one or two
+  power-of-two column tiles (5120 = 4096 + 1024: no masked lanes), so x (and y) are read once
+  and x_new / h (or q and a per-row scale) are written once: 4 B/elt for bf16 ln_modulate,
+  8 B/elt with the residual, 3 B/elt + scales for the per-token quant epilogue (amax taken from
+  the registers). Per-sample gate/shift/scale are loaded once per block ([1, D]). Optional
+  persistent grid with a register-prefetched next block (measured slower at D=5120; kept for
+  other shapes). On the GPU the dtype roundings use the hardware casts (NATIVE).
 * ``_ln_block128_kernel``: the block128 quant epilogue (scale per 128 rows × 128 columns).
   One program owns a 128-row band: pass 1 walks the 128-wide column tiles once for the row
   statistics (Chan's merge of per-tile mean/M2, as stable as two-pass), pass 2 walks them again
@@ -24,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from turbocompile.kernels.norms._launch import as_rows, bcast_rows, row_tiling
+from turbocompile.kernels.norms._launch import as_rows, bcast_rows, row_config, sm_count, split_tiles
 from turbocompile.kernels.norms.ref import round_ln_output
-from turbocompile.kernels.norms.triton_rounding import round_e4m3, round_to
+from turbocompile.kernels.norms.triton_rounding import rnd, round_e4m3, to_dt
 
 __all__ = ["ln_modulate_triton", "residual_ln_modulate_triton"]
 
@@ -34,23 +37,25 @@ _OUT_FLOAT, _OUT_INT8, _OUT_FP8 = 0, 1, 2
 
 
 @triton.jit
-def _residual(x, y_ptr, gate_ptr, xnew_ptr, y_off, g_off, xn_off, mask, HAS_GATE: tl.constexpr):
-    """x_new = x + y * gate.to(dt), rounded like the eager dt ops; stores x_new, returns it in fp32."""
+def _residual(x, y, gate_ptr, xnew_ptr, g_off, g_mask, xn_off, mask,
+              HAS_GATE: tl.constexpr, NATIVE: tl.constexpr):
+    """x_new = x + y * gate.to(dt), rounded like the eager dt ops; stores x_new, returns it in fp32.
+    x, y: fp32 tiles (y already loaded); gate is read at g_off (a [1, N] vector or [M, N] rows)."""
     dt = xnew_ptr.dtype.element_ty
-    y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        g = round_to(tl.load(gate_ptr + g_off, mask=mask, other=0.0).to(tl.float32), dt)
-        y = round_to(y * g, dt)  # bf16·bf16 is exact in fp32: one rounding to dt
-    xn = round_to(x + y, dt)
+        g = rnd(tl.load(gate_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), dt, NATIVE)
+        y = rnd(y * g, dt, NATIVE)  # bf16·bf16 is exact in fp32: one rounding to dt
+    xn = rnd(x + y, dt, NATIVE)
     tl.store(xnew_ptr + xn_off, xn.to(dt), mask=mask)
     return xn
 
 
 @triton.jit
-def _affine_modulate(h, w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask, shift_off, scale_off, mask,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ROUND_LN: tl.constexpr, RDT: tl.constexpr):
-    """(h·w + b)·(1 + scale) + shift in fp32; w/b are [D], shift/scale are per row (offsets given).
+def _affine_modulate(h, w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask, shift_off, scale_off, v_mask,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, ROUND_LN: tl.constexpr, RDT: tl.constexpr, NATIVE: tl.constexpr):
+    """(h·w + b)·(1 + scale) + shift in fp32; w/b are [D], shift/scale are read at shift_off /
+    scale_off with v_mask (a [1, N] per-sample vector shared by the block's rows, or [M, N]).
 
     ROUND_LN: round the (affine) LN output to RDT before the modulation, as the eager model and
     TurboDiffusion do (``LN(x).type_as(x)``, then the fp32 modulation).
@@ -60,16 +65,16 @@ def _affine_modulate(h, w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask, shif
     if HAS_B:
         h = h + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if ROUND_LN:
-        h = round_to(h, RDT)
+        h = rnd(h, RDT, NATIVE)
     if HAS_SCALE:
-        h = h * (1.0 + tl.load(scale_ptr + scale_off, mask=mask, other=0.0).to(tl.float32))
+        h = h * (1.0 + tl.load(scale_ptr + scale_off, mask=v_mask, other=0.0).to(tl.float32))
     if HAS_SHIFT:
-        h = h + tl.load(shift_ptr + shift_off, mask=mask, other=0.0).to(tl.float32)
+        h = h + tl.load(shift_ptr + shift_off, mask=v_mask, other=0.0).to(tl.float32)
     return h
 
 
 @triton.jit
-def _quantize(hq, amax, OUT_MODE: tl.constexpr):
+def _quantize(hq, amax, OUT_MODE: tl.constexpr, NATIVE: tl.constexpr):
     """hq: fp32 tile (already rounded to x.dtype); amax: its group amax, broadcastable to hq.
     Returns (q tile, scale shaped like amax)."""
     amax = tl.maximum(amax, 1e-8)
@@ -83,8 +88,137 @@ def _quantize(hq, amax, OUT_MODE: tl.constexpr):
         inv = tl.math.div_rn(tl.zeros_like(amax) + 448.0, amax)
         v = tl.minimum(tl.maximum(hq * inv, -448.0), 448.0)
         s = tl.math.div_rn(amax, tl.zeros_like(amax) + 448.0)
-        q = round_e4m3(v).to(tl.float8e4nv)
+        if NATIVE:
+            q = v.to(tl.float8e4nv)  # cvt.rn.satfinite: round to nearest even
+        else:
+            q = round_e4m3(v).to(tl.float8e4nv)
     return q, s
+
+
+@triton.jit
+def _load_rows(src_ptr, blk, M, stride_m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_D2: tl.constexpr, D, EVEN: tl.constexpr):
+    """Raw (storage dtype) tiles of BLOCK_M rows: columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D +
+    BLOCK_D2). Rows past M are masked, so a block past the end moves no bytes."""
+    rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    roff = rows.to(tl.int64) * stride_m
+    cols = tl.arange(0, BLOCK_D)
+    if EVEN:  # the tiles cover the row exactly: row masks only
+        a = tl.load(src_ptr + roff[:, None] + cols[None, :], mask=rmask[:, None], other=0.0)
+    else:
+        a = tl.load(src_ptr + roff[:, None] + cols[None, :], mask=rmask[:, None] & (cols < D)[None, :], other=0.0)
+    if BLOCK_D2 > 0:
+        cols2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        if EVEN:
+            b = tl.load(src_ptr + roff[:, None] + cols2[None, :], mask=rmask[:, None], other=0.0)
+        else:
+            b = tl.load(src_ptr + roff[:, None] + cols2[None, :], mask=rmask[:, None] & (cols2 < D)[None, :],
+                        other=0.0)
+    else:
+        b = a  # placeholder, never used
+    return a, b
+
+
+@triton.jit
+def _vec_offsets(rows64, bi, li, cols, row_mask, col_mask, stride_b, stride_l, b0, VEC_SHARED: tl.constexpr):
+    """Offsets and mask of a per-row vector (gate/shift/scale): one [1, N] vector for the whole
+    block when VEC_SHARED (all its rows share the sample b0 and the vector is per sample), else
+    one row per row."""
+    if VEC_SHARED:
+        return (b0 * stride_b + cols)[None, :], col_mask[None, :]
+    else:
+        return (bi * stride_b + li * stride_l)[:, None] + cols[None, :], row_mask[:, None] & col_mask[None, :]
+
+
+@triton.jit
+def _ln_block(
+    blk, xa, xb, ya, yb,
+    gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr, qscale_ptr,
+    M, L, D, eps,
+    stride_gb, stride_gl, stride_sb, stride_sl, stride_cb, stride_cl,
+    XDT: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    VEC_SHARED: tl.constexpr, NATIVE: tl.constexpr, EVEN: tl.constexpr,
+):
+    """Everything after the loads for one block of rows: residual, statistics, normalize,
+    affine/modulate, store (or quantize and store)."""
+    rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    bi = rows64 // L
+    li = rows64 % L
+    b0 = (blk * BLOCK_M) // L  # sample of the block's first row (VEC_SHARED; small, int32 is fine)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = row_mask[:, None] & cmask[None, :]
+    xa = xa.to(tl.float32)
+    if HAS_RES:
+        g_off, g_m = _vec_offsets(rows64, bi, li, cols, row_mask, cmask, stride_gb, stride_gl, b0, VEC_SHARED)
+        xa = _residual(xa, ya.to(tl.float32), gate_ptr, xnew_ptr, g_off, g_m,
+                       rows64[:, None] * D + cols[None, :], mask, HAS_GATE, NATIVE)
+    total = tl.sum(xa, axis=1)
+    if BLOCK_D2 > 0:
+        cols2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        cmask2 = cols2 < D
+        mask2 = row_mask[:, None] & cmask2[None, :]
+        xb = xb.to(tl.float32)
+        if HAS_RES:
+            g_off2, g_m2 = _vec_offsets(rows64, bi, li, cols2, row_mask, cmask2, stride_gb, stride_gl, b0,
+                                        VEC_SHARED)
+            xb = _residual(xb, yb.to(tl.float32), gate_ptr, xnew_ptr, g_off2, g_m2,
+                           rows64[:, None] * D + cols2[None, :], mask2, HAS_GATE, NATIVE)
+        total += tl.sum(xb, axis=1)
+    mean = total / D
+    if EVEN:  # masked rows are zeros: their (unused) statistics stay finite without selects
+        da = xa - mean[:, None]
+    else:
+        da = tl.where(mask, xa - mean[:, None], 0.0)
+    m2 = tl.sum(da * da, axis=1)
+    if BLOCK_D2 > 0:
+        if EVEN:
+            db = xb - mean[:, None]
+        else:
+            db = tl.where(mask2, xb - mean[:, None], 0.0)
+        m2 += tl.sum(db * db, axis=1)
+    rstd = tl.rsqrt(m2 / D + eps)
+
+    sh_off, v_m = _vec_offsets(rows64, bi, li, cols, row_mask, cmask, stride_sb, stride_sl, b0, VEC_SHARED)
+    sc_off, _ = _vec_offsets(rows64, bi, li, cols, row_mask, cmask, stride_cb, stride_cl, b0, VEC_SHARED)
+    ha = _affine_modulate(da * rstd[:, None], w_ptr, b_ptr, shift_ptr, scale_ptr, cols, cmask, sh_off, sc_off,
+                          v_m, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, XDT, NATIVE)
+    if BLOCK_D2 > 0:
+        sh_off2, v_m2 = _vec_offsets(rows64, bi, li, cols2, row_mask, cmask2, stride_sb, stride_sl, b0, VEC_SHARED)
+        sc_off2, _ = _vec_offsets(rows64, bi, li, cols2, row_mask, cmask2, stride_cb, stride_cl, b0, VEC_SHARED)
+        hb = _affine_modulate(db * rstd[:, None], w_ptr, b_ptr, shift_ptr, scale_ptr, cols2, cmask2, sh_off2,
+                              sc_off2, v_m2, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, XDT, NATIVE)
+
+    out_dt = out_ptr.dtype.element_ty
+    if OUT_MODE == 0:
+        tl.store(out_ptr + rows64[:, None] * D + cols[None, :], to_dt(ha, out_dt, NATIVE), mask=mask)
+        if BLOCK_D2 > 0:
+            tl.store(out_ptr + rows64[:, None] * D + cols2[None, :], to_dt(hb, out_dt, NATIVE), mask=mask2)
+    else:
+        # amax straight from the registers: the row is never re-read
+        if EVEN:  # a row's amax only sees its own row: masked rows need no select
+            hqa = rnd(ha, XDT, NATIVE)
+        else:
+            hqa = tl.where(mask, rnd(ha, XDT, NATIVE), 0.0)
+        amax = tl.max(tl.abs(hqa), axis=1, keep_dims=True)  # [BLOCK_M, 1]
+        if BLOCK_D2 > 0:
+            if EVEN:
+                hqb = rnd(hb, XDT, NATIVE)
+            else:
+                hqb = tl.where(mask2, rnd(hb, XDT, NATIVE), 0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(hqb), axis=1, keep_dims=True))
+        qa, s = _quantize(hqa, amax, OUT_MODE, NATIVE)
+        tl.store(out_ptr + rows64[:, None] * D + cols[None, :], qa, mask=mask)
+        if BLOCK_D2 > 0:
+            qb, _ = _quantize(hqb, amax, OUT_MODE, NATIVE)
+            tl.store(out_ptr + rows64[:, None] * D + cols2[None, :], qb, mask=mask2)
+        tl.store(qscale_ptr + rows64[:, None], s, mask=row_mask[:, None])
 
 
 @triton.jit
@@ -95,42 +229,52 @@ def _ln_rows_kernel(
     stride_xm, stride_ym, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb, stride_cl,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    VEC_SHARED: tl.constexpr, PERSIST: tl.constexpr, PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr,
+    NATIVE: tl.constexpr, EVEN: tl.constexpr,
 ):
+    """Blocks of BLOCK_M rows, each row held in registers as one or two column tiles (BLOCK_D,
+    BLOCK_D2). PERSIST: a grid of a few programs per SM walks the blocks; with PREFETCH the
+    next block's x (and y) is loaded before this block is computed (register double buffer),
+    so each program keeps a load in flight while it reduces and stores."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # flattened (b, l) rows
-    cols = tl.arange(0, BLOCK_D)
-    row_mask = rows < M
-    col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)
-    bi = rows64 // L
-    li = rows64 % L
-    offs_out = rows64[:, None] * D + cols[None, :]  # outputs are contiguous [M, D]
-
-    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        x = _residual(x, y_ptr, gate_ptr, xnew_ptr,
-                      rows64[:, None] * stride_ym + cols[None, :],
-                      (bi * stride_gb + li * stride_gl)[:, None] + cols[None, :],
-                      offs_out, mask, HAS_GATE)
-
-    mean = tl.sum(x, axis=1) / D
-    diff = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / D + eps)
-    h = _affine_modulate(diff * rstd[:, None], w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask,
-                         (bi * stride_sb + li * stride_sl)[:, None] + cols[None, :],
-                         (bi * stride_cb + li * stride_cl)[:, None] + cols[None, :], mask,
-                         HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, x_ptr.dtype.element_ty)
-
-    if OUT_MODE == 0:
-        tl.store(out_ptr + offs_out, round_to(h, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask)
+    if PERSIST:
+        nprog = tl.num_programs(0)
+        n_blk = tl.cdiv(M, BLOCK_M)
+        if PREFETCH:
+            xa, xb = _load_rows(x_ptr, pid, M, stride_xm, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
+            ya, yb = xa, xb
+            if HAS_RES:
+                ya, yb = _load_rows(y_ptr, pid, M, stride_ym, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
+            for blk in tl.range(pid, n_blk, nprog):
+                nxa, nxb = _load_rows(x_ptr, blk + nprog, M, stride_xm, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
+                nya, nyb = nxa, nxb
+                if HAS_RES:
+                    nya, nyb = _load_rows(y_ptr, blk + nprog, M, stride_ym, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
+                _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
+                          qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
+                          stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
+                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN)
+                xa, xb, ya, yb = nxa, nxb, nya, nyb
+        else:
+            for blk in tl.range(pid, n_blk, nprog, num_stages=NUM_STAGES):
+                xa, xb = _load_rows(x_ptr, blk, M, stride_xm, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
+                ya, yb = xa, xb
+                if HAS_RES:
+                    ya, yb = _load_rows(y_ptr, blk, M, stride_ym, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
+                _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
+                          qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
+                          stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
+                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN)
     else:
-        hq = tl.where(mask, round_to(h, x_ptr.dtype.element_ty), 0.0)
-        amax = tl.max(tl.abs(hq), axis=1, keep_dims=True)  # [BLOCK_M, 1]
-        q, s = _quantize(hq, amax, OUT_MODE)
-        tl.store(out_ptr + offs_out, q, mask=mask)
-        tl.store(qscale_ptr + rows64[:, None], s, mask=row_mask[:, None])
+        xa, xb = _load_rows(x_ptr, pid, M, stride_xm, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
+        ya, yb = xa, xb
+        if HAS_RES:
+            ya, yb = _load_rows(y_ptr, pid, M, stride_ym, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
+        _ln_block(pid, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
+                  qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
+                  stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
+                  ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN)
 
 
 @triton.jit
@@ -141,7 +285,7 @@ def _ln_block128_kernel(
     stride_xm, stride_ym, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb, stride_cl,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
-    QBLOCK: tl.constexpr,
+    QBLOCK: tl.constexpr, NATIVE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_cb = tl.cdiv(D, QBLOCK)
@@ -159,10 +303,9 @@ def _ln_block128_kernel(
         mask = row_mask[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
-            x = _residual(x, y_ptr, gate_ptr, xnew_ptr,
-                          rows64[:, None] * stride_ym + cols[None, :],
-                          (bi * stride_gb + li * stride_gl)[:, None] + cols[None, :],
-                          rows64[:, None] * D + cols[None, :], mask, HAS_GATE)
+            y = tl.load(y_ptr + rows64[:, None] * stride_ym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _residual(x, y, gate_ptr, xnew_ptr, (bi * stride_gb + li * stride_gl)[:, None] + cols[None, :], mask,
+                          rows64[:, None] * D + cols[None, :], mask, HAS_GATE, NATIVE)
         n_a = (cb * QBLOCK) * 1.0
         n_b = tl.minimum(D - cb * QBLOCK, QBLOCK) * 1.0
         t_mean = tl.sum(x, axis=1) / n_b
@@ -189,15 +332,15 @@ def _ln_block128_kernel(
         h = _affine_modulate(h, w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask,
                              (bi * stride_sb + li * stride_sl)[:, None] + cols[None, :],
                              (bi * stride_cb + li * stride_cl)[:, None] + cols[None, :], mask,
-                             HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, x_ptr.dtype.element_ty)
-        hq = tl.where(mask, round_to(h, x_ptr.dtype.element_ty), 0.0)
+                             HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, x_ptr.dtype.element_ty, NATIVE)
+        hq = tl.where(mask, rnd(h, x_ptr.dtype.element_ty, NATIVE), 0.0)
         amax = tl.max(tl.max(tl.abs(hq), axis=1, keep_dims=True), axis=0, keep_dims=True)  # [1, 1]
-        q, s = _quantize(hq, amax, OUT_MODE)
+        q, s = _quantize(hq, amax, OUT_MODE, NATIVE)
         tl.store(q_ptr + rows64[:, None] * D + cols[None, :], q, mask=mask)
         tl.store(qscale_ptr + (pid * n_cb + cb) + tl.zeros([1, 1], dtype=tl.int32), s)
 
 
-def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant):
+def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, config=None):
     """Validate, allocate, launch. quant: None | (format, granularity). Returns (x_new, out, qscale)."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x dtype {x.dtype} not supported (float32, bfloat16, float16)")
@@ -241,28 +384,43 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant):
     flags = dict(HAS_RES=y is not None, HAS_GATE=gate is not None, HAS_W=weight is not None,
                  HAS_B=bias is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
                  OUT_MODE=mode, ROUND_LN=round_ln)
+    native = x.device.type == "cuda"
     if gran == "block128":
-        _ln_block128_kernel[(triton.cdiv(M, 128),)](*args, **flags, QBLOCK=128, num_warps=8)
+        _ln_block128_kernel[(triton.cdiv(M, 128),)](*args, **flags, QBLOCK=128, NATIVE=native, num_warps=8)
     else:
-        block_m, block_d, num_warps = row_tiling(D)
-        _ln_rows_kernel[(triton.cdiv(M, block_m),)](*args, **flags, BLOCK_M=block_m, BLOCK_D=block_d,
-                                                    num_warps=num_warps)
+        kind = ("quant" if quant is not None else "ln") + ("_res" if y is not None else "")
+        cfg = row_config(D, kind, config)
+        if cfg["split"]:
+            block_d, block_d2 = split_tiles(D)
+        else:
+            block_d, block_d2 = max(16, triton.next_power_of_2(D)), 0
+        block_m = cfg["block_m"]
+        # one [1, D] gate/shift/scale load serves the whole block when they are per sample and
+        # every block lies inside one sample
+        vec_shared = (sgl == 0 and ssl == 0 and scl == 0 and (B == 1 or L % block_m == 0))
+        n_blk = triton.cdiv(M, block_m)
+        grid = min(n_blk, cfg["persist"] * sm_count(x.device)) if cfg["persist"] else n_blk
+        _ln_rows_kernel[(grid,)](*args, **flags, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_D2=block_d2,
+                                 VEC_SHARED=vec_shared, PERSIST=bool(cfg["persist"]),
+                                 PREFETCH=bool(cfg["prefetch"]), NUM_STAGES=cfg["stages"], NATIVE=native,
+                                 EVEN=(block_d + block_d2 == D),
+                                 num_warps=cfg["num_warps"])
     return x_new, out, qscale
 
 
-def ln_modulate_triton(x, weight, bias, shift, scale, eps, out_dtype, quant=None):
+def ln_modulate_triton(x, weight, bias, shift, scale, eps, out_dtype, quant=None, config=None):
     """LN (+affine) (+modulate) of x [B,L,D] or [M,D] -> h (x's shape, out_dtype); with
-    quant=(format, granularity) -> (q [M, D], scale)."""
-    _, out, qscale = _launch(x, None, None, weight, bias, shift, scale, eps, out_dtype, quant)
+    quant=(format, granularity) -> (q [M, D], scale). ``config`` overrides :func:`row_config` keys."""
+    _, out, qscale = _launch(x, None, None, weight, bias, shift, scale, eps, out_dtype, quant, config)
     if quant is not None:
         return out, qscale
     return out.reshape(x.shape)
 
 
-def residual_ln_modulate_triton(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant=None):
+def residual_ln_modulate_triton(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant=None, config=None):
     """x_new = x + y·gate (eager rounding) and LN-modulate(x_new) in one pass -> (x_new, h);
     with quant -> (x_new, q [M, D], scale)."""
-    x_new, out, qscale = _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant)
+    x_new, out, qscale = _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, config)
     x_new = x_new.reshape(x.shape)
     if quant is not None:
         return x_new, out, qscale

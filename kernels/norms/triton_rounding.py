@@ -35,3 +35,30 @@ def round_e4m3(v):
     sub = (a + 24576.0) - 24576.0  # multiples of 2^-9 (e4m3 subnormal spacing), ties to even
     r = tl.where(a < 0.015625, sub, normal)
     return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def rnd(v, dt: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 v rounded (RNE) to dt, as fp32. NATIVE (GPU): the hardware cast, one cvt per
+    element pair; otherwise the bit arithmetic of :func:`round_to` (the CPU interpreter)."""
+    # A plain v.to(dt).to(tl.float32) is folded away by the compiler (seen on an H200, Triton 3.6:
+    # the gated residual then skipped its bf16 rounding), so the round trip goes through the bits.
+    if NATIVE:
+        if dt == tl.float32:
+            return v
+        elif dt == tl.bfloat16:
+            return (v.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            return tl.inline_asm_elementwise("{ .reg .b16 t; cvt.rn.f16.f32 t, $1; cvt.f32.f16 $0, t; }",
+                                             "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return round_to(v, dt)
+
+
+@triton.jit
+def to_dt(v, dt: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 v cast to dt with RNE in both places (the interpreter's own bf16 cast truncates)."""
+    if NATIVE:
+        return v.to(dt)
+    else:
+        return round_to(v, dt).to(dt)

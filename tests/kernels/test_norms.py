@@ -254,3 +254,44 @@ def test_matches_quantize_activation_if_registered():
             q2, s2 = torch.ops.turbocompile.quantize_activation(h, fmt, gran, "torch")
             assert torch.equal(s, s2), (fmt, gran)
             assert torch.equal(q.view(torch.int8), q2.view(torch.int8)), (fmt, gran)
+
+
+# ------------------------------------------------------------------- launch configurations (round 2)
+@pytest.mark.parametrize("cfg", [dict(split=False), dict(persist=1, prefetch=True), dict(block_m=2, persist=1),
+                                 dict(block_m=2, persist=1, prefetch=True, num_warps=4)])
+@pytest.mark.parametrize("D", [200, 1536])
+def test_row_kernel_configs_agree(cfg, D):
+    """Every launch configuration the benchmark may pick computes the same function: persistent
+    grids with and without prefetch, one vs two column tiles, blocks of rows sharing one
+    per-sample shift/scale/gate load (B=2, L=4: blocks of 2 rows never straddle samples)."""
+    from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton, residual_ln_modulate_triton
+
+    x, sh, sc = _inputs(2, 4, D, torch.bfloat16)
+    y, gate = torch.randn_like(x), torch.randn(2, 1, D, device=DEV)
+    xn, h = residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, torch.bfloat16, config=cfg)
+    x_ref, h_ref = ref.residual_ln_modulate_ref(x, y, gate, None, None, sh, sc, 1e-6, torch.bfloat16)
+    assert torch.equal(xn, x_ref) and rel(h, h_ref) <= TOL[torch.bfloat16]
+    q, s = ln_modulate_triton(x, None, None, sh, sc, 1e-6, x.dtype, quant=("int8", "per_token"), config=cfg)
+    h1 = ln_modulate_triton(x, None, None, sh, sc, 1e-6, x.dtype, config=cfg).reshape(-1, D)
+    q_ref, s_ref = ref.quantize_ref(h1, "int8", "per_token")
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w_fp32", [False, True])
+def test_rmsnorm_rope_pair_words_match_element_kernel(dt, w_fp32):
+    """The pair-word kernel (each (2j, 2j+1) pair read as one int32/int64 word) against the
+    element kernel and the reference, on a strided qkv slice with two column tiles (D=384)."""
+    from turbocompile.kernels.norms.triton_rmsnorm_rope import rmsnorm_rope_triton
+
+    B, L, D, H = 2, 3, 384, 3
+    qkv = (torch.randn(B, L, 3 * D) * 4).to(dt).to(DEV)
+    z = qkv[..., D:2 * D]
+    w = (torch.rand(D) + 0.5).to(torch.float32 if w_fp32 else dt).to(DEV)
+    cos, sin = _rope_tables(L, D // H)
+    for c, s in ((cos, sin), (None, None)):
+        new = rmsnorm_rope_triton(z, w, c, s, H, 1e-6)
+        old = rmsnorm_rope_triton(z, w, c, s, H, 1e-6, legacy=True)
+        expect = ref.rmsnorm_rope_ref(z.contiguous(), w, c, s, H)
+        assert torch.equal(new, old)
+        assert rel(new, expect) <= (1e-5 if dt == torch.float32 else 4e-3)
