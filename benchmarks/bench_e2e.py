@@ -40,7 +40,15 @@ VARIANTS = {
     "rcm4_int8+norms+sagesla": [{"name": "w8a8_linear", "options": {"format": "int8"}}, "fuse_norms",
                                 {"name": "sagesla_attention", "options": {"topk": 0.1}},
                                 {"name": "bake_rcm_sampler", "options": {"steps": 4}}],
+    # + GEMM epilogue fusion (ffn.0 GEMM + GELU + ffn.2's per-token quantization)
+    "w8a8_int8+norms+sagesla+epi": [{"name": "w8a8_linear", "options": {"format": "int8"}}, "fuse_norms",
+                                    "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}}],
+    "rcm4_int8+norms+sagesla+epi": [{"name": "w8a8_linear", "options": {"format": "int8"}}, "fuse_norms",
+                                    "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}},
+                                    {"name": "bake_rcm_sampler", "options": {"steps": 4}}],
 }
+# "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
+CUDA_GRAPH_SUFFIX = "+cudagraph"
 
 
 def timed(fn, device, warmup=2, reps=5):
@@ -94,12 +102,28 @@ def main(argv=None):
     ref_out = None
     eager_ms = None
     for name in args.variants.split(","):
-        if name not in VARIANTS:
+        base_name = name[: -len(CUDA_GRAPH_SUFFIX)] if name.endswith(CUDA_GRAPH_SUFFIX) else name
+        if base_name not in VARIANTS or (base_name != name and VARIANTS[base_name] is None):
             raise SystemExit(f"unknown variant {name}; choose from {', '.join(VARIANTS)}")
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        try:
+            ref_out, eager_ms = _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
+            import traceback
+
+            tb = [ln for ln in traceback.format_exc().splitlines() if ln.strip().startswith("File")][-4:]
+            print(f"{name:<28} FAILED: {type(exc).__name__}: {str(exc)[:300]} | {' | '.join(tb)}", flush=True)
+            results["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        gc.collect()
+    path = os.path.join(args.out, f"e2e_{cfg.name}.json")
+    _finish(results, path, args, cfg, shape)
+
+
+def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms):
+    if True:
         t0 = time.perf_counter()
         if name in ("eager", "compile"):
             with torch.device(dev):
@@ -114,15 +138,18 @@ def main(argv=None):
             run = lambda: fn_model(*args_in)  # noqa: E731
             prep_s = time.perf_counter() - t0
         else:
-            recipe = {"version": 1, "name": name, "model": recipe_model, "passes": VARIANTS[name]}
+            recipe = {"version": 1, "name": base_name, "model": recipe_model, "passes": VARIANTS[base_name]}
             res = turbocompile.optimize(args.model, recipe, seed=0)
             gm = res.graph_module
             if res.manifest["kind"] == "sampler":  # inputs: noise, context, ..., step noise
                 gen = torch.Generator(device=dev).manual_seed(0)
-                s_in = [torch.randn(i["shape"], generator=gen, device=dev) for i in res.manifest["signature"]["inputs"]]
-                run = lambda: gm(*s_in)  # noqa: E731
+                inputs = [torch.randn(i["shape"], generator=gen, device=dev)
+                          for i in res.manifest["signature"]["inputs"]]
             else:
-                run = lambda: gm(*args_in)  # noqa: E731
+                inputs = args_in
+            if name != base_name:  # warm-up (compile + autotune) and capture happen here, counted in prep
+                gm = res.cuda_graph(inputs)
+            run = lambda: gm(*inputs)  # noqa: E731
             prep_s = time.perf_counter() - t0
         with torch.no_grad():
             if name == "compile":
@@ -140,7 +167,9 @@ def main(argv=None):
             {"rel_err": float("nan"), "cosine": float("nan")}
         if name == "eager":
             eager_ms = ms
-        entry = {"ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak, "vs_eager_rel_err": m["rel_err"],
+        epi = next((p["stats"] for p in (res.manifest["passes"] if name not in ("eager", "compile") else [])
+                    if p["name"] == "fuse_gemm_epilogues"), None)
+        entry = {"gemm_epilogues": epi, "ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak, "vs_eager_rel_err": m["rel_err"],
                  "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
         results["variants"][name] = entry
         print(f"{name:<28} {ms:9.2f} ms  prep {prep_s:6.1f}s  peak {peak or 0:6.2f} GiB  "
@@ -152,7 +181,10 @@ def main(argv=None):
             del model, fn_model
         else:
             del gm, res
-    path = os.path.join(args.out, f"e2e_{cfg.name}.json")
+    return ref_out, eager_ms
+
+
+def _finish(results, path, args, cfg, shape):
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     try:
@@ -161,7 +193,7 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = list(results["variants"])
+        names = [n for n in results["variants"] if "ms" in results["variants"][n]]
         vals = [results["variants"][n]["ms"] for n in names]
         fig, ax = plt.subplots(figsize=(9, 4))
         ax.barh(names, vals)

@@ -9,3 +9,4 @@ from turbocompile.passes import w8a8_linear  # noqa: E402,F401
 from turbocompile.passes import sagesla_attention  # noqa: E402,F401
 from turbocompile.passes import fuse_norms  # noqa: E402,F401
 from turbocompile.passes import bake_rcm_sampler  # noqa: E402,F401
+from turbocompile.passes import fuse_gemm_epilogues  # noqa: E402,F401

@@ -282,7 +282,7 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         lut = None  # the kernel iterates every key block directly
     else:
         cnt = torch.full((Kb,), float(block_k), device=dev, dtype=f32)
-        cnt[-1] = L - (Kb - 1) * block_k
+        cnt[-1:].fill_(L - (Kb - 1) * block_k)  # no 0-dim setitem: H2D copy, not capturable
         kbar = kblk / cnt[:, None] - km[:, None, :]
         scores = torch.bmm(qpool, kbar.transpose(1, 2))  # [BH, Qb, Kb]
         if tn["topk"] == "triton":

@@ -39,6 +39,9 @@ __all__ = [
     "w8a8_gemm_ref",
     "w8a8_linear_ref",
     "expand_scale",
+    "gelu_tanh_ref",
+    "w8a8_gemm_gelu_ref",
+    "w8a8_gemm_gelu_quant_ref",
 ]
 
 BLOCK = 128
@@ -152,3 +155,42 @@ def w8a8_linear_ref(
     """Dynamic activation quantization followed by :func:`w8a8_gemm_ref`; output in x.dtype."""
     qa, sa = quantize_ref(x, fmt, act_granularity)
     return w8a8_gemm_ref(qa, sa, qw, sw, bias, act_granularity, weight_granularity, x.dtype)
+
+
+# ------------------------------------------------------------------ GEMM + GELU epilogue (FFN)
+#
+# ``ffn.0 = GELU_tanh(W8A8 GEMM + bias)`` and, when its only consumers are W8A8 linears, the
+# per-token quantization of that GELU output. The references reproduce the UNFUSED graph step by
+# step (GEMM rounded to ``out_dtype``, GELU in ``out_dtype`` as ``F.gelu`` computes it, then the
+# quantizer on the rounded GELU output), so the torch backend of the fused ops is bit-identical to
+# the graph they replace. Memory traffic of that unfused chain per output element (bf16): GEMM
+# writes y (2 B), GELU reads y and writes h (4 B), the quantizer reads h (2 B) and writes q (1 B):
+# 9 B. The fused Triton path (kernels/w8a8/triton_gemm_epilogue.py) writes h (2 B) with the GELU
+# applied to the fp32 accumulator, then one pass reads h and writes q (3 B): 5 B, and no GELU launch.
+
+
+def gelu_tanh_ref(y: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation, exactly as the captured graph computes it (``F.gelu`` in y's dtype).
+
+    ``0.5 * y * (1 + tanh(sqrt(2/pi) * (y + 0.044715 * y^3)))`` == ``y * sigmoid(2u)`` with
+    ``u = sqrt(2/pi) * (y + 0.044715 * y^3)``; the Triton epilogue uses the sigmoid form (no tanh
+    in the interpreter, and it is overflow-safe).
+    """
+    return torch.nn.functional.gelu(y, approximate="tanh")
+
+
+def w8a8_gemm_gelu_ref(qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """``GELU_tanh(w8a8_gemm_ref(...))`` in ``out_dtype`` (the GEMM output rounded first, as unfused)."""
+    y = w8a8_gemm_ref(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype)
+    return gelu_tanh_ref(y)
+
+
+def w8a8_gemm_gelu_quant_ref(qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str,
+                             out_dtype: torch.dtype, out_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization (:func:`quantize_ref`, ``out_format``) of :func:`w8a8_gemm_gelu_ref`.
+
+    Returns ``(q [M, N], scale [M, 1] fp32)``: what ``w8a8_linear_prequant`` consumes.
+    """
+    h = w8a8_gemm_gelu_ref(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype)
+    return quantize_ref(h, out_format, "per_token")

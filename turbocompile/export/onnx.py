@@ -189,6 +189,28 @@ def w8a8_linear_prequant(qx, xscale, qweight, wscale, bias, format: str, act_gra
     return _gemm(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype)
 
 
+def _gelu_tanh(x):
+    """GELU with the tanh approximation in float32 (standard ops; ONNX Gelu needs opset 20)."""
+    xf = _f32(x)
+    inner = op.Mul(_f(0.7978845608028654), op.Add(xf, op.Mul(_f(0.044715), op.Mul(op.Mul(xf, xf), xf))))
+    return op.Mul(op.Mul(_f(0.5), xf), op.Add(_f(1.0), op.Tanh(inner)))
+
+
+def w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format: str, act_granularity: str,
+                     weight_granularity: str, out_dtype: int, backend: str):
+    """turbocompile::w8a8_linear_gelu: the GEMM rounded to out_dtype, then GELU (tanh), like the reference."""
+    y = _gemm(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype)
+    return op.Cast(_gelu_tanh(y), to=out_dtype)
+
+
+def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format: str, act_granularity: str,
+                           weight_granularity: str, out_dtype: int, out_format: str, backend: str):
+    """turbocompile::w8a8_linear_gelu_quant: w8a8_linear_gelu, then the per-token quantizer."""
+    h = w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                         out_dtype, backend)
+    return _quantize(h, out_format, "per_token", int(qweight.shape[0]))
+
+
 # ----------------------------------------------------------------------------- norms
 def _ln_mod_f32(x, weight, bias, shift, scale, eps: float):
     """float32 ``(LN(x)·w + b)·(1 + scale) + shift`` over the last dim (layer_norm_modulate_ref)."""
@@ -399,6 +421,8 @@ def translation_table(attention: str = "standard") -> dict:
         ops.quantize_activation.default: quantize_activation,
         ops.w8a8_linear.default: w8a8_linear,
         ops.w8a8_linear_prequant.default: w8a8_linear_prequant,
+        ops.w8a8_linear_gelu.default: w8a8_linear_gelu,
+        ops.w8a8_linear_gelu_quant.default: w8a8_linear_gelu_quant,
         ops.ln_modulate.default: ln_modulate,
         ops.residual_ln_modulate.default: residual_ln_modulate,
         ops.rmsnorm_rope.default: rmsnorm_rope,

@@ -8,6 +8,11 @@ Ops (registered on import; every op ends with ``backend``: "auto" | "triton" | "
 * ``turbocompile::w8a8_linear_prequant(qx, xscale, qweight, wscale, bias, format, act_granularity,
   weight_granularity, out_dtype, backend) -> y``: the GEMM on an already-quantized activation.
 
+* ``turbocompile::w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format, act_granularity,
+  weight_granularity, out_dtype, backend) -> h``: ``GELU_tanh(GEMM + bias)`` in one kernel (FFN ffn.0).
+* ``turbocompile::w8a8_linear_gelu_quant(..., out_dtype, out_format, backend) -> (q, scale)``: the
+  same, and the per-token quantization of h that the next ``w8a8_linear_prequant`` consumes.
+
 Plus the offline helper :func:`quantize_weight`. Formats: "int8" | "fp8" (torch.float8_e4m3fn).
 Activation granularity: "block128" (128 tokens x 128 channels per scale, TD's scheme) |
 "per_token". Weight granularity: "block128" | "per_channel". Any activation/weight pair works.
@@ -35,6 +40,8 @@ __all__ = [
     "quantize_activation",
     "w8a8_linear",
     "w8a8_linear_prequant",
+    "w8a8_linear_gelu",
+    "w8a8_linear_gelu_quant",
 ]
 
 FORMATS = ("int8", "fp8")
@@ -288,3 +295,111 @@ def w8a8_linear_prequant(
     return torch.ops.turbocompile.w8a8_linear_prequant(
         qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, backend
     )
+
+
+# ------------------------------------------------------------------- GEMM + GELU epilogue (FFN)
+
+
+def _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                     out_dtype, backend):
+    _check_modes(op, format, act_granularity, weight_granularity, backend)
+    _check_q(op, "qx", qx, xscale, format, act_granularity)
+    _check_q(op, "qweight", qweight, wscale, format, weight_granularity)
+    if qx.shape[1] != qweight.shape[1]:
+        raise ValueError(f"{op}: K mismatch, qx {tuple(qx.shape)} vs qweight {tuple(qweight.shape)}")
+    _check_bias(op, bias, qweight.shape[0])
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: out_dtype must be one of bf16/fp16/fp32, got {out_dtype}")
+
+
+@torch.library.custom_op("turbocompile::w8a8_linear_gelu", mutates_args=())
+def _w8a8_linear_gelu_op(
+    qx: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    format: str,
+    act_granularity: str,
+    weight_granularity: str,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    op = "turbocompile::w8a8_linear_gelu"
+    _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                     out_dtype, backend)
+    if resolve_backend(backend, qx.device, op) == "triton":
+        from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_triton
+
+        return w8a8_gemm_gelu_triton(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
+                                     out_dtype)[0]
+    return ref.w8a8_gemm_gelu_ref(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity, out_dtype)
+
+
+@_w8a8_linear_gelu_op.register_fake
+def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, backend):
+    _check_modes("turbocompile::w8a8_linear_gelu", format, act_granularity, weight_granularity, backend)
+    return qx.new_empty((qx.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("turbocompile::w8a8_linear_gelu_quant", mutates_args=())
+def _w8a8_linear_gelu_quant_op(
+    qx: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    format: str,
+    act_granularity: str,
+    weight_granularity: str,
+    out_dtype: torch.dtype,
+    out_format: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "turbocompile::w8a8_linear_gelu_quant"
+    _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                     out_dtype, backend)
+    _check_choice("output format", out_format, FORMATS, op)
+    if resolve_backend(backend, qx.device, op) == "triton":
+        from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_quant_triton
+
+        return w8a8_gemm_gelu_quant_triton(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
+                                           out_dtype, out_format)
+    return ref.w8a8_gemm_gelu_quant_ref(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
+                                        out_dtype, out_format)
+
+
+@_w8a8_linear_gelu_quant_op.register_fake
+def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, out_format,
+      backend):
+    op = "turbocompile::w8a8_linear_gelu_quant"
+    _check_modes(op, format, act_granularity, weight_granularity, backend)
+    _check_choice("output format", out_format, FORMATS, op)
+    m, n = qx.shape[0], qweight.shape[0]
+    return (qx.new_empty((m, n), dtype=ref.quant_dtype(out_format)),
+            qx.new_empty((m, 1), dtype=torch.float32))
+
+
+def w8a8_linear_gelu(qx, xscale, qweight, wscale, bias=None, format="int8", act_granularity="per_token",
+                     weight_granularity="per_channel", out_dtype=torch.bfloat16, backend="auto") -> torch.Tensor:
+    """``GELU_tanh(w8a8_linear_prequant(...))`` [M, N] in ``out_dtype``, the GELU in the GEMM epilogue.
+
+    The torch backend is bit-identical to the unfused ops (GEMM rounded to ``out_dtype``, then
+    ``F.gelu(approximate="tanh")``); the Triton kernel applies GELU to the fp32 accumulator and
+    rounds once (differs by bf16 rounding).
+    """
+    return torch.ops.turbocompile.w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format, act_granularity,
+                                                   weight_granularity, out_dtype, backend)
+
+
+def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias=None, format="int8", act_granularity="per_token",
+                           weight_granularity="per_channel", out_dtype=torch.bfloat16, out_format="int8",
+                           backend="auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`w8a8_linear_gelu` then per-token quantization (``out_format``) of its ``out_dtype`` output.
+
+    Returns ``(q [M, N], scale [M, 1] fp32)`` with :func:`quantize_activation`'s per-token contract,
+    ready for :func:`w8a8_linear_prequant` with ``act_granularity="per_token"``.
+    """
+    return torch.ops.turbocompile.w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format,
+                                                         act_granularity, weight_granularity, out_dtype,
+                                                         out_format, backend)

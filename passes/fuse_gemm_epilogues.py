@@ -1,0 +1,165 @@
+"""Pass ``fuse_gemm_epilogues``: W8A8 GEMM -> GELU(tanh) [-> W8A8 linear] as one GEMM with an epilogue.
+
+Matched in every Wan block's FFN (``ffn.0 -> GELU(approximate="tanh") -> ffn.2``) after
+``w8a8_linear`` (and ``fuse_norms``, whose quantizing norm turns ffn.0 into
+``w8a8_linear_prequant(...).reshape(B, L, N)``):
+
+* producer: ``w8a8_linear(x, ...)`` (x is then quantized by ``quantize_activation`` explicitly) or
+  ``w8a8_linear_prequant(qx, sx, ...)`` [-> ``reshape``], each with the GELU as only user;
+* ``gelu(approximate="tanh")``                  -> ``turbocompile::w8a8_linear_gelu`` (bf16 out);
+* when option ``quant_epilogue`` is on and EVERY user of the GELU is a ``w8a8_linear`` with per-token
+  activations and one format: the GELU output is quantized by the fused op
+  (``turbocompile::w8a8_linear_gelu_quant`` -> (q, scale)) and those users become
+  ``w8a8_linear_prequant`` on it (no standalone quantizer, no bf16 GELU pass).
+
+Counts: ``gelu`` (GEMM+GELU fused, bf16 out), ``gelu_quant`` (GEMM+GELU+quantize fused),
+``prequant_consumers`` (linears switched to the pre-quantized input), ``unmatched`` (tanh GELUs fed by
+a W8A8 GEMM that could not be fused, e.g. the GEMM output has other users; an error under
+``--strict``) and ``float_gelu`` (GELUs after float linears, e.g. the text embedding: not candidates).
+Numerics: the torch backend reproduces the unfused graph bit for bit; the Triton kernel applies the
+GELU to the fp32 accumulator (one rounding instead of two), a bf16-rounding-level difference.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from turbocompile.errors import TurboCompileError
+from turbocompile.options import choice
+from turbocompile.passbase import Pass, PassResult, register_pass
+from turbocompile.passes._graph import mark
+
+__all__ = ["FuseGemmEpilogues"]
+
+_OPS = torch.ops.turbocompile
+_GELU_TARGETS = (F.gelu, torch._C._nn.gelu, torch.ops.aten.gelu.default)
+
+
+def _fn(n, *targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
+def _is_tanh_gelu(n) -> bool:
+    if not _fn(n, *_GELU_TARGETS):
+        return False
+    approx = n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")
+    return approx == "tanh"
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+@register_pass
+class FuseGemmEpilogues(Pass):
+    """Fuse GELU (tanh) and the next linear's per-token quantization into the W8A8 GEMM epilogue."""
+
+    name = "fuse_gemm_epilogues"
+    description = "W8A8 GEMM + GELU(tanh) epilogue, optionally emitting the next linear's int8/fp8 input"
+    requires = frozenset({"shapes"})
+    provides = frozenset({"gemm_epilogues"})
+    after = frozenset({"w8a8", "fused_norms"})
+    verify_min_sqnr_db = 35.0  # bf16-rounding-level changes only (measured far above: see tests)
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        quant_epilogue: bool = True
+        backend: str = choice("auto", ("auto", "triton", "torch"), "kernel backend of the fused ops")
+
+    def _call(self, g, target, args, like=None):
+        node = g.call_function(target, tuple(args))
+        mark(node, self.name)
+        if like is not None:
+            node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
+        return node
+
+    def _producer(self, gelu: fx.Node):
+        """(gemm node, nodes to drop) when the GELU's input is a fusable W8A8 GEMM, else None."""
+        src = gelu.args[0]
+        chain = []
+        if isinstance(src, fx.Node) and src.op == "call_method" and src.target == "reshape":
+            if len(src.users) != 1:
+                return None
+            chain.append(src)
+            src = src.args[0]
+        if not _fn(src, _OPS.w8a8_linear.default, _OPS.w8a8_linear_prequant.default) or len(src.users) != 1:
+            return None
+        return src, chain
+
+    def run(self, gm: fx.GraphModule, ctx) -> PassResult:
+        o = self.options
+        g = gm.graph
+        stats = {"gelu": 0, "gelu_quant": 0, "prequant_consumers": 0, "unmatched": 0, "float_gelu": 0}
+        notes: list[str] = []
+        for gelu in list(g.nodes):
+            if gelu.graph is not g or not _is_tanh_gelu(gelu):
+                continue
+            src = gelu.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_method" and src.target == "reshape":
+                src = src.args[0]
+            if not _fn(src, _OPS.w8a8_linear.default, _OPS.w8a8_linear_prequant.default):
+                stats["float_gelu"] += 1
+                continue
+            prod = self._producer(gelu)
+            gval = _val(gelu)
+            if prod is None or gval is None or gval.dim() < 2:
+                stats["unmatched"] += 1
+                notes.append(f"{gelu.name}: the GEMM output has other users or no shape; left unfused")
+                continue
+            gemm, _ = prod
+            n_out = gval.shape[-1]
+            with g.inserting_before(gelu):
+                if gemm.target is _OPS.w8a8_linear_prequant.default:
+                    qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, _be = gemm.args[:10]
+                else:
+                    x, qw, sw, bias, fmt, act, wgran, _be = gemm.args[:8]
+                    out_dtype = _val(gemm).dtype
+                    k = _val(x).shape[-1]
+                    x2 = g.call_method("reshape", (x, -1, k))
+                    qa = self._call(g, _OPS.quantize_activation.default, (x2, fmt, act, o.backend), gemm)
+                    qx = g.call_function(operator.getitem, (qa, 0))
+                    sx = g.call_function(operator.getitem, (qa, 1))
+                users = list(gelu.users)
+                all_w8a8 = bool(users) and all(_fn(u, _OPS.w8a8_linear.default) and u.args[0] is gelu
+                                               and len(u.args) >= 8 and _val(u) is not None for u in users)
+                modes = {tuple(u.args[4:8]) for u in users} if all_w8a8 else set()
+                quant = o.quant_epilogue and len(modes) == 1 and next(iter(modes))[1] == "per_token"
+                if quant:
+                    cfmt, _, cwgran, cbackend = next(iter(modes))
+                    fused = self._call(g, _OPS.w8a8_linear_gelu_quant.default,
+                                       (qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, cfmt, o.backend), gemm)
+                    q = g.call_function(operator.getitem, (fused, 0))
+                    s = g.call_function(operator.getitem, (fused, 1))
+                else:
+                    fused = self._call(g, _OPS.w8a8_linear_gelu.default,
+                                       (qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, o.backend), gemm)
+                    h = g.call_method("reshape", (fused, -1, *gval.shape[1:]))
+                    h.meta["val"] = gval
+            if quant:
+                for u in users:
+                    uval = _val(u)
+                    with g.inserting_before(u):
+                        _, uqw, usw, ubias = u.args[:4]
+                        y2 = self._call(g, _OPS.w8a8_linear_prequant.default,
+                                        (q, s, uqw, usw, ubias, cfmt, "per_token", cwgran, uval.dtype, cbackend), u)
+                        y = g.call_method("reshape", (y2, -1, *uval.shape[1:]))
+                        y.meta["val"] = uval
+                    u.replace_all_uses_with(y)
+                    g.erase_node(u)
+                    stats["prequant_consumers"] += 1
+                stats["gelu_quant"] += 1
+            else:
+                gelu.replace_all_uses_with(h)
+                stats["gelu"] += 1
+            g.erase_node(gelu)
+            g.eliminate_dead_code()
+        if stats["unmatched"] and ctx.strict:
+            raise TurboCompileError(f"fuse_gemm_epilogues: {stats['unmatched']} GELU site(s) left unfused under "
+                                    f"--strict: {notes[0]}")
+        modified = bool(stats["gelu"] or stats["gelu_quant"])
+        return PassResult(modified, stats, notes[:3])

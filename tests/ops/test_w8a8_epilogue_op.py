@@ -1,0 +1,72 @@
+"""Ops turbocompile::w8a8_linear_gelu / w8a8_linear_gelu_quant: dispatch, exactness vs the unfused ops,
+fake kernels (opcheck), error messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests._env import triton_runs_here
+from turbocompile.errors import KernelUnavailableError
+from turbocompile.ops import w8a8 as W
+
+
+def _operands(m=19, k=200, n=150, fmt="int8", ag="per_token", wg="per_channel", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 2).to(torch.bfloat16)
+    qw, sw = W.quantize_weight(torch.randn(n, k, generator=g) * 0.1, fmt, wg)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    qx, sx = W.quantize_activation(x, fmt, ag, "torch")
+    return qx, sx, qw, sw, b
+
+
+@pytest.mark.parametrize("fmt,ag,wg", [("int8", "per_token", "per_channel"), ("fp8", "per_token", "per_channel"),
+                                       ("int8", "block128", "block128")])
+def test_torch_backend_is_the_unfused_chain_bit_for_bit(fmt, ag, wg):
+    qx, sx, qw, sw, b = _operands(fmt=fmt, ag=ag, wg=wg)
+    y = W.w8a8_linear_prequant(qx, sx, qw, sw, b, fmt, ag, wg, torch.bfloat16, "torch")
+    h = torch.nn.functional.gelu(y, approximate="tanh")
+    got = W.w8a8_linear_gelu(qx, sx, qw, sw, b, fmt, ag, wg, torch.bfloat16, "torch")
+    assert torch.equal(got, h)
+    q_ref, s_ref = W.quantize_activation(h, fmt, "per_token", "torch")
+    q, s = W.w8a8_linear_gelu_quant(qx, sx, qw, sw, b, fmt, ag, wg, torch.bfloat16, fmt, "torch")
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+def test_triton_backend_within_bf16_rounding_of_unfused():
+    from tests._env import kernel_device
+
+    dev = kernel_device()
+    qx, sx, qw, sw, b = (t.to(dev) for t in _operands(m=40, k=256, n=260))
+    h_ref = W.w8a8_linear_gelu(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu(), b.cpu(), "int8", "per_token",
+                               "per_channel", torch.bfloat16, "torch").float()
+    h = W.w8a8_linear_gelu(qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16, "triton")
+    assert ((h.cpu().float() - h_ref).norm() / h_ref.norm()).item() < 5e-3
+    q, s = W.w8a8_linear_gelu_quant(qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16, "int8",
+                                    "triton")
+    deq = q.cpu().float() * s.cpu()
+    assert ((deq - h_ref).norm() / h_ref.norm()).item() < 2e-2  # int8 per-token quantization noise
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if triton_runs_here() else []))
+def test_opcheck(backend):
+    qx, sx, qw, sw, b = _operands(m=7, k=130, n=129)
+    torch.library.opcheck(torch.ops.turbocompile.w8a8_linear_gelu.default,
+                          (qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16, backend))
+    torch.library.opcheck(torch.ops.turbocompile.w8a8_linear_gelu_quant.default,
+                          (qx, sx, qw, sw, None, "int8", "per_token", "per_channel", torch.float32, "fp8", backend))
+
+
+def test_errors_are_one_line_and_name_the_problem():
+    qx, sx, qw, sw, b = _operands()
+    with pytest.raises(ValueError, match="output format 'int4'"):
+        W.w8a8_linear_gelu_quant(qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16, "int4")
+    with pytest.raises(ValueError, match="K mismatch"):
+        W.w8a8_linear_gelu(qx[:, :128], sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        W.w8a8_linear_gelu(qx, sx, qw, sw, b[:3], "int8", "per_token", "per_channel", torch.bfloat16)
+    with pytest.raises(ValueError, match="out_dtype"):
+        W.w8a8_linear_gelu(qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.int8)
+    with pytest.raises(KernelUnavailableError, match="unknown backend"):
+        W.w8a8_linear_gelu(qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16, "cuda")
