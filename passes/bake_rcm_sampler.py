@@ -189,10 +189,11 @@ class BakeRCMSampler(Pass):
                 scaled = g.call_function(operator.mul, (1.0 - t_next, diff))
                 eps = g.call_method("double", (ph[f"step_noise_{i}"],))
                 noise_term = g.call_function(operator.mul, (t_next, eps))
-                x = g.call_function(operator.add, (scaled, noise_term))
+                # named rcm_state_<i+1>: the loaded sampler ticks its per-step progress bar on these
+                x = g.create_node("call_function", operator.add, (scaled, noise_term), name=f"rcm_state_{i + 1}")
             else:
                 dv = g.call_function(operator.mul, (t - t_next, v))
-                x = g.call_function(operator.sub, (x, dv))
+                x = g.create_node("call_function", operator.sub, (x, dv), name=f"rcm_state_{i + 1}")
             x.meta["tc_rcm_state"] = i + 1
         g.output(g.call_method("float", (x,)))
 

@@ -301,3 +301,34 @@ def test_sampler_input_errors(artifacts, inputs):
         m.sample(noise, ctx, y=noise)
     with pytest.raises(InputError, match="context must be a tensor"):
         m.sample(noise, None)
+
+
+def test_progress_bar_ticks_per_step_with_identical_output(tmp_path):
+    """The loaded sampler's progress path interprets the graph and ticks once per baked step."""
+    import turbocompile
+    from turbocompile.sampling import compiled as compiled_mod
+
+    turbocompile.optimize("wan-tiny", "rcm-4step", tmp_path / "s", dtype="float32")
+    sampler = turbocompile.load(tmp_path / "s", device="cpu")
+    names = [n.name for n in sampler.graph_module.graph.nodes if n.name.startswith("rcm_state_")]
+    assert names == [f"rcm_state_{i}" for i in range(1, 5)]
+    shape = sampler.noise_shape
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(shape, generator=g)
+    ctx = torch.randn(1, 24, 64, generator=g)
+    steps = [torch.randn(shape, generator=g) for _ in range(4)]
+    ticks = []
+    orig = compiled_mod._StepProgress.run_node
+
+    def spy(self, n):
+        out = orig(self, n)
+        ticks.append(self.ticks)
+        return out
+
+    compiled_mod._StepProgress.run_node = spy
+    try:
+        with_bar = sampler(noise, ctx, step_noise=steps, progress=True)
+    finally:
+        compiled_mod._StepProgress.run_node = orig
+    assert max(ticks) == 4
+    assert torch.equal(with_bar, sampler(noise, ctx, step_noise=steps))
