@@ -177,6 +177,18 @@ def _gemm_impl(qa, sa, qw, sw, bias, act_gran, w_gran, out_dtype, impl):
     return ref.w8a8_gemm_ref(qa, sa, qw, sw, bias, act_gran, w_gran, out_dtype)
 
 
+def _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                     out_dtype, backend):
+    _check_modes(op, format, act_granularity, weight_granularity, backend)
+    _check_q(op, "qx", qx, xscale, format, act_granularity)
+    _check_q(op, "qweight", qweight, wscale, format, weight_granularity)
+    if qx.shape[1] != qweight.shape[1]:
+        raise ValueError(f"{op}: K mismatch, qx {tuple(qx.shape)} vs qweight {tuple(qweight.shape)}")
+    _check_bias(op, bias, qweight.shape[0])
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: out_dtype must be one of bf16/fp16/fp32, got {out_dtype}")
+
+
 @torch.library.custom_op("turbocompile::w8a8_linear_prequant", mutates_args=())
 def _w8a8_linear_prequant_op(
     qx: torch.Tensor,
@@ -191,14 +203,8 @@ def _w8a8_linear_prequant_op(
     backend: str,
 ) -> torch.Tensor:
     op = "turbocompile::w8a8_linear_prequant"
-    _check_modes(op, format, act_granularity, weight_granularity, backend)
-    _check_q(op, "qx", qx, xscale, format, act_granularity)
-    _check_q(op, "qweight", qweight, wscale, format, weight_granularity)
-    if qx.shape[1] != qweight.shape[1]:
-        raise ValueError(f"{op}: K mismatch, qx {tuple(qx.shape)} vs qweight {tuple(qweight.shape)}")
-    _check_bias(op, bias, qweight.shape[0])
-    if out_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{op}: out_dtype must be one of bf16/fp16/fp32, got {out_dtype}")
+    _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                     out_dtype, backend)
     impl = resolve_backend(backend, qx.device, op)
     return _gemm_impl(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity, out_dtype, impl)
 
@@ -298,18 +304,6 @@ def w8a8_linear_prequant(
 
 
 # ------------------------------------------------------------------- GEMM + GELU epilogue (FFN)
-
-
-def _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
-                     out_dtype, backend):
-    _check_modes(op, format, act_granularity, weight_granularity, backend)
-    _check_q(op, "qx", qx, xscale, format, act_granularity)
-    _check_q(op, "qweight", qweight, wscale, format, weight_granularity)
-    if qx.shape[1] != qweight.shape[1]:
-        raise ValueError(f"{op}: K mismatch, qx {tuple(qx.shape)} vs qweight {tuple(qweight.shape)}")
-    _check_bias(op, bias, qweight.shape[0])
-    if out_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{op}: out_dtype must be one of bf16/fp16/fp32, got {out_dtype}")
 
 
 @torch.library.custom_op("turbocompile::w8a8_linear_gelu", mutates_args=())
