@@ -7,6 +7,7 @@ module) -> capture an FX graph for the recipe's video geometry -> run the recipe
 
 from __future__ import annotations
 
+import copy
 import datetime
 import importlib.metadata
 import time
@@ -18,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from turbocompile.artifact import load_graph_module, read_manifest, save_artifact
+from turbocompile.artifact import check_output_dir, load_graph_module, read_manifest, save_artifact
 from turbocompile.capture import capture, example_inputs, input_specs, propagate_shapes
 from turbocompile.errors import ArtifactError, InputError, ModelConfigError, TurboCompileError
 from turbocompile.model.config import PRESETS, VideoShape, WanConfig, get_preset
@@ -87,8 +88,12 @@ def resolve_model(model: Any, *, dtype: torch.dtype | None, device: torch.device
                   expert: str | None = None, allow_quantized: bool = False,
                   progress: bool = False) -> tuple[WanModel, dict, dict]:
     """Turn ``model`` into a canonical WanModel; returns (model, source description, extras)."""
+    if expert is not None and isinstance(model, (str, Path)) and str(model) in PRESETS \
+            and PRESETS[str(model)].num_experts != 2:
+        raise ModelConfigError(f"--expert applies to two-expert (Wan2.2 A14B) models; '{model}' has one expert")
     if isinstance(model, WanModel):
-        m = model
+        # work on a copy: optimizing must not change the caller's model (dtype, device, config)
+        m = copy.deepcopy(model)
         if dtype is not None:
             m = m.to(dtype)
         return m.to(device), {"kind": "module", "class": "WanModel"}, {}
@@ -206,8 +211,8 @@ def optimize(
     """
     t_start = time.perf_counter()
     rec = load_recipe(recipe)
-    if out is not None and Path(out).exists() and not overwrite:
-        raise ArtifactError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    if out is not None:
+        check_output_dir(out, overwrite)  # before any work: nothing is lost, nothing is wasted
     dt = _pick_dtype(dtype or rec.model.dtype or "bfloat16")
     dev = _pick_device(device or rec.model.device)
     needs_int8 = any(p.name == "w8a8_linear" for p in rec.passes)
@@ -415,9 +420,21 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
         >>> m = load("out/wan-tiny")  # doctest: +SKIP
         >>> v = m(x, t, ctx)           # doctest: +SKIP
     """
+    dst = None
+    if dtype is not None:
+        dst = dtype if isinstance(dtype, torch.dtype) else DTYPE_MAP.get(str(dtype))
+        if dst not in DTYPE_MAP.values():
+            raise ArtifactError(f"dtype '{dtype}' is not valid; choose one of {', '.join(DTYPES)}")
+    try:
+        requested = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        requested = None
+        device = str(device)
+    if device is not None and (requested is None or requested.type not in DEVICES):
+        raise ModelConfigError(f"device '{device}' is not valid; choose one of {', '.join(DEVICES)}")
+    _pick_device(None if requested is None else requested.type)  # one-line error for cuda without a GPU
+    device = str(requested) if requested is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(path, verify_checksums=verify_checksums)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if cuda_graph:
         from turbocompile.cuda_graph import require_cuda
 
@@ -431,14 +448,14 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
             from turbocompile.sampling.compiled import CompiledSampler
 
             sampler = CompiledSampler(gm, manifest).eval()
+            if dst is not None and dst != sampler.activation_dtype:
+                raise ArtifactError(f"a baked sampler runs in the dtype it was built for "
+                                    f"({_dtype_name(sampler.activation_dtype)}); re-optimize for {_dtype_name(dst)}")
             return sampler.enable_cuda_graph() if cuda_graph else sampler
         module = CompiledWan(gm, manifest)
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"artifact manifest lacks or has a malformed entry: {exc}") from None
-    if dtype is not None:
-        dst = dtype if isinstance(dtype, torch.dtype) else DTYPE_MAP.get(str(dtype))
-        if dst is None:
-            raise ArtifactError(f"dtype '{dtype}' is not valid; choose one of {', '.join(DTYPES)}")
+    if dst is not None:
         src = module.activation_dtype
         if dst != src:
             _retarget_dtype(gm, src, dst)

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from turbocompile.errors import ArtifactError
 from turbocompile.graph_io import graph_from_json, graph_to_json
 
-__all__ = ["save_artifact", "read_manifest", "load_graph_module", "FORMAT_NAME", "FORMAT_VERSION",
+__all__ = ["save_artifact", "check_output_dir", "read_manifest", "load_graph_module", "FORMAT_NAME", "FORMAT_VERSION",
            "graph_tensors"]
 
 FORMAT_NAME = "turbocompile-artifact"
@@ -83,14 +83,40 @@ def _shards(tensors: dict[str, torch.Tensor], limit_bytes: int) -> list[dict[str
     return shards
 
 
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an artifact output that would lose data (one-line :class:`ArtifactError`).
+
+    A new path is fine. An existing path is replaced only with ``overwrite`` and only when it is
+    a previous turbocompile artifact (a directory with an artifact manifest) — never an arbitrary
+    directory or file, never the current directory or one of its parents.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    if resolved == Path(resolved.anchor) or Path.cwd().resolve().is_relative_to(resolved):
+        raise ArtifactError(f"output '{out}' is the current directory, one of its parents or the root; "
+                            "choose a new directory for the artifact")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ArtifactError(f"cannot write '{out}': '{out.parent}' is not a directory")
+    if not out.exists():
+        return out
+    if not overwrite:
+        raise ArtifactError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    if not out.is_dir():
+        raise ArtifactError(f"output '{out}' exists and is not a directory; --overwrite only replaces artifacts")
+    try:
+        is_artifact = json.loads((out / MANIFEST).read_text()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        is_artifact = False
+    if not is_artifact:
+        raise ArtifactError(f"output '{out}' exists and is not a turbocompile artifact; --overwrite only replaces "
+                            "artifacts (nothing was deleted)")
+    return out
+
+
 def save_artifact(gm: fx.GraphModule, out: str | Path, manifest: dict, *, shard_size_mb: int = 4096,
                   overwrite: bool = False, progress: bool = False) -> Path:
     """Write ``gm`` and ``manifest`` (extended with file hashes) atomically to directory ``out``."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"output '{out}' already exists; choose another path or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output '{out}' exists and is not a directory")
+    out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

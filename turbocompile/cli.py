@@ -81,7 +81,10 @@ def optimize(model, recipe, out, dtype, device, seed, verify, disable, expert, o
     if not quiet:
         for r in res.records:
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
-            ver = f" verify: rel_err={r.verify['rel_err']:.2e} sqnr={r.verify['sqnr_db']:.1f}dB" if r.verify else ""
+            if r.verify and "rel_err" in r.verify:
+                ver = f" verify: rel_err={r.verify['rel_err']:.2e} sqnr={r.verify['sqnr_db']:.1f}dB"
+            else:
+                ver = f" verify: skipped ({r.verify['skipped']})" if r.verify else ""
             click.echo(f"  {r.name:<22} {r.status:<8} {r.seconds:7.3f}s  {stats}{ver}")
         src = res.manifest["model"]["source"]
         if src.get("kind") == "builtin":

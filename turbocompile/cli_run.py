@@ -18,13 +18,23 @@ from turbocompile.errors import InputError
 __all__ = ["run", "write_latents"]
 
 
-def write_latents(path: str | Path, latents, metadata: dict[str, str]) -> Path:
-    """Write ``{"latents": latents}`` with string metadata to ``path`` atomically (temp file + rename)."""
-    from safetensors.torch import save_file
-
+def check_latents_path(path: str | Path, overwrite: bool) -> Path:
+    """One-line :class:`InputError` unless latents can be written to ``path`` without losing data."""
     path = Path(path)
     if path.exists() and path.is_dir():
         raise InputError(f"output '{path}' is a directory; give a .safetensors file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InputError(f"cannot write '{path}': '{path.parent}' is not a directory")
+    if path.exists() and not overwrite:
+        raise InputError(f"output '{path}' already exists; choose another path or pass --overwrite")
+    return path
+
+
+def write_latents(path: str | Path, latents, metadata: dict[str, str], *, overwrite: bool = False) -> Path:
+    """Write ``{"latents": latents}`` with string metadata to ``path`` atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = check_latents_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -53,21 +63,22 @@ def _parse_size(text):
 @click.command(name="run")
 @click.argument("artifact", type=click.Path())
 @click.option("--context", "context", required=True, type=click.Path(), help="Conditioning tensors file.")
-@click.option("--seed", type=int, required=True, help="Seed of the initial and SDE noise.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), required=True, help="Seed of the initial and SDE noise.")
 @click.option("--steps", type=int, default=None, help="Sampler steps (sampler artifacts: the baked value).")
 @click.option("--frames", type=int, default=None, help="Check: video frames the artifact is built for.")
 @click.option("--size", default=None, help="Check: WIDTHxHEIGHT the artifact is built for.")
 @click.option("--teacher", type=click.Choice(["euler", "unipc"]), default=None,
               help="Teacher sampler with CFG (denoiser artifacts).")
-@click.option("--guidance", type=float, default=5.0, show_default=True, help="Teacher CFG scale.")
-@click.option("--shift", type=float, default=5.0, show_default=True, help="Teacher schedule shift.")
-@click.option("--mode", type=click.Choice(["sde", "ode"]), default="sde", show_default=True,
-              help="rCM mode for denoiser artifacts.")
+@click.option("--guidance", type=float, default=None, help="Teacher CFG scale (with --teacher; default 5).")
+@click.option("--shift", type=float, default=None, help="Teacher schedule shift (with --teacher; default 5).")
+@click.option("--mode", type=click.Choice(["sde", "ode"]), default=None,
+              help="rCM mode for denoiser artifacts (default sde; a baked sampler's mode is fixed).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Where to run (default: cuda when available).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output .safetensors file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def run(artifact, context, seed, steps, frames, size, teacher, guidance, shift, mode, device, out, quiet):
+def run(artifact, context, seed, steps, frames, size, teacher, guidance, shift, mode, device, out, overwrite, quiet):
     """Sample latents from ARTIFACT (baked sampler or denoiser) into a safetensors file.
 
     --context is a .safetensors/.pt file holding 'context' [B, Lc, text_dim] and optionally
@@ -78,11 +89,12 @@ def run(artifact, context, seed, steps, frames, size, teacher, guidance, shift, 
     """
     from turbocompile.sampling.compiled import generate
 
+    check_latents_path(out, overwrite)  # before sampling: nothing is lost, nothing is wasted
     res = generate(artifact, context, seed=seed, steps=steps, frames=frames, size=_parse_size(size),
                    teacher=teacher, guidance=guidance, shift=shift, mode=mode, device=device,
                    progress=not quiet)
     meta = dict(res.metadata, artifact=str(artifact))
-    write_latents(out, res.latents, meta)
+    write_latents(out, res.latents, meta, overwrite=overwrite)
     if not quiet:
         click.echo(f"wrote {out}: latents {list(res.latents.shape)} ({meta['sampler']}, {meta['steps']} steps, "
                    f"seed {seed})")

@@ -188,21 +188,26 @@ def load_recipe(recipe: "str | Path | Recipe | dict") -> Recipe:
     if isinstance(recipe, dict):
         return parse_recipe(recipe)
     text_path = Path(recipe)
+    text = str(recipe)
     if text_path.is_file():
         path = text_path
     else:
         shipped = builtin_recipes()
-        key = text_path.name[:-5] if text_path.name.endswith(".yaml") else text_path.name
-        if str(recipe).endswith(".yaml") and ("/" in str(recipe)) and key not in shipped:
+        looks_like_path = "/" in text or "\\" in text or text.endswith((".yaml", ".yml")) and text_path.name != text
+        if looks_like_path or text.endswith(".yml"):
+            # a path that does not exist is an error, never silently the built-in of the same name
             raise RecipeError(f"recipe file '{recipe}' does not exist; built-in recipes: {', '.join(shipped)}")
+        key = text[:-5] if text.endswith(".yaml") else text
         if key not in shipped:
             raise RecipeError(f"no recipe file or built-in recipe named '{recipe}'; built-in recipes: "
                               f"{', '.join(shipped)}")
         path = shipped[key]
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(f"recipe {path}: invalid YAML{where}") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise RecipeError(f"recipe {path}: cannot be read as UTF-8 text ({type(exc).__name__})") from None
     return parse_recipe(data, source=str(path))

@@ -108,7 +108,10 @@ def _check_strict(sd: dict[str, torch.Tensor], model: nn.Module, cfg: WanConfig,
     unexpected = [k for k in sd if k not in expected]
     misshaped = [f"{k} (checkpoint {list(sd[k].shape)} vs model {list(s)})"
                  for k, s in expected.items() if k in sd and tuple(sd[k].shape) != s]
+    not_float = [f"{k} ({sd[k].dtype})" for k in expected if k in sd and not sd[k].is_floating_point()]
     problems = []
+    if not_float:
+        problems.append(f"{len(not_float)} not floating point: {_few(not_float)}")
     if missing:
         problems.append(f"{len(missing)} missing: {_few(missing)}")
     if unexpected:

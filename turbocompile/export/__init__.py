@@ -33,13 +33,21 @@ class ExportError(TurboCompileError):
     """An artifact cannot be exported in the requested format (names the reason and the choices)."""
 
 
-def atomic_write(out: str | Path, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
-    """Call ``write(tmp)`` for a temporary path beside ``out``, fsync it, then rename it to ``out``."""
+def check_output_file(out: str | Path, overwrite: bool) -> Path:
+    """One-line :class:`ExportError` unless ``out`` can be written without losing data."""
     out = Path(out)
     if out.exists() and out.is_dir():
         raise ExportError(f"output '{out}' is a directory; give a file path")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExportError(f"cannot write '{out}': '{out.parent}' is not a directory")
     if out.exists() and not overwrite:
         raise ExportError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    return out
+
+
+def atomic_write(out: str | Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Call ``write(tmp)`` for a temporary path beside ``out``, fsync it, then rename it to ``out``."""
+    out = check_output_file(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.stem}.tmp-{uuid.uuid4().hex[:8]}{out.suffix}"  # keeps the suffix (.pt2)
     try:
@@ -54,7 +62,7 @@ def atomic_write(out: str | Path, write: Callable[[Path], None], *, overwrite: b
 
 
 def export_artifact(path: str | Path, format: str, out: str | Path, *, attention: str = "standard",
-                    opset: int | None = None, overwrite: bool = True, dynamic_batch: bool | None = None,
+                    opset: int | None = None, overwrite: bool = False, dynamic_batch: bool | None = None,
                     log: Callable[[str], None] | None = None) -> dict:
     """Export the artifact at ``path`` to ``out`` as ``format`` ("onnx" | "pt2").
 
@@ -81,8 +89,16 @@ def export_artifact(path: str | Path, format: str, out: str | Path, *, attention
         raise ExportError(f"unknown attention mode '{attention}'; valid choices: {', '.join(ATTENTION_MODES)}")
     if format == "pt2" and (attention != "standard" or opset is not None):
         raise ExportError("--attention and --opset apply to --format onnx only")
-    if opset is not None and (type(opset) is not int or opset < DEFAULT_OPSET):
-        raise ExportError(f"opset {opset} is not supported; use --opset {DEFAULT_OPSET} or newer")
+    if opset is not None:
+        try:
+            import onnx
+
+            newest = onnx.defs.onnx_opset_version()
+        except ImportError:
+            newest = DEFAULT_OPSET
+        if type(opset) is not int or not DEFAULT_OPSET <= opset <= newest:
+            raise ExportError(f"opset {opset} is not supported; choose {DEFAULT_OPSET} to {newest}")
+    check_output_file(out, overwrite)  # before the (slow) export: nothing is lost, nothing is wasted
     from turbocompile.export.pt2 import export_program, save_pt2
 
     prog = export_program(path, dynamic_batch=dynamic_batch, log=log)

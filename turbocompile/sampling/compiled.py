@@ -99,6 +99,10 @@ class CompiledSampler(CompiledArtifact):
             from tqdm.auto import tqdm
 
             with tqdm(total=self.steps, desc="rCM steps", unit="step") as bar:
+                if not isinstance(self.graph_module, fx.GraphModule):  # a CUDA-graph replay: one call
+                    out = self.graph_module(*args)
+                    bar.update(self.steps)
+                    return out
                 return _StepProgress(self.graph_module, bar).run(*args)
 
     def forward(self, noise, context, **kwargs):
@@ -169,7 +173,8 @@ def read_conditioning(path: str | Path) -> dict[str, torch.Tensor]:
 
 def generate(artifact, conditioning: "dict | str | Path", *, seed: int = 0, steps: int | None = None,
              frames: int | None = None, size: tuple[int, int] | None = None, teacher: str | None = None,
-             guidance: float = 5.0, shift: float = 5.0, sigma_max: float | None = None, mode: str = "sde",
+             guidance: float | None = None, shift: float | None = None, sigma_max: float | None = None,
+             mode: str | None = None,
              device: str | None = None, progress: bool = False) -> GenerateResult:
     """Sample latents from an artifact (path or loaded module); the Python ``turbocompile run``.
 
@@ -208,10 +213,19 @@ def generate(artifact, conditioning: "dict | str | Path", *, seed: int = 0, step
     y = None if y is None else y.to(run_device)
     clip_fea = None if clip_fea is None else clip_fea.to(run_device)
     meta = {"seed": str(seed), "artifact": str(artifact if not isinstance(artifact, nn.Module) else "<module>")}
+    if teacher is None and (guidance is not None or shift is not None):
+        raise InputError("--guidance and --shift apply to the teacher samplers only (give --teacher euler|unipc)")
+    if teacher is not None and mode is not None:
+        raise InputError("--mode applies to rCM sampling, not to the teacher samplers")
+    guidance = 5.0 if guidance is None else guidance
+    shift = 5.0 if shift is None else shift
     try:
         if isinstance(module, CompiledSampler):
             if teacher is not None:
                 raise InputError(f"this artifact is a baked rCM sampler; --teacher {teacher} needs a denoiser artifact")
+            if mode is not None and mode != module.mode:
+                raise InputError(f"--mode {mode} differs from the mode '{module.mode}' baked into this sampler "
+                                 "artifact (re-optimize with bake_rcm_sampler mode to change it)")
             if steps is not None and steps != module.steps:
                 raise InputError(f"--steps {steps} differs from the {module.steps} steps baked into this sampler "
                                  "artifact (re-optimize with bake_rcm_sampler steps to change it)")
@@ -231,6 +245,7 @@ def generate(artifact, conditioning: "dict | str | Path", *, seed: int = 0, step
             if teacher is None:
                 n = 4 if steps is None else steps
                 sm = sigma_max if sigma_max is not None else (200.0 if cfg.model_type == "i2v" else 80.0)
+                mode = mode or "sde"
                 latents = rcm_sample(module, noise, context, steps=n, sigma_max=sm, mode=mode, generator=gen,
                                      y=y, clip_fea=clip_fea, net_dtype=module.activation_dtype, progress=progress)
                 meta.update(sampler="rcm-loop", steps=str(n), mode=mode, sigma_max=str(sm))
