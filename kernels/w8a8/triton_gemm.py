@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from turbocompile.kernels.w8a8._tiling import grouped_tile
+
 from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR, quant_scale_math
 from turbocompile.ops._backend import triton_interpret
 
@@ -73,16 +75,7 @@ def _w8a8_gemm_kernel(
     GROUP_M: tl.constexpr,
 ):
     SCALE_IN_LOOP: tl.constexpr = A_BLOCK or W_BLOCK
-    # Grouped program order: GROUP_M row tiles share the W column tiles while they sit in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm_true = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn_true = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -36,6 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from turbocompile.kernels.w8a8._tiling import grouped_tile
+
 __all__ = ["block_gemm_kernel", "block_configs", "VARIANTS"]
 
 VARIANTS = {"scalar": 0, "magic": 1, "skew": 2}
@@ -97,15 +99,7 @@ def block_gemm_kernel(
     BLOCK_K: tl.constexpr,  # == 128
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm_true = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn_true = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR, quant_scale_math, quantize_triton
+from turbocompile.kernels.w8a8._tiling import grouped_tile
+
+from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR, dequant_scale, quant_scale_math, quantize_triton
 from turbocompile.ops._backend import triton_interpret
 
 __all__ = ["w8a8_gemm_gelu_triton", "w8a8_gemm_gelu_quant_triton", "AMAX_MODES", "DEFAULT_AMAX_MODE",
@@ -94,15 +96,7 @@ def _w8a8_gemm_gelu_kernel(
     GROUP_M: tl.constexpr,
 ):
     SCALE_IN_LOOP: tl.constexpr = A_BLOCK or W_BLOCK
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm_true = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn_true = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -214,11 +208,7 @@ def _quant_from_amax_kernel(
         x = tl.load(h_rows + rn[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
         q, s = quant_scale_math(x, amax[:, None], IS_FP8, USE_RINT)
         tl.store(q_rows + rn[None, :], q, mask=mask)
-    if IS_FP8:
-        s_row = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-    else:
-        s_row = amax * 0.0078125
-    tl.store(s_ptr + rm, s_row, mask=row_ok)
+    tl.store(s_ptr + rm, dequant_scale(amax, IS_FP8), mask=row_ok)
 
 
 def _configs(scale_in_loop: bool) -> list:

@@ -56,6 +56,14 @@ def e4m3_grid(y):
 
 
 @triton.jit
+def dequant_scale(amax, IS_FP8: tl.constexpr):
+    """The stored scale amax/qmax: a correctly rounded division for fp8 (448), exact for int8 (128)."""
+    if IS_FP8:
+        return tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    return amax * 0.0078125
+
+
+@triton.jit
 def quant_scale_math(x, amax, IS_FP8: tl.constexpr, USE_RINT: tl.constexpr):
     """Quantize fp32 ``x`` against its group ``amax`` (already floored, broadcastable).
 
@@ -68,14 +76,12 @@ def quant_scale_math(x, amax, IS_FP8: tl.constexpr, USE_RINT: tl.constexpr):
         y = tl.minimum(tl.maximum((x * inv).to(tl.float32), -448.0), 448.0).to(tl.float32)
         y = e4m3_grid(y)  # round in fp32 first: the e4m3 cast below is then exact on any backend
         q = y.to(tl.float8e4nv)
-        s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
     else:
         inv = tl.math.div_rn(tl.full(amax.shape, 128.0, tl.float32), amax).to(tl.float32)
         y = rne((x * inv).to(tl.float32), USE_RINT)
         y = tl.minimum(tl.maximum(y, -128.0), 127.0)
         q = y.to(tl.int8)
-        s = amax * 0.0078125  # amax / 128, exact
-    return q, s
+    return q, dequant_scale(amax, IS_FP8)
 
 
 @triton.jit
@@ -151,11 +157,7 @@ def _quant_per_token_kernel(
             x = tl.load(x_rows + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
             q, s = quant_scale_math(x, amax[:, None], IS_FP8, USE_RINT)
             tl.store(q_rows + rk[None, :], q, mask=mask)
-        if IS_FP8:
-            s_row = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-        else:
-            s_row = amax * 0.0078125
-        tl.store(s_ptr + rm, s_row, mask=row_ok)
+        tl.store(s_ptr + rm, dequant_scale(amax, IS_FP8), mask=row_ok)
 
 
 def quantize_triton(x: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
