@@ -1,0 +1,243 @@
+"""Where the SageSLA time goes: inner-loop variants of the attention kernel and a per-kernel
+breakdown of the pre-processing, on the GPU.
+
+    source benchmarks/gpu_env.sh; PYTHONUNBUFFERED=1 python3 benchmarks/ablate_sagesla.py
+
+1. correctness of every inner-loop variant on the GPU (vs the default kernel and vs fp32 SDPA);
+2. the attention kernel alone (operands prepared once) for each variant at Wan shapes, dense
+   and top-k 0.1, with the ablations (no exponent / no PV product) that bound each unit's share;
+3. torch.profiler CUDA time per kernel of one whole op (prep passes, glue, top-k, attention).
+JSON to $OUT/ablate_sagesla.json. Variants: cvt (0 I2F, 1 add/sub trick, 2 trick folded into the
+exponent FMA), expm (0 MUFU ex2, 1 FMA polynomial, 2 half/half, 9 none), p8 (0 cvt, 1 int bits).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from turbocompile.kernels.sagesla.triton_attn import launch_attn
+from turbocompile.kernels.sagesla.triton_prep import prepare
+from turbocompile.ops.attention import sagesla
+
+DEV = "cuda"
+OUT = os.environ.get("OUT", ".")
+RES: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+             "correctness": [], "kernel": [], "profile": []}
+ROUND1_VARIANTS = [
+    ("base", {}),
+    ("cvt1", dict(cvt=1)),
+    ("cvt2", dict(cvt=2)),
+    ("expm1", dict(expm=1)),
+    ("expm2", dict(expm=2)),
+    ("p8", dict(p8=1)),
+    ("cvt2+expm1", dict(cvt=2, expm=1)),
+    ("cvt2+expm2", dict(cvt=2, expm=2)),
+    ("cvt2+expm2+p8", dict(cvt=2, expm=2, p8=1)),
+    ("cvt2+expm1+p8", dict(cvt=2, expm=1, p8=1)),
+    ("ABL no-exp (cvt2)", dict(cvt=2, expm=9)),
+    ("ABL no-PV (cvt2)", dict(cvt=2, nopv=True)),
+    ("ABL no-exp no-PV (cvt2)", dict(cvt=2, expm=9, nopv=True)),
+]
+# Round 2 (defaults now cvt 2): TMA K/V loads and pipeline depth.
+VARIANTS = [
+    ("base", {}),
+    ("cvt0", dict(cvt=0)),
+    ("tma", dict(tma=True)),
+    ("tma s2", dict(tma=True, num_stages=2)),
+    ("tma s4", dict(tma=True, num_stages=4)),
+    ("tma bm128 w8", dict(tma=True, block_m=128, num_warps=8)),
+    ("ABL tma no-PV", dict(tma=True, nopv=True)),
+]
+PREP_TUNES = [
+    ("default", {}),
+    ("warps_b 4", dict(warps_b=4)),
+    ("progs_b 4096", dict(progs_b=4096)),
+    ("progs_b 256", dict(progs_b=256)),
+    ("stages_b 2", dict(stages_b=2)),
+    ("linear in A, warps_a 8", dict(linear_in="a", warps_a=8)),
+    ("linear in A, warps_a 4", dict(linear_in="a", warps_a=4)),
+]
+
+
+def metrics(out, ref):
+    o, r = out.double().flatten(), ref.double().flatten()
+    return (o @ r / (o.norm() * r.norm())).item(), ((o - r).abs().sum() / r.abs().sum()).item()
+
+
+def ms_of(fn):
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def correctness():
+    print("== correctness: variants vs default kernel and vs fp32 SDPA (dense) ==", flush=True)
+    for (B, L, H, D) in [(1, 4096, 4, 128), (2, 3001, 3, 64)]:
+        q, k, v = (torch.randn(B, L, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+        sd = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        for quant in ("int8-fp8", "int8-fp16"):
+            for topk in (0.1, 1.0):
+                prep = prepare(q, k, v, topk, 64, 128, quant, False)
+                base = launch_attn(q, k, v, prep, None, None, 64, 128)
+                for name, var in VARIANTS:
+                    if name.startswith("ABL") or (quant == "int8-fp16" and "p8" in var):
+                        continue
+                    if "block_m" in var and not topk == 1.0:
+                        continue
+                    row = dict(shape=[B, L, H, D], quant=quant, topk=topk, variant=name)
+                    try:
+                        o = launch_attn(q, k, v, prep, None, None, 64, 128, **var)
+                        row["vs_default"] = metrics(o, base)
+                        row["finite"] = bool(torch.isfinite(o).all())
+                        if topk == 1.0:
+                            row["vs_sdpa_fp32"] = metrics(o, sd)
+                    except Exception as e:
+                        row["error"] = repr(e)[:300]
+                    print(row, flush=True)
+                    RES["correctness"].append(row)
+
+
+def kernel_timings(name, B, L, H, D, topks):
+    q, k, v = (torch.randn(B, L, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    w = torch.randn(D, D, device=DEV) / math.sqrt(D) * 0.5
+    bias = torch.randn(D, device=DEV) * 0.02
+    for topk in topks:
+        prep = prepare(q, k, v, topk, 64, 128, "int8-fp8", True)
+        dens = prep["T"] / prep["Kb"]
+        flops = 4.0 * B * H * L * L * D * dens
+        print(f"== kernel alone {name} topk {topk} (density {dens:.4f}) ==", flush=True)
+        for vname, var in VARIANTS:
+            if "block_m" in var and topk != 1.0:
+                continue
+            for lin in ((False, True) if vname == "base" else (False,)):
+                try:
+                    fn = (lambda var=var, lin=lin: launch_attn(q, k, v, prep, w if lin else None, bias if lin else None,
+                                                           64, 128, **var))
+                    t = ms_of(fn)
+                    row = dict(shape=name, topk=topk, variant=vname + (" +linear-branch" if lin else ""), ms=t,
+                               eff_tops=flops / (t * 1e-3) / 1e12)
+                except Exception as e:
+                    row = dict(shape=name, topk=topk, variant=vname, error=repr(e)[:300])
+                    traceback.print_exc()
+                print(row, flush=True)
+                RES["kernel"].append(row)
+        del prep
+        torch.cuda.empty_cache()
+
+
+def prep_sweep(name, B, L, H, D, topk):
+    """prepare() alone for each tuning, and its per-kernel CUDA times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = (torch.randn(B, L, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    print(f"== prep sweep {name} topk {topk} ==", flush=True)
+    ref = prepare(q, k, v, topk, 64, 128, "int8-fp8", True)
+    for tname, tune in PREP_TUNES:
+        try:
+            fn = lambda tune=tune: prepare(q, k, v, topk, 64, 128, "int8-fp8", True, tune=tune)  # noqa: E731
+            out = fn()
+            same = all(torch.equal(out[key], ref[key]) for key in ("lut", "kq", "kscale", "vq"))
+            kv_rel = ((out["kv"] - ref["kv"]).norm() / ref["kv"].norm()).item()
+            t = ms_of(fn)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            ker = {ev.key[:28]: round((getattr(ev, "device_time_total", 0) or 0) / 1e3, 3)
+                   for ev in prof.key_averages() if (getattr(ev, "device_time_total", 0) or 0) > 20}
+            row = dict(shape=name, tune=tname, ms=t, identical_quant=same, kv_rel=kv_rel, kernels=ker)
+        except Exception as e:
+            row = dict(shape=name, tune=tname, error=repr(e)[:300])
+        print(row, flush=True)
+        RES.setdefault("prep", []).append(row)
+
+
+def whole_op(name, B, L, H, D):
+    """Whole op (default settings) vs SDPA cuDNN in the same run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(B, L, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    w = torch.randn(D, D, device=DEV) / math.sqrt(D) * 0.5
+    bias = torch.randn(D, device=DEV) * 0.02
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        sd = ms_of(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    del qt, kt, vt
+    row = dict(shape=name, sdpa_cudnn_ms=sd)
+    for topk in (0.1, 1.0):
+        t = ms_of(lambda: sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8",
+                                  backend="triton"))
+        row[f"topk{topk}_ms"] = t
+        row[f"topk{topk}_x_sdpa"] = sd / t
+    print("== whole op ==", row, flush=True)
+    RES.setdefault("whole", []).append(row)
+
+
+def profile_op(name, B, L, H, D, topk):
+    """CUDA time per kernel of the whole op (3 calls, averaged), via torch.profiler."""
+    q, k, v = (torch.randn(B, L, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    w = torch.randn(D, D, device=DEV) / math.sqrt(D) * 0.5
+    bias = torch.randn(D, device=DEV) * 0.02
+    fn = lambda: sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8", backend="triton")  # noqa: E731
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    tot = 0.0
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us <= 0 or ev.key.startswith("ProfilerStep"):
+            continue
+        rows.append((ev.key[:70], us / 3 / 1e3, ev.count // 3))
+    rows.sort(key=lambda r: -r[1])
+    print(f"== per-kernel CUDA time, whole op {name} topk {topk} (ms per call) ==", flush=True)
+    for key, ms, n in rows:
+        tot += ms
+        print(f"  {ms:8.3f}  x{n:<3d} {key}")
+        RES["profile"].append(dict(shape=name, topk=topk, kernel=key, ms=ms, calls=n))
+    print(f"  {tot:8.3f}  total", flush=True)
+
+
+def main():
+    print(RES["device"], "torch", RES["torch"], "triton", RES["triton"], flush=True)
+    parts = os.environ.get("ABLATE", "correctness,kernel,prep,whole,profile").split(",")
+    if "correctness" in parts:
+        correctness()
+    if "kernel" in parts:
+        kernel_timings("B1 H12 L32760 D128", 1, 32760, 12, 128, (1.0, 0.1))
+        kernel_timings("B1 H40 L75600 D128", 1, 75600, 40, 128, (0.1,))
+    for shp in [("B1 H12 L32760 D128", 1, 32760, 12, 128), ("B1 H40 L75600 D128", 1, 75600, 40, 128)]:
+        if "prep" in parts:
+            prep_sweep(*shp, 0.1)
+        if "whole" in parts:
+            whole_op(*shp)
+    if "profile" not in parts:
+        return finish()
+    for args in [("B1 H12 L32760 D128", 1, 32760, 12, 128, 0.1), ("B1 H40 L75600 D128", 1, 75600, 40, 128, 0.1)]:
+        try:
+            profile_op(*args)
+        except Exception:
+            traceback.print_exc()
+    finish()
+
+
+def finish():
+    with open(os.path.join(OUT, "ablate_sagesla.json"), "w") as f:
+        json.dump(RES, f, indent=1)
+    print("== summary: kernel alone (ms, eff TOPS) ==")
+    for r in RES["kernel"]:
+        if "ms" in r:
+            print(f"  {r['shape']:20s} topk {r['topk']:<4} {r['variant']:32s} {r['ms']:8.3f} ms {r['eff_tops']:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
