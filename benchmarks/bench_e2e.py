@@ -46,6 +46,11 @@ VARIANTS = {
     "rcm4_int8+norms+sagesla+epi": [{"name": "w8a8_linear", "options": {"format": "int8"}}, "fuse_norms",
                                     "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}},
                                     {"name": "bake_rcm_sampler", "options": {"steps": 4}}],
+    "w8a8_fp8+norms+sagesla+epi": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
+                                   "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}}],
+    "rcm4_fp8+norms+sagesla+epi": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
+                                   "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}},
+                                   {"name": "bake_rcm_sampler", "options": {"steps": 4}}],
 }
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"

@@ -307,7 +307,9 @@ def sagesla_triton(
     return launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps, num_stages)
 
 
-DEFAULT_VARIANT = {"cvt": 2, "expm": 0, "p8": 0, "tma": False}  # H200: cvt 2 is 8.6% faster dense at 1.3B, 1.4% sparse at 14B
+# H200 (RESULTS.md, SageSLA round 3): cvt 2 is 8.6% faster than I2F dense at 1.3B and 1.4% sparse
+# at 14B; TMA K/V loads a further 4-6%; expm 1/2 and p8 1 are slower. tma None = on sm90+.
+DEFAULT_VARIANT = {"cvt": 2, "expm": 0, "p8": 0, "tma": None}
 
 
 def default_block_m(block_q: int, dense: bool) -> int:
@@ -344,7 +346,10 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
         raise ValueError(f"block_m={block_m} must equal block_q={block_q} (sparse) or be a multiple of it (dense)")
     kdesc = vdesc = None
     Lpad = prep["Lpad"]
-    use_tma = bool(var["tma"]) and qnt != 0
+    use_tma = var["tma"]
+    if use_tma is None:  # Hopper and newer, compiled (the interpreter runs TMA too, but only on request)
+        use_tma = q.is_cuda and not INTERPRET and torch.cuda.get_device_capability(q.device)[0] >= 9
+    use_tma = bool(use_tma) and qnt != 0
     if qnt:
         kq, vq = prep["kq"], prep["vq"]
         kstr = (0, Lpad * D, D, 1)

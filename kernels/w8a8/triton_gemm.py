@@ -20,6 +20,10 @@ per N tile.
 
 Rows/columns past M/N: loads wrap (``% M``) so they need no mask (except the fused-quant A load,
 whose amax must not see other rows), stores are masked. K tails are masked unless EVEN_K.
+
+Per-token x per-channel on sm90+: :func:`w8a8_gemm_triton` runs the persistent TMA kernel of
+:mod:`.triton_gemm_tma` instead of the pointer kernel below whenever that kernel's shape rule holds
+(16-byte aligned rows: K % 16 == 0, N * out_itemsize % 16 == 0; see :func:`gemm_path`).
 """
 
 from __future__ import annotations
@@ -33,11 +37,16 @@ from turbocompile.kernels.w8a8._tiling import grouped_tile
 from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR, quant_scale_math
 from turbocompile.ops._backend import triton_interpret
 
-__all__ = ["w8a8_gemm_triton", "gemm_configs", "DEFAULT_BLOCK_VARIANT"]
+__all__ = ["w8a8_gemm_triton", "gemm_configs", "gemm_path", "DEFAULT_BLOCK_VARIANT", "USE_TMA"]
 
 # block128 x block128 (not fused) runs kernels/w8a8/triton_gemm_block.py; "v1" = the generic
 # kernel below (round 1). Picked from the side-by-side H200 run in benchmarks/RESULTS.md.
 DEFAULT_BLOCK_VARIANT = {"int8": "scalar", "fp8": "scalar"}
+
+# Per-token x per-channel GEMMs on CUDA sm90+: use the persistent TMA kernel (triton_gemm_tma)
+# where its shape rule allows (True), or always the pointer kernel below (False). The
+# ``use_tma`` argument of w8a8_gemm_triton overrides it per call (the benchmark times both).
+USE_TMA = True
 
 
 @triton.jit
@@ -191,6 +200,8 @@ def w8a8_gemm_triton(
     fuse_quant: bool = False,
     config: dict | None = None,
     block_variant: str | None = None,
+    use_tma: bool | None = None,
+    tma_config: dict | None = None,
 ) -> torch.Tensor:
     """Launch the scaled GEMM. Inputs are validated by the op layer; shapes are re-checked here.
 
@@ -200,6 +211,10 @@ def w8a8_gemm_triton(
             autotuning (always used under the CPU interpreter, where autotuning is pointless).
         block_variant: block128 x block128 only: "scalar" | "magic" (int8) | "skew" (fp8) of
             :mod:`.triton_gemm_block`, or "v1" for the generic kernel; None = DEFAULT_BLOCK_VARIANT.
+        use_tma: per_token x per_channel only: None = :data:`USE_TMA` on CUDA sm90+ (never under
+            the interpreter); True = the TMA kernel whenever the shape rule allows (CUDA sm90+ or
+            the interpreter, else ValueError); False = the pointer kernel. See :func:`gemm_path`.
+        tma_config: fixed config of the TMA kernel (see ``triton_gemm_tma.w8a8_gemm_tma``).
     """
     m, k = qa.shape
     n, k2 = qw.shape
@@ -210,6 +225,10 @@ def w8a8_gemm_triton(
     w_block = weight_granularity == "block128"
     if fuse_quant and not a_block:
         raise ValueError("w8a8_gemm_triton: fuse_quant needs block128 activations")
+    if gemm_path(qa, qw, out_dtype, act_granularity, weight_granularity, fuse_quant, use_tma)[0] == "tma":
+        from turbocompile.kernels.w8a8.triton_gemm_tma import w8a8_gemm_tma
+
+        return w8a8_gemm_tma(qa, sa, qw, sw, bias, out_dtype, config=tma_config)
     y = torch.empty((m, n), dtype=out_dtype, device=qa.device)
     if m == 0 or n == 0:
         return y
@@ -250,6 +269,36 @@ def w8a8_gemm_triton(
 
     kernel[grid](*args, **meta)
     return y
+
+
+def gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, act_granularity: str,
+              weight_granularity: str, fuse_quant: bool = False, use_tma: bool | None = None) -> tuple[str, str]:
+    """Which kernel :func:`w8a8_gemm_triton` runs: ``("tma" | "pointer", why)``.
+
+    Dispatch rule (explicit, decided from shapes/dtypes/device before any launch - never by
+    catching a failure):
+    1. ``use_tma=False``, or ``None`` with :data:`USE_TMA` off -> pointer.
+    2. Shape rule (``triton_gemm_tma.tma_unsupported_reason``): per_token x per_channel, not fused,
+       16-byte aligned operand rows (K % 16 == 0 for contiguous 8-bit codes) and bases, output row
+       N * itemsize % 16 == 0. Any failed condition -> pointer.
+    3. Hardware: ``None`` needs a CUDA device of capability >= 9.0 (else pointer; the CPU
+       interpreter also takes the pointer kernel by default); ``True`` needs sm90+ or the
+       interpreter and raises ValueError otherwise (an impossible request).
+    """
+    if use_tma is False or (use_tma is None and not USE_TMA):
+        return "pointer", "TMA off"
+    from turbocompile.kernels.w8a8.triton_gemm_tma import tma_hardware_ok, tma_unsupported_reason
+
+    why = tma_unsupported_reason(qa, qw, out_dtype, act_granularity, weight_granularity, fuse_quant)
+    if why is not None:
+        return "pointer", why
+    if use_tma is None:
+        if triton_interpret() or qa.device.type != "cuda" or not tma_hardware_ok(qa.device):
+            return "pointer", "no sm90+ CUDA device"
+    elif not tma_hardware_ok(qa.device):
+        raise ValueError(f"w8a8_gemm_triton: use_tma=True needs a CUDA device of compute capability >= 9.0 "
+                         f"(or the CPU interpreter), got {qa.device}")
+    return "tma", "shape rule holds"
 
 
 _TUNED_BLOCK: dict[int, object] = {}

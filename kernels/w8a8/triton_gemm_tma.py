@@ -1,0 +1,332 @@
+"""Persistent TMA W8A8 GEMM, per-token (activation) x per-channel (weight) scales, Hopper (sm90+).
+
+``y[m, n] = (sum_k qA[m, k] * qW[n, k]) * sA[m] * sW[n] + bias[n]`` -> bf16 / fp16 / fp32.
+
+* Operands are read through host-side TMA tensor descriptors
+  (:class:`triton.tools.tensor_descriptor.TensorDescriptor`): qA [M, K] as [BLOCK_M, BLOCK_K] boxes,
+  qW in nn.Linear's [N, K] layout (the pass stores it so, K contiguous) as [BLOCK_N, BLOCK_K] boxes,
+  transposed in the dot (``w.T``) - both operands K-major, which is what the 8-bit wgmma needs; no
+  weight copy per call. The TMA unit zero-fills boxes that stick out of the tensor, so M, N and K
+  tails need no masks in the K loop (a zero code times anything adds nothing).
+* INT8 accumulates in int32 (exact), FP8 e4m3 in fp32 (Triton's default fp8 wgmma accumulation, as
+  in the pointer kernel of :mod:`.triton_gemm`).
+* Persistent grid: min(#SMs, #tiles) programs; program p handles tiles p, p + #SMs, ... in the
+  grouped (GROUP_M-swizzled) order of :func:`._tiling.grouped_coords`, so each wave of #SMs tiles
+  shares A row tiles and W column tiles in L2. The tile loop is a ``tl.range(..., flatten=FLATTEN)``
+  so the compiler can pipeline the next tile's loads under the current tile's epilogue.
+* Epilogue: int32 -> fp32, ``* sA[m] * sW[n] + bias[n]`` in fp32 (same order of operations as the
+  pointer kernel, so INT8 results are identical), cast, TMA store (clipped at M, N). With
+  EPILOGUE_SUBTILE the BLOCK_N tile is split into two halves that are scaled and stored one after
+  the other (fewer live fp32 registers, half the store staging buffer).
+
+Shape rule (see :func:`tma_unsupported_reason`): TMA needs 16-byte aligned bases and row strides,
+i.e. K % 16 == 0 for the 1-byte operands (contiguous rows) and N * out_itemsize % 16 == 0 for y;
+:func:`turbocompile.kernels.w8a8.triton_gemm.w8a8_gemm_triton` routes everything else to the
+pointer kernel by this rule, never by catching a failure.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from turbocompile.kernels.w8a8._tiling import grouped_coords
+from turbocompile.ops._backend import triton_interpret
+
+__all__ = [
+    "FLATTEN",
+    "tma_configs",
+    "tma_hardware_ok",
+    "tma_unsupported_reason",
+    "tuned_tma_config",
+    "w8a8_gemm_tma",
+]
+
+# Flatten the persistent tile loop with the K loop (tl.range(..., flatten=True)). Module-level so a
+# benchmark can compare / turn it off; it is a constexpr of the kernel (changing it recompiles).
+FLATTEN = True
+
+_OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+# Programs per tile loop under the CPU interpreter: small, so tests walk several tiles per program.
+_INTERPRET_SMS = 3
+
+
+@triton.jit
+def _scale_bias_cast(
+    acc,  # [BLOCK_M, WIDTH] int32 | fp32 raw dot sums
+    s_a,  # [BLOCK_M] fp32 activation scales of this tile's rows (0 past M)
+    sw_ptr,
+    bias_ptr,
+    off_n,
+    N,
+    stride_swn,
+    HAS_BIAS: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
+    """``acc * sA[m] * sW[n] + bias[n]`` in fp32 for columns off_n..off_n+WIDTH, cast to y's dtype.
+    (The descriptor store stays in the kernel body: descriptors are not passed to helpers.)"""
+    rn = off_n + tl.arange(0, WIDTH)
+    n_ok = rn < N
+    v = acc.to(tl.float32) * s_a[:, None]
+    v = v * tl.load(sw_ptr + rn * stride_swn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if OUT_KIND == 0:
+        out = v.to(tl.bfloat16)
+    elif OUT_KIND == 1:
+        out = v.to(tl.float16)
+    else:
+        out = v
+    return out
+
+
+@triton.jit
+def _w8a8_gemm_tma_kernel(
+    a_desc,  # qA [M, K] int8 | e4m3, block [BLOCK_M, BLOCK_K]
+    w_desc,  # qW [N, K] int8 | e4m3, block [BLOCK_N, BLOCK_K]
+    y_desc,  # y [M, N], block [BLOCK_M, BLOCK_N] (or BLOCK_N // 2 with EPILOGUE_SUBTILE)
+    sa_ptr,  # [M, 1] fp32
+    sw_ptr,  # [N, 1] fp32
+    bias_ptr,  # [N] any float, or a dummy
+    M,
+    N,
+    K,
+    M_BUCKET,  # only an autotune key (size class of M), unused in the body
+    stride_sam,
+    stride_swn,
+    IS_FP8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32 (y_desc's dtype)
+    NUM_SMS: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,
+):
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # The epilogue recomputes its tile from its own counter instead of reusing (pid_m, pid_n) of the
+    # loads: once the loops are flattened the loads of tile t+1 are issued before the epilogue of
+    # tile t, and a value shared by both would have to be kept alive across that overlap.
+    tile_out = start - NUM_SMS
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = grouped_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_am = pid_m * BLOCK_M
+        off_wn = pid_n * BLOCK_N
+        if IS_FP8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kb in range(k_tiles):
+            a = a_desc.load([off_am, kb * BLOCK_K])
+            w = w_desc.load([off_wn, kb * BLOCK_K])
+            if IS_FP8:
+                acc = tl.dot(a, w.T, acc)
+            else:
+                acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+
+        tile_out += NUM_SMS
+        pid_m, pid_n = grouped_coords(tile_out, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rm = off_m + tl.arange(0, BLOCK_M)
+        s_a = tl.load(sa_ptr + rm * stride_sam, mask=rm < M, other=0.0)
+        if EPILOGUE_SUBTILE:
+            # [BM, BN] -> [BM, 2, BN/2] -> [BM, BN/2, 2] -> two [BM, BN/2] halves (columns
+            # off_n.. and off_n + BN/2..), scaled and stored one after the other.
+            acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
+            acc0, acc1 = tl.split(acc3)
+            y0 = _scale_bias_cast(acc0, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND, HALF_N)
+            y_desc.store([off_m, off_n], y0)
+            y1 = _scale_bias_cast(acc1, s_a, sw_ptr, bias_ptr, off_n + HALF_N, N, stride_swn, HAS_BIAS, OUT_KIND,
+                                  HALF_N)
+            y_desc.store([off_m, off_n + HALF_N], y1)
+        else:
+            y_tile = _scale_bias_cast(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND, BLOCK_N)
+            y_desc.store([off_m, off_n], y_tile)
+
+
+def tma_configs() -> list:
+    """Autotune candidates (kept short: 9 shapes x 2 formats are tuned on the GPU).
+
+    BLOCK_K = 128 (128 bytes of 8-bit codes = one 128B-swizzled TMA row). Shared memory per stage:
+    (BM + BN) * 128 B, plus the epilogue's store staging (BM x BN_store x 2 B for bf16):
+    128x256 s3 = 144 + 32 KB (subtiled), 128x128 s4 = 128 + 32 KB, 64x128 s4 = 96 + 16 KB.
+    """
+
+    def cfg(bm, bn, warps, stages, subtile):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8,
+                              "EPILOGUE_SUBTILE": subtile}, num_warps=warps, num_stages=stages,
+                             pre_hook=_set_block_shapes)
+
+    return [
+        cfg(128, 256, 8, 3, True),
+        cfg(128, 128, 8, 4, False),
+        cfg(128, 128, 8, 4, True),
+        cfg(128, 128, 4, 4, False),
+        cfg(64, 128, 4, 4, False),
+    ]
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: the descriptors' box shapes follow the config being launched."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["y_desc"].block_shape = [bm, bn // 2 if nargs["EPILOGUE_SUBTILE"] else bn]
+
+
+_TUNED = None
+
+
+def _tuned_kernel():
+    global _TUNED
+    if _TUNED is None:
+        _TUNED = triton.autotune(
+            configs=tma_configs(),
+            # M changes the best tile only through its size class: bucket it.
+            key=["M_BUCKET", "N", "K", "IS_FP8", "HAS_BIAS", "OUT_KIND"],
+        )(_w8a8_gemm_tma_kernel)
+    return _TUNED
+
+
+def tuned_tma_config():
+    """The autotuner's last pick (for the benchmark's report), or None."""
+    return None if _TUNED is None else getattr(_TUNED, "best_config", None)
+
+
+def tma_hardware_ok(device: torch.device) -> bool:
+    """TMA descriptors can be used on ``device``: a CUDA GPU of compute capability >= 9.0, or any
+    tensor under the CPU interpreter (which emulates descriptor loads/stores)."""
+    if triton_interpret():
+        return True
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx] >= (9, 0)
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _row_major_16b(t: torch.Tensor) -> str | None:
+    """Why ``t`` (2-D) cannot be a TMA global tensor, or None."""
+    if t.stride(1) != 1:
+        return f"inner stride {t.stride(1)} != 1"
+    if (t.stride(0) * t.element_size()) % 16:
+        return f"row stride {t.stride(0) * t.element_size()} B not a multiple of 16"
+    if t.data_ptr() % 16:
+        return "base address not 16-byte aligned"
+    return None
+
+
+def tma_unsupported_reason(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype,
+                           act_granularity: str, weight_granularity: str, fuse_quant: bool = False) -> str | None:
+    """The TMA kernel's shape rule: None when it can run this GEMM, else the reason it cannot.
+
+    Requirements: per-token activations x per-channel weights (scales in the epilogue), no fused
+    activation quantization; qA [M, K] and qW [N, K] with contiguous rows whose byte stride is a
+    multiple of 16 (K % 16 == 0 for contiguous 1-byte codes) and 16-byte aligned bases; the output
+    row N * itemsize(out_dtype) a multiple of 16 bytes (N % 8 == 0 for bf16/fp16, N % 4 for fp32).
+    Hardware (sm90+) is checked separately by :func:`tma_hardware_ok`.
+    """
+    if act_granularity != "per_token" or weight_granularity != "per_channel":
+        return f"scales {act_granularity} x {weight_granularity} (TMA kernel: per_token x per_channel only)"
+    if fuse_quant:
+        return "fused activation quantization"
+    if out_dtype not in _OUT_KIND:
+        return f"output dtype {out_dtype}"
+    for name, t in (("activation", qa), ("weight", qw)):
+        why = _row_major_16b(t)
+        if why is not None:
+            return f"{name} {tuple(t.shape)}: {why}"
+    n = qw.shape[0]
+    out_row = n * out_dtype.itemsize
+    if out_row % 16:
+        return f"output row of N={n} {out_dtype} is {out_row} B, not a multiple of 16"
+    return None
+
+
+_SMS: dict[int, int] = {}
+
+
+def _num_programs_cap(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRET_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def w8a8_gemm_tma(
+    qa: torch.Tensor,  # [M, K] int8 | e4m3
+    sa: torch.Tensor,  # [M, 1] fp32
+    qw: torch.Tensor,  # [N, K] int8 | e4m3
+    sw: torch.Tensor,  # [N, 1] fp32
+    bias: torch.Tensor | None,  # [N]
+    out_dtype: torch.dtype,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Run the persistent TMA GEMM (per-token x per-channel). The caller applies the shape rule.
+
+    Args:
+        config: fixed ``{"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPILOGUE_SUBTILE",
+            "num_warps", "num_stages"}`` instead of autotuning (always used under the CPU
+            interpreter, where autotuning is pointless; missing keys take interpreter defaults).
+    """
+    m, k = qa.shape
+    n, k2 = qw.shape
+    if k != k2:
+        raise ValueError(f"w8a8_gemm_tma: K mismatch, activation {tuple(qa.shape)} vs weight {tuple(qw.shape)}")
+    if qa.dtype != qw.dtype or qa.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"w8a8_gemm_tma: codes must both be int8 or both float8_e4m3fn, got {qa.dtype}, {qw.dtype}")
+    if tuple(sa.shape) != (m, 1) or tuple(sw.shape) != (n, 1):
+        raise ValueError(f"w8a8_gemm_tma: scales must be [M, 1] and [N, 1], got {tuple(sa.shape)}, {tuple(sw.shape)}")
+    why = tma_unsupported_reason(qa, qw, out_dtype, "per_token", "per_channel")
+    if why is not None:
+        raise ValueError(f"w8a8_gemm_tma: not a TMA shape ({why}); use w8a8_gemm_triton, which dispatches")
+    y = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(out_dtype)
+        return y
+    # Box shapes are placeholders here; the launch below (or the autotune pre-hook) sets them.
+    a_desc = TensorDescriptor.from_tensor(qa, [64, 128])
+    w_desc = TensorDescriptor.from_tensor(qw, [64, 128])
+    y_desc = TensorDescriptor.from_tensor(y, [64, 64])
+    nsm = _num_programs_cap(qa.device)
+    args = (a_desc, w_desc, y_desc, sa, sw, bias if bias is not None else sw,
+            m, n, k, min(triton.next_power_of_2(m), 8192), sa.stride(0), sw.stride(0))
+    meta = dict(IS_FP8=qa.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
+                OUT_KIND=_OUT_KIND[out_dtype], NUM_SMS=nsm, FLATTEN=FLATTEN)
+    if config is None and triton_interpret():
+        config = {}
+    if config is not None:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "EPILOGUE_SUBTILE": True,
+               "num_warps": 4, "num_stages": 1 if triton_interpret() else 3}
+        cfg.update(config)
+        _set_block_shapes({"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, **cfg})
+        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+        _w8a8_gemm_tma_kernel[(min(nsm, tiles),)](*args, **meta, **cfg)
+        return y
+
+    def grid(c):
+        return (min(nsm, triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])),)
+
+    _tuned_kernel()[grid](*args, **meta)
+    return y
