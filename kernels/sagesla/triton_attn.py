@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_prep import INTERPRET, dot_acc, prepare, round_e4m3
+from .triton_prep import INTERPRET, dot_acc, feature_map, prepare, round_e4m3
 
 LOG2E = 1.4426950408889634
 LOG2_448 = tl.constexpr(8.807354922057604)  # log2(448): P̃ = 448·p = exp2(s − m + log2 448)
@@ -240,8 +240,7 @@ def _sagesla_fwd_kernel(
     if LINEAR:
         # φ(q) = softmax over the head dim of the (unquantized) q tile.
         qf2 = tl.load(qptrs, mask=row_ok, other=0.0).to(tl.float32)
-        e = tl.exp2((qf2 - tl.max(qf2, axis=1)[:, None]) * 1.4426950408889634)
-        phi = e * (1.0 / tl.sum(e, axis=1))[:, None]
+        phi = feature_map(qf2)
         kvm = tl.load(kv_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
         ks = tl.load(ksum_ptr + bh * HEAD_D + offs_d)
         num = dot_acc(phi.to(qx.dtype), kvm, tl.zeros(o.shape, dtype=tl.float32), EXACT_FP8)
@@ -279,8 +278,7 @@ def _linear_out_kernel(
     qx = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
                  + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd, mask=row_ok, other=0.0)
     qf = qx.to(tl.float32)
-    e = tl.exp2((qf - tl.max(qf, axis=1)[:, None]) * 1.4426950408889634)
-    phi = e * (1.0 / tl.sum(e, axis=1))[:, None]
+    phi = feature_map(qf)
     kvm = tl.load(kv_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
     ks = tl.load(ksum_ptr + bh * HEAD_D + offs_d)
     num = dot_acc(phi.to(qx.dtype), kvm, tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32), EXACT_FP8)

@@ -42,6 +42,13 @@ def round_e4m3(x):
 
 
 @triton.jit
+def feature_map(x):
+    """φ(x) of the linear branch: softmax over the head dim (axis 1) of an fp32 tile."""
+    e = tl.exp2((x - tl.max(x, axis=1)[:, None]) * 1.4426950408889634)
+    return e * (1.0 / tl.sum(e, axis=1))[:, None]
+
+
+@triton.jit
 def dot_acc(a, b, acc, F32: tl.constexpr):
     """acc + a @ b. F32 (interpreter only): upcast first; the interpreter multiplies the raw
     bits of bfloat16 operands."""
@@ -103,8 +110,7 @@ def _pool_kernel(
         vmax = tl.maximum(vmax, tl.max(tl.abs(vx.to(tl.float32)), axis=0))
         if LINEAR:
             # φ(k) = softmax over the head dim; padded rows contribute nothing.
-            e = tl.exp2((x - tl.max(x, axis=1)[:, None]) * 1.4426950408889634)
-            phi = tl.where(m, e * (1.0 / tl.sum(e, axis=1))[:, None], 0.0)
+            phi = tl.where(m, feature_map(x), 0.0)
             ks += tl.sum(phi, axis=0)
             kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
     tl.store(vmax_ptr + (bh * NC + c).to(tl.int64) * HEAD_D + offs_d, vmax)
@@ -176,8 +182,7 @@ def _quant_kv_kernel(
                 tl.store(vptrs, vx.to(tl.float16))
         if LINEAR:
             # φ(k) = softmax over the head dim; padded rows contribute nothing.
-            e = tl.exp2((kf - tl.max(kf, axis=1)[:, None]) * 1.4426950408889634)
-            phi = tl.where(m, e * (1.0 / tl.sum(e, axis=1))[:, None], 0.0)
+            phi = tl.where(m, feature_map(kf), 0.0)
             ks += tl.sum(phi, axis=0)
             kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
     if LINEAR:
