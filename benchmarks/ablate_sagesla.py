@@ -57,12 +57,27 @@ VARIANTS = [
 ]
 PREP_TUNES = [
     ("default", {}),
-    ("warps_b 4", dict(warps_b=4)),
-    ("progs_b 4096", dict(progs_b=4096)),
-    ("progs_b 256", dict(progs_b=256)),
-    ("stages_b 2", dict(stages_b=2)),
+    ("linear in B (session-3 default)", dict(linear_in="b")),
     ("linear in A, warps_a 8", dict(linear_in="a", warps_a=8)),
-    ("linear in A, warps_a 4", dict(linear_in="a", warps_a=4)),
+    ("linear kernel: k transposed", dict(lin_kt=1)),
+    ("linear kernel: 128 rows/step", dict(lin_block=128)),
+    ("linear kernel: 32 rows/step", dict(lin_block=32)),
+    ("linear kernel: 4 warps", dict(lin_warps=4)),
+    ("linear kernel: stages 3", dict(lin_stages=3)),
+    ("linear kernel: stages 1", dict(lin_stages=1)),
+    ("linear kernel: 512 progs", dict(progs_l=512)),
+    ("linear kernel: 2048 progs", dict(progs_l=2048)),
+]
+# The split linear-branch output kernel (launch_attn(linear_cfg=...)).
+LINEAR_OUT_CFGS = [
+    ("default", {}),
+    ("1 wave", dict(waves=1)),
+    ("2 waves", dict(waves=2)),
+    ("8 waves", dict(waves=8)),
+    ("stages 1", dict(stages=1)),
+    ("stages 3", dict(stages=3)),
+    ("128 rows x 8 warps", dict(block_m=128, warps=8)),
+    ("32 rows x 4 warps", dict(block_m=32, warps=4)),
 ]
 
 
@@ -156,6 +171,29 @@ def prep_sweep(name, B, L, H, D, topk):
         RES.setdefault("prep", []).append(row)
 
 
+def linear_out_sweep(name, B, L, H, D, topk):
+    """Cost of the linear branch output (split kernel + the attention kernel's ADD_OUT read):
+    attention with proj_l minus attention without, for each launch config of the split kernel."""
+    q, k, v = (torch.randn(B, L, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    w = torch.randn(D, D, device=DEV) / math.sqrt(D) * 0.5
+    bias = torch.randn(D, device=DEV) * 0.02
+    prep = prepare(q, k, v, topk, 64, 128, "int8-fp8", True)
+    t0 = ms_of(lambda: launch_attn(q, k, v, prep, None, None, 64, 128))
+    ref = launch_attn(q, k, v, prep, w, bias, 64, 128)
+    print(f"== linear-out sweep {name} topk {topk}: attention without the linear branch {t0:.3f} ms ==", flush=True)
+    for cname, cfg in LINEAR_OUT_CFGS:
+        try:
+            o = launch_attn(q, k, v, prep, w, bias, 64, 128, linear_cfg=cfg)
+            t = ms_of(lambda cfg=cfg: launch_attn(q, k, v, prep, w, bias, 64, 128, linear_cfg=cfg))
+            row = dict(shape=name, cfg=cname, ms=t, linear_ms=t - t0, vs_default=metrics(o, ref))
+        except Exception as e:
+            row = dict(shape=name, cfg=cname, error=repr(e)[:300])
+        print(row, flush=True)
+        RES.setdefault("linear_out", []).append(row)
+    del prep
+    torch.cuda.empty_cache()
+
+
 def whole_op(name, B, L, H, D):
     """Whole op (default settings) vs SDPA cuDNN in the same run."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -209,7 +247,7 @@ def profile_op(name, B, L, H, D, topk):
 
 def main():
     print(RES["device"], "torch", RES["torch"], "triton", RES["triton"], flush=True)
-    parts = os.environ.get("ABLATE", "correctness,kernel,prep,whole,profile").split(",")
+    parts = os.environ.get("ABLATE", "correctness,kernel,prep,linout,whole,profile").split(",")
     if "correctness" in parts:
         correctness()
     if "kernel" in parts:
@@ -218,6 +256,8 @@ def main():
     for shp in [("B1 H12 L32760 D128", 1, 32760, 12, 128), ("B1 H40 L75600 D128", 1, 75600, 40, 128)]:
         if "prep" in parts:
             prep_sweep(*shp, 0.1)
+        if "linout" in parts:
+            linear_out_sweep(*shp, 0.1)
         if "whole" in parts:
             whole_op(*shp)
     if "profile" not in parts:

@@ -19,7 +19,8 @@ Each program:
      pv = dot(P̃_e4m3, V_fp8) into a fresh fp32 tile, acc = acc·α + pv (two-level accumulation:
      the sm90 fp8 MMA accumulates at reduced precision, spec §4.3).
   3. epilogue: o_s = acc · v_scale / l, plus the linear branch φ(q)·KV / (1e-5 + φ(q)·ksum) →
-     proj_l → bias: by default precomputed into the output by `_linear_out_kernel` and added
+     proj_l → bias, with proj_l folded into KVW = KV·Wᵀ (one product per row tile): by default
+     precomputed into the output by `_linear_out_kernel` and added
      (ADD_OUT: the fused variant, LINEAR, made the main loop spill), written to [B, L, H, D].
 QUANT: 0 = plain bf16/fp16 SLA (K, V read from the inputs), 1 = int8-fp8, 2 = int8-fp16.
 """
@@ -154,9 +155,8 @@ def _sagesla_fwd_kernel(
     kscale_ptr,  # [B*H, Kb] fp32
     vscale_ptr,  # [B*H, D] fp32 (QUANT == 1)
     lut_ptr,  # [B*H, Qb, T] int32, ascending (unused when DENSE)
-    kv_ptr,  # [B*H, D, D] q dtype  φ(k)ᵀ v
+    kvw_ptr,  # [B*H, D, D] q dtype  (φ(k)ᵀ v)·proj_lᵀ
     ksum_ptr,  # [B*H, D] fp32     Σ φ(k)
-    w_ptr,  # [D, D] proj_l weight (out, in), q dtype
     bias_ptr,  # [D] fp32
     o_ptr,  # [B, L, H, D]
     H, L, Qb, Kb, T, qk_scale,
@@ -238,17 +238,15 @@ def _sagesla_fwd_kernel(
         o = acc / l_i[:, None]
 
     if LINEAR:
-        # φ(q) = softmax over the head dim of the (unquantized) q tile.
+        # φ(q) = softmax over the head dim of the (unquantized) q tile; proj_l is folded into
+        # KVW = KV·Wᵀ, so o_l·Wᵀ = φ(q)·KVW / den is one product.
         qf2 = tl.load(qptrs, mask=row_ok, other=0.0).to(tl.float32)
-        phi = feature_map(qf2)
-        kvm = tl.load(kv_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
+        phi = feature_map(qf2, 1)
+        kvw = tl.load(kvw_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
         ks = tl.load(ksum_ptr + bh * HEAD_D + offs_d)
-        num = dot_acc(phi.to(qx.dtype), kvm, tl.zeros(o.shape, dtype=tl.float32), EXACT_FP8)
+        num = dot_acc(phi.to(qx.dtype), kvw, tl.zeros(o.shape, dtype=tl.float32), EXACT_FP8)
         den = 1e-5 + tl.sum(phi * ks[None, :], axis=1)
-        ol = (num * (1.0 / den)[:, None]).to(qx.dtype)
-        # proj_l: o_l Wᵀ, W stored (out, in); load Wᵀ[in, out] = W[out, in].
-        wt = tl.load(w_ptr + offs_d[None, :] * HEAD_D + offs_d[:, None])
-        o = dot_acc(ol, wt, o, EXACT_FP8)
+        o += num * (1.0 / den)[:, None]
     if HAS_BIAS:
         o += tl.load(bias_ptr + offs_d)[None, :]
     optrs = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh \
@@ -260,37 +258,60 @@ def _sagesla_fwd_kernel(
 
 @triton.jit
 def _linear_out_kernel(
-    q_ptr, kv_ptr, ksum_ptr, w_ptr, bias_ptr, o_ptr, H, L,
+    q_ptr, kvw_ptr, ksum_ptr, bias_ptr, o_ptr, H, L, n_tiles, tiles_per_prog,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_ob, stride_ol, stride_oh, stride_od,
     BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT_FP8: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """o = proj_l(φ(q)·KV / (1e-5 + φ(q)·ksum)) (+ bias), written to o_ptr in its dtype; the
-    attention kernel (ADD_OUT) adds the sparse branch. Kept out of the attention epilogue,
-    whose extra registers made the main loop spill (255 regs, 28 spills at 64×128)."""
-    i = tl.program_id(0)
+    """o = φ(q)·KVW / (1e-5 + φ(q)·ksum) (+ bias) = proj_l(linear branch), written to o_ptr in its
+    dtype; the attention kernel (ADD_OUT) adds the sparse branch. Grid (programs per head, B*H):
+    each program loads its head's KVW = (φ(k)ᵀv)·proj_lᵀ and Σφ(k) once and walks
+    `tiles_per_prog` consecutive BLOCK_M-row tiles. Kept out of the attention epilogue, whose
+    extra registers made the main loop spill (255 regs, 28 spills at 64×128)."""
+    p = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
-    row_ok = offs_m[:, None] < L
-    qx = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-                 + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd, mask=row_ok, other=0.0)
-    qf = qx.to(tl.float32)
-    phi = feature_map(qf)
-    kvm = tl.load(kv_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
+    offs_r = tl.arange(0, BLOCK_M)
+    kvw = tl.load(kvw_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
     ks = tl.load(ksum_ptr + bh * HEAD_D + offs_d)
-    num = dot_acc(phi.to(qx.dtype), kvm, tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32), EXACT_FP8)
-    den = 1e-5 + tl.sum(phi * ks[None, :], axis=1)
-    ol = (num * (1.0 / den)[:, None]).to(qx.dtype)
-    wt = tl.load(w_ptr + offs_d[None, :] * HEAD_D + offs_d[:, None])
-    o = dot_acc(ol, wt, tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32), EXACT_FP8)
     if HAS_BIAS:
-        o += tl.load(bias_ptr + offs_d)[None, :]
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
-             + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :] * stride_od,
-             o.to(o_ptr.dtype.element_ty), mask=row_ok)
+        bias = tl.load(bias_ptr + offs_d)
+    qbase = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+    obase = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh
+    t0 = p * tiles_per_prog
+    t1 = tl.minimum(t0 + tiles_per_prog, n_tiles)
+    for t in tl.range(t0, t1, num_stages=STAGES):
+        offs_m = t * BLOCK_M + offs_r
+        row_ok = offs_m[:, None] < L
+        qx = tl.load(qbase + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd,
+                     mask=row_ok, other=0.0)
+        phi = feature_map(qx.to(tl.float32), 1)
+        num = dot_acc(phi.to(qx.dtype), kvw, tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32), EXACT_FP8)
+        den = 1e-5 + tl.sum(phi * ks[None, :], axis=1)
+        o = num * (1.0 / den)[:, None]
+        if HAS_BIAS:
+            o += bias[None, :]
+        tl.store(obase + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :] * stride_od,
+                 o.to(o_ptr.dtype.element_ty), mask=row_ok)
+
+
+def fold_proj(kv: torch.Tensor, proj_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """KVW = KV·Wᵀ [B*H, D, D] in ``dtype``: proj_l folded into the linear branch's state, since
+    proj_l(φ(q)·KV / den) = φ(q)·(KV·Wᵀ) / den. KV and W are rounded to ``dtype`` first (TD keeps
+    both in the model dtype); the product is taken in fp32 and rounded once."""
+    return torch.matmul(kv.to(dtype).float(), proj_weight.to(dtype).float().t()).to(dtype)
+
+
+def linear_out_grid(L: int, BH: int, block_m: int, sms: int, waves: int = 4) -> tuple[int, int]:
+    """(programs per head, tiles per program) for `_linear_out_kernel`: about `waves` programs per
+    SM in all, each walking consecutive row tiles of one head."""
+    n_tiles = triton.cdiv(L, block_m)
+    per_head = max(1, min(n_tiles, triton.cdiv(waves * sms, BH)))
+    tiles = triton.cdiv(n_tiles, per_head)
+    return triton.cdiv(n_tiles, tiles), tiles
 
 
 def sagesla_triton(
@@ -308,6 +329,8 @@ def sagesla_triton(
 # H200 (RESULTS.md, SageSLA round 3): cvt 2 is 8.6% faster than I2F dense at 1.3B and 1.4% sparse
 # at 14B; TMA K/V loads a further 4-6%; expm 1/2 and p8 1 are slower. tma None = on sm90+.
 DEFAULT_VARIANT = {"cvt": 2, "expm": 0, "p8": 0, "tma": None}
+# The split linear-branch kernel: rows per tile, warps, pipeline stages, programs per SM.
+DEFAULT_LINEAR_OUT = {"block_m": 64, "warps": 4, "stages": 2, "waves": 4}
 
 
 def default_block_m(block_q: int, dense: bool) -> int:
@@ -319,14 +342,15 @@ def default_block_m(block_q: int, dense: bool) -> int:
 
 def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps=None, num_stages=None,
                 block_m=None, magic_cvt=False, warp_specialize=False, split_linear=True, return_kernel=False,
-                cvt=None, expm=None, p8=None, nopv=False, tma=None):
+                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None):
     """The sparse forward alone, on the operands made by :func:`prepare`.
 
     Inner-loop variants (benchmark knobs; defaults in DEFAULT_VARIANT): ``cvt`` int32 -> fp32 of the
     INT8 scores (0 I2F, 1 add/sub bit trick, 2 bit trick folded into the exponent FMA), ``expm`` the
     softmax exponent (0 MUFU, 1 FMA polynomial, 2 half/half), ``p8`` the P -> e4m3 cast (0 cvt,
     1 integer bits), ``nopv`` (ablation: no PV product), ``tma`` (K/V tiles through Hopper TMA
-    descriptors instead of pointer loads; quantized modes only)."""
+    descriptors instead of pointer loads; quantized modes only). ``linear_cfg`` overrides keys of
+    DEFAULT_LINEAR_OUT (the split linear-branch kernel's launch)."""
     var = dict(DEFAULT_VARIANT)
     if magic_cvt:
         var["cvt"] = 1
@@ -363,16 +387,19 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
         kstr = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
         vstr = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
     if linear:
-        kv, ksum = prep["kv"].to(q.dtype), prep["ksum"]  # [B*H, D, D] in the input dtype, as TD
-        w = proj_weight.to(q.dtype).contiguous()
+        kvw, ksum = fold_proj(prep["kv"], proj_weight, q.dtype), prep["ksum"]
     else:
-        kv = ksum = w = prep["vscale"]
+        kvw = ksum = prep["vscale"]
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
     split = linear and split_linear
     if split:
-        _linear_out_kernel[(triton.cdiv(L, 64), B * H)](
-            q, kv, ksum, w, bias, out, H, L, *q.stride(), *out.stride(),
-            BLOCK_M=64, HEAD_D=D, HAS_BIAS=proj_bias is not None, EXACT_FP8=INTERPRET, num_warps=4)
+        lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        per_head, tiles = linear_out_grid(L, B * H, lc["block_m"], sms, lc["waves"])
+        _linear_out_kernel[(per_head, B * H)](
+            q, kvw, ksum, bias, out, H, L, triton.cdiv(L, lc["block_m"]), tiles, *q.stride(), *out.stride(),
+            BLOCK_M=lc["block_m"], HEAD_D=D, HAS_BIAS=proj_bias is not None, EXACT_FP8=INTERPRET,
+            STAGES=lc["stages"], num_warps=lc["warps"])
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
     if num_stages is None:
@@ -380,7 +407,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     lut = prep["lut"] if prep["lut"] is not None else prep["vscale"]
     grid = (triton.cdiv(L, block_m), B * H)
     kern = _sagesla_fwd_kernel[grid](
-        q, kq, vq, prep["kscale"], prep["vscale"], lut, kv, ksum, w, bias, out,
+        q, kq, vq, prep["kscale"], prep["vscale"], lut, kvw, ksum, bias, out,
         H, L, prep["Qb"], prep["Kb"], prep["T"], LOG2E / math.sqrt(D),
         *q.stride(), *kstr, *vstr, *out.stride(),
         BLOCK_M=block_m, QGROUP=block_q, BLOCK_N=block_k, HEAD_D=D,

@@ -13,6 +13,11 @@ Pass B (`_quant_kv_kernel`, grid (chunks, B*H)): reads k and v once more and wri
 (k - km) per key block [B*H, Lpad, D] with its scales, V (FP8 e4m3 or fp16) D-major
 [B*H, D, Lpad] zero-padded, and the linear-branch statistics φ(k)ᵀv and Σφ(k) per chunk.
 Together: q read once, k and v read twice, K/V written once at 1 byte (fp8) per element.
+
+The linear-branch statistics run by default in their own kernel (`_linear_stats_kernel`, a third
+read of k and v): inside pass B their [D, D] accumulator and the transpose of φ(k) made the
+quantization loop register-bound (H200: pass B 0.79 ms quant-only vs 1.99 ms with the
+statistics at B1 H40 L75600).
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ def round_e4m3(x):
 
 
 @triton.jit
-def feature_map(x):
-    """φ(x) of the linear branch: softmax over the head dim (axis 1) of an fp32 tile."""
-    e = tl.exp2((x - tl.max(x, axis=1)[:, None]) * 1.4426950408889634)
-    return e * (1.0 / tl.sum(e, axis=1))[:, None]
+def feature_map(x, AXIS: tl.constexpr):
+    """φ(x) of the linear branch: softmax over the head dim of an fp32 tile; the head dim is
+    AXIS (1 for [rows, D] tiles, 0 for transposed [D, rows] tiles)."""
+    e = tl.exp2((x - tl.expand_dims(tl.max(x, axis=AXIS), AXIS)) * 1.4426950408889634)
+    return e * tl.expand_dims(1.0 / tl.sum(e, axis=AXIS), AXIS)
 
 
 @triton.jit
@@ -110,7 +116,7 @@ def _pool_kernel(
         vmax = tl.maximum(vmax, tl.max(tl.abs(vx.to(tl.float32)), axis=0))
         if LINEAR:
             # φ(k) = softmax over the head dim; padded rows contribute nothing.
-            phi = tl.where(m, feature_map(x), 0.0)
+            phi = tl.where(m, feature_map(x, 1), 0.0)
             ks += tl.sum(phi, axis=0)
             kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
     tl.store(vmax_ptr + (bh * NC + c).to(tl.int64) * HEAD_D + offs_d, vmax)
@@ -182,13 +188,62 @@ def _quant_kv_kernel(
                 tl.store(vptrs, vx.to(tl.float16))
         if LINEAR:
             # φ(k) = softmax over the head dim; padded rows contribute nothing.
-            phi = tl.where(m, feature_map(kf), 0.0)
+            phi = tl.where(m, feature_map(kf, 1), 0.0)
             ks += tl.sum(phi, axis=0)
             kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
     if LINEAR:
         base = (bh * NC + c).to(tl.int64)
         tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
         tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :], kv)
+
+
+@triton.jit
+def _linear_stats_kernel(
+    k_ptr, v_ptr,  # [B, L, H, D] each
+    kv_ptr,  # [B*H, NC, D, D] fp32: per-chunk φ(k)ᵀ v
+    ks_ptr,  # [B*H, NC, D] fp32: per-chunk Σ φ(k)
+    H, L, NC,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, HEAD_D: tl.constexpr, KT: tl.constexpr,
+    EXACT_FP8: tl.constexpr, STAGES: tl.constexpr,
+):
+    """The linear branch's statistics alone (`linear_in="c"`): a pipelined loop over the rows
+    of one chunk that keeps only the [D, D] accumulator live, so the quantization pass stays
+    register-light. KT: load k as a [D, BLOCK] tile (φ over axis 0) so φ(k)ᵀ is the dot's A
+    operand as computed, with no register transpose."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    row0 = c * CHUNK
+    offs_d = tl.arange(0, HEAD_D)
+    offs_r = tl.arange(0, BLOCK)
+    kbase = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
+    vbase = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
+    kv = tl.zeros([HEAD_D, HEAD_D], dtype=tl.float32)
+    ks = tl.zeros([HEAD_D], dtype=tl.float32)
+    nt = tl.cdiv(tl.minimum(L - row0, CHUNK), BLOCK)
+    for j in tl.range(nt, num_stages=STAGES):
+        rows = row0 + j * BLOCK + offs_r
+        ok = rows < L
+        vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
+                     mask=ok[:, None], other=0.0)
+        if KT:
+            kx = tl.load(kbase + rows[None, :].to(tl.int64) * stride_kl + offs_d[:, None] * stride_kd,
+                         mask=ok[None, :], other=0.0)
+            phit = tl.where(ok[None, :], feature_map(kx.to(tl.float32), 0), 0.0)  # [D, BLOCK]
+            ks += tl.sum(phit, axis=1)
+            kv = dot_acc(phit.to(vx.dtype), vx, kv, EXACT_FP8)
+        else:
+            kx = tl.load(kbase + rows[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
+                         mask=ok[:, None], other=0.0)
+            phi = tl.where(ok[:, None], feature_map(kx.to(tl.float32), 1), 0.0)  # [BLOCK, D]
+            ks += tl.sum(phi, axis=0)
+            kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
+    base = (bh * NC + c).to(tl.int64)
+    tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
+    tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :], kv)
 
 
 @triton.jit
@@ -252,10 +307,13 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 
 
 # Tuning knobs (the benchmark sweeps them): programs per pass, warps per pass, where the linear
-# statistics are computed ("a": pass A, so pass B is one key block per program; "b": pass B),
-# and the top-k implementation ("triton" | "torch").
-DEFAULT_TUNE = {"progs_a": 1024, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "linear_in": "b", "topk": "triton",
-                "stages_a": 1, "stages_b": 1}
+# statistics are computed ("a": pass A, so pass B is one key block per program; "b": pass B;
+# "c": their own kernel, `_linear_stats_kernel`, with rows per step, warps, pipeline stages,
+# programs and the transposed-k load of that kernel), and the top-k implementation
+# ("triton" | "torch").
+DEFAULT_TUNE = {"progs_a": 1024, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "linear_in": "c", "topk": "triton",
+                "stages_a": 1, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 8, "lin_stages": 2,
+                "lin_kt": 0}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None):
@@ -272,8 +330,11 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     T = max(1, min(Kb, int(topk * Kb)))
     dense = T == Kb
     qnt = {"none": 0, "int8-fp8": 1, "int8-fp16": 2}[quant]
+    if tn["linear_in"] not in ("a", "b", "c"):
+        raise ValueError(f"linear_in={tn['linear_in']!r}; valid: 'a', 'b', 'c'")
     lin_a = linear and tn["linear_in"] == "a"
-    lin_b = linear and not lin_a
+    lin_b = linear and tn["linear_in"] == "b"
+    lin_c = linear and tn["linear_in"] == "c"
     chunk = _chunk_rows(L, BH, max(block_q, block_k), tn["progs_a"])
     NC = math.ceil(L / chunk)
     dev = q.device
@@ -320,6 +381,16 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             *k.stride(), *v.stride(),
             CHUNK=chunk_b, BLOCK_K=block_k, HEAD_D=D, QUANT=qnt, LINEAR=lin_b, EXACT_FP8=INTERPRET, STAGES=tn["stages_b"],
             num_warps=tn["warps_b"] if (lin_b or D == 128) else 4,
+        )
+    if lin_c:
+        chunk_l = _chunk_rows(L, BH, tn["lin_block"], tn["progs_l"])
+        NCL = math.ceil(L / chunk_l)
+        kvp = torch.empty(BH, NCL, D, D, device=dev, dtype=f32)
+        ksp = torch.empty(BH, NCL, D, device=dev, dtype=f32)
+        _linear_stats_kernel[(NCL, BH)](
+            k, v, kvp, ksp, H, L, NCL, *k.stride(), *v.stride(),
+            CHUNK=chunk_l, BLOCK=tn["lin_block"], HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
+            STAGES=tn["lin_stages"], num_warps=tn["lin_warps"],
         )
     out = {"lut": lut, "T": T, "Qb": Qb, "Kb": Kb, "Lpad": Lpad, "quant": qnt, "dense": dense,
            "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale}

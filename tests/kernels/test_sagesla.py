@@ -275,6 +275,54 @@ def test_inner_loop_variants_agree(quant, var):
     assert torch.isfinite(out).all() and cos >= 0.99995 and l1 <= 0.006, (cos, l1)
 
 
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("L,D", [(1, 64), (203, 64), (130, 128)])
+def test_linear_statistics_placements_agree(L, D):
+    """φ(k)ᵀv and Σφ(k) are the same wherever they are computed: pass A, pass B, their own kernel
+    (row-major or transposed k tiles, several rows per step and programs per head), and vs fp64."""
+    from turbocompile.kernels.sagesla.triton_prep import prepare
+
+    q, k, v = rand(2, L, 2, D)
+    pk = torch.softmax(k.double(), -1)
+    kv_ref = torch.einsum("blhd,blhe->bhde", pk, v.double()).reshape(4, D, D)
+    ks_ref = pk.sum(1).reshape(4, D)
+    tunes = [dict(linear_in="a"), dict(linear_in="b"), dict(linear_in="c"), dict(linear_in="c", lin_kt=1),
+             dict(linear_in="c", lin_block=32, progs_l=16, lin_stages=1), dict(linear_in="c", lin_kt=1, lin_block=16)]
+    for tune in tunes:
+        p = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=tune)
+        kv_rel = ((p["kv"].double() - kv_ref).norm() / kv_ref.norm()).item()
+        ks_rel = ((p["ksum"].double() - ks_ref).norm() / ks_ref.norm()).item()
+        assert kv_rel < 8e-3 and ks_rel < 1e-5, (tune, kv_rel, ks_rel)  # φ(k) is rounded to bf16 for the dot
+    with pytest.raises(ValueError, match="valid: 'a', 'b', 'c'"):
+        prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=dict(linear_in="x"))
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("L", [1, 63, 200, 1000])
+def test_linear_out_tiling_covers_every_row(L):
+    """The split linear-branch kernel (several row tiles per program, proj_l folded into KVW)
+    writes every row once: launches with 1 to many tiles per program give the same output,
+    which matches the fp64 linear branch + proj_l + bias (zero sparse branch excluded)."""
+    from turbocompile.kernels.sagesla.triton_attn import launch_attn, linear_out_grid
+    from turbocompile.kernels.sagesla.triton_prep import prepare
+
+    q, k, v = rand(1, L, 3, 64)
+    w = torch.randn(64, 64, device=DEV) * 0.1
+    b = torch.randn(64, device=DEV) * 0.1
+    p = prepare(q, k, v, 1.0, 64, 64, "int8-fp16", linear=True)
+    outs = [launch_attn(q, k, v, p, w, b, 64, 64, linear_cfg=cfg)
+            for cfg in (dict(waves=1), dict(waves=64), dict(block_m=16, waves=2, stages=1))]
+    for o in outs[1:]:
+        assert metrics(o, outs[0])[0] >= 0.99999
+    ref = oracle(q, k, v, 1.0, 64, 64, w, b)
+    cos, l1 = metrics(outs[0], ref)
+    assert torch.isfinite(outs[0]).all() and cos >= 0.999 and l1 <= 0.03, (cos, l1)
+    for Lx, BH in ((1, 1), (63, 40), (75600, 40), (32760, 12)):
+        per_head, tiles = linear_out_grid(Lx, BH, 64, 132)
+        n = -(-Lx // 64)
+        assert per_head * tiles >= n and (per_head - 1) * tiles < n
+
+
 @triton.jit
 def _exp2_fma_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
