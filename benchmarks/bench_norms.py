@@ -178,6 +178,20 @@ _, h2 = norms.residual_ln_modulate(x, y, gate, None, None, sh, sc, backend="trit
 q_r, s_r = ref.quantize_ref(h2.reshape(-1, D), "int8", "per_token")
 check("residual quant int8 per_token (x_new exact, q ~exact)", torch.equal(xq, xn_e) and int((q != q_r).sum()) <= 1e-5 * q.numel(),
       mism=int((q != q_r).sum()))
+from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton as _lnt
+from turbocompile.kernels.norms.triton_layernorm import residual_ln_modulate_triton as _rlnt
+
+for fmt in ("int8", "fp8"):  # the lean quantizer (qv=1) must give the very same codes on the GPU
+    q0, s0 = _lnt(x, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"))
+    q1, s1 = _lnt(x, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"), config=dict(qv=1))
+    check(f"qv1 {fmt} codes identical", torch.equal(q0.view(torch.int8), q1.view(torch.int8)) and torch.equal(s0, s1),
+          mism=int((q0.view(torch.int8) != q1.view(torch.int8)).sum()))
+    _, q0, s0 = _rlnt(x, y, gate, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"))
+    _, q1, s1 = _rlnt(x, y, gate, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"), config=dict(qv=1))
+    check(f"qv1 residual {fmt} codes identical",
+          torch.equal(q0.view(torch.int8), q1.view(torch.int8)) and torch.equal(s0, s1),
+          mism=int((q0.view(torch.int8) != q1.view(torch.int8)).sum()))
+del q0, s0, q1, s1
 have_qa = hasattr(torch.ops.turbocompile, "quantize_activation")
 if not have_qa:
     try:
@@ -255,6 +269,7 @@ def site(name, nbytes, make, eager, cfgs, extra=None):
               f"{'' if same else '  OUTPUT DIFFERS'}", flush=True)
     if extra is not None:
         row["alt_ms"] = bench(extra)
+        print(f"  {name:32s} unfused alternative {row['alt_ms']:7.3f} ms", flush=True)
     td = bench(lambda: make(None)())
     row["default_ms"] = td
     row["default_pct"] = 100 * nbytes / (td * 1e-3) / 1e9 / copy_bw
@@ -266,42 +281,71 @@ def site(name, nbytes, make, eager, cfgs, extra=None):
 
 
 bf = torch.bfloat16
-site("ln_modulate (pre-attn/FFN)", 4 * E,
-     lambda c: (lambda: ln_modulate_triton(x, None, None, sh, sc, 1e-6, bf, config=c)), lambda: eager_ln_mod(x), LN_CFGS)
-site("residual+ln_mod (gated)", 8 * E,
-     lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf, config=c)),
-     lambda: eager_res_ln_mod(x, y), LN_CFGS)
+# BENCH_NORMS_QUICK=1: only the quantizing epilogues (the sites below 75% in round 2), with the
+# lean quantizer (qv=1) and launch shapes around the defaults, plus the unfused alternatives.
+QUICK = os.environ.get("BENCH_NORMS_QUICK") == "1"
+QCFGS = {"default": None, "qv1": dict(qv=1), "qv1 bm1w4": dict(qv=1, block_m=1, num_warps=4),
+         "qv1 bm2w4": dict(qv=1, block_m=2, num_warps=4), "qv1 bm2w8": dict(qv=1, block_m=2, num_warps=8),
+         "qv1 bm4w8": dict(qv=1, block_m=4, num_warps=8), "qv1 bm1w2": dict(qv=1, block_m=1, num_warps=2),
+         "qv1 p4pf": dict(qv=1, block_m=1, num_warps=4, persist=4, prefetch=True)}
+qa = torch.ops.turbocompile.quantize_activation if hasattr(torch.ops.turbocompile, "quantize_activation") else None
+if not QUICK:
+    site("ln_modulate (pre-attn/FFN)", 4 * E,
+         lambda c: (lambda: ln_modulate_triton(x, None, None, sh, sc, 1e-6, bf, config=c)), lambda: eager_ln_mod(x), LN_CFGS)
+    site("residual+ln_mod (gated)", 8 * E,
+         lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf, config=c)),
+         lambda: eager_res_ln_mod(x, y), LN_CFGS)
 site("ln_mod+quant int8 per_token", 3 * E + 4 * M,
      lambda c: (lambda: ln_modulate_triton(x, None, None, sh, sc, 1e-6, bf, quant=("int8", "per_token"), config=c)),
-     lambda: eager_quant(eager_ln_mod(x), "int8", "per_token"), LN_CFGS)
-site("rmsnorm + rope (H40 d128)", 4 * E + 8 * L * (d // 2),
-     lambda c: (lambda: rmsnorm_rope_triton(x, wq, cos_t, sin_t, H, 1e-6, config=None if c == "legacy" else c,
-                                            legacy=c == "legacy")), lambda: eager_rms_rope(x),
-     dict(RMS_CFGS, r1_elem="legacy"))
-site("rmsnorm only", 4 * E, lambda c: (lambda: rmsnorm_rope_triton(x, wq, None, None, H, 1e-6,
-                                                                  config=None if c == "legacy" else c,
-                                                                  legacy=c == "legacy")),
-     lambda: eager_rms(x), dict(RMS_CFGS, r1_elem="legacy"))
-SH = {k: LN_CFGS[k] for k in SHORT}
-site("ln affine (cross-attn pre-norm)", 4 * E,
-     lambda c: (lambda: ln_modulate_triton(x, w, bvec, None, None, 1e-6, bf, config=c)), lambda: eager_ln_affine(x), SH)
-site("head ln_modulate -> fp32", 6 * E,
-     lambda c: (lambda: ln_modulate_triton(x, None, None, sh, sc, 1e-6, torch.float32, config=c)),
-     lambda: eager_head(x), SH)
-site("residual + ln affine (ungated)", 8 * E,
-     lambda c: (lambda: residual_ln_modulate_triton(x, y, None, w, bvec, None, None, 1e-6, bf, config=c)),
-     lambda: eager_ln_affine(x + y), SH)
+     lambda: eager_quant(eager_ln_mod(x), "int8", "per_token"), dict(LN_CFGS, **QCFGS) if not QUICK else QCFGS)
+if not QUICK:
+    site("rmsnorm + rope (H40 d128)", 4 * E + 8 * L * (d // 2),
+         lambda c: (lambda: rmsnorm_rope_triton(x, wq, cos_t, sin_t, H, 1e-6, config=None if c == "legacy" else c,
+                                                legacy=c == "legacy")), lambda: eager_rms_rope(x),
+         dict(RMS_CFGS, r1_elem="legacy"))
+    site("rmsnorm only", 4 * E, lambda c: (lambda: rmsnorm_rope_triton(x, wq, None, None, H, 1e-6,
+                                                                      config=None if c == "legacy" else c,
+                                                                      legacy=c == "legacy")),
+         lambda: eager_rms(x), dict(RMS_CFGS, r1_elem="legacy"))
+    SH = {k: LN_CFGS[k] for k in SHORT}
+    site("ln affine (cross-attn pre-norm)", 4 * E,
+         lambda c: (lambda: ln_modulate_triton(x, w, bvec, None, None, 1e-6, bf, config=c)), lambda: eager_ln_affine(x), SH)
+    site("head ln_modulate -> fp32", 6 * E,
+         lambda c: (lambda: ln_modulate_triton(x, None, None, sh, sc, 1e-6, torch.float32, config=c)),
+         lambda: eager_head(x), SH)
+    site("residual + ln affine (ungated)", 8 * E,
+         lambda c: (lambda: residual_ln_modulate_triton(x, y, None, w, bvec, None, None, 1e-6, bf, config=c)),
+         lambda: eager_ln_affine(x + y), SH)
 site("ln_mod+quant fp8 per_token", 3 * E + 4 * M,
      lambda c: (lambda: ln_modulate_triton(x, None, None, sh, sc, 1e-6, bf, quant=("fp8", "per_token"), config=c)),
-     lambda: eager_quant(eager_ln_mod(x), "fp8", "per_token"), SH)
+     lambda: eager_quant(eager_ln_mod(x), "fp8", "per_token"), QCFGS)
 site("res+ln_mod+quant int8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("int8", "per_token"), config=c)),
-     lambda: (lambda xn_h: eager_quant(xn_h[1], "int8", "per_token"))(eager_res_ln_mod(x, y)), SH)
+     lambda: (lambda xn_h: eager_quant(xn_h[1], "int8", "per_token"))(eager_res_ln_mod(x, y)),
+     dict(QCFGS, **{"qv1 bm2w4": dict(qv=1, block_m=2, num_warps=4), "qv1 bm1w8": dict(qv=1, block_m=1, num_warps=8)}))
+site("res+ln_mod+quant fp8 per_token", 7 * E + 4 * M,
+     lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
+                                                    quant=("fp8", "per_token"), config=c)),
+     lambda: (lambda xn_h: eager_quant(xn_h[1], "fp8", "per_token"))(eager_res_ln_mod(x, y)),
+     {"default": None, "qv1": dict(qv=1), "qv1 bm1w8": dict(qv=1, block_m=1, num_warps=8)})
 for fmt in ("int8", "fp8"):
+    # extra: the unfused alternative (bf16 LN kernel, then the W8A8 activation quantizer)
     site(f"ln_mod+quant {fmt} block128", 3 * E + 4 * triton.cdiv(M, 128) * triton.cdiv(D, 128),
          lambda c, f=fmt: (lambda: ln_modulate_triton(x, None, None, sh, sc, 1e-6, bf, quant=(f, "block128"))),
-         lambda f=fmt: eager_quant(eager_ln_mod(x), f, "block128"), {"block128": None})
+         lambda f=fmt: eager_quant(eager_ln_mod(x), f, "block128"), {"block128": None},
+         extra=(lambda f=fmt: qa(ln_modulate_triton(x, None, None, sh, sc, 1e-6, bf).reshape(-1, D), f, "block128",
+                                 "auto")) if qa is not None else None)
+if qa is not None:  # the standalone activation quantizer alone (3 B/elt + scales), for reference
+    hq = ln_modulate_triton(x, None, None, sh, sc, 1e-6, bf).reshape(-1, D)
+    for fmt in ("int8", "fp8"):
+        for gran in ("per_token", "block128"):
+            t = bench(lambda f=fmt, g=gran: qa(hq, f, g, "auto"))
+            bw = (3 * E) / (t * 1e-3) / 1e9
+            RESULTS.setdefault("standalone_quant", {})[f"{fmt} {gran}"] = dict(ms=t, pct_copy=100 * bw / copy_bw)
+            print(f"  standalone quantize_activation {fmt} {gran}: {t:.3f} ms ({100 * bw / copy_bw:.1f}% copy)",
+                  flush=True)
+    del hq
 RESULTS["timings"] = rows
 
 out_dir = os.environ.get("OUT", ".")

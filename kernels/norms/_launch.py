@@ -96,10 +96,11 @@ def _row_config(D: int, kind: str, override: dict | None) -> dict:
     Keys: block_m (rows per program), num_warps, split (two column tiles instead of one
     next_pow2 tile), persist (programs per SM of a persistent grid; 0 = one program per row
     block), prefetch (persistent only: load the next block before computing this one),
-    stages (num_stages of the persistent loop when not prefetching).
+    stages (num_stages of the persistent loop when not prefetching), qv (the quantizer's
+    instruction sequence, see ``triton_layernorm._quantize``; same codes either way).
     ``override`` (benchmarks, tests) replaces any key.
     """
-    cfg = dict(block_m=1, num_warps=8, split=True, persist=0, prefetch=False, stages=1)
+    cfg = dict(block_m=1, num_warps=8, split=True, persist=0, prefetch=False, stages=1, qv=0)
     width = sum(split_tiles(D))
     if width <= 1024:  # narrow rows: several rows per program, each program moves a few KB
         cfg["block_m"] = 1 << ((4096 // width).bit_length() - 1)  # a power of two

@@ -74,24 +74,36 @@ def _affine_modulate(h, w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask, shif
 
 
 @triton.jit
-def _quantize(hq, amax, OUT_MODE: tl.constexpr, NATIVE: tl.constexpr):
+def _quantize(hq, amax, OUT_MODE: tl.constexpr, NATIVE: tl.constexpr, QV: tl.constexpr):
     """hq: fp32 tile (already rounded to x.dtype); amax: its group amax, broadcastable to hq.
-    Returns (q tile, scale shaped like amax)."""
+    Returns (q tile, scale shaped like amax).
+
+    QV selects the instruction sequence (same codes): 0 clamps to the full range, rounds with
+    the 1.5·2^23 add/subtract and converts with a float->int cvt; 1 ("lean") uses that
+    |hq·128/amax| <= 128·(1 + 2^-23), so only the +128 end needs a clamp, and reads the int8
+    code straight from the low byte of bits(v + 1.5·2^23) (= 0x4B400000 + rint(v)), with no
+    subtract and no conversion instruction; for FP8 on the GPU the saturating cvt needs no
+    clamp either (|v| <= 448·(1 + 2^-23) rounds to 448 in any case)."""
     amax = tl.maximum(amax, 1e-8)
     if OUT_MODE == 1:
         inv = tl.math.div_rn(tl.zeros_like(amax) + 128.0, amax)
         v = hq * inv
-        v = tl.minimum(tl.maximum(v, -128.0), 127.0)
-        q = ((v + 12582912.0) - 12582912.0).to(tl.int8)  # 1.5·2^23 trick: rint, ties to even
+        if QV == 1:
+            q = (tl.minimum(v, 127.0) + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+        else:
+            v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+            q = ((v + 12582912.0) - 12582912.0).to(tl.int8)  # 1.5·2^23 trick: rint, ties to even
         s = amax * 0.0078125  # amax / 128, exact
     else:
         inv = tl.math.div_rn(tl.zeros_like(amax) + 448.0, amax)
-        v = tl.minimum(tl.maximum(hq * inv, -448.0), 448.0)
         s = tl.math.div_rn(amax, tl.zeros_like(amax) + 448.0)
         if NATIVE:
-            q = v.to(tl.float8e4nv)  # cvt.rn.satfinite: round to nearest even
+            if QV == 1:
+                q = (hq * inv).to(tl.float8e4nv)
+            else:
+                q = tl.minimum(tl.maximum(hq * inv, -448.0), 448.0).to(tl.float8e4nv)  # cvt.rn.satfinite: RNE
         else:
-            q = round_e4m3(v).to(tl.float8e4nv)
+            q = round_e4m3(tl.minimum(tl.maximum(hq * inv, -448.0), 448.0)).to(tl.float8e4nv)
     return q, s
 
 
@@ -141,7 +153,7 @@ def _ln_block(
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-    VEC_SHARED: tl.constexpr, NATIVE: tl.constexpr, EVEN: tl.constexpr,
+    VEC_SHARED: tl.constexpr, NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr,
 ):
     """Everything after the loads for one block of rows: residual, statistics, normalize,
     affine/modulate, store (or quantize and store)."""
@@ -213,10 +225,10 @@ def _ln_block(
             else:
                 hqb = tl.where(mask2, rnd(hb, XDT, NATIVE), 0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(hqb), axis=1, keep_dims=True))
-        qa, s = _quantize(hqa, amax, OUT_MODE, NATIVE)
+        qa, s = _quantize(hqa, amax, OUT_MODE, NATIVE, QV)
         tl.store(out_ptr + rows64[:, None] * D + cols[None, :], qa, mask=mask)
         if BLOCK_D2 > 0:
-            qb, _ = _quantize(hqb, amax, OUT_MODE, NATIVE)
+            qb, _ = _quantize(hqb, amax, OUT_MODE, NATIVE, QV)
             tl.store(out_ptr + rows64[:, None] * D + cols2[None, :], qb, mask=mask2)
         tl.store(qscale_ptr + rows64[:, None], s, mask=row_mask[:, None])
 
@@ -231,7 +243,7 @@ def _ln_rows_kernel(
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     VEC_SHARED: tl.constexpr, PERSIST: tl.constexpr, PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr,
-    NATIVE: tl.constexpr, EVEN: tl.constexpr,
+    NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr,
 ):
     """Blocks of BLOCK_M rows, each row held in registers as one or two column tiles (BLOCK_D,
     BLOCK_D2). PERSIST: a grid of a few programs per SM walks the blocks; with PREFETCH the
@@ -254,7 +266,7 @@ def _ln_rows_kernel(
                 _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
                           qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
                           stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN)
+                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV)
                 xa, xb, ya, yb = nxa, nxb, nya, nyb
         else:
             for blk in tl.range(pid, n_blk, nprog, num_stages=NUM_STAGES):
@@ -265,7 +277,7 @@ def _ln_rows_kernel(
                 _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
                           qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
                           stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN)
+                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV)
     else:
         xa, xb = _load_rows(x_ptr, pid, M, stride_xm, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
         ya, yb = xa, xb
@@ -274,7 +286,7 @@ def _ln_rows_kernel(
         _ln_block(pid, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
                   qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
                   stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                  ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN)
+                  ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV)
 
 
 @triton.jit
@@ -285,7 +297,7 @@ def _ln_block128_kernel(
     stride_xm, stride_ym, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb, stride_cl,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
-    QBLOCK: tl.constexpr, NATIVE: tl.constexpr,
+    QBLOCK: tl.constexpr, NATIVE: tl.constexpr, QV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_cb = tl.cdiv(D, QBLOCK)
@@ -335,7 +347,7 @@ def _ln_block128_kernel(
                              HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, x_ptr.dtype.element_ty, NATIVE)
         hq = tl.where(mask, rnd(h, x_ptr.dtype.element_ty, NATIVE), 0.0)
         amax = tl.max(tl.max(tl.abs(hq), axis=1, keep_dims=True), axis=0, keep_dims=True)  # [1, 1]
-        q, s = _quantize(hq, amax, OUT_MODE, NATIVE)
+        q, s = _quantize(hq, amax, OUT_MODE, NATIVE, QV)
         tl.store(q_ptr + rows64[:, None] * D + cols[None, :], q, mask=mask)
         tl.store(qscale_ptr + (pid * n_cb + cb) + tl.zeros([1, 1], dtype=tl.int32), s)
 
@@ -386,7 +398,7 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
                  OUT_MODE=mode, ROUND_LN=round_ln)
     native = x.device.type == "cuda"
     if gran == "block128":
-        _ln_block128_kernel[(triton.cdiv(M, 128),)](*args, **flags, QBLOCK=128, NATIVE=native, num_warps=8)
+        _ln_block128_kernel[(triton.cdiv(M, 128),)](*args, **flags, QBLOCK=128, NATIVE=native, QV=0, num_warps=8)
     else:
         kind = ("quant" if quant is not None else "ln") + ("_res" if y is not None else "")
         cfg = row_config(D, kind, config)
@@ -402,7 +414,7 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
         grid = min(n_blk, cfg["persist"] * sm_count(x.device)) if cfg["persist"] else n_blk
         _ln_rows_kernel[(grid,)](*args, **flags, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_D2=block_d2,
                                  VEC_SHARED=vec_shared, PERSIST=bool(cfg["persist"]),
-                                 PREFETCH=bool(cfg["prefetch"]), NUM_STAGES=cfg["stages"], NATIVE=native,
+                                 PREFETCH=bool(cfg["prefetch"]), NUM_STAGES=cfg["stages"], NATIVE=native, QV=cfg["qv"],
                                  EVEN=(block_d + block_d2 == D),
                                  num_warps=cfg["num_warps"])
     return x_new, out, qscale

@@ -277,6 +277,39 @@ def test_row_kernel_configs_agree(cfg, D):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("res", [False, True])
+def test_lean_quantizer_same_codes(fmt, res):
+    """qv=1 (clamp only at +127, int8 code from the low byte of bits(v + 1.5·2^23)) gives the
+    same codes and scales as qv=0 and the reference quantizer, on rows whose amax sits at either
+    sign (codes -128 / +127 at the row's extreme), with ties, zeros and an all-zero row."""
+    from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton, residual_ln_modulate_triton
+
+    D = 200
+    x, sh, sc = _inputs(2, 5, D, torch.bfloat16)
+    x[0, 1] = 0.0  # all-zero row: h = shift only
+    x[1, 2, ::7] = 0.0
+    x[1, 3, 5] = -40.0  # negative outlier: its code is -128
+    x[0, 4, 9] = 40.0  # positive outlier: +127
+    y, gate = torch.randn_like(x), torch.randn(2, 1, D, device=DEV)
+    outs = []
+    for qv in (0, 1):
+        cfg = dict(qv=qv)
+        if res:
+            xn, q, s = residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, x.dtype, quant=(fmt, "per_token"),
+                                                   config=cfg)
+            _, h = residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, x.dtype, config=cfg)
+        else:
+            q, s = ln_modulate_triton(x, None, None, sh, sc, 1e-6, x.dtype, quant=(fmt, "per_token"), config=cfg)
+            h = ln_modulate_triton(x, None, None, sh, sc, 1e-6, x.dtype, config=cfg)
+        q_ref, s_ref = ref.quantize_ref(h.reshape(-1, D), fmt, "per_token")
+        assert torch.equal(q.view(torch.int8), q_ref.view(torch.int8)) and torch.equal(s, s_ref), (fmt, qv)
+        outs.append(q.view(torch.int8))
+    assert torch.equal(outs[0], outs[1])
+    if fmt == "int8" and not res:
+        assert outs[1].min().item() == -128 and outs[1].max().item() == 127
+
+
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("w_fp32", [False, True])
 def test_rmsnorm_rope_pair_words_match_element_kernel(dt, w_fp32):
