@@ -181,6 +181,12 @@ check("residual quant int8 per_token (x_new exact, q ~exact)", torch.equal(xq, x
 from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton as _lnt
 from turbocompile.kernels.norms.triton_layernorm import residual_ln_modulate_triton as _rlnt
 
+h1 = _lnt(x, None, None, sh, sc, 1e-6, dt, config=dict(stats=1))
+check("stats1 (one-pass) ln_modulate vs eager model", rel(h1, eager_ln_mod(x)) < 8e-3, rel=rel(h1, eager_ln_mod(x)))
+_, h1 = _rlnt(x, y, gate, None, None, sh, sc, 1e-6, dt, config=dict(stats=1))
+check("stats1 (one-pass) residual h vs eager model", rel(h1, eager_res_ln_mod(x, y)[1]) < 8e-3,
+      rel=rel(h1, eager_res_ln_mod(x, y)[1]))
+del h1
 for fmt in ("int8", "fp8"):  # the lean quantizer (qv=1) must give the very same codes on the GPU
     q0, s0 = _lnt(x, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"))
     q1, s1 = _lnt(x, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"), config=dict(qv=1))
@@ -284,10 +290,9 @@ bf = torch.bfloat16
 # BENCH_NORMS_QUICK=1: only the quantizing epilogues (the sites below 75% in round 2), with the
 # lean quantizer (qv=1) and launch shapes around the defaults, plus the unfused alternatives.
 QUICK = os.environ.get("BENCH_NORMS_QUICK") == "1"
-QCFGS = {"default": None, "qv1": dict(qv=1), "qv1 bm1w4": dict(qv=1, block_m=1, num_warps=4),
-         "qv1 bm2w4": dict(qv=1, block_m=2, num_warps=4), "qv1 bm2w8": dict(qv=1, block_m=2, num_warps=8),
-         "qv1 bm4w8": dict(qv=1, block_m=4, num_warps=8), "qv1 bm1w2": dict(qv=1, block_m=1, num_warps=2),
-         "qv1 p4pf": dict(qv=1, block_m=1, num_warps=4, persist=4, prefetch=True)}
+QCFGS = {"default": None, "qv0 (session 3)": dict(qv=0), "stats1": dict(stats=1),
+         "stats1 bm2w8": dict(stats=1, block_m=2, num_warps=8), "stats1 bm1w4": dict(stats=1, block_m=1, num_warps=4),
+         "stats1 bm4w8": dict(stats=1, block_m=4, num_warps=8), "stats1 bm2w4": dict(stats=1, block_m=2, num_warps=4)}
 qa = torch.ops.turbocompile.quantize_activation if hasattr(torch.ops.turbocompile, "quantize_activation") else None
 if not QUICK:
     site("ln_modulate (pre-attn/FFN)", 4 * E,
@@ -323,12 +328,12 @@ site("res+ln_mod+quant int8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("int8", "per_token"), config=c)),
      lambda: (lambda xn_h: eager_quant(xn_h[1], "int8", "per_token"))(eager_res_ln_mod(x, y)),
-     dict(QCFGS, **{"qv1 bm2w4": dict(qv=1, block_m=2, num_warps=4), "qv1 bm1w8": dict(qv=1, block_m=1, num_warps=8)}))
+     dict(QCFGS, **{"stats1 bm1w8": dict(stats=1, block_m=1, num_warps=8)}))
 site("res+ln_mod+quant fp8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("fp8", "per_token"), config=c)),
      lambda: (lambda xn_h: eager_quant(xn_h[1], "fp8", "per_token"))(eager_res_ln_mod(x, y)),
-     {"default": None, "qv1": dict(qv=1), "qv1 bm1w8": dict(qv=1, block_m=1, num_warps=8)})
+     {"default": None, "qv0 (session 3)": dict(qv=0), "stats1": dict(stats=1), "stats1 bm2w4": dict(stats=1, block_m=2, num_warps=4)})
 for fmt in ("int8", "fp8"):
     # extra: the unfused alternative (bf16 LN kernel, then the W8A8 activation quantizer)
     site(f"ln_mod+quant {fmt} block128", 3 * E + 4 * triton.cdiv(M, 128) * triton.cdiv(D, 128),

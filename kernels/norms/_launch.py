@@ -97,10 +97,11 @@ def _row_config(D: int, kind: str, override: dict | None) -> dict:
     next_pow2 tile), persist (programs per SM of a persistent grid; 0 = one program per row
     block), prefetch (persistent only: load the next block before computing this one),
     stages (num_stages of the persistent loop when not prefetching), qv (the quantizer's
-    instruction sequence, see ``triton_layernorm._quantize``; same codes either way).
+    instruction sequence, see ``triton_layernorm._quantize``; same codes either way), stats (0
+    two-pass row statistics, 1 one shifted pass, see ``triton_layernorm._ln_block``).
     ``override`` (benchmarks, tests) replaces any key.
     """
-    cfg = dict(block_m=1, num_warps=8, split=True, persist=0, prefetch=False, stages=1, qv=0)
+    cfg = dict(block_m=1, num_warps=8, split=True, persist=0, prefetch=False, stages=1, qv=0, stats=0)
     width = sum(split_tiles(D))
     if width <= 1024:  # narrow rows: several rows per program, each program moves a few KB
         cfg["block_m"] = 1 << ((4096 // width).bit_length() - 1)  # a power of two
@@ -120,6 +121,10 @@ def _row_config(D: int, kind: str, override: dict | None) -> dict:
             cfg["num_warps"] = 8
             cfg["block_m"] = 2
         # "ln_res", "rms": one row × 4 warps
+    if kind.startswith("quant"):
+        # lean quantizer: same codes, fewer instructions (H200 session 4: int8 per-token 0.448 ->
+        # 0.401 ms, fp8 0.408 -> 0.395, residual int8 0.957 -> 0.912, residual fp8 0.925 -> 0.903)
+        cfg["qv"] = 1
     if override:
         cfg.update(override)
     return cfg

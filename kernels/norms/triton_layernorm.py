@@ -154,9 +154,15 @@ def _ln_block(
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     VEC_SHARED: tl.constexpr, NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr,
+    x_ptr, stride_xm, STATS: tl.constexpr,
 ):
     """Everything after the loads for one block of rows: residual, statistics, normalize,
-    affine/modulate, store (or quantize and store)."""
+    affine/modulate, store (or quantize and store).
+
+    STATS 0: two-pass statistics (mean, then Σ(x - mean)²: two reductions in sequence).
+    STATS 1: one pass over x - c with c = the row's first input element, Σd and Σd² reduced
+    together (var = E[d²] - E[d]²; the shift keeps E[d] within a few standard deviations,
+    so the cancellation costs a few bits of fp32 at most): one reduction round fewer."""
     rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
@@ -171,7 +177,16 @@ def _ln_block(
         g_off, g_m = _vec_offsets(rows64, bi, li, cols, row_mask, cmask, stride_gb, stride_gl, b0, VEC_SHARED)
         xa = _residual(xa, ya.to(tl.float32), gate_ptr, xnew_ptr, g_off, g_m,
                        rows64[:, None] * D + cols[None, :], mask, HAS_GATE, NATIVE)
-    total = tl.sum(xa, axis=1)
+    if STATS == 1:
+        c = tl.load(x_ptr + rows64 * stride_xm, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        if EVEN:
+            da = xa - c
+        else:
+            da = tl.where(mask, xa - c, 0.0)
+        s1 = tl.sum(da, axis=1)
+        s2 = tl.sum(da * da, axis=1)
+    else:
+        total = tl.sum(xa, axis=1)
     if BLOCK_D2 > 0:
         cols2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         cmask2 = cols2 < D
@@ -182,20 +197,39 @@ def _ln_block(
                                         VEC_SHARED)
             xb = _residual(xb, yb.to(tl.float32), gate_ptr, xnew_ptr, g_off2, g_m2,
                            rows64[:, None] * D + cols2[None, :], mask2, HAS_GATE, NATIVE)
-        total += tl.sum(xb, axis=1)
-    mean = total / D
-    if EVEN:  # masked rows are zeros: their (unused) statistics stay finite without selects
-        da = xa - mean[:, None]
-    else:
-        da = tl.where(mask, xa - mean[:, None], 0.0)
-    m2 = tl.sum(da * da, axis=1)
-    if BLOCK_D2 > 0:
-        if EVEN:
-            db = xb - mean[:, None]
+        if STATS == 1:
+            if EVEN:
+                db = xb - c
+            else:
+                db = tl.where(mask2, xb - c, 0.0)
+            s1 += tl.sum(db, axis=1)
+            s2 += tl.sum(db * db, axis=1)
         else:
-            db = tl.where(mask2, xb - mean[:, None], 0.0)
-        m2 += tl.sum(db * db, axis=1)
-    rstd = tl.rsqrt(m2 / D + eps)
+            total += tl.sum(xb, axis=1)
+    if STATS == 1:
+        md = s1 / D  # mean - c
+        rstd = tl.rsqrt(tl.maximum(s2 / D - md * md, 0.0) + eps)
+        da = da - md[:, None]
+        if BLOCK_D2 > 0:
+            db = db - md[:, None]
+        if not EVEN:
+            da = tl.where(mask, da, 0.0)
+            if BLOCK_D2 > 0:
+                db = tl.where(mask2, db, 0.0)
+    else:
+        mean = total / D
+        if EVEN:  # masked rows are zeros: their (unused) statistics stay finite without selects
+            da = xa - mean[:, None]
+        else:
+            da = tl.where(mask, xa - mean[:, None], 0.0)
+        m2 = tl.sum(da * da, axis=1)
+        if BLOCK_D2 > 0:
+            if EVEN:
+                db = xb - mean[:, None]
+            else:
+                db = tl.where(mask2, xb - mean[:, None], 0.0)
+            m2 += tl.sum(db * db, axis=1)
+        rstd = tl.rsqrt(m2 / D + eps)
 
     sh_off, v_m = _vec_offsets(rows64, bi, li, cols, row_mask, cmask, stride_sb, stride_sl, b0, VEC_SHARED)
     sc_off, _ = _vec_offsets(rows64, bi, li, cols, row_mask, cmask, stride_cb, stride_cl, b0, VEC_SHARED)
@@ -243,7 +277,7 @@ def _ln_rows_kernel(
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     VEC_SHARED: tl.constexpr, PERSIST: tl.constexpr, PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr,
-    NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr,
+    NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr, STATS: tl.constexpr,
 ):
     """Blocks of BLOCK_M rows, each row held in registers as one or two column tiles (BLOCK_D,
     BLOCK_D2). PERSIST: a grid of a few programs per SM walks the blocks; with PREFETCH the
@@ -266,7 +300,7 @@ def _ln_rows_kernel(
                 _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
                           qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
                           stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV)
+                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
                 xa, xb, ya, yb = nxa, nxb, nya, nyb
         else:
             for blk in tl.range(pid, n_blk, nprog, num_stages=NUM_STAGES):
@@ -277,7 +311,7 @@ def _ln_rows_kernel(
                 _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
                           qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
                           stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV)
+                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
     else:
         xa, xb = _load_rows(x_ptr, pid, M, stride_xm, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
         ya, yb = xa, xb
@@ -286,7 +320,7 @@ def _ln_rows_kernel(
         _ln_block(pid, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
                   qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
                   stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                  ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV)
+                  ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
 
 
 @triton.jit
@@ -414,7 +448,7 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
         grid = min(n_blk, cfg["persist"] * sm_count(x.device)) if cfg["persist"] else n_blk
         _ln_rows_kernel[(grid,)](*args, **flags, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_D2=block_d2,
                                  VEC_SHARED=vec_shared, PERSIST=bool(cfg["persist"]),
-                                 PREFETCH=bool(cfg["prefetch"]), NUM_STAGES=cfg["stages"], NATIVE=native, QV=cfg["qv"],
+                                 PREFETCH=bool(cfg["prefetch"]), NUM_STAGES=cfg["stages"], NATIVE=native, QV=cfg["qv"], STATS=cfg["stats"],
                                  EVEN=(block_d + block_d2 == D),
                                  num_warps=cfg["num_warps"])
     return x_new, out, qscale

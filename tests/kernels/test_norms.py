@@ -258,7 +258,8 @@ def test_matches_quantize_activation_if_registered():
 
 # ------------------------------------------------------------------- launch configurations (round 2)
 @pytest.mark.parametrize("cfg", [dict(split=False), dict(persist=1, prefetch=True), dict(block_m=2, persist=1),
-                                 dict(block_m=2, persist=1, prefetch=True, num_warps=4)])
+                                 dict(block_m=2, persist=1, prefetch=True, num_warps=4), dict(stats=1),
+                                 dict(stats=1, block_m=2, qv=1)])
 @pytest.mark.parametrize("D", [200, 1536])
 def test_row_kernel_configs_agree(cfg, D):
     """Every launch configuration the benchmark may pick computes the same function: persistent
@@ -275,6 +276,22 @@ def test_row_kernel_configs_agree(cfg, D):
     h1 = ln_modulate_triton(x, None, None, sh, sc, 1e-6, x.dtype, config=cfg).reshape(-1, D)
     q_ref, s_ref = ref.quantize_ref(h1, "int8", "per_token")
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("D", [200, 1536])
+def test_one_pass_statistics_offset_rows(D):
+    """stats=1 (one shifted pass, var = E[d²] - E[d]²) stays as accurate as the two-pass kernel
+    on rows whose mean is 1000 standard deviations away from zero, and on constant rows."""
+    from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton
+
+    x = torch.randn(2, 3, D, device=DEV) + 1000.0
+    x[1, 1] = 7.0  # constant row: var 0
+    x[0, 2, 0] = 1003.0  # the shift element itself is an outlier
+    expect = ref.layer_norm_modulate_ref(x, None, None, None, None, 1e-6)
+    one = ln_modulate_triton(x, None, None, None, None, 1e-6, torch.float32, config=dict(stats=1))
+    two = ln_modulate_triton(x, None, None, None, None, 1e-6, torch.float32, config=dict(stats=0))
+    assert torch.isfinite(one).all()
+    assert rel(one, expect) <= 1e-4 and rel(two, expect) <= 1e-4, (rel(one, expect), rel(two, expect))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])

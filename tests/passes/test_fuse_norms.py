@@ -66,3 +66,20 @@ def test_quant_epilogue_after_w8a8():
     cfg = get_preset("wan-tiny")
     inp = example_inputs(cfg, cfg.video_shape())
     assert rel_err(res.graph_module(*inp.values()), unfused(*inp.values())) < 2e-2
+
+
+def test_block128_quant_stays_standalone_unless_asked():
+    """TurboDiffusion's block128 activations: the quantizer is not fused by default (a 128-row
+    scale block needs the whole band's statistics; the fused kernel measured slower than LN +
+    the standalone quantizer on the H200); `quant_granularities` opts in, with the same output."""
+    w8 = {"name": "w8a8_linear", "options": {"weight_granularity": "block128", "act_granularity": "block128"}}
+    n = get_preset("wan-tiny").num_layers
+    default = turbocompile.optimize("wan-tiny", {"version": 1, "passes": [w8, "fuse_norms"]}, dtype="bfloat16")
+    assert default.records[1].stats["quant_epilogue"] == 0
+    assert _ops(default.graph_module)["w8a8_linear_prequant"] == 0
+    opt = {"name": "fuse_norms", "options": {"quant_granularities": ["per_token", "block128"]}}
+    fused = turbocompile.optimize("wan-tiny", {"version": 1, "passes": [w8, opt]}, dtype="bfloat16")
+    assert fused.records[1].stats["quant_epilogue"] == 3 * n
+    cfg = get_preset("wan-tiny")
+    inp = example_inputs(cfg, cfg.video_shape())
+    assert rel_err(fused.graph_module(*inp.values()), default.graph_module(*inp.values())) < 2e-2
