@@ -1,8 +1,8 @@
 """SageSLA pre-processing in two passes over [B, L, H, D] inputs (no transposes).
 
 Pass A (`_pool_kernel`, grid (chunks, B*H)): per chunk of rows, pooled q means per query block,
-raw k sums per key block (the smoothing mean and the pooled smoothed k follow from them) and
-the per-chunk |v| channel maxima. Reads q, k, v once.
+raw k sums per key block (the smoothing mean and the pooled smoothed k follow from them) and,
+when no linear-statistics kernel runs, the per-chunk |v| channel maxima. Reads q and k (and v).
 
 Between the passes: km = mean_L(k), pooled k̄ - km, the block scores q̄ k̄ᵀ (torch bmm), then
 `_topk_lut_kernel` (Triton bisection top-k writing the ascending LUT; 0.69 ms vs 1.50 ms for
@@ -11,13 +11,13 @@ no scores, no LUT (the attention kernel iterates every key block).
 
 Pass B (`_quant_kv_kernel`, grid (chunks, B*H)): reads k and v once more and writes INT8 K of
 (k - km) per key block [B*H, Lpad, D] with its scales, V (FP8 e4m3 or fp16) D-major
-[B*H, D, Lpad] zero-padded, and the linear-branch statistics φ(k)ᵀv and Σφ(k) per chunk.
-Together: q read once, k and v read twice, K/V written once at 1 byte (fp8) per element.
+[B*H, D, Lpad] zero-padded (and, as an option, the linear-branch statistics).
 
-The linear-branch statistics run by default in their own kernel (`_linear_stats_kernel`, a third
-read of k and v): inside pass B their [D, D] accumulator and the transpose of φ(k) made the
-quantization loop register-bound (H200: pass B 0.79 ms quant-only vs 1.99 ms with the
-statistics at B1 H40 L75600).
+The linear-branch statistics φ(k)ᵀv, Σφ(k) run by default in their own kernel between the
+passes (`_linear_stats_kernel`, which also takes the |v| channel maxima): inside pass B their
+[D, D] accumulator and the transpose of φ(k) made the quantization loop register-bound (H200:
+pass B 0.79 ms quant-only vs 1.99 ms with the statistics at B1 H40 L75600). Together: q read
+once, k three times, v twice; K/V written once at 1 byte (fp8) per element.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def _pool_kernel(
     stride_vb, stride_vl, stride_vh, stride_vd,
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_D: tl.constexpr,
     POOL_Q: tl.constexpr, LINEAR: tl.constexpr, EXACT_FP8: tl.constexpr, STAGES: tl.constexpr,
+    READ_V: tl.constexpr,
 ):
     c = tl.program_id(0)
     bh = tl.program_id(1)
@@ -111,15 +112,17 @@ def _pool_kernel(
         x = kx.to(tl.float32)
         blk = c * (CHUNK // BLOCK_K) + j
         tl.store(ksum_ptr + (bh * Kb + blk).to(tl.int64) * HEAD_D + offs_d, tl.sum(x, axis=0))
-        vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
-                     mask=m, other=0.0)
-        vmax = tl.maximum(vmax, tl.max(tl.abs(vx.to(tl.float32)), axis=0))
-        if LINEAR:
-            # φ(k) = softmax over the head dim; padded rows contribute nothing.
-            phi = tl.where(m, feature_map(x, 1), 0.0)
-            ks += tl.sum(phi, axis=0)
-            kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
-    tl.store(vmax_ptr + (bh * NC + c).to(tl.int64) * HEAD_D + offs_d, vmax)
+        if READ_V:
+            vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
+                         mask=m, other=0.0)
+            vmax = tl.maximum(vmax, tl.max(tl.abs(vx.to(tl.float32)), axis=0))
+            if LINEAR:
+                # φ(k) = softmax over the head dim; padded rows contribute nothing.
+                phi = tl.where(m, feature_map(x, 1), 0.0)
+                ks += tl.sum(phi, axis=0)
+                kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
+    if READ_V:
+        tl.store(vmax_ptr + (bh * NC + c).to(tl.int64) * HEAD_D + offs_d, vmax)
     if LINEAR:
         base = (bh * NC + c).to(tl.int64)
         tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
@@ -202,16 +205,18 @@ def _linear_stats_kernel(
     k_ptr, v_ptr,  # [B, L, H, D] each
     kv_ptr,  # [B*H, NC, D, D] fp32: per-chunk φ(k)ᵀ v
     ks_ptr,  # [B*H, NC, D] fp32: per-chunk Σ φ(k)
+    vmax_ptr,  # [B*H, NC, D] fp32: per-chunk max |v| per channel (VMAX)
     H, L, NC,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HEAD_D: tl.constexpr, KT: tl.constexpr,
-    EXACT_FP8: tl.constexpr, STAGES: tl.constexpr,
+    EXACT_FP8: tl.constexpr, STAGES: tl.constexpr, VMAX: tl.constexpr,
 ):
     """The linear branch's statistics alone (`linear_in="c"`): a pipelined loop over the rows
     of one chunk that keeps only the [D, D] accumulator live, so the quantization pass stays
     register-light. KT: load k as a [D, BLOCK] tile (φ over axis 0) so φ(k)ᵀ is the dot's A
-    operand as computed, with no register transpose."""
+    operand as computed, with no register transpose. VMAX: also the V channel maxima (for the
+    FP8 V scales), so pass A need not read v at all."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -223,12 +228,15 @@ def _linear_stats_kernel(
     vbase = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
     kv = tl.zeros([HEAD_D, HEAD_D], dtype=tl.float32)
     ks = tl.zeros([HEAD_D], dtype=tl.float32)
+    vmax = tl.zeros([HEAD_D], dtype=tl.float32)
     nt = tl.cdiv(tl.minimum(L - row0, CHUNK), BLOCK)
     for j in tl.range(nt, num_stages=STAGES):
         rows = row0 + j * BLOCK + offs_r
         ok = rows < L
         vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
                      mask=ok[:, None], other=0.0)
+        if VMAX:
+            vmax = tl.maximum(vmax, tl.max(tl.abs(vx.to(tl.float32)), axis=0))
         if KT:
             kx = tl.load(kbase + rows[None, :].to(tl.int64) * stride_kl + offs_d[:, None] * stride_kd,
                          mask=ok[None, :], other=0.0)
@@ -244,6 +252,8 @@ def _linear_stats_kernel(
     base = (bh * NC + c).to(tl.int64)
     tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
     tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :], kv)
+    if VMAX:
+        tl.store(vmax_ptr + base * HEAD_D + offs_d, vmax)
 
 
 @triton.jit
@@ -309,11 +319,13 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # Tuning knobs (the benchmark sweeps them): programs per pass, warps per pass, where the linear
 # statistics are computed ("a": pass A, so pass B is one key block per program; "b": pass B;
 # "c": their own kernel, `_linear_stats_kernel`, with rows per step, warps, pipeline stages,
-# programs and the transposed-k load of that kernel), and the top-k implementation
-# ("triton" | "torch").
+# programs and the transposed-k load of that kernel; lin_vmax: that kernel also takes the V
+# channel maxima, so pass A reads only q and k), and the top-k implementation ("triton" | "torch").
+# H200 session 4, B1 H40 L75600: the statistics kernel at 4 warps 0.75 ms (8 warps 1.35 ms; inside
+# pass B they cost 1.2 ms of its 2.0 ms).
 DEFAULT_TUNE = {"progs_a": 1024, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "linear_in": "c", "topk": "triton",
-                "stages_a": 1, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 8, "lin_stages": 2,
-                "lin_kt": 0}
+                "stages_a": 1, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
+                "lin_kt": 0, "lin_vmax": 1}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None):
@@ -335,6 +347,7 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     lin_a = linear and tn["linear_in"] == "a"
     lin_b = linear and tn["linear_in"] == "b"
     lin_c = linear and tn["linear_in"] == "c"
+    vmax_in_c = lin_c and bool(tn["lin_vmax"])
     chunk = _chunk_rows(L, BH, max(block_q, block_k), tn["progs_a"])
     NC = math.ceil(L / chunk)
     dev = q.device
@@ -348,8 +361,20 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         q, k, v, qpool, kblk, vmax, kvp, ksp, H, L, Qb, Kb, NC,
         *q.stride(), *k.stride(), *v.stride(),
         CHUNK=chunk, BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_D=D, POOL_Q=not dense,
-        LINEAR=lin_a, EXACT_FP8=INTERPRET, STAGES=tn["stages_a"], num_warps=tn["warps_a"],
+        LINEAR=lin_a, EXACT_FP8=INTERPRET, STAGES=tn["stages_a"], READ_V=not vmax_in_c, num_warps=tn["warps_a"],
     )
+    if lin_c:  # before pass B, which needs the V scales when the maxima come from here
+        chunk_l = _chunk_rows(L, BH, tn["lin_block"], tn["progs_l"])
+        NCL = math.ceil(L / chunk_l)
+        kvp = torch.empty(BH, NCL, D, D, device=dev, dtype=f32)
+        ksp = torch.empty(BH, NCL, D, device=dev, dtype=f32)
+        if vmax_in_c:
+            vmax = torch.empty(BH, NCL, D, device=dev, dtype=f32)
+        _linear_stats_kernel[(NCL, BH)](
+            k, v, kvp, ksp, vmax, H, L, NCL, *k.stride(), *v.stride(),
+            CHUNK=chunk_l, BLOCK=tn["lin_block"], HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
+            STAGES=tn["lin_stages"], VMAX=vmax_in_c, num_warps=tn["lin_warps"],
+        )
     km = kblk.sum(1) / L  # [BH, D]
     if dense:
         lut = None  # the kernel iterates every key block directly
@@ -381,16 +406,6 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             *k.stride(), *v.stride(),
             CHUNK=chunk_b, BLOCK_K=block_k, HEAD_D=D, QUANT=qnt, LINEAR=lin_b, EXACT_FP8=INTERPRET, STAGES=tn["stages_b"],
             num_warps=tn["warps_b"] if (lin_b or D == 128) else 4,
-        )
-    if lin_c:
-        chunk_l = _chunk_rows(L, BH, tn["lin_block"], tn["progs_l"])
-        NCL = math.ceil(L / chunk_l)
-        kvp = torch.empty(BH, NCL, D, D, device=dev, dtype=f32)
-        ksp = torch.empty(BH, NCL, D, device=dev, dtype=f32)
-        _linear_stats_kernel[(NCL, BH)](
-            k, v, kvp, ksp, H, L, NCL, *k.stride(), *v.stride(),
-            CHUNK=chunk_l, BLOCK=tn["lin_block"], HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
-            STAGES=tn["lin_stages"], num_warps=tn["lin_warps"],
         )
     out = {"lut": lut, "T": T, "Qb": Qb, "Kb": Kb, "Lpad": Lpad, "quant": qnt, "dense": dense,
            "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale}

@@ -287,9 +287,14 @@ def test_linear_statistics_placements_agree(L, D):
     kv_ref = torch.einsum("blhd,blhe->bhde", pk, v.double()).reshape(4, D, D)
     ks_ref = pk.sum(1).reshape(4, D)
     tunes = [dict(linear_in="a"), dict(linear_in="b"), dict(linear_in="c"), dict(linear_in="c", lin_kt=1),
-             dict(linear_in="c", lin_block=32, progs_l=16, lin_stages=1), dict(linear_in="c", lin_kt=1, lin_block=16)]
+             dict(linear_in="c", lin_block=32, progs_l=16, lin_stages=1), dict(linear_in="c", lin_kt=1, lin_block=16),
+             dict(linear_in="c", lin_vmax=0)]
+    base = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", False)  # no linear branch: pass A takes the V maxima
     for tune in tunes:
         p = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=tune)
+        for key in ("vscale", "kq", "kscale", "lut"):  # V maxima from pass A or the statistics kernel: exact
+            assert (p[key] is None and base[key] is None) or torch.equal(p[key], base[key]), (tune, key)
+        assert torch.equal(p["vq"].view(torch.int8), base["vq"].view(torch.int8)), tune
         kv_rel = ((p["kv"].double() - kv_ref).norm() / kv_ref.norm()).item()
         ks_rel = ((p["ksum"].double() - ks_ref).norm() / ks_ref.norm()).item()
         assert kv_rel < 8e-3 and ks_rel < 1e-5, (tune, kv_rel, ks_rel)  # φ(k) is rounded to bf16 for the dot
