@@ -58,19 +58,20 @@ VARIANTS = [
 PREP_TUNES = [
     ("default", {}),
     ("linear in B (session-3 default)", dict(linear_in="b")),
-    ("linear in A, warps_a 8", dict(linear_in="a", warps_a=8)),
-    ("linear kernel: k transposed", dict(lin_kt=1)),
+    ("V maxima in pass A", dict(lin_vmax=0)),
+    ("linear kernel: 8 warps", dict(lin_warps=8)),
+    ("linear kernel: 2 warps", dict(lin_warps=2)),
     ("linear kernel: 128 rows/step", dict(lin_block=128)),
-    ("linear kernel: 32 rows/step", dict(lin_block=32)),
-    ("linear kernel: 4 warps", dict(lin_warps=4)),
+    ("linear kernel: 128 rows/step, 8 warps", dict(lin_block=128, lin_warps=8)),
+    ("linear kernel: k transposed", dict(lin_kt=1)),
     ("linear kernel: stages 3", dict(lin_stages=3)),
-    ("linear kernel: stages 1", dict(lin_stages=1)),
-    ("linear kernel: 512 progs", dict(progs_l=512)),
     ("linear kernel: 2048 progs", dict(progs_l=2048)),
+    ("pass A 8 warps", dict(warps_a=8)),
 ]
 # The split linear-branch output kernel (launch_attn(linear_cfg=...)).
 LINEAR_OUT_CFGS = [
     ("default", {}),
+    ("prologue of the attention kernel", dict(where="prologue")),
     ("1 wave", dict(waves=1)),
     ("2 waves", dict(waves=2)),
     ("8 waves", dict(waves=8)),
@@ -211,6 +212,14 @@ def whole_op(name, B, L, H, D):
                                   backend="triton"))
         row[f"topk{topk}_ms"] = t
         row[f"topk{topk}_x_sdpa"] = sd / t
+        # the same whole op with the linear branch in the attention kernel's prologue
+        ref = sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8", backend="triton")
+        fn = lambda: launch_attn(q, k, v, prepare(q, k, v, topk, 64, 128, "int8-fp8", True), w, bias, 64, 128,  # noqa: E731
+                                 linear_cfg=dict(where="prologue"))
+        row[f"topk{topk}_prologue_vs_op"] = metrics(fn(), ref)
+        t = ms_of(fn)
+        row[f"topk{topk}_prologue_ms"] = t
+        row[f"topk{topk}_prologue_x_sdpa"] = sd / t
     print("== whole op ==", row, flush=True)
     RES.setdefault("whole", []).append(row)
 

@@ -168,7 +168,7 @@ def _sagesla_fwd_kernel(
     QUANT: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT_FP8: tl.constexpr,
     DENSE: tl.constexpr, WS: tl.constexpr, ADD_OUT: tl.constexpr,
     CVT: tl.constexpr, EXPM: tl.constexpr, P8: tl.constexpr, NOPV: tl.constexpr,
-    kdesc, vdesc, Lpad, TMA: tl.constexpr,
+    kdesc, vdesc, Lpad, TMA: tl.constexpr, LIN_PRO: tl.constexpr,
 ):
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -203,6 +203,20 @@ def _sagesla_fwd_kernel(
         kbase = k_ptr + bh.to(tl.int64) * stride_kh
         vbase = v_ptr + bh.to(tl.int64) * stride_vh
     kscale_base = kscale_ptr + bh * Kb
+    optrs = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh \
+        + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :] * stride_od
+    if LIN_PRO:
+        # The linear branch (+ proj_l folded into KVW, + bias) from the q tile already in
+        # registers, parked in the output rows; the epilogue (ADD_OUT) adds the sparse branch.
+        # Its registers are dead before the main loop starts.
+        phi = feature_map(qx.to(tl.float32), 1)
+        kvw = tl.load(kvw_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
+        ksv = tl.load(ksum_ptr + bh * HEAD_D + offs_d)
+        num = dot_acc(phi.to(qx.dtype), kvw, tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32), EXACT_FP8)
+        ol = num * (1.0 / (1e-5 + tl.sum(phi * ksv[None, :], axis=1)))[:, None]
+        if HAS_BIAS:
+            ol += tl.load(bias_ptr + offs_d)[None, :]
+        tl.store(optrs, ol.to(o_ptr.dtype.element_ty), mask=row_ok)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -247,11 +261,11 @@ def _sagesla_fwd_kernel(
         num = dot_acc(phi.to(qx.dtype), kvw, tl.zeros(o.shape, dtype=tl.float32), EXACT_FP8)
         den = 1e-5 + tl.sum(phi * ks[None, :], axis=1)
         o += num * (1.0 / den)[:, None]
-    if HAS_BIAS:
+    if HAS_BIAS and not LIN_PRO:
         o += tl.load(bias_ptr + offs_d)[None, :]
-    optrs = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh \
-        + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :] * stride_od
     if ADD_OUT:  # the linear branch (+ proj_l, bias) was written there by _linear_out_kernel
+        if LIN_PRO:
+            tl.debug_barrier()  # rows parked by other threads of this program
         o += tl.load(optrs, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(optrs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
 
@@ -329,8 +343,10 @@ def sagesla_triton(
 # H200 (RESULTS.md, SageSLA round 3): cvt 2 is 8.6% faster than I2F dense at 1.3B and 1.4% sparse
 # at 14B; TMA K/V loads a further 4-6%; expm 1/2 and p8 1 are slower. tma None = on sm90+.
 DEFAULT_VARIANT = {"cvt": 2, "expm": 0, "p8": 0, "tma": None}
-# The split linear-branch kernel: rows per tile, warps, pipeline stages, programs per SM.
-DEFAULT_LINEAR_OUT = {"block_m": 64, "warps": 4, "stages": 2, "waves": 4}
+# The split linear branch: where it runs ("kernel": `_linear_out_kernel`, "prologue": the attention
+# kernel's prologue, from the q tile it loads anyway) and the kernel's rows per tile, warps,
+# pipeline stages and programs per SM.
+DEFAULT_LINEAR_OUT = {"where": "kernel", "block_m": 64, "warps": 4, "stages": 2, "waves": 4}
 
 
 def default_block_m(block_q: int, dense: bool) -> int:
@@ -392,8 +408,11 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
         kvw = ksum = prep["vscale"]
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
     split = linear and split_linear
-    if split:
-        lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
+    lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
+    if lc["where"] not in ("kernel", "prologue"):
+        raise ValueError(f"linear_cfg where={lc['where']!r}; valid: 'kernel', 'prologue'")
+    pro = split and lc["where"] == "prologue"
+    if split and not pro:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         per_head, tiles = linear_out_grid(L, B * H, lc["block_m"], sms, lc["waves"])
         _linear_out_kernel[(per_head, B * H)](
@@ -411,10 +430,10 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
         H, L, prep["Qb"], prep["Kb"], prep["T"], LOG2E / math.sqrt(D),
         *q.stride(), *kstr, *vstr, *out.stride(),
         BLOCK_M=block_m, QGROUP=block_q, BLOCK_N=block_k, HEAD_D=D,
-        QUANT=qnt, LINEAR=linear and not split, HAS_BIAS=proj_bias is not None and not split,
+        QUANT=qnt, LINEAR=linear and not split, HAS_BIAS=proj_bias is not None and (not split or pro),
         EXACT_FP8=INTERPRET, DENSE=dense, WS=warp_specialize, ADD_OUT=split,
         CVT=var["cvt"], EXPM=var["expm"], P8=var["p8"], NOPV=nopv,
-        kdesc=kdesc, vdesc=vdesc, Lpad=Lpad, TMA=use_tma,
+        kdesc=kdesc, vdesc=vdesc, Lpad=Lpad, TMA=use_tma, LIN_PRO=pro,
         num_warps=num_warps, num_stages=num_stages,
     )
     if return_kernel:

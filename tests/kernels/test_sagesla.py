@@ -306,7 +306,8 @@ def test_linear_statistics_placements_agree(L, D):
 @pytest.mark.parametrize("L", [1, 63, 200, 1000])
 def test_linear_out_tiling_covers_every_row(L):
     """The split linear-branch kernel (several row tiles per program, proj_l folded into KVW)
-    writes every row once: launches with 1 to many tiles per program give the same output,
+    writes every row once: launches with 1 to many tiles per program, and the branch computed
+    in the attention kernel's prologue instead, give the same output,
     which matches the fp64 linear branch + proj_l + bias (zero sparse branch excluded)."""
     from turbocompile.kernels.sagesla.triton_attn import launch_attn, linear_out_grid
     from turbocompile.kernels.sagesla.triton_prep import prepare
@@ -316,9 +317,11 @@ def test_linear_out_tiling_covers_every_row(L):
     b = torch.randn(64, device=DEV) * 0.1
     p = prepare(q, k, v, 1.0, 64, 64, "int8-fp16", linear=True)
     outs = [launch_attn(q, k, v, p, w, b, 64, 64, linear_cfg=cfg)
-            for cfg in (dict(waves=1), dict(waves=64), dict(block_m=16, waves=2, stages=1))]
+            for cfg in (dict(waves=1), dict(waves=64), dict(block_m=16, waves=2, stages=1), dict(where="prologue"))]
     for o in outs[1:]:
         assert metrics(o, outs[0])[0] >= 0.99999
+    with pytest.raises(ValueError, match="valid: 'kernel', 'prologue'"):
+        launch_attn(q, k, v, p, w, b, 64, 64, linear_cfg=dict(where="epilogue"))
     ref = oracle(q, k, v, 1.0, 64, 64, w, b)
     cos, l1 = metrics(outs[0], ref)
     assert torch.isfinite(outs[0]).all() and cos >= 0.999 and l1 <= 0.03, (cos, l1)
