@@ -328,7 +328,7 @@ site("res+ln_mod+quant int8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("int8", "per_token"), config=c)),
      lambda: (lambda xn_h: eager_quant(xn_h[1], "int8", "per_token"))(eager_res_ln_mod(x, y)),
-     dict(QCFGS, **{"stats1 bm1w8": dict(stats=1, block_m=1, num_warps=8)}))
+     dict(QCFGS, **{"stats0 bm2w8 (before)": dict(stats=0, block_m=2, num_warps=8)}))
 site("res+ln_mod+quant fp8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("fp8", "per_token"), config=c)),

@@ -435,6 +435,8 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
         _ln_block128_kernel[(triton.cdiv(M, 128),)](*args, **flags, QBLOCK=128, NATIVE=native, QV=0, num_warps=8)
     else:
         kind = ("quant" if quant is not None else "ln") + ("_res" if y is not None else "")
+        if kind == "quant_res" and mode == _OUT_INT8:
+            kind = "quant_res_int8"
         cfg = row_config(D, kind, config)
         if cfg["split"]:
             block_d, block_d2 = split_tiles(D)

@@ -344,9 +344,12 @@ def sagesla_triton(
 # at 14B; TMA K/V loads a further 4-6%; expm 1/2 and p8 1 are slower. tma None = on sm90+.
 DEFAULT_VARIANT = {"cvt": 2, "expm": 0, "p8": 0, "tma": None}
 # The split linear branch: where it runs ("kernel": `_linear_out_kernel`, "prologue": the attention
-# kernel's prologue, from the q tile it loads anyway) and the kernel's rows per tile, warps,
-# pipeline stages and programs per SM.
-DEFAULT_LINEAR_OUT = {"where": "kernel", "block_m": 64, "warps": 4, "stages": 2, "waves": 4}
+# kernel's prologue, from the q tile it loads anyway, "auto": prologue in sparse mode, kernel in
+# dense mode) and the kernel's rows per tile, warps, pipeline stages and programs per SM.
+# H200 session 4 (branch cost = attention with proj_l minus without): sparse top-k 0.1, prologue
+# 0.60 vs kernel 0.96 ms at B1 H40 L75600 and 0.127 vs 0.165 ms at B1 H12 L32760; dense at
+# B1 H12 L32760 the prologue made the whole op slower (9.38 vs 9.15 ms).
+DEFAULT_LINEAR_OUT = {"where": "auto", "block_m": 64, "warps": 4, "stages": 2, "waves": 4}
 
 
 def default_block_m(block_q: int, dense: bool) -> int:
@@ -409,9 +412,9 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
     split = linear and split_linear
     lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
-    if lc["where"] not in ("kernel", "prologue"):
-        raise ValueError(f"linear_cfg where={lc['where']!r}; valid: 'kernel', 'prologue'")
-    pro = split and lc["where"] == "prologue"
+    if lc["where"] not in ("auto", "kernel", "prologue"):
+        raise ValueError(f"linear_cfg where={lc['where']!r}; valid: 'auto', 'kernel', 'prologue'")
+    pro = split and (lc["where"] == "prologue" or (lc["where"] == "auto" and not dense))
     if split and not pro:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         per_head, tiles = linear_out_grid(L, B * H, lc["block_m"], sms, lc["waves"])

@@ -14,10 +14,10 @@ Pass B (`_quant_kv_kernel`, grid (chunks, B*H)): reads k and v once more and wri
 [B*H, D, Lpad] zero-padded (and, as an option, the linear-branch statistics).
 
 The linear-branch statistics φ(k)ᵀv, Σφ(k) run by default in their own kernel between the
-passes (`_linear_stats_kernel`, which also takes the |v| channel maxima): inside pass B their
+passes (`_linear_stats_kernel`, which can also take the |v| channel maxima): inside pass B their
 [D, D] accumulator and the transpose of φ(k) made the quantization loop register-bound (H200:
 pass B 0.79 ms quant-only vs 1.99 ms with the statistics at B1 H40 L75600). Together: q read
-once, k three times, v twice; K/V written once at 1 byte (fp8) per element.
+once, k and v three times; K/V written once at 1 byte (fp8) per element.
 """
 
 from __future__ import annotations
@@ -321,11 +321,12 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # "c": their own kernel, `_linear_stats_kernel`, with rows per step, warps, pipeline stages,
 # programs and the transposed-k load of that kernel; lin_vmax: that kernel also takes the V
 # channel maxima, so pass A reads only q and k), and the top-k implementation ("triton" | "torch").
-# H200 session 4, B1 H40 L75600: the statistics kernel at 4 warps 0.75 ms (8 warps 1.35 ms; inside
-# pass B they cost 1.2 ms of its 2.0 ms).
+# H200 session 4, B1 H40 L75600 (prep total): statistics kernel at 4 warps 0.75 ms (8 warps 1.35 ms;
+# inside pass B they cost 1.2 ms of its 2.0 ms); the V maxima there slow it to 1.25 ms while pass A
+# saves only 0.23 ms (3.41 vs 3.14 ms in all), so they stay in pass A (at 1.3B: 0.50 vs 0.55 ms).
 DEFAULT_TUNE = {"progs_a": 1024, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "linear_in": "c", "topk": "triton",
                 "stages_a": 1, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
-                "lin_kt": 0, "lin_vmax": 1}
+                "lin_kt": 0, "lin_vmax": 0}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None):
