@@ -58,15 +58,15 @@ VARIANTS = [
 PREP_TUNES = [
     ("default", {}),
     ("linear in B (session-3 default)", dict(linear_in="b")),
-    ("V maxima in the linear kernel", dict(lin_vmax=1)),
-    ("linear kernel: 128 rows/step (V maxima in pass A)", dict(lin_block=128)),
-    ("linear kernel: 8 warps", dict(lin_warps=8)),
-    ("linear kernel: 2 warps", dict(lin_warps=2)),
-    ("linear kernel: 128 rows/step, 8 warps", dict(lin_block=128, lin_warps=8)),
-    ("linear kernel: k transposed", dict(lin_kt=1)),
-    ("linear kernel: stages 3", dict(lin_stages=3)),
-    ("linear kernel: 2048 progs", dict(progs_l=2048)),
-    ("pass A 8 warps", dict(warps_a=8)),
+    ("block scores tf32", dict(scores="tf32")),
+    ("block scores bf16 (TurboDiffusion rounding)", dict(scores="bf16")),
+    ("top-k 1 row/program", dict(topk_rows=1)),
+    ("top-k 2 rows/program", dict(topk_rows=2)),
+    ("top-k 8 rows x 8 warps", dict(topk_rows=8, topk_warps=8)),
+    ("top-k 4 rows x 8 warps", dict(topk_rows=4, topk_warps=8)),
+    ("top-k 4 rows x 2 warps", dict(topk_rows=4, topk_warps=2)),
+    ("linear kernel: 128 rows/step", dict(lin_block=128)),
+    ("tf32 + top-k 2 rows", dict(scores="tf32", topk_rows=2)),
 ]
 # The split linear-branch output kernel (launch_attn(linear_cfg=...)).
 LINEAR_OUT_CFGS = [

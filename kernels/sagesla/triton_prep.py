@@ -298,16 +298,36 @@ def _topk_lut_kernel(
     tl.store(lut_ptr + r[:, None].to(tl.int64) * T + pos, colv, mask=sel)
 
 
-def topk_lut(scores: torch.Tensor, T: int) -> torch.Tensor:
-    """[..., Kb] fp32 scores -> [..., T] int32 ascending column indices of a top-T (Triton)."""
+def topk_lut(scores: torch.Tensor, T: int, rows: int = 0, num_warps: int = 4) -> torch.Tensor:
+    """[..., Kb] fp32 scores -> [..., T] int32 ascending column indices of a top-T (Triton).
+    rows: score rows per program (0: as many as fit 4096 lanes, at most 16)."""
     Kb = scores.shape[-1]
     s2 = scores.reshape(-1, Kb).contiguous()
     NR = s2.shape[0]
     lut = torch.empty(NR, T, device=scores.device, dtype=torch.int32)
     KBP = max(16, triton.next_power_of_2(Kb))
-    ROWS = max(1, min(16, 4096 // KBP))
-    _topk_lut_kernel[(triton.cdiv(NR, ROWS),)](s2, lut, NR, Kb, T, ROWS=ROWS, KBP=KBP, num_warps=4)
+    ROWS = rows or max(1, min(16, 4096 // KBP))
+    _topk_lut_kernel[(triton.cdiv(NR, ROWS),)](s2, lut, NR, Kb, T, ROWS=ROWS, KBP=KBP, num_warps=num_warps)
     return lut.view(*scores.shape[:-1], T)
+
+
+def block_scores(qpool: torch.Tensor, kbar: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Block scores q̄ k̄ᵀ [BH, Qb, Kb] in fp32 from fp32 pooled means. precision "fp32" (exact
+    fp32 products), "tf32" (tensor-core TF32 on CUDA: 10-bit mantissas, still finer than
+    TurboDiffusion's scores, which pool into the input dtype, bf16, before the product) or
+    "bf16" (TurboDiffusion's rounding). Only near-ties can select differently."""
+    if precision == "bf16":
+        return torch.bmm(qpool.to(torch.bfloat16), kbar.to(torch.bfloat16).transpose(1, 2)).float()
+    if precision == "tf32" and qpool.is_cuda:
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return torch.bmm(qpool, kbar.transpose(1, 2))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    if precision not in ("fp32", "tf32"):
+        raise ValueError(f"scores precision {precision!r}; valid: 'fp32', 'tf32', 'bf16'")
+    return torch.bmm(qpool, kbar.transpose(1, 2))
 
 
 def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
@@ -320,13 +340,14 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # statistics are computed ("a": pass A, so pass B is one key block per program; "b": pass B;
 # "c": their own kernel, `_linear_stats_kernel`, with rows per step, warps, pipeline stages,
 # programs and the transposed-k load of that kernel; lin_vmax: that kernel also takes the V
-# channel maxima, so pass A reads only q and k), and the top-k implementation ("triton" | "torch").
+# channel maxima, so pass A reads only q and k), the block-score precision (see `block_scores`), and
+# the top-k implementation ("triton" | "torch") with its rows per program and warps.
 # H200 session 4, B1 H40 L75600 (prep total): statistics kernel at 4 warps 0.75 ms (8 warps 1.35 ms;
 # inside pass B they cost 1.2 ms of its 2.0 ms); the V maxima there slow it to 1.25 ms while pass A
 # saves only 0.23 ms (3.41 vs 3.14 ms in all), so they stay in pass A (at 1.3B: 0.50 vs 0.55 ms).
 DEFAULT_TUNE = {"progs_a": 1024, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "linear_in": "c", "topk": "triton",
                 "stages_a": 1, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
-                "lin_kt": 0, "lin_vmax": 0}
+                "lin_kt": 0, "lin_vmax": 0, "scores": "fp32", "topk_rows": 0, "topk_warps": 4}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None):
@@ -383,9 +404,9 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         cnt = torch.full((Kb,), float(block_k), device=dev, dtype=f32)
         cnt[-1:].fill_(L - (Kb - 1) * block_k)  # no 0-dim setitem: H2D copy, not capturable
         kbar = kblk / cnt[:, None] - km[:, None, :]
-        scores = torch.bmm(qpool, kbar.transpose(1, 2))  # [BH, Qb, Kb]
+        scores = block_scores(qpool, kbar, tn["scores"])  # [BH, Qb, Kb]
         if tn["topk"] == "triton":
-            lut = topk_lut(scores, T)
+            lut = topk_lut(scores, T, tn["topk_rows"], tn["topk_warps"])
         else:
             idx = torch.topk(scores, T, dim=-1, sorted=False).indices
             lut = torch.sort(idx.to(torch.int32), dim=-1).values.contiguous()

@@ -352,3 +352,28 @@ def test_exp2_polynomial_accuracy():
     rel = ((y.double() - ref).abs() / ref)[fin]
     assert rel.max().item() <= 1.1e-4, rel.max().item()
     assert torch.isfinite(y).all() and (y[~fin] < 1e-37).all()
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_block_score_precisions_and_topk_launches(precision):
+    """The block scores at TF32 (a no-op on CPU) or TurboDiffusion's bf16 rounding stay a valid
+    top-k of the fp32 scores up to that rounding; the top-k kernel's launch shape (rows per
+    program, warps) does not change the LUT."""
+    from turbocompile.kernels.sagesla.triton_prep import block_scores, prepare
+
+    q, k, v = rand(1, 600, 2, 64)
+    base = prepare(q, k, v, 0.2, 32, 32, "int8-fp8", False)
+    for tune in (dict(topk_rows=1), dict(topk_rows=8, topk_warps=8)):
+        assert torch.equal(prepare(q, k, v, 0.2, 32, 32, "int8-fp8", False, tune=tune)["lut"], base["lut"])
+    p = prepare(q, k, v, 0.2, 32, 32, "int8-fp8", False, tune=dict(scores=precision))
+    scores, keep = oracle_lut(q, k, 0.2, 32, 32)
+    lut = p["lut"].view(1, 2, -1, p["T"]).long().cpu()
+    chosen = scores.cpu().gather(-1, lut)
+    dropped = scores.cpu().scatter(-1, lut, -math.inf)
+    tol = 1e-4 if precision == "tf32" else 2e-2 * scores.abs().amax().item()
+    assert (chosen.amin(-1) >= dropped.amax(-1) - tol).all()
+    a, b = torch.randn(3, 5, 64), torch.randn(3, 7, 64)
+    torch.testing.assert_close(block_scores(a, b, "fp32"), a @ b.transpose(1, 2))
+    with pytest.raises(ValueError, match="valid: 'fp32', 'tf32', 'bf16'"):
+        block_scores(a, b, "fp16")
