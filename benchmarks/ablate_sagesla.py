@@ -57,16 +57,14 @@ VARIANTS = [
 ]
 PREP_TUNES = [
     ("default", {}),
-    ("linear in B (session-3 default)", dict(linear_in="b")),
-    ("block scores tf32", dict(scores="tf32")),
-    ("block scores bf16 (TurboDiffusion rounding)", dict(scores="bf16")),
-    ("top-k 1 row/program", dict(topk_rows=1)),
-    ("top-k 2 rows/program", dict(topk_rows=2)),
-    ("top-k 8 rows x 8 warps", dict(topk_rows=8, topk_warps=8)),
-    ("top-k 4 rows x 8 warps", dict(topk_rows=4, topk_warps=8)),
-    ("top-k 4 rows x 2 warps", dict(topk_rows=4, topk_warps=2)),
-    ("linear kernel: 128 rows/step", dict(lin_block=128)),
-    ("tf32 + top-k 2 rows", dict(scores="tf32", topk_rows=2)),
+    ("linear in B (session-3 default)", dict(linear_in="b", scores="fp32", topk_rows=0)),
+    ("pass B 4 warps", dict(warps_b=4)),
+    ("pass B 16 warps", dict(warps_b=16)),
+    ("pass A stages 2", dict(stages_a=2)),
+    ("pass A 2048 progs", dict(progs_a=2048)),
+    ("pass A 512 progs", dict(progs_a=512)),
+    ("linear kernel: stages 3", dict(lin_stages=3)),
+    ("linear kernel: 512 progs", dict(progs_l=512)),
 ]
 # The split linear-branch output kernel (launch_attn(linear_cfg=...)).
 LINEAR_OUT_CFGS = [

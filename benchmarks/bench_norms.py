@@ -290,9 +290,9 @@ bf = torch.bfloat16
 # BENCH_NORMS_QUICK=1: only the quantizing epilogues (the sites below 75% in round 2), with the
 # lean quantizer (qv=1) and launch shapes around the defaults, plus the unfused alternatives.
 QUICK = os.environ.get("BENCH_NORMS_QUICK") == "1"
-QCFGS = {"default": None, "qv0 (session 3)": dict(qv=0), "stats1": dict(stats=1),
-         "stats1 bm2w8": dict(stats=1, block_m=2, num_warps=8), "stats1 bm1w4": dict(stats=1, block_m=1, num_warps=4),
-         "stats1 bm4w8": dict(stats=1, block_m=4, num_warps=8), "stats1 bm2w4": dict(stats=1, block_m=2, num_warps=4)}
+QCFGS = {"default": None, "qv0 (session 3)": dict(qv=0), "maxnreg 96": dict(maxnreg=96),
+         "maxnreg 80": dict(maxnreg=80), "maxnreg 112": dict(maxnreg=112), "maxnreg 64": dict(maxnreg=64),
+         "bm4w8 maxnreg 96": dict(block_m=4, num_warps=8, maxnreg=96), "stats1 maxnreg 96": dict(stats=1, maxnreg=96)}
 qa = torch.ops.turbocompile.quantize_activation if hasattr(torch.ops.turbocompile, "quantize_activation") else None
 if not QUICK:
     site("ln_modulate (pre-attn/FFN)", 4 * E,
@@ -328,12 +328,13 @@ site("res+ln_mod+quant int8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("int8", "per_token"), config=c)),
      lambda: (lambda xn_h: eager_quant(xn_h[1], "int8", "per_token"))(eager_res_ln_mod(x, y)),
-     dict(QCFGS, **{"stats0 bm2w8 (before)": dict(stats=0, block_m=2, num_warps=8)}))
+     dict(QCFGS, **{"stats0 bm2w8 (before)": dict(stats=0, block_m=2, num_warps=8)}))  # default: stats1 bm2w4
 site("res+ln_mod+quant fp8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("fp8", "per_token"), config=c)),
      lambda: (lambda xn_h: eager_quant(xn_h[1], "fp8", "per_token"))(eager_res_ln_mod(x, y)),
-     {"default": None, "qv0 (session 3)": dict(qv=0), "stats1": dict(stats=1), "stats1 bm2w4": dict(stats=1, block_m=2, num_warps=4)})
+     {"default": None, "maxnreg 96": dict(maxnreg=96), "maxnreg 80": dict(maxnreg=80), "maxnreg 128": dict(maxnreg=128),
+      "bm2w4 maxnreg 96": dict(block_m=2, num_warps=4, maxnreg=96), "stats1 bm2w4 maxnreg 96": dict(stats=1, block_m=2, num_warps=4, maxnreg=96)})
 for fmt in ("int8", "fp8"):
     # extra: the unfused alternative (bf16 LN kernel, then the W8A8 activation quantizer)
     site(f"ln_mod+quant {fmt} block128", 3 * E + 4 * triton.cdiv(M, 128) * triton.cdiv(D, 128),

@@ -447,12 +447,13 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
         # every block lies inside one sample
         vec_shared = (sgl == 0 and ssl == 0 and scl == 0 and (B == 1 or L % block_m == 0))
         n_blk = triton.cdiv(M, block_m)
+        extra = {"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] and native else {}
         grid = min(n_blk, cfg["persist"] * sm_count(x.device)) if cfg["persist"] else n_blk
         _ln_rows_kernel[(grid,)](*args, **flags, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_D2=block_d2,
                                  VEC_SHARED=vec_shared, PERSIST=bool(cfg["persist"]),
                                  PREFETCH=bool(cfg["prefetch"]), NUM_STAGES=cfg["stages"], NATIVE=native, QV=cfg["qv"], STATS=cfg["stats"],
                                  EVEN=(block_d + block_d2 == D),
-                                 num_warps=cfg["num_warps"])
+                                 num_warps=cfg["num_warps"], **extra)
     return x_new, out, qscale
 
 
