@@ -126,6 +126,10 @@ def _row_config(D: int, kind: str, override: dict | None) -> dict:
         # lean quantizer: same codes, fewer instructions (H200 session 4: int8 per-token 0.448 ->
         # 0.401 ms, fp8 0.408 -> 0.395, residual int8 0.957 -> 0.912, residual fp8 0.925 -> 0.903)
         cfg["qv"] = 1
+    if kind == "quant_res" and width > 2048:
+        # residual + FP8 at D = 5120: capping the registers at 80 measured 0.803 ms (79.5% of copy)
+        # vs 0.901 ms uncapped (96: 0.933, 128: 0.913); the cap slows every other quant site
+        cfg["maxnreg"] = 80
     if kind == "quant_res_int8" and width > 2048:
         # residual + INT8 at D = 5120: one-pass statistics, 2 rows x 4 warps: 0.810 ms (79.2% of
         # copy) vs 0.912 ms; the same config is slower for FP8 (1.085 ms) and without the residual
