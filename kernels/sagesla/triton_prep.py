@@ -342,7 +342,7 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # programs and the transposed-k load of that kernel; lin_vmax: that kernel also takes the V
 # channel maxima, so pass A reads only q and k), the block-score precision (see `block_scores`), and
 # the top-k implementation ("triton" | "torch") with its rows per program and warps. Same sweep at
-# B1 H40 L75600: TF32 block scores 0.22 -> ~0.1 ms (prep 3.13 -> 3.01 ms), one score row per top-k
+# B1 H40 L75600: TF32 block scores (the fp32 bmm took 0.22 ms; prep 3.13 -> 3.01 ms), one score row per top-k
 # program 0.52 -> 0.41 ms (both: prep 2.92 ms); pass B without the statistics at 4 warps
 # (warps_bq; 8 before) 0.80 -> 0.64 ms (prep 2.90 -> 2.76 ms). warps_b: pass B with them ("b").
 # H200 session 4, B1 H40 L75600 (prep total): statistics kernel at 4 warps 0.75 ms (8 warps 1.35 ms;
