@@ -65,6 +65,17 @@ def dot_acc(a, b, acc, F32: tl.constexpr):
 
 
 @triton.jit
+def _chunk_program(k_ptr, v_ptr, H, CHUNK: tl.constexpr, stride_kb, stride_kh, stride_vb, stride_vh):
+    """Program (chunk c, head bh) of a grid (chunks, B*H): (c, bh, first row, k and v bases)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    return (c, bh, c * CHUNK, k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh,
+            v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh)
+
+
+@triton.jit
 def _pool_kernel(
     q_ptr, k_ptr, v_ptr,  # [B, L, H, D] each
     qpool_ptr,  # [B*H, Qb, D] fp32: mean of q rows per query block
@@ -145,15 +156,9 @@ def _quant_kv_kernel(
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_D: tl.constexpr,
     QUANT: tl.constexpr, LINEAR: tl.constexpr, EXACT_FP8: tl.constexpr, STAGES: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    row0 = c * CHUNK
+    c, bh, row0, kbase, vbase = _chunk_program(k_ptr, v_ptr, H, CHUNK, stride_kb, stride_kh, stride_vb, stride_vh)
     offs_d = tl.arange(0, HEAD_D)
     offs_k = tl.arange(0, BLOCK_K)
-    kbase = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
-    vbase = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
     if QUANT != 0:
         km = tl.load(km_ptr + bh * HEAD_D + offs_d)
     if QUANT == 1:
@@ -217,15 +222,9 @@ def _linear_stats_kernel(
     register-light. KT: load k as a [D, BLOCK] tile (φ over axis 0) so φ(k)ᵀ is the dot's A
     operand as computed, with no register transpose. VMAX: also the V channel maxima (for the
     FP8 V scales), so pass A need not read v at all."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    row0 = c * CHUNK
+    c, bh, row0, kbase, vbase = _chunk_program(k_ptr, v_ptr, H, CHUNK, stride_kb, stride_kh, stride_vb, stride_vh)
     offs_d = tl.arange(0, HEAD_D)
     offs_r = tl.arange(0, BLOCK)
-    kbase = k_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
-    vbase = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
     kv = tl.zeros([HEAD_D, HEAD_D], dtype=tl.float32)
     ks = tl.zeros([HEAD_D], dtype=tl.float32)
     vmax = tl.zeros([HEAD_D], dtype=tl.float32)
