@@ -1,6 +1,4 @@
-"""Triton kernels: (gated residual +) LayerNorm + AdaLN modulate (+ W8A8 quantization epilogue).
-
-Two kernels:
+"""Triton kernel: (gated residual +) LayerNorm + AdaLN modulate (+ W8A8 quantization epilogue).
 
 * ``_ln_rows_kernel``: blocks of BLOCK_M rows; each row is held in registers as one or two
   power-of-two column tiles (5120 = 4096 + 1024: no masked lanes), so x (and y) are read once
@@ -9,16 +7,16 @@ Two kernels:
   the registers). Per-sample gate/shift/scale are loaded once per block ([1, D]). Optional
   persistent grid with a register-prefetched next block (measured slower at D=5120; kept for
   other shapes). On the GPU the dtype roundings use the hardware casts (NATIVE).
-* ``_ln_block128_kernel``: the block128 quant epilogue (scale per 128 rows × 128 columns).
-  One program owns a 128-row band: pass 1 walks the 128-wide column tiles once for the row
-  statistics (Chan's merge of per-tile mean/M2, as stable as two-pass), pass 2 walks them again
-  to normalize, take each tile's amax and quantize. The band (128·D elements) does not fit in
-  registers, so x is read twice: 5 B/elt instead of 3.
+* block128 (TurboDiffusion's 128×128 activation scale blocks) is not fused: a scale block needs
+  the statistics of its whole 128-row band before any tile can be quantized, so a fused kernel
+  reads x twice; it measured 1.14 ms vs 0.72 ms for this LN kernel followed by the W8A8
+  block-128 quantizer (H200, B1 L75600 D5120, INT8), which is what ``quant=(fmt, "block128")``
+  runs.
 
 Quantizer (must match ``turbocompile::quantize_activation``): h is rounded to x.dtype first;
 amax = max(1e-8, max|h|); INT8 q = rint(h·(128/amax)) saturated to [-128, 127], scale amax/128;
 FP8 q = e4m3_rn(clamp(h·(448/amax), ±448)), scale amax/448. Divisions use div_rn (IEEE), and the
-round-half-to-even is done with the 1.5·2^23 trick (exact for |v| ≤ 2^22, v is clamped first).
+round-half-to-even is done with the 1.5·2^23 trick (exact for |v| ≤ 2^22; see ``_quantize``).
 """
 
 from __future__ import annotations
@@ -323,73 +321,16 @@ def _ln_rows_kernel(
                   ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
 
 
-@triton.jit
-def _ln_block128_kernel(
-    x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr,  # as in _ln_rows_kernel
-    xnew_ptr, q_ptr, qscale_ptr,  # outputs: x_new [M,D], q [M,D], scale [ceil(M/128), ceil(D/128)]
-    M, L, D, eps,
-    stride_xm, stride_ym, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb, stride_cl,
-    HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
-    QBLOCK: tl.constexpr, NATIVE: tl.constexpr, QV: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n_cb = tl.cdiv(D, QBLOCK)
-    rows = pid * QBLOCK + tl.arange(0, QBLOCK)
-    row_mask = rows < M
-    rows64 = rows.to(tl.int64)
-    bi = rows64 // L
-    li = rows64 % L
-
-    # Pass 1: per-row mean and M2 over the whole row, merged tile by tile (Chan et al.).
-    mean = tl.zeros([QBLOCK], dtype=tl.float32)
-    m2 = tl.zeros([QBLOCK], dtype=tl.float32)
-    for cb in range(0, n_cb):
-        cols = cb * QBLOCK + tl.arange(0, QBLOCK)
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            y = tl.load(y_ptr + rows64[:, None] * stride_ym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = _residual(x, y, gate_ptr, xnew_ptr, (bi * stride_gb + li * stride_gl)[:, None] + cols[None, :], mask,
-                          rows64[:, None] * D + cols[None, :], mask, HAS_GATE, NATIVE)
-        n_a = (cb * QBLOCK) * 1.0
-        n_b = tl.minimum(D - cb * QBLOCK, QBLOCK) * 1.0
-        t_mean = tl.sum(x, axis=1) / n_b
-        t_diff = tl.where(mask, x - t_mean[:, None], 0.0)
-        t_m2 = tl.sum(t_diff * t_diff, axis=1)
-        delta = t_mean - mean
-        n = n_a + n_b
-        mean = mean + delta * (n_b / n)
-        m2 = m2 + t_m2 + delta * delta * (n_a * n_b / n)
-    rstd = tl.rsqrt(m2 / D + eps)
-    if HAS_RES:
-        tl.debug_barrier()  # pass 2 reads the x_new this program stored in pass 1
-
-    # Pass 2: normalize, modulate, round to x.dtype, quantize each 128×128 tile.
-    for cb in range(0, n_cb):
-        cols = cb * QBLOCK + tl.arange(0, QBLOCK)
-        col_mask = cols < D
-        mask = row_mask[:, None] & col_mask[None, :]
-        if HAS_RES:
-            x = tl.load(xnew_ptr + rows64[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        h = tl.where(mask, x - mean[:, None], 0.0) * rstd[:, None]
-        h = _affine_modulate(h, w_ptr, b_ptr, shift_ptr, scale_ptr, cols, col_mask,
-                             (bi * stride_sb + li * stride_sl)[:, None] + cols[None, :],
-                             (bi * stride_cb + li * stride_cl)[:, None] + cols[None, :], mask,
-                             HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, x_ptr.dtype.element_ty, NATIVE)
-        hq = tl.where(mask, rnd(h, x_ptr.dtype.element_ty, NATIVE), 0.0)
-        amax = tl.max(tl.max(tl.abs(hq), axis=1, keep_dims=True), axis=0, keep_dims=True)  # [1, 1]
-        q, s = _quantize(hq, amax, OUT_MODE, NATIVE, QV)
-        tl.store(q_ptr + rows64[:, None] * D + cols[None, :], q, mask=mask)
-        tl.store(qscale_ptr + (pid * n_cb + cb) + tl.zeros([1, 1], dtype=tl.int32), s)
-
-
 def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, config=None):
     """Validate, allocate, launch. quant: None | (format, granularity). Returns (x_new, out, qscale)."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x dtype {x.dtype} not supported (float32, bfloat16, float16)")
+    if quant is not None and quant[1] == "block128":  # composed, see the module docstring
+        from turbocompile.kernels.w8a8.triton_quant import quantize_triton
+
+        x_new, h, _ = _launch(x, y, gate, weight, bias, shift, scale, eps, x.dtype, None, config)
+        q, qscale = quantize_triton(h, quant[0], "block128")
+        return x_new, q, qscale
     D = x.shape[-1]
     x2, B, L = as_rows(x)  # [M, D]
     M = x2.shape[0]
@@ -412,10 +353,7 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
         mode = _OUT_INT8 if fmt == "int8" else _OUT_FP8
         qdt = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
         out = torch.empty(M, D, device=x.device, dtype=qdt)
-        if gran == "per_token":
-            qscale = torch.empty(M, 1, device=x.device, dtype=torch.float32)
-        else:
-            qscale = torch.empty(triton.cdiv(M, 128), triton.cdiv(D, 128), device=x.device, dtype=torch.float32)
+        qscale = torch.empty(M, 1, device=x.device, dtype=torch.float32)  # per_token (block128 returned above)
     else:
         out = torch.empty(M, D, device=x.device, dtype=out_dtype)
         qscale = None
@@ -431,29 +369,27 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
                  HAS_B=bias is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
                  OUT_MODE=mode, ROUND_LN=round_ln)
     native = x.device.type == "cuda"
-    if gran == "block128":
-        _ln_block128_kernel[(triton.cdiv(M, 128),)](*args, **flags, QBLOCK=128, NATIVE=native, QV=0, num_warps=8)
+    kind = ("quant" if quant is not None else "ln") + ("_res" if y is not None else "")
+    if kind == "quant_res" and mode == _OUT_INT8:
+        kind = "quant_res_int8"
+    cfg = row_config(D, kind, config)
+    if cfg["split"]:
+        block_d, block_d2 = split_tiles(D)
     else:
-        kind = ("quant" if quant is not None else "ln") + ("_res" if y is not None else "")
-        if kind == "quant_res" and mode == _OUT_INT8:
-            kind = "quant_res_int8"
-        cfg = row_config(D, kind, config)
-        if cfg["split"]:
-            block_d, block_d2 = split_tiles(D)
-        else:
-            block_d, block_d2 = max(16, triton.next_power_of_2(D)), 0
-        block_m = cfg["block_m"]
-        # one [1, D] gate/shift/scale load serves the whole block when they are per sample and
-        # every block lies inside one sample
-        vec_shared = (sgl == 0 and ssl == 0 and scl == 0 and (B == 1 or L % block_m == 0))
-        n_blk = triton.cdiv(M, block_m)
-        extra = {"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] and native else {}
-        grid = min(n_blk, cfg["persist"] * sm_count(x.device)) if cfg["persist"] else n_blk
-        _ln_rows_kernel[(grid,)](*args, **flags, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_D2=block_d2,
-                                 VEC_SHARED=vec_shared, PERSIST=bool(cfg["persist"]),
-                                 PREFETCH=bool(cfg["prefetch"]), NUM_STAGES=cfg["stages"], NATIVE=native, QV=cfg["qv"], STATS=cfg["stats"],
-                                 EVEN=(block_d + block_d2 == D),
-                                 num_warps=cfg["num_warps"], **extra)
+        block_d, block_d2 = max(16, triton.next_power_of_2(D)), 0
+    block_m = cfg["block_m"]
+    # one [1, D] gate/shift/scale load serves the whole block when they are per sample and
+    # every block lies inside one sample
+    vec_shared = (sgl == 0 and ssl == 0 and scl == 0 and (B == 1 or L % block_m == 0))
+    n_blk = triton.cdiv(M, block_m)
+    extra = {"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] and native else {}
+    grid = min(n_blk, cfg["persist"] * sm_count(x.device)) if cfg["persist"] else n_blk
+    _ln_rows_kernel[(grid,)](*args, **flags, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_D2=block_d2,
+                             VEC_SHARED=vec_shared, PERSIST=bool(cfg["persist"]),
+                             PREFETCH=bool(cfg["prefetch"]), NUM_STAGES=cfg["stages"], NATIVE=native,
+                             QV=cfg["qv"], STATS=cfg["stats"],
+                             EVEN=(block_d + block_d2 == D),
+                             num_warps=cfg["num_warps"], **extra)
     return x_new, out, qscale
 
 
