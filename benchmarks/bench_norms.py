@@ -290,9 +290,9 @@ bf = torch.bfloat16
 # BENCH_NORMS_QUICK=1: only the quantizing epilogues (the sites below 75% in round 2), with the
 # lean quantizer (qv=1) and launch shapes around the defaults, plus the unfused alternatives.
 QUICK = os.environ.get("BENCH_NORMS_QUICK") == "1"
-QCFGS = {"default": None, "qv0 (session 3)": dict(qv=0), "maxnreg 96": dict(maxnreg=96),
-         "maxnreg 80": dict(maxnreg=80), "maxnreg 112": dict(maxnreg=112), "maxnreg 64": dict(maxnreg=64),
-         "bm4w8 maxnreg 96": dict(block_m=4, num_warps=8, maxnreg=96), "stats1 maxnreg 96": dict(stats=1, maxnreg=96)}
+QCFGS = {"default": None, "qv0 (session 3)": dict(qv=0), "qv2 (amax before rounding)": dict(qv=2),
+         "qv2 bm2w8": dict(qv=2, block_m=2, num_warps=8), "qv2 nosplit bm2w4": dict(qv=2, split=False, block_m=2, num_warps=4),
+         "nosplit bm2w4": dict(split=False, block_m=2, num_warps=4), "qv2 stats1": dict(qv=2, stats=1)}
 qa = torch.ops.turbocompile.quantize_activation if hasattr(torch.ops.turbocompile, "quantize_activation") else None
 if not QUICK:
     site("ln_modulate (pre-attn/FFN)", 4 * E,
@@ -328,14 +328,12 @@ site("res+ln_mod+quant int8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("int8", "per_token"), config=c)),
      lambda: (lambda xn_h: eager_quant(xn_h[1], "int8", "per_token"))(eager_res_ln_mod(x, y)),
-     dict(QCFGS, **{"stats0 bm2w8 (before)": dict(stats=0, block_m=2, num_warps=8)}))  # default: stats1 bm2w4
+     {"default": None, "qv2": dict(qv=2), "qv2 stats0 bm2w8": dict(qv=2, stats=0, block_m=2, num_warps=8)})  # default: stats1 bm2w4
 site("res+ln_mod+quant fp8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("fp8", "per_token"), config=c)),
      lambda: (lambda xn_h: eager_quant(xn_h[1], "fp8", "per_token"))(eager_res_ln_mod(x, y)),
-     {"default": None, "no register cap (before)": dict(maxnreg=None), "maxnreg 96": dict(maxnreg=96),
-      "maxnreg 72": dict(maxnreg=72), "maxnreg 128": dict(maxnreg=128),
-      "bm2w4 maxnreg 96": dict(block_m=2, num_warps=4, maxnreg=96), "stats1 bm2w4 maxnreg 96": dict(stats=1, block_m=2, num_warps=4, maxnreg=96)})
+     {"default": None, "no register cap (before)": dict(maxnreg=None), "qv2": dict(qv=2)})
 for fmt in ("int8", "fp8"):
     # block128 is composed (bf16 LN kernel, then the W8A8 block quantizer): no fused kernel, since a
     # 128-row scale block needs its band's statistics first (a fused kernel measured 1.14 ms vs 0.72)

@@ -81,12 +81,13 @@ def _quantize(hq, amax, OUT_MODE: tl.constexpr, NATIVE: tl.constexpr, QV: tl.con
     |hq·128/amax| <= 128·(1 + 2^-23), so only the +128 end needs a clamp, and reads the int8
     code straight from the low byte of bits(v + 1.5·2^23) (= 0x4B400000 + rint(v)), with no
     subtract and no conversion instruction; for FP8 on the GPU the saturating cvt needs no
-    clamp either (|v| <= 448·(1 + 2^-23) rounds to 448 in any case)."""
+    clamp either (|v| <= 448·(1 + 2^-23) rounds to 448 in any case). QV 2 is QV 1 with the row amax
+    taken before the rounding to x.dtype and rounded once (see ``_ln_block``)."""
     amax = tl.maximum(amax, 1e-8)
     if OUT_MODE == 1:
         inv = tl.math.div_rn(tl.zeros_like(amax) + 128.0, amax)
         v = hq * inv
-        if QV == 1:
+        if QV >= 1:
             q = (tl.minimum(v, 127.0) + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
         else:
             v = tl.minimum(tl.maximum(v, -128.0), 127.0)
@@ -96,7 +97,7 @@ def _quantize(hq, amax, OUT_MODE: tl.constexpr, NATIVE: tl.constexpr, QV: tl.con
         inv = tl.math.div_rn(tl.zeros_like(amax) + 448.0, amax)
         s = tl.math.div_rn(amax, tl.zeros_like(amax) + 448.0)
         if NATIVE:
-            if QV == 1:
+            if QV >= 1:
                 q = (hq * inv).to(tl.float8e4nv)
             else:
                 q = tl.minimum(tl.maximum(hq * inv, -448.0), 448.0).to(tl.float8e4nv)  # cvt.rn.satfinite: RNE
@@ -250,13 +251,22 @@ def _ln_block(
             hqa = rnd(ha, XDT, NATIVE)
         else:
             hqa = tl.where(mask, rnd(ha, XDT, NATIVE), 0.0)
-        amax = tl.max(tl.abs(hqa), axis=1, keep_dims=True)  # [BLOCK_M, 1]
+        if QV == 2:  # max|rnd(h)| = rnd(max|h|) (RNE is monotone and odd): no wait on the roundings
+            amax = tl.max(tl.abs(tl.where(mask, ha, 0.0) if not EVEN else ha), axis=1, keep_dims=True)
+        else:
+            amax = tl.max(tl.abs(hqa), axis=1, keep_dims=True)  # [BLOCK_M, 1]
         if BLOCK_D2 > 0:
             if EVEN:
                 hqb = rnd(hb, XDT, NATIVE)
             else:
                 hqb = tl.where(mask2, rnd(hb, XDT, NATIVE), 0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(hqb), axis=1, keep_dims=True))
+            if QV == 2:
+                amax = tl.maximum(amax, tl.max(tl.abs(tl.where(mask2, hb, 0.0) if not EVEN else hb), axis=1,
+                                               keep_dims=True))
+            else:
+                amax = tl.maximum(amax, tl.max(tl.abs(hqb), axis=1, keep_dims=True))
+        if QV == 2:
+            amax = rnd(amax, XDT, NATIVE)
         qa, s = _quantize(hqa, amax, OUT_MODE, NATIVE, QV)
         tl.store(out_ptr + rows64[:, None] * D + cols[None, :], qa, mask=mask)
         if BLOCK_D2 > 0:

@@ -255,7 +255,7 @@ def test_matches_quantize_activation_if_registered():
 # ------------------------------------------------------------------- launch configurations (round 2)
 @pytest.mark.parametrize("cfg", [dict(split=False), dict(persist=1, prefetch=True), dict(block_m=2, persist=1),
                                  dict(block_m=2, persist=1, prefetch=True, num_warps=4), dict(stats=1),
-                                 dict(stats=1, block_m=2, qv=1)])
+                                 dict(stats=1, block_m=2, qv=1), dict(qv=2)])
 @pytest.mark.parametrize("D", [200, 1536])
 def test_row_kernel_configs_agree(cfg, D):
     """Every launch configuration the benchmark may pick computes the same function: persistent
@@ -293,8 +293,9 @@ def test_one_pass_statistics_offset_rows(D):
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("res", [False, True])
 def test_lean_quantizer_same_codes(fmt, res):
-    """qv=1 (clamp only at +127, int8 code from the low byte of bits(v + 1.5·2^23)) gives the
-    same codes and scales as qv=0 and the reference quantizer, on rows whose amax sits at either
+    """qv=1 (clamp only at +127, int8 code from the low byte of bits(v + 1.5·2^23)) and qv=2 (also
+    the amax taken before the rounding to x.dtype) give the same codes and scales as qv=0 and the
+    reference quantizer, on rows whose amax sits at either
     sign (codes -128 / +127 at the row's extreme), with ties, zeros and an all-zero row."""
     from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton, residual_ln_modulate_triton
 
@@ -306,7 +307,7 @@ def test_lean_quantizer_same_codes(fmt, res):
     x[0, 4, 9] = 40.0  # positive outlier: +127
     y, gate = torch.randn_like(x), torch.randn(2, 1, D, device=DEV)
     outs = []
-    for qv in (0, 1):
+    for qv in (0, 1, 2):
         cfg = dict(qv=qv)
         if res:
             xn, q, s = residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, x.dtype, quant=(fmt, "per_token"),
@@ -318,7 +319,7 @@ def test_lean_quantizer_same_codes(fmt, res):
         q_ref, s_ref = ref.quantize_ref(h.reshape(-1, D), fmt, "per_token")
         assert torch.equal(q.view(torch.int8), q_ref.view(torch.int8)) and torch.equal(s, s_ref), (fmt, qv)
         outs.append(q.view(torch.int8))
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     if fmt == "int8" and not res:
         assert outs[1].min().item() == -128 and outs[1].max().item() == 127
 
