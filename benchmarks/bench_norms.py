@@ -188,10 +188,12 @@ check("stats1 (one-pass) residual h vs eager model", rel(h1, eager_res_ln_mod(x,
       rel=rel(h1, eager_res_ln_mod(x, y)[1]))
 del h1
 for fmt in ("int8", "fp8"):  # the lean quantizer (qv=1) must give the very same codes on the GPU
-    q0, s0 = _lnt(x, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"))
-    q1, s1 = _lnt(x, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"), config=dict(qv=1))
-    check(f"qv1 {fmt} codes identical", torch.equal(q0.view(torch.int8), q1.view(torch.int8)) and torch.equal(s0, s1),
-          mism=int((q0.view(torch.int8) != q1.view(torch.int8)).sum()))
+    q0, s0 = _lnt(x, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"), config=dict(qv=0))
+    for qv in (1, 2):
+        q1, s1 = _lnt(x, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"), config=dict(qv=qv))
+        check(f"qv{qv} {fmt} codes identical to qv0",
+              torch.equal(q0.view(torch.int8), q1.view(torch.int8)) and torch.equal(s0, s1),
+              mism=int((q0.view(torch.int8) != q1.view(torch.int8)).sum()))
     _, q0, s0 = _rlnt(x, y, gate, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"))
     _, q1, s1 = _rlnt(x, y, gate, None, None, sh, sc, 1e-6, dt, quant=(fmt, "per_token"), config=dict(qv=1))
     check(f"qv1 residual {fmt} codes identical",
