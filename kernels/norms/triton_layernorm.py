@@ -82,7 +82,8 @@ def _quantize(hq, amax, OUT_MODE: tl.constexpr, NATIVE: tl.constexpr, QV: tl.con
     code straight from the low byte of bits(v + 1.5·2^23) (= 0x4B400000 + rint(v)), with no
     subtract and no conversion instruction; for FP8 on the GPU the saturating cvt needs no
     clamp either (|v| <= 448·(1 + 2^-23) rounds to 448 in any case). QV 2 is QV 1 with the row amax
-    taken before the rounding to x.dtype and rounded once (see ``_ln_block``)."""
+    taken before the rounding to x.dtype and rounded once (see ``_ln_block``; measured slower on the
+    H200: 0.452 vs 0.398 ms for INT8 at B1 L75600 D5120)."""
     amax = tl.maximum(amax, 1e-8)
     if OUT_MODE == 1:
         inv = tl.math.div_rn(tl.zeros_like(amax) + 128.0, amax)
