@@ -20,8 +20,9 @@ Each program:
      the sm90 fp8 MMA accumulates at reduced precision, spec §4.3).
   3. epilogue: o_s = acc · v_scale / l, plus the linear branch φ(q)·KV / (1e-5 + φ(q)·ksum) →
      proj_l → bias, with proj_l folded into KVW = KV·Wᵀ (one product per row tile): by default
-     precomputed into the output by `_linear_out_kernel` and added
-     (ADD_OUT: the fused variant, LINEAR, made the main loop spill), written to [B, L, H, D].
+     parked in the output rows beforehand, by this kernel's prologue in sparse mode (LIN_PRO) or
+     by `_linear_out_kernel` in dense mode, and added here (ADD_OUT; computing it in the
+     epilogue, LINEAR, made the main loop spill); written to [B, L, H, D].
 QUANT: 0 = plain bf16/fp16 SLA (K, V read from the inputs), 1 = int8-fp8, 2 = int8-fp16.
 """
 
