@@ -58,11 +58,13 @@ VARIANTS = [
 PREP_TUNES = [
     ("default", {}),
     ("linear in B (session-3 default)", dict(linear_in="b", scores="fp32", topk_rows=0)),
-    ("linear kernel: 2 v-column groups", dict(lin_groups=2)),
-    ("linear kernel: 2 groups, 8 warps", dict(lin_groups=2, lin_warps=8)),
-    ("linear kernel: 2 groups, 128 rows", dict(lin_groups=2, lin_block=128)),
-    ("linear kernel: 4 groups", dict(lin_groups=4)),
-    ("linear kernel: 2 groups, V maxima there", dict(lin_groups=2, lin_vmax=1)),
+    ("pass B 4 warps", dict(warps_b=4)),
+    ("pass B 16 warps", dict(warps_b=16)),
+    ("pass A stages 2", dict(stages_a=2)),
+    ("pass A 2048 progs", dict(progs_a=2048)),
+    ("pass A 512 progs", dict(progs_a=512)),
+    ("linear kernel: stages 3", dict(lin_stages=3)),
+    ("linear kernel: 512 progs", dict(progs_l=512)),
 ]
 # The split linear-branch output kernel (launch_attn(linear_cfg=...)).
 LINEAR_OUT_CFGS = [

@@ -215,27 +215,24 @@ def _linear_stats_kernel(
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HEAD_D: tl.constexpr, KT: tl.constexpr,
-    EXACT_FP8: tl.constexpr, STAGES: tl.constexpr, VMAX: tl.constexpr, DV: tl.constexpr,
+    EXACT_FP8: tl.constexpr, STAGES: tl.constexpr, VMAX: tl.constexpr,
 ):
     """The linear branch's statistics alone (`linear_in="c"`): a pipelined loop over the rows
     of one chunk that keeps only the [D, D] accumulator live, so the quantization pass stays
     register-light. KT: load k as a [D, BLOCK] tile (φ over axis 0) so φ(k)ᵀ is the dot's A
     operand as computed, with no register transpose. VMAX: also the V channel maxima (for the
-    FP8 V scales), so pass A need not read v at all. DV: v columns per program (grid axis 2 walks
-    the HEAD_D // DV column groups; each recomputes φ(k) for a DV-wide accumulator)."""
+    FP8 V scales), so pass A need not read v at all."""
     c, bh, row0, kbase, vbase = _chunk_program(k_ptr, v_ptr, H, CHUNK, stride_kb, stride_kh, stride_vb, stride_vh)
-    g = tl.program_id(2)
     offs_d = tl.arange(0, HEAD_D)
-    offs_e = g * DV + tl.arange(0, DV)  # this program's v columns
     offs_r = tl.arange(0, BLOCK)
-    kv = tl.zeros([HEAD_D, DV], dtype=tl.float32)
+    kv = tl.zeros([HEAD_D, HEAD_D], dtype=tl.float32)
     ks = tl.zeros([HEAD_D], dtype=tl.float32)
-    vmax = tl.zeros([DV], dtype=tl.float32)
+    vmax = tl.zeros([HEAD_D], dtype=tl.float32)
     nt = tl.cdiv(tl.minimum(L - row0, CHUNK), BLOCK)
     for j in tl.range(nt, num_stages=STAGES):
         rows = row0 + j * BLOCK + offs_r
         ok = rows < L
-        vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_e[None, :] * stride_vd,
+        vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
                      mask=ok[:, None], other=0.0)
         if VMAX:
             vmax = tl.maximum(vmax, tl.max(tl.abs(vx.to(tl.float32)), axis=0))
@@ -252,11 +249,10 @@ def _linear_stats_kernel(
             ks += tl.sum(phi, axis=0)
             kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
     base = (bh * NC + c).to(tl.int64)
-    if g == 0:  # one column group writes Σφ(k)
-        tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
-    tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_e[None, :], kv)
+    tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
+    tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :], kv)
     if VMAX:
-        tl.store(vmax_ptr + base * HEAD_D + offs_e, vmax)
+        tl.store(vmax_ptr + base * HEAD_D + offs_d, vmax)
 
 
 @triton.jit
@@ -342,7 +338,7 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # Tuning knobs (the benchmark sweeps them): programs per pass, warps per pass, where the linear
 # statistics are computed ("a": pass A, so pass B is one key block per program; "b": pass B;
 # "c": their own kernel, `_linear_stats_kernel`, with rows per step, warps, pipeline stages,
-# programs, v-column groups per chunk and the transposed-k load of that kernel; lin_vmax: that kernel also takes the V
+# programs and the transposed-k load of that kernel; lin_vmax: that kernel also takes the V
 # channel maxima, so pass A reads only q and k), the block-score precision (see `block_scores`), and
 # the top-k implementation ("triton" | "torch") with its rows per program and warps. Same sweep at
 # B1 H40 L75600: TF32 block scores (the fp32 bmm took 0.22 ms; prep 3.13 -> 3.01 ms), one score row per top-k
@@ -353,7 +349,7 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # saves only 0.23 ms (3.41 vs 3.14 ms in all), so they stay in pass A (at 1.3B: 0.50 vs 0.55 ms).
 DEFAULT_TUNE = {"progs_a": 1024, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
                 "stages_a": 1, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
-                "lin_kt": 0, "lin_vmax": 0, "lin_groups": 1, "scores": "tf32", "topk_rows": 1, "topk_warps": 4}
+                "lin_kt": 0, "lin_vmax": 0, "scores": "tf32", "topk_rows": 1, "topk_warps": 4}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None):
@@ -398,11 +394,10 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         ksp = torch.empty(BH, NCL, D, device=dev, dtype=f32)
         if vmax_in_c:
             vmax = torch.empty(BH, NCL, D, device=dev, dtype=f32)
-        groups = tn["lin_groups"]
-        _linear_stats_kernel[(NCL, BH, groups)](
+        _linear_stats_kernel[(NCL, BH)](
             k, v, kvp, ksp, vmax, H, L, NCL, *k.stride(), *v.stride(),
             CHUNK=chunk_l, BLOCK=tn["lin_block"], HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
-            STAGES=tn["lin_stages"], VMAX=vmax_in_c, DV=D // groups, num_warps=tn["lin_warps"],
+            STAGES=tn["lin_stages"], VMAX=vmax_in_c, num_warps=tn["lin_warps"],
         )
     km = kblk.sum(1) / L  # [BH, D]
     if dense:
