@@ -1,7 +1,14 @@
 """FFN ffn.0 at Wan2.1-1.3B 480p (M=L=32760, K=1536, N=8960): the unfused chain vs the GELU-epilogue GEMM
-and its quantizing variants (amax schemes). Correctness on the GPU vs the references, then do_bench medians.
+and its quantizing variants (amax schemes), on the pointer kernel and on the persistent TMA kernel.
+Correctness on the GPU vs the references, then do_bench medians.
 
-    python benchmarks/bench_gemm_epilogue.py --out $OUT
+    python benchmarks/bench_gemm_epilogue.py --out $OUT [--fmt int8|fp8]
+
+The "fused" variants force the pointer GELU kernel (``use_tma=False``: what they measured before the
+TMA epilogue existed); the "TMA" variants force the persistent TMA kernel (``use_tma=True``). "gemm
+only" and the unfused chains use the plain GEMM's default routing (TMA on sm90+). FP8: e4m3 weights
+(per channel) and activations (per token); the GELU output is quantized to the same format.
+JSON: ``gemm_epilogue.json`` (int8) / ``gemm_epilogue_fp8.json``.
 """
 
 from __future__ import annotations
@@ -9,75 +16,173 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import traceback
 
 import torch
 import triton
 import triton.testing
 
 from turbocompile.kernels.w8a8 import ref
+from turbocompile.kernels.w8a8 import triton_gemm_tma as TMA
 from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_triton
-from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_quant_triton, w8a8_gemm_gelu_triton
+from turbocompile.kernels.w8a8.triton_gemm_epilogue import (
+    AMAX_GRANULE,
+    gelu_gemm_path,
+    w8a8_gemm_gelu_quant_triton,
+    w8a8_gemm_gelu_triton,
+)
 from turbocompile.kernels.w8a8.triton_quant import quantize_triton
 from turbocompile.ops.w8a8 import quantize_weight
+
+MODES = ("partial", "atomic", "none")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _codes_check(q, s, h, fmt: str) -> dict:
+    """Codes/scales of a fused quantizer vs ``ref.quantize_ref`` of the stored h (values compared, so
+    the e4m3 sign of a zero does not count; differing codes are counted, not just flagged)."""
+    q_r, s_r = ref.quantize_ref(h, fmt, "per_token")
+    n_diff = int((q.float() != q_r.float()).sum())
+    s_equal = bool(torch.equal(s, s_r))
+    return dict(ok=n_diff == 0 and s_equal, code_diffs=n_diff, scales_equal=s_equal)
+
+
+def _granule_amax(h: torch.Tensor) -> torch.Tensor:
+    m, n = h.shape
+    g = triton.cdiv(n, AMAX_GRANULE)
+    return torch.nn.functional.pad(h.float().abs(), (0, g * AMAX_GRANULE - n)).view(m, g, AMAX_GRANULE).amax(-1)
+
+
+def check_tma(sl, full, h_ptr, truth, fmt: str) -> dict:
+    """TMA + GELU epilogue vs the fp64 truth and the pointer kernel (on the row slice ``sl``), its
+    amax buffers, and the codes of its quantizing variants; at the full M the autotuned config may
+    differ, so output and partial amax are checked there too (vs the pointer kernel)."""
+    bf16 = torch.bfloat16
+    r = {"path": gelu_gemm_path(sl[0], sl[2], bf16, "per_token", "per_channel", use_tma=True)[0]}
+    h, pa = w8a8_gemm_gelu_triton(*sl, bf16, amax_mode="partial", use_tma=True)
+    r["rel_err"] = _rel(h, truth)
+    r["rel_vs_pointer"] = _rel(h, h_ptr)
+    r["bitequal_pointer"] = bool(torch.equal(h, h_ptr))  # expected for int8 (same epilogue order)
+    r["partial_amax_exact"] = bool(torch.equal(pa, _granule_amax(h)))
+    h_a, am = w8a8_gemm_gelu_triton(*sl, bf16, amax_mode="atomic", use_tma=True)
+    r["atomic_amax_exact"] = bool(torch.equal(am, h_a.float().abs().amax(dim=1, keepdim=True)))
+    for mode in MODES:
+        q, s = w8a8_gemm_gelu_quant_triton(*sl, bf16, fmt, amax_mode=mode, use_tma=True)
+        hh, _ = w8a8_gemm_gelu_triton(*sl, bf16, use_tma=True)
+        r[f"codes_{mode}"] = _codes_check(q, s, hh, fmt)
+    print(f"TMA gelu epilogue [{r['path']}]: rel err vs fp64 {r['rel_err']:.3e}, vs pointer kernel "
+          f"{r['rel_vs_pointer']:.3e} (bit-equal {r['bitequal_pointer']}), partial amax exact "
+          f"{r['partial_amax_exact']}, atomic amax exact {r['atomic_amax_exact']}")
+    for mode in MODES:
+        print(f"TMA gelu+quant[{mode}] codes == quantize_ref(stored h): {r[f'codes_{mode}']}")
+    h_f, pa_f = w8a8_gemm_gelu_triton(*full, bf16, amax_mode="partial", use_tma=True)
+    h_fp, _ = w8a8_gemm_gelu_triton(*full, bf16, use_tma=False)
+    r["full_m"] = dict(rel_vs_pointer=_rel(h_f, h_fp), bitequal_pointer=bool(torch.equal(h_f, h_fp)),
+                       partial_amax_exact=bool(torch.equal(pa_f, _granule_amax(h_f))),
+                       config=str(TMA.tuned_tma_config(partial_amax=True)))
+    print(f"TMA gelu epilogue at full M (autotuned): {r['full_m']}")
+    del h_f, pa_f, h_fp
+    ok = (r["path"] == "tma" and r["rel_err"] < 2.5e-3 and r["partial_amax_exact"] and r["atomic_amax_exact"]
+          and r["full_m"]["partial_amax_exact"] and all(r[f"codes_{mode}"]["ok"] for mode in MODES)
+          and (fmt != "int8" or (r["bitequal_pointer"] and r["full_m"]["bitequal_pointer"])))
+    r["ok"] = bool(ok)
+    print(f"TMA gelu epilogue checks: {'OK' if ok else 'FAIL'}")
+    return r
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=32760)
+    ap.add_argument("--fmt", choices=("int8", "fp8"), default="int8")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
-    m, k, n = a.m, 1536, 8960
-    print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}  M={m} K={k} N={n}")
+    m, k, n, fmt = a.m, 1536, 8960, a.fmt
+    print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}  "
+          f"M={m} K={k} N={n} fmt={fmt}")
     torch.manual_seed(0)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda") * 0.03
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
-    qx, sx = quantize_triton(x, "int8", "per_token")
-    qw, sw = quantize_weight(w, "int8", "per_channel")
+    qx, sx = quantize_triton(x, fmt, "per_token")
+    qw, sw = quantize_weight(w, fmt, "per_channel")
     args = (qx, sx, qw, sw, b, "per_token", "per_channel", torch.bfloat16)
 
     def unfused_bf16():
         return torch.nn.functional.gelu(w8a8_gemm_triton(*args), approximate="tanh")
 
     def unfused_quant():
-        return quantize_triton(unfused_bf16(), "int8", "per_token")
+        return quantize_triton(unfused_bf16(), fmt, "per_token")
 
-    res = {}
-    # correctness on a row slice (fp64 reference)
+    res = {"fmt": fmt, "shape": [m, k, n], "device": torch.cuda.get_device_name(), "triton": triton.__version__,
+           "errors": []}
+    # correctness on a row slice (fp64 reference); the pointer GELU kernel is forced (use_tma=False)
     ms = 2048
     sl = (qx[:ms], sx[:ms], qw, sw, b, "per_token", "per_channel")
     truth = torch.nn.functional.gelu(ref.w8a8_gemm_ref(*sl, torch.float64), approximate="tanh")
-    h, _ = w8a8_gemm_gelu_triton(*sl, torch.bfloat16)
-    rel = ((h.double() - truth).norm() / truth.norm()).item()
+    h, _ = w8a8_gemm_gelu_triton(*sl, torch.bfloat16, use_tma=False)
+    rel = _rel(h, truth)
     hu = unfused_bf16()[:ms]
-    rel_u = ((hu.double() - truth).norm() / truth.norm()).item()
-    print(f"gelu epilogue rel err vs fp64 {rel:.3e} (unfused chain {rel_u:.3e})")
+    rel_u = _rel(hu, truth)
+    print(f"gelu epilogue (pointer) rel err vs fp64 {rel:.3e} (unfused chain {rel_u:.3e})")
     res["rel_err_fused"], res["rel_err_unfused"] = rel, rel_u
-    for mode in ("partial", "atomic", "none"):
-        q, s = w8a8_gemm_gelu_quant_triton(*sl, torch.bfloat16, "int8", amax_mode=mode)
-        hh, _ = w8a8_gemm_gelu_triton(*sl, torch.bfloat16)
-        q_r, s_r = ref.quantize_ref(hh, "int8", "per_token")
-        ok = torch.equal(q, q_r) and torch.equal(s, s_r)
-        print(f"gelu+quant[{mode}] codes == quantize_ref(stored h): {ok}")
-        res[f"codes_exact_{mode}"] = ok
+    for mode in MODES:
+        q, s = w8a8_gemm_gelu_quant_triton(*sl, torch.bfloat16, fmt, amax_mode=mode, use_tma=False)
+        hh, _ = w8a8_gemm_gelu_triton(*sl, torch.bfloat16, use_tma=False)
+        c = _codes_check(q, s, hh, fmt)
+        print(f"gelu+quant[{mode}] (pointer) codes == quantize_ref(stored h): {c}")
+        res[f"codes_exact_{mode}"] = c["ok"]
+        res[f"codes_{mode}"] = c
+    try:
+        res["tma_check"] = check_tma(sl, args[:7], h, truth, fmt)
+    except Exception as e:  # noqa: BLE001 - report, and still time the pointer variants
+        traceback.print_exc(limit=4)
+        res["tma_check"] = dict(ok=False, error=f"{type(e).__name__}: {e}"[:500])
+        res["errors"].append(f"tma check: {type(e).__name__}: {e}"[:500])
+    del truth, hu
+
     times = {
         "gemm only (no GELU)": lambda: w8a8_gemm_triton(*args),
         "unfused: gemm -> gelu (bf16)": unfused_bf16,
-        "fused: gemm+gelu (bf16)": lambda: w8a8_gemm_gelu_triton(*args),
+        "fused: gemm+gelu (bf16)": lambda: w8a8_gemm_gelu_triton(*args, use_tma=False),
         "unfused: gemm -> gelu -> quant": unfused_quant,
-        "fused gelu + standalone quant": lambda: w8a8_gemm_gelu_quant_triton(*args, "int8", amax_mode="none"),
-        "fused gelu + partial amax + quant": lambda: w8a8_gemm_gelu_quant_triton(*args, "int8", amax_mode="partial"),
-        "fused gelu + atomic amax + quant": lambda: w8a8_gemm_gelu_quant_triton(*args, "int8", amax_mode="atomic"),
+        "fused gelu + standalone quant": lambda: w8a8_gemm_gelu_quant_triton(*args, fmt, amax_mode="none",
+                                                                             use_tma=False),
+        "fused gelu + partial amax + quant": lambda: w8a8_gemm_gelu_quant_triton(*args, fmt, amax_mode="partial",
+                                                                                 use_tma=False),
+        "fused gelu + atomic amax + quant": lambda: w8a8_gemm_gelu_quant_triton(*args, fmt, amax_mode="atomic",
+                                                                                use_tma=False),
+        "TMA gemm only": lambda: w8a8_gemm_triton(*args, use_tma=True),
+        "TMA fused gemm+gelu (bf16)": lambda: w8a8_gemm_gelu_triton(*args, use_tma=True),
+        "TMA fused gelu + partial amax (no quant)": lambda: w8a8_gemm_gelu_triton(*args, amax_mode="partial",
+                                                                                  use_tma=True),
+        "TMA fused gelu + partial amax + quant": lambda: w8a8_gemm_gelu_quant_triton(*args, fmt, amax_mode="partial",
+                                                                                     use_tma=True),
     }
-    res["ms"] = {}
+    res["ms"], res["tflops"], res["tma_configs"] = {}, {}, {}
     for name, fn in times.items():
-        fn()
-        t = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        try:
+            fn()
+            t = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc(limit=4)
+            res["errors"].append(f"{name}: {type(e).__name__}: {e}"[:500])
+            continue
         res["ms"][name] = t
-    print(f"{'variant':<38} {'ms':>8}   (per call, x30 blocks per forward)")
+        res["tflops"][name] = 2.0 * m * n * k / (t * 1e-3) / 1e12  # the GEMM's FLOPs per call time
+        if name.startswith("TMA"):  # the autotuner's pick for this variant (its last launch)
+            res["tma_configs"][name] = str(TMA.tuned_tma_config(partial_amax="partial" in name))
+    print(f"{'variant':<42} {'ms':>8} {'TFLOP/s':>8}   (per call, x30 blocks per forward)")
     for name, t in res["ms"].items():
-        print(f"{name:<38} {t:8.3f}   {30 * t:7.1f}")
-    with open(os.path.join(a.out, "gemm_epilogue.json"), "w") as f:
+        print(f"{name:<42} {t:8.3f} {res['tflops'][name]:8.0f}   {30 * t:7.1f}")
+    for name, cfg in res["tma_configs"].items():
+        print(f"  autotuned config of '{name}': {cfg}")
+    if res["errors"]:
+        print(f"ERRORS ({len(res['errors'])}):\n  " + "\n  ".join(res["errors"]))
+    name = "gemm_epilogue.json" if fmt == "int8" else f"gemm_epilogue_{fmt}.json"
+    with open(os.path.join(a.out, name), "w") as f:
         json.dump(res, f, indent=2)
 
 

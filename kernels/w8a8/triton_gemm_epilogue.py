@@ -20,6 +20,10 @@ a row spans N/BLOCK_N program tiles. Two schemes (``amax_mode``), both two launc
 Traffic per h element (bf16): GEMM store 2 B, quantizer 2 B read + 1 B write, vs. 9 B and one
 more launch for the unfused GEMM -> GELU -> quantizer chain. Codes are bit-identical to quantizing
 the stored h with ``ref.quantize_ref`` (the amax is taken over the rounded values).
+
+Per-token x per-channel on sm90+: :func:`w8a8_gemm_gelu_triton` runs the persistent TMA GEMM of
+:mod:`.triton_gemm_tma` with its GELU / amax epilogue (all three amax modes, same contract) instead
+of the pointer kernel below whenever that kernel's shape rule holds (see :func:`gelu_gemm_path`).
 """
 
 from __future__ import annotations
@@ -28,34 +32,24 @@ import torch
 import triton
 import triton.language as tl
 
+from turbocompile.kernels.w8a8._epilogue_math import AMAX_GRANULE, AMAX_MODE_IDS, _gelu_tanh, _round_bf16_rne
 from turbocompile.kernels.w8a8._tiling import grouped_tile
 
 from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR, dequant_scale, quant_scale_math, quantize_triton
 from turbocompile.ops._backend import triton_interpret
 
-__all__ = ["w8a8_gemm_gelu_triton", "w8a8_gemm_gelu_quant_triton", "AMAX_MODES", "DEFAULT_AMAX_MODE",
-           "AMAX_GRANULE"]
+__all__ = ["w8a8_gemm_gelu_triton", "w8a8_gemm_gelu_quant_triton", "gelu_gemm_path", "AMAX_MODES",
+           "DEFAULT_AMAX_MODE", "AMAX_GRANULE", "USE_TMA"]
 
 AMAX_MODES = ("partial", "atomic", "none")
 DEFAULT_AMAX_MODE = "partial"
-AMAX_GRANULE = 128  # columns per partial-amax entry; every autotune BLOCK_N is a multiple of it
-
-
-@triton.jit
-def _gelu_tanh(y):
-    """fp32 GELU (tanh form) as y * sigmoid(2u)."""
-    u = (0.7978845608028654 * (y + 0.044715 * y * y * y)).to(tl.float32)
-    # clamp: exp(88) is still finite in fp32; beyond it GELU is -0 anyway
-    return (y / (1.0 + tl.exp(tl.minimum(-2.0 * u, 88.0)))).to(tl.float32)
-
-
-@triton.jit
-def _round_bf16_rne(x):
-    """fp32 -> nearest bf16 value (ties to even), still fp32. Only used under the CPU interpreter,
-    whose fp32 -> bf16 cast truncates (the GPU cast is already round-to-nearest-even)."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # clear the low 16 bits (~0xFFFF)
-    return bits.to(tl.float32, bitcast=True)
+# Per-token x per-channel GELU GEMMs on CUDA sm90+: use the persistent TMA kernel (triton_gemm_tma,
+# GELU + amax epilogue) where its shape rule allows (True), or always the pointer kernel below
+# (False). The ``use_tma`` argument of w8a8_gemm_gelu_triton overrides it per call. Separate from
+# triton_gemm.USE_TMA (the plain GEMM), so either can be switched off alone.
+USE_TMA = True
+# AMAX_GRANULE (128 columns per partial-amax entry) and the jit helpers _gelu_tanh / _round_bf16_rne
+# live in _epilogue_math, shared with the TMA kernel; every BLOCK_N of _configs is a multiple of 128.
 
 
 @triton.jit
@@ -250,13 +244,23 @@ def w8a8_gemm_gelu_triton(
     out_dtype: torch.dtype,
     amax_mode: str = "none",
     config: dict | None = None,
+    use_tma: bool | None = None,
+    tma_config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``h = GELU_tanh(scaled 8-bit GEMM + bias)`` [M, N] in ``out_dtype``; returns ``(h, amax)``.
 
     ``amax`` is the partial-maxima buffer of ``amax_mode`` (None for "none"). Inputs are validated by
-    the op layer. ``config``: fixed ``{"BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages"}``
-    (BLOCK_N a multiple of 128, BLOCK_M dividing 128) instead of autotuning; always fixed under the
-    CPU interpreter.
+    the op layer.
+
+    Args:
+        config: pointer kernel: fixed ``{"BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages"}``
+            (BLOCK_N a multiple of 128, BLOCK_M dividing 128) instead of autotuning; always fixed
+            under the CPU interpreter.
+        use_tma: per_token x per_channel only: None = :data:`USE_TMA` on CUDA sm90+ (never under the
+            interpreter); True = the TMA kernel whenever the shape rule allows (CUDA sm90+ or the
+            interpreter, else ValueError); False = the pointer kernel. See :func:`gelu_gemm_path`.
+        tma_config: fixed config of the TMA kernel (see ``triton_gemm_tma.w8a8_gemm_tma``; with the
+            partial amax its stored width must be a multiple of 128).
     """
     if amax_mode not in AMAX_MODES:
         raise ValueError(f"w8a8_gemm_gelu_triton: unknown amax_mode '{amax_mode}'; valid: {', '.join(AMAX_MODES)}")
@@ -264,8 +268,15 @@ def w8a8_gemm_gelu_triton(
     n, k2 = qw.shape
     if k != k2:
         raise ValueError(f"w8a8_gemm_gelu_triton: K mismatch, activation {tuple(qa.shape)} vs weight {tuple(qw.shape)}")
-    y = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    path = gelu_gemm_path(qa, qw, out_dtype, act_granularity, weight_granularity, use_tma)[0]
     amax = _amax_buffer(m, n, amax_mode, qa.device)
+    if path == "tma":
+        from turbocompile.kernels.w8a8.triton_gemm_tma import w8a8_gemm_tma
+
+        h = w8a8_gemm_tma(qa, sa, qw, sw, bias, out_dtype, config=tma_config, activation="gelu_tanh",
+                          amax_mode=amax_mode, amax_out=amax)
+        return h, amax
+    y = torch.empty((m, n), dtype=out_dtype, device=qa.device)
     if m == 0 or n == 0:
         return y, amax
     if k == 0:  # degenerate: GELU(bias); keep the amax contract with torch ops
@@ -277,7 +288,7 @@ def w8a8_gemm_gelu_triton(
     is_fp8 = qw.dtype == torch.float8_e4m3fn
     a_block = act_granularity == "block128"
     w_block = weight_granularity == "block128"
-    mode_id = {"none": 0, "partial": 1, "atomic": 2}[amax_mode]
+    mode_id = AMAX_MODE_IDS[amax_mode]
     amax_arg = amax if amax is not None else sw
     args = (
         qa, qw, sa, sw, bias if bias is not None else sw, y, amax_arg, m, n, k, min(triton.next_power_of_2(m), 8192),
@@ -302,6 +313,37 @@ def w8a8_gemm_gelu_triton(
     return y, amax
 
 
+def gelu_gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, act_granularity: str,
+                   weight_granularity: str, use_tma: bool | None = None) -> tuple[str, str]:
+    """Which kernel :func:`w8a8_gemm_gelu_triton` runs: ``("tma" | "pointer", why)``.
+
+    The rule of ``triton_gemm.gemm_path`` (decided before any launch, never by catching a failure),
+    with this module's :data:`USE_TMA`:
+    1. ``use_tma=False``, or ``None`` with :data:`USE_TMA` off -> pointer.
+    2. Shape rule (``triton_gemm_tma.tma_unsupported_reason``): per_token x per_channel, 16-byte
+       aligned operand rows (K % 16 == 0 for contiguous 8-bit codes) and bases, output row
+       N * itemsize % 16 == 0. Any failed condition -> pointer.
+    3. Hardware: ``None`` needs a CUDA device of capability >= 9.0 (else pointer; the CPU
+       interpreter also takes the pointer kernel by default); ``True`` needs sm90+ or the
+       interpreter and raises ValueError otherwise (an impossible request).
+    Every amax mode runs on either kernel, so it does not enter the rule.
+    """
+    if use_tma is False or (use_tma is None and not USE_TMA):
+        return "pointer", "TMA off"
+    from turbocompile.kernels.w8a8.triton_gemm_tma import tma_hardware_ok, tma_unsupported_reason
+
+    why = tma_unsupported_reason(qa, qw, out_dtype, act_granularity, weight_granularity)
+    if why is not None:
+        return "pointer", why
+    if use_tma is None:
+        if triton_interpret() or qa.device.type != "cuda" or not tma_hardware_ok(qa.device):
+            return "pointer", "no sm90+ CUDA device"
+    elif not tma_hardware_ok(qa.device):
+        raise ValueError(f"w8a8_gemm_gelu_triton: use_tma=True needs a CUDA device of compute capability >= 9.0 "
+                         f"(or the CPU interpreter), got {qa.device}")
+    return "tma", "shape rule holds"
+
+
 def quantize_from_amax_triton(h: torch.Tensor, amax: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token quantization of ``h [M, N]`` given partial row maxima ``amax [M, G]`` (G >= 1)."""
     m, n = h.shape
@@ -323,15 +365,17 @@ def quantize_from_amax_triton(h: torch.Tensor, amax: torch.Tensor, fmt: str) -> 
 
 def w8a8_gemm_gelu_quant_triton(
     qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str, out_dtype: torch.dtype, out_format: str,
-    amax_mode: str | None = None, config: dict | None = None,
+    amax_mode: str | None = None, config: dict | None = None, use_tma: bool | None = None,
+    tma_config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GELU-epilogue GEMM then per-token quantization of its (rounded) output: ``(q [M, N], s [M, 1])``.
 
     ``amax_mode`` None = :data:`DEFAULT_AMAX_MODE`; "none" runs the standalone per-token quantizer.
+    ``config`` / ``use_tma`` / ``tma_config``: as in :func:`w8a8_gemm_gelu_triton`.
     """
     mode = amax_mode or DEFAULT_AMAX_MODE
     h, amax = w8a8_gemm_gelu_triton(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype,
-                                    amax_mode=mode, config=config)
+                                    amax_mode=mode, config=config, use_tma=use_tma, tma_config=tma_config)
     if amax is None or h.shape[1] == 0:
         return quantize_triton(h, out_format, "per_token")
     return quantize_from_amax_triton(h, amax, out_format)

@@ -18,6 +18,15 @@
   pointer kernel, so INT8 results are identical), cast, TMA store (clipped at M, N). With
   EPILOGUE_SUBTILE the BLOCK_N tile is split into two halves that are scaled and stored one after
   the other (fewer live fp32 registers, half the store staging buffer).
+* Optional epilogue extensions (constexprs, all off for the plain GEMM, whose code is unchanged):
+  ACTIVATION 1 = GELU (tanh form) on the fp32 value before the cast (``h = GELU(y)``, the FFN's
+  ffn.0; same jit helper as the pointer kernel of :mod:`.triton_gemm_epilogue`, so INT8 results are
+  identical to it), and AMAX_MODE 1 "partial" / 2 "atomic": the abs-max of exactly the values
+  stored (after the cast, over real rows and columns) per 128-column granule into
+  ``amax [M, ceil(N/128)]``, or per row via atomic_max into a zeroed ``amax [M, 1]`` - the
+  contract of :mod:`.triton_gemm_epilogue`, whose per-token quantizer consumes it. The partial
+  mode needs every stored width (BLOCK_N, or BLOCK_N / 2 with EPILOGUE_SUBTILE) to be a multiple
+  of 128: its autotune list drops the other configs, a fixed config is refused with a ValueError.
 
 Shape rule (see :func:`tma_unsupported_reason`): TMA needs 16-byte aligned bases and row strides,
 i.e. K % 16 == 0 for the 1-byte operands (contiguous rows) and N * out_itemsize % 16 == 0 for y;
@@ -32,10 +41,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from turbocompile.kernels.w8a8._epilogue_math import AMAX_GRANULE, AMAX_MODE_IDS, _gelu_tanh, _round_bf16_rne
 from turbocompile.kernels.w8a8._tiling import grouped_coords
 from turbocompile.ops._backend import triton_interpret
 
 __all__ = [
+    "ACTIVATIONS",
     "FLATTEN",
     "tma_configs",
     "tma_hardware_ok",
@@ -49,6 +60,8 @@ __all__ = [
 FLATTEN = True
 
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+# activation name -> the kernel's ACTIVATION constexpr (0 = none)
+ACTIVATIONS = {"gelu_tanh": 1}
 # Programs per tile loop under the CPU interpreter: small, so tests walk several tiles per program.
 _INTERPRET_SMS = 3
 
@@ -64,16 +77,23 @@ def _scale_bias_cast(
     stride_swn,
     HAS_BIAS: tl.constexpr,
     OUT_KIND: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
     WIDTH: tl.constexpr,
 ):
-    """``acc * sA[m] * sW[n] + bias[n]`` in fp32 for columns off_n..off_n+WIDTH, cast to y's dtype.
-    (The descriptor store stays in the kernel body: descriptors are not passed to helpers.)"""
+    """``act(acc * sA[m] * sW[n] + bias[n])`` in fp32 for columns off_n..off_n+WIDTH, cast to y's
+    dtype (act = identity, or GELU-tanh for ACTIVATION 1: the pointer GELU kernel's order of fp32
+    operations). (The descriptor store stays in the kernel body: descriptors are not passed to helpers.)"""
     rn = off_n + tl.arange(0, WIDTH)
     n_ok = rn < N
     v = acc.to(tl.float32) * s_a[:, None]
     v = v * tl.load(sw_ptr + rn * stride_swn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         v += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == 1:
+        v = _gelu_tanh(v)
+    if ROUND_BF16:
+        v = _round_bf16_rne(v)  # the interpreter's bf16 cast truncates; this makes it exact
     if OUT_KIND == 0:
         out = v.to(tl.bfloat16)
     elif OUT_KIND == 1:
@@ -84,6 +104,44 @@ def _scale_bias_cast(
 
 
 @triton.jit
+def _store_amax(
+    out,  # [BLOCK_M, WIDTH] the values just stored (y's dtype)
+    amax_ptr,
+    rm,  # [BLOCK_M] row indices of the tile
+    off_n,
+    M,
+    N,
+    stride_amax_m,
+    AMAX_MODE: tl.constexpr,  # 1 partial (per GRANULE columns), 2 atomic (per row)
+    GRANULE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
+    """abs-max of the stored (rounded) values over real columns: per granule into amax [M, G]
+    (columns off_n.. start a granule, WIDTH is a multiple of GRANULE), or atomic_max per row into a
+    zeroed amax [M, 1]. Rows past M are never written (their values are not stored either)."""
+    rn = off_n + tl.arange(0, WIDTH)
+    # columns past N hold GELU(0) = 0 anyway (zero-filled W box, zero scale and bias): masked to be
+    # independent of that
+    ah = tl.where((rn < N)[None, :], tl.abs(out.to(tl.float32)), 0.0)
+    row_ok = rm < M
+    if AMAX_MODE == 1:
+        tl.static_assert(WIDTH % GRANULE == 0, "partial amax: stored tile width must be a multiple of GRANULE")
+        G: tl.constexpr = WIDTH // GRANULE
+        if G == 1:
+            gmax = tl.max(ah, axis=1)[:, None]  # one granule (128-wide stores): a plain row reduction
+        else:
+            gmax = tl.max(tl.reshape(ah, (BLOCK_M, G, GRANULE)), axis=2)  # [BLOCK_M, G]
+        # granule indices as a vector even for G == 1: a half tile may lie wholly past N (the
+        # descriptor store clips it), and its granule must not be written
+        rg = off_n // GRANULE + tl.arange(0, G)
+        tl.store(amax_ptr + rm[:, None].to(tl.int64) * stride_amax_m + rg[None, :], gmax,
+                 mask=row_ok[:, None] & (rg < tl.cdiv(N, GRANULE))[None, :])
+    else:
+        tl.atomic_max(amax_ptr + rm.to(tl.int64) * stride_amax_m, tl.max(ah, axis=1), mask=row_ok)
+
+
+@triton.jit
 def _w8a8_gemm_tma_kernel(
     a_desc,  # qA [M, K] int8 | e4m3, block [BLOCK_M, BLOCK_K]
     w_desc,  # qW [N, K] int8 | e4m3, block [BLOCK_N, BLOCK_K]
@@ -91,15 +149,21 @@ def _w8a8_gemm_tma_kernel(
     sa_ptr,  # [M, 1] fp32
     sw_ptr,  # [N, 1] fp32
     bias_ptr,  # [N] any float, or a dummy
+    amax_ptr,  # [M, ceil(N/128)] fp32 (AMAX_MODE 1) | [M, 1] zeroed fp32 (2) | a dummy (0)
     M,
     N,
     K,
     M_BUCKET,  # only an autotune key (size class of M), unused in the body
     stride_sam,
     stride_swn,
+    stride_amax_m,
     IS_FP8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32 (y_desc's dtype)
+    ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
+    ROUND_BF16: tl.constexpr,  # interpreter + bf16 output + an epilogue extension: round explicitly
+    AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row)
+    GRANULE: tl.constexpr,
     NUM_SMS: tl.constexpr,
     FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -145,14 +209,23 @@ def _w8a8_gemm_tma_kernel(
             # off_n.. and off_n + BN/2..), scaled and stored one after the other.
             acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
             acc0, acc1 = tl.split(acc3)
-            y0 = _scale_bias_cast(acc0, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND, HALF_N)
+            y0 = _scale_bias_cast(acc0, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
+                                  ACTIVATION, ROUND_BF16, HALF_N)
             y_desc.store([off_m, off_n], y0)
+            if AMAX_MODE != 0:
+                _store_amax(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, HALF_N)
             y1 = _scale_bias_cast(acc1, s_a, sw_ptr, bias_ptr, off_n + HALF_N, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                  HALF_N)
+                                  ACTIVATION, ROUND_BF16, HALF_N)
             y_desc.store([off_m, off_n + HALF_N], y1)
+            if AMAX_MODE != 0:
+                _store_amax(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M,
+                            HALF_N)
         else:
-            y_tile = _scale_bias_cast(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND, BLOCK_N)
+            y_tile = _scale_bias_cast(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
+                                      ACTIVATION, ROUND_BF16, BLOCK_N)
             y_desc.store([off_m, off_n], y_tile)
+            if AMAX_MODE != 0:
+                _store_amax(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, BLOCK_N)
 
 
 def tma_configs() -> list:
@@ -161,6 +234,8 @@ def tma_configs() -> list:
     BLOCK_K = 128 (128 bytes of 8-bit codes = one 128B-swizzled TMA row). Shared memory per stage:
     (BM + BN) * 128 B, plus the epilogue's store staging (BM x BN_store x 2 B for bf16):
     128x256 s3 = 144 + 32 KB (subtiled), 128x128 s4 = 128 + 32 KB, 64x128 s4 = 96 + 16 KB.
+    The partial-amax epilogue uses only those whose stored width is a multiple of 128 (all but the
+    subtiled 128x128, whose 64-column halves would split a granule): see :func:`_store_width`.
     """
 
     def cfg(bm, bn, warps, stages, subtile):
@@ -185,23 +260,37 @@ def _set_block_shapes(nargs: dict) -> None:
     nargs["y_desc"].block_shape = [bm, bn // 2 if nargs["EPILOGUE_SUBTILE"] else bn]
 
 
-_TUNED = None
+def _store_width(cfg: dict) -> int:
+    """Columns per descriptor store (and per amax pass) of a config: BLOCK_N, or half with EPILOGUE_SUBTILE."""
+    return cfg["BLOCK_N"] // 2 if cfg["EPILOGUE_SUBTILE"] else cfg["BLOCK_N"]
 
 
-def _tuned_kernel():
-    global _TUNED
+_TUNED = None  # every config of tma_configs() (benchmarks may reset it to rebuild with a reduced list)
+_TUNED_PARTIAL = None  # partial amax: the configs whose stored width is a multiple of AMAX_GRANULE
+# M changes the best tile only through its size class: bucket it.
+_TUNE_KEY = ["M_BUCKET", "N", "K", "IS_FP8", "HAS_BIAS", "OUT_KIND", "ACTIVATION", "AMAX_MODE"]
+
+
+def _tuned_kernel(partial_amax: bool = False):
+    global _TUNED, _TUNED_PARTIAL
+    if partial_amax:
+        if _TUNED_PARTIAL is None:
+            cfgs = [c for c in tma_configs() if _store_width(c.kwargs) % AMAX_GRANULE == 0]
+            if not cfgs:
+                raise ValueError("w8a8_gemm_tma: no TMA autotune config stores a multiple of 128 columns "
+                                 "(needed by the partial amax)")
+            _TUNED_PARTIAL = triton.autotune(configs=cfgs, key=_TUNE_KEY)(_w8a8_gemm_tma_kernel)
+        return _TUNED_PARTIAL
     if _TUNED is None:
-        _TUNED = triton.autotune(
-            configs=tma_configs(),
-            # M changes the best tile only through its size class: bucket it.
-            key=["M_BUCKET", "N", "K", "IS_FP8", "HAS_BIAS", "OUT_KIND"],
-        )(_w8a8_gemm_tma_kernel)
+        _TUNED = triton.autotune(configs=tma_configs(), key=_TUNE_KEY)(_w8a8_gemm_tma_kernel)
     return _TUNED
 
 
-def tuned_tma_config():
-    """The autotuner's last pick (for the benchmark's report), or None."""
-    return None if _TUNED is None else getattr(_TUNED, "best_config", None)
+def tuned_tma_config(partial_amax: bool = False):
+    """The autotuner's last pick (for the benchmark's report), or None; ``partial_amax``: that of the
+    partial-amax launches (a separate, filtered config list)."""
+    tuned = _TUNED_PARTIAL if partial_amax else _TUNED
+    return None if tuned is None else getattr(tuned, "best_config", None)
 
 
 def tma_hardware_ok(device: torch.device) -> bool:
@@ -278,6 +367,9 @@ def w8a8_gemm_tma(
     bias: torch.Tensor | None,  # [N]
     out_dtype: torch.dtype,
     config: dict | None = None,
+    activation: str | None = None,
+    amax_mode: str = "none",
+    amax_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the persistent TMA GEMM (per-token x per-channel). The caller applies the shape rule.
 
@@ -285,6 +377,16 @@ def w8a8_gemm_tma(
         config: fixed ``{"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPILOGUE_SUBTILE",
             "num_warps", "num_stages"}`` instead of autotuning (always used under the CPU
             interpreter, where autotuning is pointless; missing keys take interpreter defaults).
+        activation: None, or "gelu_tanh": ``y = GELU_tanh(scaled GEMM + bias)`` in the epilogue.
+        amax_mode: "none"; "partial": write the abs-max of each 128-column granule of the stored y
+            into ``amax_out [M, ceil(N/128)]`` fp32 (needs stored widths that are multiples of 128,
+            see :func:`tma_configs`); "atomic": atomic_max the row abs-max into ``amax_out [M, 1]``
+            fp32, which the caller has zeroed. Both over exactly the values stored (rounded to
+            ``out_dtype``), real rows and columns only. :mod:`.triton_gemm_epilogue` allocates the
+            buffer and quantizes y from it.
+        amax_out: the buffer of ``amax_mode`` (None for "none"), written in place.
+
+    Returns y [M, N] in ``out_dtype``. With every option off the kernel is the plain GEMM as before.
     """
     m, k = qa.shape
     n, k2 = qw.shape
@@ -294,6 +396,9 @@ def w8a8_gemm_tma(
         raise ValueError(f"w8a8_gemm_tma: codes must both be int8 or both float8_e4m3fn, got {qa.dtype}, {qw.dtype}")
     if tuple(sa.shape) != (m, 1) or tuple(sw.shape) != (n, 1):
         raise ValueError(f"w8a8_gemm_tma: scales must be [M, 1] and [N, 1], got {tuple(sa.shape)}, {tuple(sw.shape)}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"w8a8_gemm_tma: unknown activation '{activation}'; valid: None, {', '.join(ACTIVATIONS)}")
+    _check_amax_out(amax_mode, amax_out, m, n, qa.device)
     why = tma_unsupported_reason(qa, qw, out_dtype, "per_token", "per_channel")
     if why is not None:
         raise ValueError(f"w8a8_gemm_tma: not a TMA shape ({why}); use w8a8_gemm_triton, which dispatches")
@@ -301,25 +406,38 @@ def w8a8_gemm_tma(
     if m == 0 or n == 0:
         return y
     if k == 0:
-        y.zero_()
-        if bias is not None:
-            y += bias.to(out_dtype)
+        _degenerate_k0(y, bias, activation, amax_mode, amax_out)
         return y
     # Box shapes are placeholders here; the launch below (or the autotune pre-hook) sets them.
     a_desc = TensorDescriptor.from_tensor(qa, [64, 128])
     w_desc = TensorDescriptor.from_tensor(qw, [64, 128])
     y_desc = TensorDescriptor.from_tensor(y, [64, 64])
     nsm = _num_programs_cap(qa.device)
+    mode_id = AMAX_MODE_IDS[amax_mode]
+    act_id = 0 if activation is None else ACTIVATIONS[activation]
     args = (a_desc, w_desc, y_desc, sa, sw, bias if bias is not None else sw,
-            m, n, k, min(triton.next_power_of_2(m), 8192), sa.stride(0), sw.stride(0))
+            amax_out if amax_out is not None else sw,
+            m, n, k, min(triton.next_power_of_2(m), 8192), sa.stride(0), sw.stride(0),
+            amax_out.stride(0) if amax_out is not None else 0)
+    # Explicit bf16 rounding under the interpreter only with an epilogue extension: the plain GEMM
+    # keeps the interpreter's truncating cast, as the plain pointer kernel does (tests compare them).
+    round_bf16 = triton_interpret() and out_dtype == torch.bfloat16 and (act_id != 0 or mode_id != 0)
     meta = dict(IS_FP8=qa.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
-                OUT_KIND=_OUT_KIND[out_dtype], NUM_SMS=nsm, FLATTEN=FLATTEN)
+                OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16, AMAX_MODE=mode_id,
+                GRANULE=AMAX_GRANULE, NUM_SMS=nsm, FLATTEN=FLATTEN)
     if config is None and triton_interpret():
         config = {}
     if config is not None:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "EPILOGUE_SUBTILE": True,
                "num_warps": 4, "num_stages": 1 if triton_interpret() else 3}
+        if amax_mode == "partial":  # defaults that store whole granules
+            cfg.update(BLOCK_N=AMAX_GRANULE, EPILOGUE_SUBTILE=False)
         cfg.update(config)
+        if amax_mode == "partial" and _store_width(cfg) % AMAX_GRANULE:
+            raise ValueError(f"w8a8_gemm_tma: amax_mode='partial' needs the stored tile width (BLOCK_N, or "
+                             f"BLOCK_N // 2 with EPILOGUE_SUBTILE) to be a multiple of {AMAX_GRANULE}; config "
+                             f"BLOCK_N={cfg['BLOCK_N']} EPILOGUE_SUBTILE={cfg['EPILOGUE_SUBTILE']} stores "
+                             f"{_store_width(cfg)}")
         _set_block_shapes({"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, **cfg})
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         _w8a8_gemm_tma_kernel[(min(nsm, tiles),)](*args, **meta, **cfg)
@@ -328,5 +446,40 @@ def w8a8_gemm_tma(
     def grid(c):
         return (min(nsm, triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])),)
 
-    _tuned_kernel()[grid](*args, **meta)
+    _tuned_kernel(amax_mode == "partial")[grid](*args, **meta)
     return y
+
+
+def _check_amax_out(amax_mode: str, amax_out: torch.Tensor | None, m: int, n: int, device) -> None:
+    if amax_mode not in AMAX_MODE_IDS:
+        raise ValueError(f"w8a8_gemm_tma: unknown amax_mode '{amax_mode}'; valid: {', '.join(AMAX_MODE_IDS)}")
+    if amax_mode == "none":
+        if amax_out is not None:
+            raise ValueError("w8a8_gemm_tma: amax_out given with amax_mode='none'")
+        return
+    want = (m, triton.cdiv(n, AMAX_GRANULE)) if amax_mode == "partial" else (m, 1)
+    if amax_out is None:
+        raise ValueError(f"w8a8_gemm_tma: amax_mode='{amax_mode}' needs amax_out {list(want)} fp32")
+    if (tuple(amax_out.shape) != want or amax_out.dtype != torch.float32 or amax_out.device != device
+            or (want[1] > 1 and amax_out.stride(1) != 1)):
+        raise ValueError(f"w8a8_gemm_tma: amax_out for amax_mode='{amax_mode}' must be a {list(want)} fp32 tensor "
+                         f"on {device} with contiguous rows, got {list(amax_out.shape)} {amax_out.dtype} "
+                         f"on {amax_out.device}")
+
+
+def _degenerate_k0(y: torch.Tensor, bias, activation: str | None, amax_mode: str, amax_out) -> None:
+    """K == 0: every row is act(bias) (or act(0)); the amax contract is kept with torch ops."""
+    m, n = y.shape
+    v = bias.to(torch.float32) if bias is not None else torch.zeros(n, device=y.device)
+    if activation == "gelu_tanh":
+        v = torch.nn.functional.gelu(v, approximate="tanh")
+    y.copy_(v.to(y.dtype).expand(m, n))
+    if amax_mode == "none":
+        return
+    row = y[0].float().abs()
+    if amax_mode == "partial":
+        g = amax_out.shape[1]
+        gmax = torch.nn.functional.pad(row, (0, g * AMAX_GRANULE - n)).view(g, AMAX_GRANULE).amax(dim=1)
+        amax_out.copy_(gmax.expand(m, g))
+    else:
+        amax_out.copy_(torch.maximum(amax_out, row.amax().expand(m, 1)))
