@@ -41,7 +41,8 @@ torch.manual_seed(0)
 DRY = os.environ.get("BENCH_DRY") == "1"  # CPU smoke run of the script logic (TRITON_INTERPRET=1, small L)
 dev = "cpu" if DRY else "cuda"
 dt = torch.bfloat16
-B, L, D, H = 1, int(os.environ.get("BENCH_L", 75600)), 5120, 40
+# BENCH_L / BENCH_D / BENCH_H: other shapes, e.g. Wan2.1-1.3B 480p: BENCH_L=32760 BENCH_D=1536 BENCH_H=12
+B, L, D, H = 1, int(os.environ.get("BENCH_L", 75600)), int(os.environ.get("BENCH_D", 5120)), int(os.environ.get("BENCH_H", 40))
 d = D // H
 M = B * L
 RESULTS = {"device": "cpu-dry" if DRY else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -224,6 +225,7 @@ if not DRY:
 # next_pow2(D) tile, one row per program, 16 warps) on today's kernel code.
 import time
 
+from turbocompile.kernels.norms.triton_layernorm import LAST_KERNEL as _LN_LAST
 from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton, residual_ln_modulate_triton
 from turbocompile.kernels.norms.triton_rmsnorm_rope import rmsnorm_rope_triton
 
@@ -246,6 +248,8 @@ RMS_CFGS = {
     "default": None, "bm1w4": dict(block_m=1, num_warps=4), "bm1w8": dict(block_m=1, num_warps=8),
     "bm2w4": dict(block_m=2, num_warps=4), "bm2w8": dict(block_m=2, num_warps=8),
     "nosplit_w4": dict(block_m=1, num_warps=4, split=False),
+    "bm1w2": dict(block_m=1, num_warps=2), "bm2w2": dict(block_m=2, num_warps=2),
+    "bm4w4": dict(block_m=4, num_warps=4), "bm4w8": dict(block_m=4, num_warps=8),
 }
 
 
@@ -265,16 +269,18 @@ def site(name, nbytes, make, eager, cfgs, extra=None):
             continue
         try:
             fn = make(cfg)
+            _LN_LAST.clear()
             o = _first(fn())
+            regs = _LN_LAST.get("n_regs")
             same = (rel(o.float() if o.dtype != torch.float8_e4m3fn else o.float(), base.float()) < 5e-3)
             t = bench(fn)
         except Exception as err:  # report and go on
             print(f"  {name}/{cname}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
         bw = nbytes / (t * 1e-3) / 1e9
-        row["cfg"][cname] = dict(ms=t, GBps=bw, pct_copy=100 * bw / copy_bw, same=bool(same))
+        row["cfg"][cname] = dict(ms=t, GBps=bw, pct_copy=100 * bw / copy_bw, same=bool(same), n_regs=regs)
         print(f"  {name:32s} {cname:10s} {t:7.3f} ms {bw:6.0f} GB/s {100 * bw / copy_bw:5.1f}% copy"
-              f"{'' if same else '  OUTPUT DIFFERS'}", flush=True)
+              f"{'' if regs is None else f'  {regs} regs'}{'' if same else '  OUTPUT DIFFERS'}", flush=True)
     if extra is not None:
         row["alt_ms"] = bench(extra)
         print(f"  {name:32s} unfused alternative {row['alt_ms']:7.3f} ms", flush=True)
@@ -292,9 +298,13 @@ bf = torch.bfloat16
 # BENCH_NORMS_QUICK=1: only the quantizing epilogues (the sites below 75% in round 2), with the
 # lean quantizer (qv=1) and launch shapes around the defaults, plus the unfused alternatives.
 QUICK = os.environ.get("BENCH_NORMS_QUICK") == "1"
-QCFGS = {"default": None, "qv0 (session 3)": dict(qv=0), "qv2 (amax before rounding)": dict(qv=2),
-         "qv2 bm2w8": dict(qv=2, block_m=2, num_warps=8), "qv2 nosplit bm2w4": dict(qv=2, split=False, block_m=2, num_warps=4),
-         "nosplit bm2w4": dict(split=False, block_m=2, num_warps=4), "qv2 stats1": dict(qv=2, stats=1)}
+QCFGS = {"default": None, "hold1": dict(hold=1), "hold2": dict(hold=2), "hold2 stats1": dict(hold=2, stats=1),
+         "hold1 bm1w4": dict(hold=1, block_m=1, num_warps=4), "hold2 bm1w4": dict(hold=2, block_m=1, num_warps=4),
+         "hold1 bm1w8": dict(hold=1, block_m=1, num_warps=8), "hold2 bm1w8": dict(hold=2, block_m=1, num_warps=8),
+         "bm1w8": dict(block_m=1, num_warps=8), "hold2 bm2w8": dict(hold=2, block_m=2, num_warps=8),
+         "hold2 bm4w8": dict(hold=2, block_m=4, num_warps=8), "hold2 cap96": dict(hold=2, maxnreg=96),
+         "hold2 cap80": dict(hold=2, maxnreg=80), "hold1 cap96": dict(hold=1, maxnreg=96),
+         "hold2 bm1w2": dict(hold=2, block_m=1, num_warps=2)}
 qa = torch.ops.turbocompile.quantize_activation if hasattr(torch.ops.turbocompile, "quantize_activation") else None
 if not QUICK:
     site("ln_modulate (pre-attn/FFN)", 4 * E,
@@ -330,12 +340,14 @@ site("res+ln_mod+quant int8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("int8", "per_token"), config=c)),
      lambda: (lambda xn_h: eager_quant(xn_h[1], "int8", "per_token"))(eager_res_ln_mod(x, y)),
-     {"default": None, "qv2": dict(qv=2), "qv2 stats0 bm2w8": dict(qv=2, stats=0, block_m=2, num_warps=8)})  # default: stats1 bm2w4
+     {"default": None, "hold1": dict(hold=1), "hold1 stats0 bm2w8": dict(hold=1, stats=0, block_m=2, num_warps=8),
+      "hold1 bm1w4": dict(hold=1, block_m=1, num_warps=4)})  # default: stats1 bm2w4
 site("res+ln_mod+quant fp8 per_token", 7 * E + 4 * M,
      lambda c: (lambda: residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, bf,
                                                     quant=("fp8", "per_token"), config=c)),
      lambda: (lambda xn_h: eager_quant(xn_h[1], "fp8", "per_token"))(eager_res_ln_mod(x, y)),
-     {"default": None, "no register cap (before)": dict(maxnreg=None), "qv2": dict(qv=2)})
+     {"default": None, "hold1": dict(hold=1), "hold1 nocap": dict(hold=1, maxnreg=None),
+      "hold1 stats1 bm2w4": dict(hold=1, stats=1, block_m=2, num_warps=4, maxnreg=None)})
 for fmt in ("int8", "fp8"):
     # block128 is composed (bf16 LN kernel, then the W8A8 block quantizer): no fused kernel, since a
     # 128-row scale block needs its band's statistics first (a fused kernel measured 1.14 ms vs 0.72)
@@ -344,6 +356,32 @@ for fmt in ("int8", "fp8"):
          lambda f=fmt: eager_quant(eager_ln_mod(x), f, "block128"), {"composed": None})
 if qa is not None:  # the standalone activation quantizer alone (3 B/elt + scales), for reference
     hq = ln_modulate_triton(x, None, None, sh, sc, 1e-6, bf).reshape(-1, D)
+    from turbocompile.kernels.w8a8.triton_quant import quantize_triton as _qt
+
+    for fmt in ("int8", "fp8"):
+        # torch's own cast as the code reference: q = (h·(qmax/amax)).to(dtype) with the same fp32 inv
+        amax_t = hq.float().abs().amax(1, keepdim=True).clamp_min(1e-8)
+        qmax = 448.0 if fmt == "fp8" else 128.0
+        v = hq.float() * (torch.full_like(amax_t, qmax) / amax_t)
+        q_torch = (v.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.int8) if fmt == "fp8"
+                   else torch.round(v).clamp(-128, 127).to(torch.int8))
+        del v, amax_t
+        variants = {"loop (before)": dict(kernel="loop"), "rows": dict(kernel="rows"),
+                    "rows bm1w4": dict(kernel="rows", block_m=1, num_warps=4),
+                    "rows bm2w4": dict(kernel="rows", block_m=2, num_warps=4),
+                    "rows bm1w8": dict(kernel="rows", block_m=1, num_warps=8),
+                    "rows bm4w8": dict(kernel="rows", block_m=4, num_warps=8),
+                    "rows nosplit": dict(kernel="rows", split=False)}
+        for vname, vcfg in variants.items():
+            qv_, sv_ = _qt(hq, fmt, "per_token", config=vcfg)
+            mism = int((qv_.view(torch.int8) != q_torch).sum())
+            t = bench(lambda f=fmt, c=vcfg: _qt(hq, f, "per_token", config=c))
+            bw = (3 * E + 4 * M) / (t * 1e-3) / 1e9
+            RESULTS.setdefault("standalone_quant_variants", {})[f"{fmt} {vname}"] = dict(
+                ms=t, pct_copy=100 * bw / copy_bw, code_mismatch_vs_torch_cast=mism)
+            print(f"  quantize per_token {fmt} {vname:14s} {t:.3f} ms ({100 * bw / copy_bw:.1f}% copy), "
+                  f"codes != torch cast: {mism}", flush=True)
+        del q_torch, qv_, sv_
     for fmt in ("int8", "fp8"):
         for gran in ("per_token", "block128"):
             t = bench(lambda f=fmt, g=gran: qa(hq, f, g, "auto"))

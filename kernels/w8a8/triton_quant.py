@@ -160,13 +160,79 @@ def _quant_per_token_kernel(
         tl.store(s_ptr + rm, dequant_scale(amax, IS_FP8), mask=row_ok)
 
 
-def quantize_triton(x: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+@triton.jit
+def _lean_codes(v, IS_FP8: tl.constexpr, NATIVE: tl.constexpr):
+    """Codes of v = x·(qmax/amax) with |v| <= qmax·(1 + 2^-23) (see ``_quant_rows_kernel``)."""
+    if IS_FP8:
+        if NATIVE:
+            return v.to(tl.float8e4nv)
+        return e4m3_grid(tl.minimum(tl.maximum(v, -448.0), 448.0)).to(tl.float8e4nv)
+    return (tl.minimum(v, 127.0) + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def _quant_rows_kernel(
+    x_ptr,  # [M, K]
+    q_ptr,  # [M, K] contiguous
+    s_ptr,  # [M, 1] fp32
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_qm,
+    IS_FP8: tl.constexpr,
+    NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_K2: tl.constexpr,
+):
+    """Per-token quantization with each row in registers as one or two power-of-two tiles
+    (K = 1536 -> 1024 + 512, 5120 -> 4096 + 1024: no masked lanes) and a lean quantizer.
+
+    INT8: |x·inv| <= 128·(1 + 2^-23) because amax is the row's own max, so only +127 needs a clamp,
+    and the code is the low byte of bits(v + 1.5·2^23) = 0x4B400000 + rint(v) (ties to even).
+    FP8 on the GPU (NATIVE): the saturating round-to-nearest-even cvt, no clamp (|v| <= 448·(1 + 2^-23)
+    rounds to 448 anyway); the interpreter, whose cast is not RNE, rounds to the e4m3 grid first.
+    """
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rm < M
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    q_rows = q_ptr + rm[:, None].to(tl.int64) * stride_qm
+    rk = tl.arange(0, BLOCK_K)
+    mask = row_ok[:, None] & (rk < K)[None, :]
+    xa = tl.load(x_rows + rk[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(xa), axis=1)
+    if BLOCK_K2 > 0:
+        rk2 = BLOCK_K + tl.arange(0, BLOCK_K2)
+        mask2 = row_ok[:, None] & (rk2 < K)[None, :]
+        xb = tl.load(x_rows + rk2[None, :] * stride_xk, mask=mask2, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(xb), axis=1))
+    amax = tl.maximum(amax, AMAX_FLOOR)[:, None]
+    if IS_FP8:
+        inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+    else:
+        inv = tl.math.div_rn(tl.full(amax.shape, 128.0, tl.float32), amax)
+    tl.store(q_rows + rk[None, :], _lean_codes(xa * inv, IS_FP8, NATIVE), mask=mask)
+    if BLOCK_K2 > 0:
+        tl.store(q_rows + rk2[None, :], _lean_codes(xb * inv, IS_FP8, NATIVE), mask=mask2)
+    tl.store(s_ptr + rm[:, None], dequant_scale(amax, IS_FP8), mask=row_ok[:, None])
+
+
+# Per-token launch: "rows" (one/two-tile lean kernel, K <= 16384) or "loop" (the original kernel).
+PER_TOKEN_KERNEL = "loop"
+
+
+def quantize_triton(x: torch.Tensor, fmt: str, granularity: str,
+                    config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D activation with the Triton kernels; same contract as ``quantize_ref``.
 
     Args:
         x: [M, K] bf16 / fp16 / fp32 (any strides).
         fmt: "int8" | "fp8".
         granularity: "block128" | "per_token" (a weight's "per_channel" is the same row-wise math).
+        config: per-token launch override for benchmarks and tests: ``kernel`` ("rows" | "loop",
+            default :data:`PER_TOKEN_KERNEL`), ``block_m``, ``num_warps``, ``split`` (rows kernel:
+            two column tiles instead of one next_pow2(K) tile).
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_triton: x must be 2-D [M, K], got shape {tuple(x.shape)}")
@@ -191,10 +257,24 @@ def quantize_triton(x: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.
     if k == 0:
         s.fill_(1e-8 / (448.0 if is_fp8 else 128.0))
         return q, s
+    cfg = dict(kernel=PER_TOKEN_KERNEL, split=True)
+    cfg.update(config or {})
+    if cfg["kernel"] == "rows" and k <= 16384:
+        from turbocompile.kernels.norms._launch import split_tiles
+
+        bk, bk2 = split_tiles(k) if cfg["split"] else (max(16, triton.next_power_of_2(k)), 0)
+        width = bk + bk2
+        block_m = cfg.get("block_m") or max(1, min(16, 4096 // width))
+        num_warps = cfg.get("num_warps") or (8 if block_m * width >= 4096 else 4)
+        _quant_rows_kernel[(triton.cdiv(m, block_m),)](
+            x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0),
+            IS_FP8=is_fp8, NATIVE=use_rint, BLOCK_M=block_m, BLOCK_K=bk, BLOCK_K2=bk2, num_warps=num_warps,
+        )
+        return q, s
     block_k = min(triton.next_power_of_2(k), 16384)
     one_pass = k <= block_k
-    block_m = max(1, min(16, 4096 // block_k)) if one_pass else 1
-    num_warps = 8 if block_m * block_k >= 4096 else 4
+    block_m = cfg.get("block_m") or (max(1, min(16, 4096 // block_k)) if one_pass else 1)
+    num_warps = cfg.get("num_warps") or (8 if block_m * block_k >= 4096 else 4)
     _quant_per_token_kernel[(triton.cdiv(m, block_m),)](
         x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0),
         IS_FP8=is_fp8, USE_RINT=use_rint, BLOCK_M=block_m, BLOCK_K=block_k, ONE_PASS=one_pass,

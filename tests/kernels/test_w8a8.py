@@ -52,6 +52,30 @@ def test_quantizer_bit_exact(fmt, gran, m, k):
     assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), "8-bit codes differ from the reference"
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("cfg", [dict(kernel="rows"), dict(kernel="rows", split=False),
+                                 dict(kernel="rows", block_m=1, num_warps=4)])
+@pytest.mark.parametrize("m,k", [(1, 16), (7, 200), (9, 1536), (3, 5120)])
+def test_quantizer_rows_kernel_bit_exact(fmt, cfg, m, k):
+    """The one/two-tile per-token kernel with the lean quantizer (one clamp; int8 code from the low
+    byte of bits(v + 1.5·2^23)) gives the reference's codes and scales: outliers of either sign
+    (codes -128 / +127), an all-zero row, ties (exact halves after scaling)."""
+    x = (torch.randn(m, k) * 3).to(torch.bfloat16)
+    x[0, 0] = -50.0
+    if m > 2:
+        x[1] = 0.0
+        x[2, 1] = 64.0
+        x[2, 2] = 0.25  # 0.25 * 128 / 64 = 0.5: a tie, rounds to 0
+        x[2, 3] = -0.75  # -1.5: rounds to -2
+    x = x.to(DEV)
+    q, s = _quant()(x, fmt, "per_token", config=cfg)
+    qr, sr = ref.quantize_ref(x, fmt, "per_token")
+    assert torch.equal(s, sr)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), "8-bit codes differ from the reference"
+    if fmt == "int8":
+        assert q[0].min().item() == -128 and (m <= 2 or q[2].max().item() == 127)
+
+
 def test_quantizer_per_token_two_pass_and_fp32_strided():
     # K > 16384 takes the two-sweep path; a transposed fp32 view checks strides.
     x = torch.randn(3, 17000, device=DEV)
