@@ -160,7 +160,25 @@ def main():
                                                                                   use_tma=True),
         "TMA fused gelu + partial amax + quant": lambda: w8a8_gemm_gelu_quant_triton(*args, fmt, amax_mode="partial",
                                                                                      use_tma=True),
+        # GELU epilogue without amax, then the one/two-tile per-token quantizer ("rows" kernel)
+        "TMA gelu + rows quant": lambda: quantize_triton(w8a8_gemm_gelu_triton(*args, use_tma=True)[0], fmt,
+                                                         "per_token", config=dict(kernel="rows")),
+        "TMA gelu + rows quant (1 row x 16 warps)": lambda: quantize_triton(
+            w8a8_gemm_gelu_triton(*args, use_tma=True)[0], fmt, "per_token",
+            config=dict(kernel="rows", block_m=1, num_warps=16)),
+        "pointer gelu + rows quant": lambda: quantize_triton(w8a8_gemm_gelu_triton(*args, use_tma=False)[0], fmt,
+                                                             "per_token", config=dict(kernel="rows")),
     }
+    # the rows quantizer on this h (N = 8960: tiles 8192 + 1024, masked) against the loop kernel's codes
+    h_full, _ = w8a8_gemm_gelu_triton(*args, use_tma=False)
+    q_loop, s_loop = quantize_triton(h_full, fmt, "per_token", config=dict(kernel="loop"))
+    for rc in (dict(kernel="rows"), dict(kernel="rows", block_m=1, num_warps=16)):
+        q_rows, s_rows = quantize_triton(h_full, fmt, "per_token", config=rc)
+        diffs = int((q_rows.view(torch.int8) != q_loop.view(torch.int8)).sum())
+        print(f"rows quantizer {rc}: codes != loop kernel: {diffs}, scales equal: {torch.equal(s_rows, s_loop)}")
+        res.setdefault("rows_quant_check", []).append(dict(cfg=str(rc), code_diffs=diffs,
+                                                           scales_equal=bool(torch.equal(s_rows, s_loop))))
+    del h_full, q_loop, s_loop, q_rows, s_rows
     res["ms"], res["tflops"], res["tma_configs"] = {}, {}, {}
     for name, fn in times.items():
         try:

@@ -257,9 +257,14 @@ def _first(o):
     return o[0] if isinstance(o, tuple) else o
 
 
+ONLY = [t for t in os.environ.get("BENCH_NORMS_ONLY", "").split(",") if t]  # site-name substrings
+
+
 def site(name, nbytes, make, eager, cfgs, extra=None):
     """make(cfg) -> fused callable. Times eager, then every config (each checked against the
-    default config's output first)."""
+    default config's output first). BENCH_NORMS_ONLY=a,b: only sites whose name contains a or b."""
+    if ONLY and not any(t in name for t in ONLY):
+        return
     te = bench(eager)
     base = _first(make(None)())
     row = dict(site=name, eager_ms=te, cfg={}, bytes=nbytes)
@@ -298,7 +303,8 @@ bf = torch.bfloat16
 # BENCH_NORMS_QUICK=1: only the quantizing epilogues (the sites below 75% in round 2), with the
 # lean quantizer (qv=1) and launch shapes around the defaults, plus the unfused alternatives.
 QUICK = os.environ.get("BENCH_NORMS_QUICK") == "1"
-QCFGS = {"default": None, "hold1": dict(hold=1), "hold2": dict(hold=2), "hold2 stats1": dict(hold=2, stats=1),
+QCFGS = {"default": None, "qv3 (fp32 h quantized)": dict(qv=3), "qv3 hold2": dict(qv=3, hold=2),
+         "qv3 bm4w8": dict(qv=3, block_m=4, num_warps=8), "hold1": dict(hold=1), "hold2": dict(hold=2), "hold2 stats1": dict(hold=2, stats=1),
          "hold1 bm1w4": dict(hold=1, block_m=1, num_warps=4), "hold2 bm1w4": dict(hold=2, block_m=1, num_warps=4),
          "hold1 bm1w8": dict(hold=1, block_m=1, num_warps=8), "hold2 bm1w8": dict(hold=2, block_m=1, num_warps=8),
          "bm1w8": dict(block_m=1, num_warps=8), "hold2 bm2w8": dict(hold=2, block_m=2, num_warps=8),

@@ -84,7 +84,9 @@ def _quantize(hq, amax, OUT_MODE: tl.constexpr, NATIVE: tl.constexpr, QV: tl.con
     subtract and no conversion instruction; for FP8 on the GPU the saturating cvt needs no
     clamp either (|v| <= 448·(1 + 2^-23) rounds to 448 in any case). QV 2 is QV 1 with the row amax
     taken before the rounding to x.dtype and rounded once (see ``_ln_block``; measured slower on the
-    H200: 0.452 vs 0.398 ms for INT8 at B1 L75600 D5120)."""
+    H200: 0.452 vs 0.398 ms for INT8 at B1 L75600 D5120). QV 3 is QV 1 applied to the fp32 h, not
+    rounded to x.dtype first: not the unfused graph's codes (which quantize the stored bf16 h), at
+    most one step away from them."""
     amax = tl.maximum(amax, 1e-8)
     if OUT_MODE == 1:
         inv = tl.math.div_rn(tl.zeros_like(amax) + 128.0, amax)
@@ -287,7 +289,9 @@ def _ln_block(
                 qb, _ = _quantize(hb16.to(tl.float32), amax, OUT_MODE, NATIVE, QV)
                 tl.store(out_ptr + rows64[:, None] * D + cols2[None, :], qb, mask=mask2)
         else:
-            if EVEN:  # a row's amax only sees its own row: masked rows need no select
+            if QV == 3:  # quantize the fp32 h itself (no rounding to x.dtype first)
+                hqa = ha if EVEN else tl.where(mask, ha, 0.0)
+            elif EVEN:  # a row's amax only sees its own row: masked rows need no select
                 hqa = rnd(ha, XDT, NATIVE)
             else:
                 hqa = tl.where(mask, rnd(ha, XDT, NATIVE), 0.0)
@@ -296,7 +300,9 @@ def _ln_block(
             else:
                 amax = tl.max(tl.abs(hqa), axis=1, keep_dims=True)  # [BLOCK_M, 1]
             if BLOCK_D2 > 0:
-                if EVEN:
+                if QV == 3:
+                    hqb = hb if EVEN else tl.where(mask2, hb, 0.0)
+                elif EVEN:
                     hqb = rnd(hb, XDT, NATIVE)
                 else:
                     hqb = tl.where(mask2, rnd(hb, XDT, NATIVE), 0.0)

@@ -165,9 +165,12 @@ def _lean_codes(v, IS_FP8: tl.constexpr, NATIVE: tl.constexpr):
     """Codes of v = x·(qmax/amax) with |v| <= qmax·(1 + 2^-23) (see ``_quant_rows_kernel``)."""
     if IS_FP8:
         if NATIVE:
-            return v.to(tl.float8e4nv)
-        return e4m3_grid(tl.minimum(tl.maximum(v, -448.0), 448.0)).to(tl.float8e4nv)
-    return (tl.minimum(v, 127.0) + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+            q = v.to(tl.float8e4nv)
+        else:
+            q = e4m3_grid(tl.minimum(tl.maximum(v, -448.0), 448.0)).to(tl.float8e4nv)
+    else:
+        q = (tl.minimum(v, 127.0) + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+    return q
 
 
 @triton.jit
