@@ -105,11 +105,22 @@ def _row_config(D: int, kind: str, override: dict | None) -> dict:
     """
     cfg = dict(block_m=1, num_warps=8, split=True, persist=0, prefetch=False, stages=1, qv=0, stats=0, hold=0, maxnreg=None)
     width = sum(split_tiles(D))
-    if width <= 1024:  # narrow rows: several rows per program, each program moves a few KB
+    if kind == "rms" and 512 <= width <= 1024:
+        # RMSNorm+RoPE pair words at Wan2.1-1.3B (768 words): 1 row x 2 warps 0.069 ms vs 4 x 4
+        # 0.086 ms (H200 session 5 sweep, BENCH_D=1536)
+        cfg["num_warps"] = 2
+    elif width <= 1024:  # narrow rows: several rows per program, each program moves a few KB
         cfg["block_m"] = 1 << ((4096 // width).bit_length() - 1)  # a power of two
         cfg["num_warps"] = 4
     elif width <= 2048:
+        # D = 1536 (H200 session 5 sweep): 2 rows x 4 warps is the best or near-best shape of every
+        # site (ln_modulate 0.060 vs 0.074 ms at 2 x 8, gated residual 0.106 vs 0.127, INT8 quant
+        # 0.072 vs 0.104); with the residual and a quantizer also the one-pass statistics (FP8 0.114
+        # vs 0.153 ms)
         cfg["block_m"] = 2
+        cfg["num_warps"] = 4
+        if kind.startswith("quant_res"):
+            cfg["stats"] = 1
     else:
         # Wide rows (D = 5120): best configs of the H200 sweep, benchmarks/RESULTS.md round 2.
         # 4 warps per row (40 elements per thread) keep the most rows in flight; two rows per

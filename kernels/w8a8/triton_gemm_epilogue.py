@@ -323,6 +323,7 @@ def gelu_gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, a
     2. Shape rule (``triton_gemm_tma.tma_unsupported_reason``): per_token x per_channel, 16-byte
        aligned operand rows (K % 16 == 0 for contiguous 8-bit codes) and bases, output row
        N * itemsize % 16 == 0. Any failed condition -> pointer.
+    2b. ``None`` with INT8 codes -> pointer (measured no faster with the TMA kernel).
     3. Hardware: ``None`` needs a CUDA device of capability >= 9.0 (else pointer; the CPU
        interpreter also takes the pointer kernel by default); ``True`` needs sm90+ or the
        interpreter and raises ValueError otherwise (an impossible request).
@@ -330,6 +331,10 @@ def gelu_gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, a
     """
     if use_tma is False or (use_tma is None and not USE_TMA):
         return "pointer", "TMA off"
+    if use_tma is None and qw.dtype != torch.float8_e4m3fn:
+        # H200, ffn.0 at 1.3B (benchmarks/RESULTS.md, session 5): INT8 GELU GEMM 1.236 ms TMA vs 1.233
+        # pointer, and the pointer kernel's partial amax is cheaper; FP8 0.974 vs 1.133 ms
+        return "pointer", "INT8 codes (the TMA GELU kernel is no faster)"
     from turbocompile.kernels.w8a8.triton_gemm_tma import tma_hardware_ok, tma_unsupported_reason
 
     why = tma_unsupported_reason(qa, qw, out_dtype, act_granularity, weight_granularity)
@@ -370,10 +375,15 @@ def w8a8_gemm_gelu_quant_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GELU-epilogue GEMM then per-token quantization of its (rounded) output: ``(q [M, N], s [M, 1])``.
 
-    ``amax_mode`` None = :data:`DEFAULT_AMAX_MODE`; "none" runs the standalone per-token quantizer.
+    ``amax_mode`` None: "none" on the TMA path (GELU epilogue without an amax, then the one/two-tile
+    per-token quantizer: 1.220 ms vs 1.475 ms with the partial amax, FP8 ffn.0 at 1.3B on an H200),
+    :data:`DEFAULT_AMAX_MODE` on the pointer path; "none" runs the standalone per-token quantizer.
     ``config`` / ``use_tma`` / ``tma_config``: as in :func:`w8a8_gemm_gelu_triton`.
     """
-    mode = amax_mode or DEFAULT_AMAX_MODE
+    mode = amax_mode
+    if mode is None:
+        path = gelu_gemm_path(qa, qw, out_dtype, act_granularity, weight_granularity, use_tma)[0]
+        mode = "none" if path == "tma" else DEFAULT_AMAX_MODE
     h, amax = w8a8_gemm_gelu_triton(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype,
                                     amax_mode=mode, config=config, use_tma=use_tma, tma_config=tma_config)
     if amax is None or h.shape[1] == 0:

@@ -222,7 +222,10 @@ def _quant_rows_kernel(
 
 
 # Per-token launch: "rows" (one/two-tile lean kernel, K <= 16384) or "loop" (the original kernel).
-PER_TOKEN_KERNEL = "loop"
+# H200 (benchmarks/RESULTS.md, session 5): K = 5120 INT8 0.276 vs 0.343 ms, FP8 0.273 vs 0.506 ms;
+# K = 1536 0.047 vs 0.053 / 0.063 ms; and its FP8 codes equal torch's cast (the loop kernel's
+# fp32 e4m3 rounding differed in ~6e-6 of them).
+PER_TOKEN_KERNEL = "rows"
 
 
 def quantize_triton(x: torch.Tensor, fmt: str, granularity: str,
@@ -267,8 +270,10 @@ def quantize_triton(x: torch.Tensor, fmt: str, granularity: str,
 
         bk, bk2 = split_tiles(k) if cfg["split"] else (max(16, triton.next_power_of_2(k)), 0)
         width = bk + bk2
-        block_m = cfg.get("block_m") or max(1, min(16, 4096 // width))
-        num_warps = cfg.get("num_warps") or (8 if block_m * width >= 4096 else 4)
+        # about 4K elements per program, 4 warps up to 8K elements (best on the H200 at K = 1536,
+        # 5120 and 8960: 2 rows x 4 warps, 1 x 4, 1 x 8)
+        block_m = cfg.get("block_m") or min(16, 1 << max(0, (4096 // width).bit_length() - 1))  # a power of two
+        num_warps = cfg.get("num_warps") or (4 if block_m * width <= 8192 else 8)
         _quant_rows_kernel[(triton.cdiv(m, block_m),)](
             x, q, s, m, k, x.stride(0), x.stride(1), q.stride(0),
             IS_FP8=is_fp8, NATIVE=use_rint, BLOCK_M=block_m, BLOCK_K=bk, BLOCK_K2=bk2, num_warps=num_warps,

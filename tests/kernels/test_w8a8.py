@@ -55,7 +55,7 @@ def test_quantizer_bit_exact(fmt, gran, m, k):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cfg", [dict(kernel="rows"), dict(kernel="rows", split=False),
                                  dict(kernel="rows", block_m=1, num_warps=4)])
-@pytest.mark.parametrize("m,k", [(1, 16), (7, 200), (9, 1536), (3, 5120)])
+@pytest.mark.parametrize("m,k", [(1, 16), (7, 200), (11, 384), (9, 1536), (3, 5120)])
 def test_quantizer_rows_kernel_bit_exact(fmt, cfg, m, k):
     """The one/two-tile per-token kernel with the lean quantizer (one clamp; int8 code from the low
     byte of bits(v + 1.5·2^23)) gives the reference's codes and scales: outliers of either sign
