@@ -63,6 +63,11 @@ PREP_TUNES = [
     ("pass A stages 2", dict(stages_a=2)),
     ("pass A 2048 progs", dict(progs_a=2048)),
     ("pass A 512 progs", dict(progs_a=512)),
+    ("pass A 4096 progs", dict(progs_a=4096)),
+    ("pass A 2048 progs stages 2", dict(progs_a=2048, stages_a=2)),
+    ("pass A 8 warps", dict(warps_a=8)),
+    ("pass A 4096 progs 8 warps stages 2", dict(progs_a=4096, warps_a=8, stages_a=2)),
+    ("pass B 2048 progs", dict(progs_b=2048)),
     ("linear kernel: stages 3", dict(lin_stages=3)),
     ("linear kernel: 512 progs", dict(progs_l=512)),
 ]

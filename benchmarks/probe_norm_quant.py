@@ -24,3 +24,23 @@ for _ in range(3):
     else:
         ln_modulate_triton(x, None, None, sh, sc, 1e-6, x.dtype, quant=(fmt, "per_token"))
 torch.cuda.synchronize()
+
+# `... probe_norm_quant.py int8 [res] --sass OUT_DIR`: also write the compiled kernel's SASS and an
+# opcode histogram (instructions in the per-row body, by opcode), to count the work per element.
+if "--sass" in sys.argv:
+    import collections
+    import os
+    import re
+
+    from turbocompile.kernels.norms import triton_layernorm as tln
+
+    out_dir = sys.argv[sys.argv.index("--sass") + 1]
+    kern = next(iter(tln._ln_rows_kernel.device_caches[torch.cuda.current_device()][0].values()))
+    sass = kern.asm.get("sass") or ""
+    tag = f"{fmt}{'_res' if residual else ''}"
+    with open(os.path.join(out_dir, f"sass_ln_quant_{tag}.txt"), "w") as fh:
+        fh.write(sass)
+    ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    print(f"SASS {tag}: {sum(ops.values())} instructions, registers {kern.n_regs}, spills {kern.n_spills}")
+    for op, n in ops.most_common(40):
+        print(f"  {op:12s} {n}")
