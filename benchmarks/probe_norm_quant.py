@@ -35,7 +35,7 @@ if "--sass" in sys.argv:
     from turbocompile.kernels.norms import triton_layernorm as tln
 
     out_dir = sys.argv[sys.argv.index("--sass") + 1]
-    kern = next(iter(tln._ln_rows_kernel.device_caches[torch.cuda.current_device()][0].values()))
+    kern = tln.LAST_KERNEL["kernel"]
     sass = kern.asm.get("sass") or ""
     tag = f"{fmt}{'_res' if residual else ''}"
     with open(os.path.join(out_dir, f"sass_ln_quant_{tag}.txt"), "w") as fh:

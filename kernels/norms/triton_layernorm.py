@@ -449,7 +449,8 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
                              QV=cfg["qv"], STATS=cfg["stats"], HOLD=cfg["hold"] if quant is not None else 0,
                              EVEN=(block_d + block_d2 == D),
                              num_warps=cfg["num_warps"], **extra)
-    LAST_KERNEL["n_regs"] = getattr(kernel, "n_regs", None)  # for the benchmarks' reports
+    LAST_KERNEL["kernel"] = kernel  # the compiled kernel (SASS probe); its registers for the reports
+    LAST_KERNEL["n_regs"] = getattr(kernel, "n_regs", None)
     LAST_KERNEL["n_spills"] = getattr(kernel, "n_spills", None)
     return x_new, out, qscale
 
