@@ -344,11 +344,13 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # B1 H40 L75600: TF32 block scores (the fp32 bmm took 0.22 ms; prep 3.13 -> 3.01 ms), one score row per top-k
 # program 0.52 -> 0.41 ms (both: prep 2.92 ms); pass B without the statistics at 4 warps
 # (warps_bq; 8 before) 0.80 -> 0.64 ms (prep 2.90 -> 2.76 ms). warps_b: pass B with them ("b").
+# H200 session 5: pass A over 2048 programs with a 2-stage row loop: pool kernel 0.158 -> 0.100 ms at
+# B1 H12 L32760 (Wan2.1-1.3B; prep 0.512 -> 0.454 ms) and 0.751 -> 0.696 ms at B1 H40 L75600.
 # H200 session 4, B1 H40 L75600 (prep total): statistics kernel at 4 warps 0.75 ms (8 warps 1.35 ms;
 # inside pass B they cost 1.2 ms of its 2.0 ms); the V maxima there slow it to 1.25 ms while pass A
 # saves only 0.23 ms (3.41 vs 3.14 ms in all), so they stay in pass A (at 1.3B: 0.50 vs 0.55 ms).
-DEFAULT_TUNE = {"progs_a": 1024, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
-                "stages_a": 1, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
+DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
+                "stages_a": 2, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
                 "lin_kt": 0, "lin_vmax": 0, "scores": "tf32", "topk_rows": 1, "topk_warps": 4}
 
 
