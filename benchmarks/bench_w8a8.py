@@ -87,7 +87,7 @@ CHECK_SHAPES = [(1000, 1000, 1000), (4133, 1536, 1536), (300, 5120, 200)]
 # Shape i is checked with the TMA kernel's i-th autotune config (fixed, no autotuning: every config
 # compiles and is verified once, a few with several tiles per persistent program).
 TMA_CHECK_SHAPES = [(4133, 1536, 1536), (1000, 1024, 1000), (2125, 1024, 2048), (300, 5120, 200), (77, 208, 264),
-                    (1, 5120, 13824)]
+                    (1, 5120, 13824), (520, 1536, 8960)]
 # fixed pointer-kernel config for the TMA check (no autotuning there: keeps the quick run short)
 PTR_CHECK_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 BIG_CHECKS: list[dict] = []  # TMA vs pointer kernel at the timed shapes (autotuned configs)
