@@ -287,6 +287,13 @@ def gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, act_gr
     """
     if use_tma is False or (use_tma is None and not USE_TMA):
         return "pointer", "TMA off"
+    return tma_route(qa, qw, out_dtype, act_granularity, weight_granularity, fuse_quant, use_tma, "w8a8_gemm_triton")
+
+
+def tma_route(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, act_granularity: str,
+              weight_granularity: str, fuse_quant: bool, use_tma: bool | None, caller: str) -> tuple[str, str]:
+    """Rules 2 and 3 of :func:`gemm_path` (shape rule, then hardware), shared with the GELU-epilogue
+    GEMM's dispatch; ``caller`` names the function in the error of an impossible ``use_tma=True``."""
     from turbocompile.kernels.w8a8.triton_gemm_tma import tma_hardware_ok, tma_unsupported_reason
 
     why = tma_unsupported_reason(qa, qw, out_dtype, act_granularity, weight_granularity, fuse_quant)
@@ -296,7 +303,7 @@ def gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, act_gr
         if triton_interpret() or qa.device.type != "cuda" or not tma_hardware_ok(qa.device):
             return "pointer", "no sm90+ CUDA device"
     elif not tma_hardware_ok(qa.device):
-        raise ValueError(f"w8a8_gemm_triton: use_tma=True needs a CUDA device of compute capability >= 9.0 "
+        raise ValueError(f"{caller}: use_tma=True needs a CUDA device of compute capability >= 9.0 "
                          f"(or the CPU interpreter), got {qa.device}")
     return "tma", "shape rule holds"
 

@@ -335,18 +335,9 @@ def gelu_gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, a
         # H200, ffn.0 at 1.3B (benchmarks/RESULTS.md, session 5): INT8 GELU GEMM 1.236 ms TMA vs 1.233
         # pointer, and the pointer kernel's partial amax is cheaper; FP8 0.974 vs 1.133 ms
         return "pointer", "INT8 codes (the TMA GELU kernel is no faster)"
-    from turbocompile.kernels.w8a8.triton_gemm_tma import tma_hardware_ok, tma_unsupported_reason
+    from turbocompile.kernels.w8a8.triton_gemm import tma_route
 
-    why = tma_unsupported_reason(qa, qw, out_dtype, act_granularity, weight_granularity)
-    if why is not None:
-        return "pointer", why
-    if use_tma is None:
-        if triton_interpret() or qa.device.type != "cuda" or not tma_hardware_ok(qa.device):
-            return "pointer", "no sm90+ CUDA device"
-    elif not tma_hardware_ok(qa.device):
-        raise ValueError(f"w8a8_gemm_gelu_triton: use_tma=True needs a CUDA device of compute capability >= 9.0 "
-                         f"(or the CPU interpreter), got {qa.device}")
-    return "tma", "shape rule holds"
+    return tma_route(qa, qw, out_dtype, act_granularity, weight_granularity, False, use_tma, "w8a8_gemm_gelu_triton")
 
 
 def quantize_from_amax_triton(h: torch.Tensor, amax: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
