@@ -98,12 +98,11 @@ def _row_config(D: int, kind: str, override: dict | None) -> dict:
     block), prefetch (persistent only: load the next block before computing this one),
     stages (num_stages of the persistent loop when not prefetching), qv (the quantizer's
     instruction sequence, see ``triton_layernorm._quantize``; same codes either way), stats (0
-    two-pass row statistics, 1 one shifted pass, see ``triton_layernorm._ln_block``), hold (quant
-    epilogues: which row values stay in x.dtype instead of fp32, see ``_ln_block``), maxnreg
+    two-pass row statistics, 1 one shifted pass, see ``triton_layernorm._ln_block``), maxnreg
     (a register cap per thread for the compiler; None: its own choice).
     ``override`` (benchmarks, tests) replaces any key.
     """
-    cfg = dict(block_m=1, num_warps=8, split=True, persist=0, prefetch=False, stages=1, qv=0, stats=0, hold=0, maxnreg=None)
+    cfg = dict(block_m=1, num_warps=8, split=True, persist=0, prefetch=False, stages=1, qv=0, stats=0, maxnreg=None)
     width = sum(split_tiles(D))
     if kind == "rms" and 512 <= width <= 1024:
         # RMSNorm+RoPE pair words at Wan2.1-1.3B (768 words): 1 row x 2 warps 0.069 ms vs 4 x 4

@@ -32,7 +32,7 @@ from turbocompile.kernels.norms.triton_rounding import rnd, round_e4m3, to_dt
 __all__ = ["ln_modulate_triton", "residual_ln_modulate_triton"]
 
 _OUT_FLOAT, _OUT_INT8, _OUT_FP8 = 0, 1, 2
-LAST_KERNEL: dict = {}  # registers / spills of the last compiled launch (GPU only; read by benchmarks)
+LAST_KERNEL: dict = {}  # the last compiled launch and its registers / spills (GPU; read by benchmarks)
 
 
 @triton.jit
@@ -84,9 +84,7 @@ def _quantize(hq, amax, OUT_MODE: tl.constexpr, NATIVE: tl.constexpr, QV: tl.con
     subtract and no conversion instruction; for FP8 on the GPU the saturating cvt needs no
     clamp either (|v| <= 448·(1 + 2^-23) rounds to 448 in any case). QV 2 is QV 1 with the row amax
     taken before the rounding to x.dtype and rounded once (see ``_ln_block``; measured slower on the
-    H200: 0.452 vs 0.398 ms for INT8 at B1 L75600 D5120). QV 3 is QV 1 applied to the fp32 h, not
-    rounded to x.dtype first: not the unfused graph's codes (which quantize the stored bf16 h), at
-    most one step away from them."""
+    H200: 0.452 vs 0.398 ms for INT8 at B1 L75600 D5120)."""
     amax = tl.maximum(amax, 1e-8)
     if OUT_MODE == 1:
         inv = tl.math.div_rn(tl.zeros_like(amax) + 128.0, amax)
@@ -157,7 +155,7 @@ def _ln_block(
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     VEC_SHARED: tl.constexpr, NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr,
-    x_ptr, stride_xm, STATS: tl.constexpr, HOLD: tl.constexpr,
+    x_ptr, stride_xm, STATS: tl.constexpr,
 ):
     """Everything after the loads for one block of rows: residual, statistics, normalize,
     affine/modulate, store (or quantize and store).
@@ -165,13 +163,7 @@ def _ln_block(
     STATS 0: two-pass statistics (mean, then Σ(x - mean)²: two reductions in sequence).
     STATS 1: one pass over x - c with c = the row's first input element, Σd and Σd² reduced
     together (var = E[d²] - E[d]²; the shift keeps E[d] within a few standard deviations,
-    so the cancellation costs a few bits of fp32 at most): one reduction round fewer.
-
-    HOLD (quant epilogues only; fewer live registers): 0 keeps every row value in fp32; 1 keeps the
-    rounded h in x.dtype (half the registers for bf16) between the row amax and the quantization,
-    same codes as 0; 2 also keeps the loaded x in its storage dtype (no residual) and normalizes it
-    with one fma, x·rstd - mean·rstd, instead of keeping x - mean in fp32 (a different rounding
-    of the same value: codes may differ from the reference in rare last-bit cases)."""
+    so the cancellation costs a few bits of fp32 at most): one reduction round fewer."""
     rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
@@ -181,7 +173,6 @@ def _ln_block(
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     mask = row_mask[:, None] & cmask[None, :]
-    xra, xrb = xa, xb  # storage dtype (HOLD 2 re-reads these registers when it normalizes)
     xa = xa.to(tl.float32)
     if HAS_RES:
         g_off, g_m = _vec_offsets(rows64, bi, li, cols, row_mask, cmask, stride_gb, stride_gl, b0, VEC_SHARED)
@@ -241,31 +232,14 @@ def _ln_block(
             m2 += tl.sum(db * db, axis=1)
         rstd = tl.rsqrt(m2 / D + eps)
 
-    if HOLD == 2 and not HAS_RES:
-        # normalize from the storage-dtype registers: x·rstd + (-mean·rstd), one fma per element
-        if STATS == 1:
-            nb_ = -(c + md[:, None]) * rstd[:, None]  # [BLOCK_M, 1]
-        else:
-            nb_ = (-mean * rstd)[:, None]
-        na = tl.fma(xra.to(tl.float32), rstd[:, None], nb_)
-        if BLOCK_D2 > 0:
-            nb = tl.fma(xrb.to(tl.float32), rstd[:, None], nb_)
-        if not EVEN:
-            na = tl.where(mask, na, 0.0)
-            if BLOCK_D2 > 0:
-                nb = tl.where(mask2, nb, 0.0)
-    else:
-        na = da * rstd[:, None]
-        if BLOCK_D2 > 0:
-            nb = db * rstd[:, None]
     sh_off, v_m = _vec_offsets(rows64, bi, li, cols, row_mask, cmask, stride_sb, stride_sl, b0, VEC_SHARED)
     sc_off, _ = _vec_offsets(rows64, bi, li, cols, row_mask, cmask, stride_cb, stride_cl, b0, VEC_SHARED)
-    ha = _affine_modulate(na, w_ptr, b_ptr, shift_ptr, scale_ptr, cols, cmask, sh_off, sc_off,
+    ha = _affine_modulate(da * rstd[:, None], w_ptr, b_ptr, shift_ptr, scale_ptr, cols, cmask, sh_off, sc_off,
                           v_m, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, XDT, NATIVE)
     if BLOCK_D2 > 0:
         sh_off2, v_m2 = _vec_offsets(rows64, bi, li, cols2, row_mask, cmask2, stride_sb, stride_sl, b0, VEC_SHARED)
         sc_off2, _ = _vec_offsets(rows64, bi, li, cols2, row_mask, cmask2, stride_cb, stride_cl, b0, VEC_SHARED)
-        hb = _affine_modulate(nb, w_ptr, b_ptr, shift_ptr, scale_ptr, cols2, cmask2, sh_off2,
+        hb = _affine_modulate(db * rstd[:, None], w_ptr, b_ptr, shift_ptr, scale_ptr, cols2, cmask2, sh_off2,
                               sc_off2, v_m2, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, ROUND_LN, XDT, NATIVE)
 
     out_dt = out_ptr.dtype.element_ty
@@ -275,49 +249,31 @@ def _ln_block(
             tl.store(out_ptr + rows64[:, None] * D + cols2[None, :], to_dt(hb, out_dt, NATIVE), mask=mask2)
     else:
         # amax straight from the registers: the row is never re-read
-        if HOLD >= 1:
-            # h rounded once into x.dtype and held there (exact: the fp32 copy of rnd(h) holds the same
-            # value); the amax and the codes read it back through the (cheap) widening cast
-            ha16 = to_dt(ha if EVEN else tl.where(mask, ha, 0.0), XDT, NATIVE)
-            amax = tl.max(tl.abs(ha16.to(tl.float32)), axis=1, keep_dims=True)
-            if BLOCK_D2 > 0:
-                hb16 = to_dt(hb if EVEN else tl.where(mask2, hb, 0.0), XDT, NATIVE)
-                amax = tl.maximum(amax, tl.max(tl.abs(hb16.to(tl.float32)), axis=1, keep_dims=True))
-            qa, s = _quantize(ha16.to(tl.float32), amax, OUT_MODE, NATIVE, QV)
-            tl.store(out_ptr + rows64[:, None] * D + cols[None, :], qa, mask=mask)
-            if BLOCK_D2 > 0:
-                qb, _ = _quantize(hb16.to(tl.float32), amax, OUT_MODE, NATIVE, QV)
-                tl.store(out_ptr + rows64[:, None] * D + cols2[None, :], qb, mask=mask2)
+        if EVEN:  # a row's amax only sees its own row: masked rows need no select
+            hqa = rnd(ha, XDT, NATIVE)
         else:
-            if QV == 3:  # quantize the fp32 h itself (no rounding to x.dtype first)
-                hqa = ha if EVEN else tl.where(mask, ha, 0.0)
-            elif EVEN:  # a row's amax only sees its own row: masked rows need no select
-                hqa = rnd(ha, XDT, NATIVE)
+            hqa = tl.where(mask, rnd(ha, XDT, NATIVE), 0.0)
+        if QV == 2:  # max|rnd(h)| = rnd(max|h|) (RNE is monotone and odd): no wait on the roundings
+            amax = tl.max(tl.abs(tl.where(mask, ha, 0.0) if not EVEN else ha), axis=1, keep_dims=True)
+        else:
+            amax = tl.max(tl.abs(hqa), axis=1, keep_dims=True)  # [BLOCK_M, 1]
+        if BLOCK_D2 > 0:
+            if EVEN:
+                hqb = rnd(hb, XDT, NATIVE)
             else:
-                hqa = tl.where(mask, rnd(ha, XDT, NATIVE), 0.0)
-            if QV == 2:  # max|rnd(h)| = rnd(max|h|) (RNE is monotone and odd): no wait on the roundings
-                amax = tl.max(tl.abs(tl.where(mask, ha, 0.0) if not EVEN else ha), axis=1, keep_dims=True)
-            else:
-                amax = tl.max(tl.abs(hqa), axis=1, keep_dims=True)  # [BLOCK_M, 1]
-            if BLOCK_D2 > 0:
-                if QV == 3:
-                    hqb = hb if EVEN else tl.where(mask2, hb, 0.0)
-                elif EVEN:
-                    hqb = rnd(hb, XDT, NATIVE)
-                else:
-                    hqb = tl.where(mask2, rnd(hb, XDT, NATIVE), 0.0)
-                if QV == 2:
-                    amax = tl.maximum(amax, tl.max(tl.abs(tl.where(mask2, hb, 0.0) if not EVEN else hb), axis=1,
-                                                   keep_dims=True))
-                else:
-                    amax = tl.maximum(amax, tl.max(tl.abs(hqb), axis=1, keep_dims=True))
+                hqb = tl.where(mask2, rnd(hb, XDT, NATIVE), 0.0)
             if QV == 2:
-                amax = rnd(amax, XDT, NATIVE)
-            qa, s = _quantize(hqa, amax, OUT_MODE, NATIVE, QV)
-            tl.store(out_ptr + rows64[:, None] * D + cols[None, :], qa, mask=mask)
-            if BLOCK_D2 > 0:
-                qb, _ = _quantize(hqb, amax, OUT_MODE, NATIVE, QV)
-                tl.store(out_ptr + rows64[:, None] * D + cols2[None, :], qb, mask=mask2)
+                amax = tl.maximum(amax, tl.max(tl.abs(tl.where(mask2, hb, 0.0) if not EVEN else hb), axis=1,
+                                               keep_dims=True))
+            else:
+                amax = tl.maximum(amax, tl.max(tl.abs(hqb), axis=1, keep_dims=True))
+        if QV == 2:
+            amax = rnd(amax, XDT, NATIVE)
+        qa, s = _quantize(hqa, amax, OUT_MODE, NATIVE, QV)
+        tl.store(out_ptr + rows64[:, None] * D + cols[None, :], qa, mask=mask)
+        if BLOCK_D2 > 0:
+            qb, _ = _quantize(hqb, amax, OUT_MODE, NATIVE, QV)
+            tl.store(out_ptr + rows64[:, None] * D + cols2[None, :], qb, mask=mask2)
         tl.store(qscale_ptr + rows64[:, None], s, mask=row_mask[:, None])
 
 
@@ -331,7 +287,7 @@ def _ln_rows_kernel(
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     VEC_SHARED: tl.constexpr, PERSIST: tl.constexpr, PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr,
-    NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr, STATS: tl.constexpr, HOLD: tl.constexpr,
+    NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr, STATS: tl.constexpr,
 ):
     """Blocks of BLOCK_M rows, each row held in registers as one or two column tiles (BLOCK_D,
     BLOCK_D2). PERSIST: a grid of a few programs per SM walks the blocks; with PREFETCH the
@@ -354,8 +310,7 @@ def _ln_rows_kernel(
                 _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
                           qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
                           stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS,
-                  HOLD)
+                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
                 xa, xb, ya, yb = nxa, nxb, nya, nyb
         else:
             for blk in tl.range(pid, n_blk, nprog, num_stages=NUM_STAGES):
@@ -366,8 +321,7 @@ def _ln_rows_kernel(
                 _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
                           qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
                           stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS,
-                  HOLD)
+                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
     else:
         xa, xb = _load_rows(x_ptr, pid, M, stride_xm, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
         ya, yb = xa, xb
@@ -376,8 +330,7 @@ def _ln_rows_kernel(
         _ln_block(pid, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
                   qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
                   stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                  ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS,
-                  HOLD)
+                  ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
 
 
 def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, config=None):
@@ -446,10 +399,10 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
     kernel = _ln_rows_kernel[(grid,)](*args, **flags, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_D2=block_d2,
                              VEC_SHARED=vec_shared, PERSIST=bool(cfg["persist"]),
                              PREFETCH=bool(cfg["prefetch"]), NUM_STAGES=cfg["stages"], NATIVE=native,
-                             QV=cfg["qv"], STATS=cfg["stats"], HOLD=cfg["hold"] if quant is not None else 0,
+                             QV=cfg["qv"], STATS=cfg["stats"],
                              EVEN=(block_d + block_d2 == D),
                              num_warps=cfg["num_warps"], **extra)
-    LAST_KERNEL["kernel"] = kernel  # the compiled kernel (SASS probe); its registers for the reports
+    LAST_KERNEL["kernel"] = kernel
     LAST_KERNEL["n_regs"] = getattr(kernel, "n_regs", None)
     LAST_KERNEL["n_spills"] = getattr(kernel, "n_spills", None)
     return x_new, out, qscale

@@ -307,7 +307,7 @@ def test_lean_quantizer_same_codes(fmt, res):
     x[0, 4, 9] = 40.0  # positive outlier: +127
     y, gate = torch.randn_like(x), torch.randn(2, 1, D, device=DEV)
     outs = []
-    for cfg in (dict(qv=0), dict(qv=1), dict(qv=2), dict(qv=1, hold=1)):
+    for cfg in (dict(qv=0), dict(qv=1), dict(qv=2)):
         qv = cfg["qv"]
         if res:
             xn, q, s = residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, 1e-6, x.dtype, quant=(fmt, "per_token"),
@@ -322,32 +322,6 @@ def test_lean_quantizer_same_codes(fmt, res):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     if fmt == "int8" and not res:
         assert outs[1].min().item() == -128 and outs[1].max().item() == 127
-
-
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
-@pytest.mark.parametrize("D", [200, 1536])
-@pytest.mark.parametrize("variant", [dict(hold=2), dict(qv=3)])
-def test_inexact_quant_variants_close(fmt, D, variant):
-    """hold=2 normalizes x·rstd - mean·rstd from the bf16 registers (one fma) instead of
-    (x - mean)·rstd; qv=3 quantizes the fp32 h without rounding it to bf16 first. Either moves at
-    most a few codes by one step; the scales stay within one bf16 step of the exact kernel's."""
-    from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton
-
-    x, sh, sc = _inputs(2, 6, D, torch.bfloat16)
-    x[1, 2] = 0.0
-    x[0, 3, 7] = 60.0
-    for stats in (0, 1):
-        q0, s0 = ln_modulate_triton(x, None, None, sh, sc, 1e-6, x.dtype, quant=(fmt, "per_token"), config=dict(stats=stats))
-        q2, s2 = ln_modulate_triton(x, None, None, sh, sc, 1e-6, x.dtype, quant=(fmt, "per_token"),
-                                    config=dict(stats=stats, **variant))
-        assert torch.isfinite(s2).all() and rel(s2, s0) <= 8e-3
-        d = (q2.float() - q0.float()).abs()
-        moved = (q2.view(torch.int8) != q0.view(torch.int8)).float().mean().item()
-        # hold=2: rare fp32 last-bit differences; qv=3: every bf16 rounding of h that an int8 step
-        # resolves (bf16 keeps 8 bits, the codes 7): a few percent of the codes, each by one step
-        assert moved <= (0.02 if "hold" in variant else 0.15), moved
-        if fmt == "int8":
-            assert d.max().item() <= 1
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16])
