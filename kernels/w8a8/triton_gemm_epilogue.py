@@ -43,9 +43,9 @@ __all__ = ["w8a8_gemm_gelu_triton", "w8a8_gemm_gelu_quant_triton", "gelu_gemm_pa
 
 AMAX_MODES = ("partial", "atomic", "none")
 DEFAULT_AMAX_MODE = "partial"
-# Per-token x per-channel GELU GEMMs on CUDA sm90+: use the persistent TMA kernel (triton_gemm_tma,
+# Per-token x per-channel FP8 GELU GEMMs on CUDA sm90+: use the persistent TMA kernel (triton_gemm_tma,
 # GELU + amax epilogue) where its shape rule allows (True), or always the pointer kernel below
-# (False). The ``use_tma`` argument of w8a8_gemm_gelu_triton overrides it per call. Separate from
+# (False); INT8 takes the pointer kernel unless use_tma=True (see gelu_gemm_path). The ``use_tma`` argument of w8a8_gemm_gelu_triton overrides it per call. Separate from
 # triton_gemm.USE_TMA (the plain GEMM), so either can be switched off alone.
 USE_TMA = True
 # AMAX_GRANULE (128 columns per partial-amax entry) and the jit helpers _gelu_tanh / _round_bf16_rne
@@ -319,11 +319,11 @@ def gelu_gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, a
 
     The rule of ``triton_gemm.gemm_path`` (decided before any launch, never by catching a failure),
     with this module's :data:`USE_TMA`:
-    1. ``use_tma=False``, or ``None`` with :data:`USE_TMA` off -> pointer.
+    1. ``use_tma=False``, or ``None`` with :data:`USE_TMA` off -> pointer; ``None`` with INT8 codes
+       -> pointer too (the TMA GELU kernel measured no faster for INT8).
     2. Shape rule (``triton_gemm_tma.tma_unsupported_reason``): per_token x per_channel, 16-byte
        aligned operand rows (K % 16 == 0 for contiguous 8-bit codes) and bases, output row
        N * itemsize % 16 == 0. Any failed condition -> pointer.
-    2b. ``None`` with INT8 codes -> pointer (measured no faster with the TMA kernel).
     3. Hardware: ``None`` needs a CUDA device of capability >= 9.0 (else pointer; the CPU
        interpreter also takes the pointer kernel by default); ``True`` needs sm90+ or the
        interpreter and raises ValueError otherwise (an impossible request).
