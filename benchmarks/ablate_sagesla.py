@@ -51,9 +51,10 @@ VARIANTS = [
     ("cvt0", dict(cvt=0)),
     ("tma", dict(tma=True)),
     ("tma s2", dict(tma=True, num_stages=2)),
-    ("tma s4", dict(tma=True, num_stages=4)),
-    ("tma bm128 w8", dict(tma=True, block_m=128, num_warps=8)),
     ("ABL tma no-PV", dict(tma=True, nopv=True)),
+    # Session 6: the Gluon kernel (TMA ring + async wgmma, QK of block t+1 under block t's softmax)
+    ("gluon ns3", dict(kernel="gluon")),
+    ("gluon ns2", dict(kernel="gluon", stages=2)),
 ]
 PREP_TUNES = [
     ("default", {}),
@@ -99,7 +100,7 @@ def correctness():
                 prep = prepare(q, k, v, topk, 64, 128, quant, False)
                 base = launch_attn(q, k, v, prep, None, None, 64, 128)
                 for name, var in VARIANTS:
-                    if name.startswith("ABL") or (quant == "int8-fp16" and "p8" in var):
+                    if name.startswith("ABL") or (quant == "int8-fp16" and ("p8" in var or "kernel" in var)):
                         continue
                     if "block_m" in var and not topk == 1.0:
                         continue
@@ -205,6 +206,25 @@ def whole_op(name, B, L, H, D):
         sd = ms_of(lambda: F.scaled_dot_product_attention(qt, kt, vt))
     del qt, kt, vt
     row = dict(shape=name, sdpa_cudnn_ms=sd)
+    from turbocompile.kernels.sagesla import triton_attn
+    default_kernel = triton_attn.DEFAULT_VARIANT["kernel"]
+    for topk, kern in ((0.1, "auto"), (1.0, "auto")):  # the whole op with the Gluon kernel where supported
+        triton_attn.DEFAULT_VARIANT["kernel"] = kern
+        try:
+            ref = sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8", backend="triton")
+            triton_attn.DEFAULT_VARIANT["kernel"] = "triton"
+            row[f"topk{topk}_{kern}_vs_triton"] = metrics(ref, sagesla(
+                q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8", backend="triton"))
+            triton_attn.DEFAULT_VARIANT["kernel"] = kern
+            t = ms_of(lambda: sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8",
+                                      backend="triton"))
+            row[f"topk{topk}_{kern}_ms"] = t
+            row[f"topk{topk}_{kern}_x_sdpa"] = sd / t
+        except Exception as e:
+            row[f"topk{topk}_{kern}_error"] = repr(e)[:300]
+            traceback.print_exc()
+        finally:
+            triton_attn.DEFAULT_VARIANT["kernel"] = default_kernel
     for topk in (0.1, 1.0):
         t = ms_of(lambda: sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8",
                                   backend="triton"))

@@ -213,6 +213,11 @@ def sweep(q, k, v, w, b, L, add):
 
 def main():
     print(RESULTS["device"], "torch", torch.__version__, "triton", triton.__version__, "defaults", DEFAULT_TUNE)
+    from turbocompile.kernels.sagesla.gluon_attn import gluon_supported
+    from turbocompile.kernels.sagesla.triton_attn import DEFAULT_VARIANT
+    probe = torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
+    RESULTS["attention_kernel"] = dict(DEFAULT_VARIANT, gluon_supported=gluon_supported(probe, 1, 64, 128))
+    print("attention kernel:", RESULTS["attention_kernel"], flush=True)
     torch.manual_seed(0)
     check_correctness()
     allrows = []

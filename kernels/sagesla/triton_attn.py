@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gluon_attn import DEFAULT_STAGES, gluon_supported, launch_gluon
 from .triton_prep import INTERPRET, dot_acc, feature_map, prepare, round_e4m3
 
 LOG2E = 1.4426950408889634
@@ -343,7 +344,9 @@ def sagesla_triton(
 
 # H200 (RESULTS.md, SageSLA round 3): cvt 2 is 8.6% faster than I2F dense at 1.3B and 1.4% sparse
 # at 14B; TMA K/V loads a further 4-6%; expm 1/2 and p8 1 are slower. tma None = on sm90+.
-DEFAULT_VARIANT = {"cvt": 2, "expm": 0, "p8": 0, "tma": None}
+# kernel: "triton" (this file), "gluon" (`gluon_attn.py`: explicit TMA ring + async wgmma, sm90,
+# int8-fp8 only) or "auto" (gluon where `gluon_supported`, else triton).
+DEFAULT_VARIANT = {"cvt": 2, "expm": 0, "p8": 0, "tma": None, "kernel": "auto"}
 # The split linear branch: where it runs ("kernel": `_linear_out_kernel`, "prologue": the attention
 # kernel's prologue, from the q tile it loads anyway, "auto": prologue in sparse mode, kernel in
 # dense mode) and the kernel's rows per tile, warps, pipeline stages and programs per SM.
@@ -362,7 +365,7 @@ def default_block_m(block_q: int, dense: bool) -> int:
 
 def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps=None, num_stages=None,
                 block_m=None, magic_cvt=False, warp_specialize=False, split_linear=True, return_kernel=False,
-                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None):
+                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None, kernel=None, stages=None):
     """The sparse forward alone, on the operands made by :func:`prepare`.
 
     Inner-loop variants (benchmark knobs; defaults in DEFAULT_VARIANT): ``cvt`` int32 -> fp32 of the
@@ -370,11 +373,13 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     softmax exponent (0 MUFU, 1 FMA polynomial, 2 half/half), ``p8`` the P -> e4m3 cast (0 cvt,
     1 integer bits), ``nopv`` (ablation: no PV product), ``tma`` (K/V tiles through Hopper TMA
     descriptors instead of pointer loads; quantized modes only). ``linear_cfg`` overrides keys of
-    DEFAULT_LINEAR_OUT (the split linear-branch kernel's launch)."""
+    DEFAULT_LINEAR_OUT (the split linear-branch kernel's launch). ``kernel`` picks the attention
+    kernel (see DEFAULT_VARIANT; "gluon" raises where `gluon_supported` says no) and ``stages``
+    the Gluon kernel's shared-memory ring depth."""
     var = dict(DEFAULT_VARIANT)
     if magic_cvt:
         var["cvt"] = 1
-    for key, val in (("cvt", cvt), ("expm", expm), ("p8", p8), ("tma", tma)):
+    for key, val in (("cvt", cvt), ("expm", expm), ("p8", p8), ("tma", tma), ("kernel", kernel)):
         if val is not None:
             var[key] = val
     B, L, H, D = q.shape
@@ -411,6 +416,17 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     else:
         kvw = ksum = prep["vscale"]
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
+    if var["kernel"] not in ("triton", "gluon", "auto"):
+        raise ValueError(f"kernel={var['kernel']!r}; valid: 'triton', 'gluon', 'auto'")
+    use_gluon = var["kernel"] != "triton" and gluon_supported(q, qnt, block_q, block_k) and block_m == block_q \
+        and not nopv and (var["cvt"], var["expm"], var["p8"]) == (2, 0, 0)
+    if var["kernel"] == "gluon" and not use_gluon:
+        raise ValueError("kernel='gluon' needs an sm90 CUDA device, quant int8-fp8, block_q 64, block_k 64/128 "
+                         "and D 64/128 (with Triton's Gluon); use kernel='triton' or 'auto'")
+    if use_gluon:  # the linear branch (+ bias) runs in the Gluon kernel's epilogue
+        kern = launch_gluon(q, out, prep, block_q, block_k, kvw if linear else None, ksum if linear else None,
+                            bias if proj_bias is not None else None, stages or DEFAULT_STAGES)
+        return (out, kern) if return_kernel else out
     split = linear and split_linear
     lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
     if lc["where"] not in ("auto", "kernel", "prologue"):

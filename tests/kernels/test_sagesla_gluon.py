@@ -1,0 +1,96 @@
+"""The Gluon SageSLA kernel (sm90): it cannot run on CPU (no interpreter for Gluon), so here it is
+compiled for sm90 and its instructions checked; the dispatch between it and the Triton kernel is
+tested on CPU. Its numerics are checked on the GPU against the Triton kernel (bit-identical) and the
+reference by `benchmarks/ablate_sagesla.py` and `benchmarks/bench_sagesla.py` (RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from turbocompile.kernels.sagesla import gluon_attn
+from turbocompile.kernels.sagesla.triton_attn import launch_attn
+from turbocompile.kernels.sagesla.triton_prep import prepare
+
+needs_gluon = pytest.mark.skipif(not gluon_attn.HAS_GLUON, reason="this Triton has no Gluon")
+
+
+def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_attn.DEFAULT_STAGES):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    kq = torch.zeros(2, 256, head_d, dtype=torch.int8)
+    vq = torch.zeros(2, head_d, 256, dtype=torch.float8_e4m3fn)
+    kdesc, vdesc = gluon_attn.make_descriptors(kq, vq, 128)
+    fn = gluon_attn._sagesla_fwd_gluon
+    sig = {name: "i32" for name in fn.arg_names}
+    sig.update(q_ptr="*bf16", o_ptr="*bf16", kdesc=mangle_type(kdesc), vdesc=mangle_type(vdesc),
+               kscale_ptr="*fp32", vscale_ptr="*fp32", lut_ptr="*i32", kvw_ptr="*bf16", ksum_ptr="*fp32",
+               bias_ptr="*fp32", qk_scale="fp32")
+    const = dict(BLOCK_M=64, BLOCK_N=128, HEAD_D=head_d, DENSE=dense, LINEAR=linear, HAS_BIAS=linear,
+                 NS=stages, num_warps=4)
+    sig.update({key: "constexpr" for key in const})
+    src = GluonASTSource(fn, sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def _sm90_facts(dense: bool, linear: bool, head_d: int) -> dict:
+    """What the compiled kernel contains (run in a child process: under TRITON_INTERPRET, which the
+    test session sets, Triton's library functions are interpreter objects Gluon cannot compile)."""
+    compiled = _compile_sm90(dense, linear, head_d)
+    ptx = compiled.asm["ptx"]
+    return {"cubin": bool(compiled.asm.get("cubin")), "shared": compiled.metadata.shared,
+            "qk_int8": "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx,
+            "pv_fp8": f"wgmma.mma_async.sync.aligned.m64n{head_d}k32.f32.e4m3.e4m3" in ptx,
+            "tma": "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait.parity" in ptx,
+            "linear_bf16": f"m64n{head_d}k16.f32.bf16.bf16" in ptx}
+
+
+@needs_gluon
+@pytest.mark.parametrize("dense,linear,head_d", [(False, True, 128), (True, False, 128), (False, False, 64)])
+def test_gluon_kernel_compiles_for_sm90(dense, linear, head_d):
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = ("import json; from tests.kernels.test_sagesla_gluon import _sm90_facts; "
+            f"print(json.dumps(_sm90_facts({dense}, {linear}, {head_d})))")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert facts["cubin"]
+    # INT8 QK and FP8 PV on the tensor cores (wgmma), K/V through TMA with mbarriers
+    assert facts["qk_int8"] and facts["pv_fp8"] and facts["tma"]
+    assert facts["linear_bf16"] == linear  # the linear branch's product runs in the epilogue
+    # two programs per SM: the ring stays under half of the 228 KB of shared memory
+    assert facts["shared"] <= 114 * 1024
+
+
+def _qkv(L=200, H=2, D=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, L, H, D, generator=g).to(torch.bfloat16) for _ in range(3)]
+
+
+def test_gluon_request_on_cpu_is_a_clear_error():
+    q, k, v = _qkv()
+    prep = prepare(q, k, v, 0.5, 64, 128, "int8-fp8", False)
+    with pytest.raises(ValueError, match="sm90"):
+        launch_attn(q, k, v, prep, None, None, 64, 128, kernel="gluon")
+    with pytest.raises(ValueError, match="valid: 'triton', 'gluon', 'auto'"):
+        launch_attn(q, k, v, prep, None, None, 64, 128, kernel="cuda")
+
+
+def test_auto_on_cpu_runs_the_triton_kernel():
+    assert not gluon_attn.gluon_supported(torch.empty(1, 1, 1, 64, dtype=torch.bfloat16), 1, 64, 128)
+    q, k, v = _qkv(L=131)
+    w = torch.randn(64, 64) / 8
+    prep = prepare(q, k, v, 0.5, 64, 128, "int8-fp8", True)
+    auto = launch_attn(q, k, v, prep, w, None, 64, 128, kernel="auto")
+    tri = launch_attn(q, k, v, prep, w, None, 64, 128, kernel="triton")
+    assert torch.equal(auto, tri)
