@@ -250,8 +250,9 @@ if HAS_GLUON:
 
 def gluon_supported(q: torch.Tensor, quant: int, block_q: int, block_k: int) -> bool:
     """Whether the Gluon kernel covers this call: Hopper (sm90) CUDA, int8-fp8, one q quantization
-    group per 64-row program, key blocks of 64 or 128 (a wgmma N), D in {64, 128}."""
-    return (HAS_GLUON and q.is_cuda and quant == 1 and block_q == 64 and block_k in (64, 128)
+    group per 64-row program, key blocks of 128 (the only size run on the GPU; the epilogue's D×D
+    KVW tile must fit in the K ring), D in {64, 128}."""
+    return (HAS_GLUON and q.is_cuda and quant == 1 and block_q == 64 and block_k == 128
             and q.shape[-1] in (64, 128) and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 

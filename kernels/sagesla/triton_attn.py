@@ -421,7 +421,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     use_gluon = var["kernel"] != "triton" and gluon_supported(q, qnt, block_q, block_k) and block_m == block_q \
         and not nopv and (var["cvt"], var["expm"], var["p8"]) == (2, 0, 0)
     if var["kernel"] == "gluon" and not use_gluon:
-        raise ValueError("kernel='gluon' needs an sm90 CUDA device, quant int8-fp8, block_q 64, block_k 64/128 "
+        raise ValueError("kernel='gluon' needs an sm90 CUDA device, quant int8-fp8, block_q 64, block_k 128 "
                          "and D 64/128 (with Triton's Gluon); use kernel='triton' or 'auto'")
     if use_gluon:  # the linear branch (+ bias) runs in the Gluon kernel's epilogue
         kern = launch_gluon(q, out, prep, block_q, block_k, kvw if linear else None, ksum if linear else None,
