@@ -397,6 +397,14 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     if use_tma is None:  # Hopper and newer, compiled (the interpreter runs TMA too, but only on request)
         use_tma = q.is_cuda and not INTERPRET and torch.cuda.get_device_capability(q.device)[0] >= 9
     use_tma = bool(use_tma) and qnt != 0
+    if var["kernel"] not in ("triton", "gluon", "auto"):
+        raise ValueError(f"kernel={var['kernel']!r}; valid: 'triton', 'gluon', 'auto'")
+    use_gluon = var["kernel"] != "triton" and gluon_supported(q, qnt, block_q, block_k) and block_m == block_q \
+        and not nopv and (var["cvt"], var["expm"], var["p8"]) == (2, 0, 0)
+    if var["kernel"] == "gluon" and not use_gluon:
+        raise ValueError("kernel='gluon' needs an sm90 CUDA device, quant int8-fp8, block_q 64, block_k 128 "
+                         "and D 64/128 (with Triton's Gluon); use kernel='triton' or 'auto'")
+    use_tma = use_tma and not use_gluon  # the Gluon kernel builds its own descriptors
     if qnt:
         kq, vq = prep["kq"], prep["vq"]
         kstr = (0, Lpad * D, D, 1)
@@ -416,13 +424,6 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     else:
         kvw = ksum = prep["vscale"]
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
-    if var["kernel"] not in ("triton", "gluon", "auto"):
-        raise ValueError(f"kernel={var['kernel']!r}; valid: 'triton', 'gluon', 'auto'")
-    use_gluon = var["kernel"] != "triton" and gluon_supported(q, qnt, block_q, block_k) and block_m == block_q \
-        and not nopv and (var["cvt"], var["expm"], var["p8"]) == (2, 0, 0)
-    if var["kernel"] == "gluon" and not use_gluon:
-        raise ValueError("kernel='gluon' needs an sm90 CUDA device, quant int8-fp8, block_q 64, block_k 128 "
-                         "and D 64/128 (with Triton's Gluon); use kernel='triton' or 'auto'")
     if use_gluon:  # the linear branch (+ bias) runs in the Gluon kernel's epilogue
         kern = launch_gluon(q, out, prep, block_q, block_k, kvw if linear else None, ksum if linear else None,
                             bias if proj_bias is not None else None, stages or DEFAULT_STAGES)
