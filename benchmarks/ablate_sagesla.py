@@ -207,33 +207,29 @@ def whole_op(name, B, L, H, D):
     del qt, kt, vt
     row = dict(shape=name, sdpa_cudnn_ms=sd)
     from turbocompile.kernels.sagesla import triton_attn
-    default_kernel = triton_attn.DEFAULT_VARIANT["kernel"]
-    for topk, kern in ((0.1, "auto"), (1.0, "auto")):  # the whole op with the Gluon kernel where supported
-        triton_attn.DEFAULT_VARIANT["kernel"] = kern
-        try:
-            ref = sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8", backend="triton")
-            triton_attn.DEFAULT_VARIANT["kernel"] = "triton"
-            row[f"topk{topk}_{kern}_vs_triton"] = metrics(ref, sagesla(
-                q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8", backend="triton"))
-            triton_attn.DEFAULT_VARIANT["kernel"] = kern
-            t = ms_of(lambda: sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8",
-                                      backend="triton"))
-            row[f"topk{topk}_{kern}_ms"] = t
-            row[f"topk{topk}_{kern}_x_sdpa"] = sd / t
-        except Exception as e:
-            row[f"topk{topk}_{kern}_error"] = repr(e)[:300]
-            traceback.print_exc()
-        finally:
-            triton_attn.DEFAULT_VARIANT["kernel"] = default_kernel
+
+    def op(topk):
+        return sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8", backend="triton")
+
     for topk in (0.1, 1.0):
-        t = ms_of(lambda: sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8",
-                                  backend="triton"))
+        # the default whole op (the Gluon attention kernel where supported)
+        t = ms_of(lambda: op(topk))
         row[f"topk{topk}_ms"] = t
         row[f"topk{topk}_x_sdpa"] = sd / t
-        # the same whole op with the linear branch in the other place (own kernel <-> prologue)
-        ref = sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=bias, quant="int8-fp8", backend="triton")
+        ref = op(topk)
+        # the same op on the Triton attention kernel, and that kernel with its linear branch in the
+        # other place (own kernel <-> prologue)
+        default_kernel = triton_attn.DEFAULT_VARIANT["kernel"]
+        triton_attn.DEFAULT_VARIANT["kernel"] = "triton"
+        try:
+            row[f"topk{topk}_triton_kernel_vs_op"] = metrics(op(topk), ref)
+            t = ms_of(lambda: op(topk))
+        finally:
+            triton_attn.DEFAULT_VARIANT["kernel"] = default_kernel
+        row[f"topk{topk}_triton_kernel_ms"] = t
+        row[f"topk{topk}_triton_kernel_x_sdpa"] = sd / t
         fn = lambda: launch_attn(q, k, v, prepare(q, k, v, topk, 64, 128, "int8-fp8", True), w, bias, 64, 128,  # noqa: E731
-                                 linear_cfg=dict(where="kernel" if topk < 1.0 else "prologue"))
+                                 linear_cfg=dict(where="kernel" if topk < 1.0 else "prologue"), kernel="triton")
         row[f"topk{topk}_other_linear_place_vs_op"] = metrics(fn(), ref)
         t = ms_of(fn)
         row[f"topk{topk}_other_linear_place_ms"] = t
