@@ -55,6 +55,14 @@ VARIANTS = [
     # Session 6: the Gluon kernel (TMA ring + async wgmma, QK of block t+1 under block t's softmax)
     ("gluon ns3", dict(kernel="gluon")),
     ("gluon ns2", dict(kernel="gluon", stages=2)),
+    # Session 7: V keys permuted so that P needs no shuffles (v_perm, default); the ping-pong kernel
+    ("triton", dict(kernel="triton")),
+    ("gluon, session-6 layout (no v_perm)", dict(kernel="gluon", prep_tune=dict(v_perm=0))),
+    ("triton, session-6 layout (no v_perm)", dict(kernel="triton", prep_tune=dict(v_perm=0))),
+    ("gluon ws ping-pong ns2", dict(kernel="gluon_ws", gluon_cfg=dict(stages=2))),
+    ("gluon ws ping-pong ns3", dict(kernel="gluon_ws", gluon_cfg=dict(stages=3))),
+    ("gluon ws no token ns2", dict(kernel="gluon_ws", gluon_cfg=dict(stages=2, pingpong=False))),
+    ("gluon ws no token ns3", dict(kernel="gluon_ws", gluon_cfg=dict(stages=3, pingpong=False))),
 ]
 PREP_TUNES = [
     ("default", {}),
@@ -106,7 +114,10 @@ def correctness():
                         continue
                     row = dict(shape=[B, L, H, D], quant=quant, topk=topk, variant=name)
                     try:
-                        o = launch_attn(q, k, v, prep, None, None, 64, 128, **var)
+                        var = dict(var)
+                        tune = var.pop("prep_tune", None)
+                        pp = prepare(q, k, v, topk, 64, 128, quant, False, tune=tune) if tune else prep
+                        o = launch_attn(q, k, v, pp, None, None, 64, 128, **var)
                         row["vs_default"] = metrics(o, base)
                         row["finite"] = bool(torch.isfinite(o).all())
                         if topk == 1.0:
@@ -131,8 +142,11 @@ def kernel_timings(name, B, L, H, D, topks):
                 continue
             for lin in ((False, True) if vname == "base" else (False,)):
                 try:
-                    fn = (lambda var=var, lin=lin: launch_attn(q, k, v, prep, w if lin else None, bias if lin else None,
-                                                           64, 128, **var))
+                    var = dict(var)
+                    tune = var.pop("prep_tune", None)
+                    pp = prepare(q, k, v, topk, 64, 128, "int8-fp8", True, tune=tune) if tune else prep
+                    fn = (lambda var=var, lin=lin, pp=pp: launch_attn(q, k, v, pp, w if lin else None,
+                                                                      bias if lin else None, 64, 128, **var))
                     t = ms_of(fn)
                     row = dict(shape=name, topk=topk, variant=vname + (" +linear-branch" if lin else ""), ms=t,
                                eff_tops=flops / (t * 1e-3) / 1e12)

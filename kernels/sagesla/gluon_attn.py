@@ -76,7 +76,8 @@ if HAS_GLUON:
         _tma_load(vdesc, [vrow0, j * BLOCK_N], bar, vbufs.index(slot), pred=pred)
 
     @gluon.jit
-    def _softmax_pv(s_i32, m_i, l_i, acc, c, cols, L, vbuf, p_layout: gl.constexpr, TAIL: gl.constexpr):
+    def _softmax_pv(s_i32, m_i, l_i, acc, c, cols, L, vbuf, p_layout: gl.constexpr, TAIL: gl.constexpr,
+                    VPERM: gl.constexpr):
         """One key block's online-softmax update from its INT8 scores (already waited):
         returns (pv token issued asynchronously, alpha, m_new, l_new). `c` is the scalar
         q_scale·k_scale·log2e/√D of this block (one q quantization group per program)."""
@@ -89,7 +90,14 @@ if HAS_GLUON:
         bias = off + m_new - LOG2_448
         p = gl.exp2(s * c - gl.expand_dims(bias, 1))
         l_new = l_i * alpha + gl.sum(p, axis=1)
-        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        # V's keys are in `v_key_position` order: the same digit swap on P's columns makes the
+        # accumulator layout the wgmma A-operand layout (the convert is then register packing only).
+        p8 = p.to(gl.float8e4nv)
+        M: gl.constexpr = p8.shape[0]
+        N: gl.constexpr = p8.shape[1]
+        if VPERM:
+            p8 = gl.reshape(gl.permute(gl.reshape(p8, [M, N // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)), [M, N])
+        p8 = gl.convert_layout(p8, p_layout)
         pv = warpgroup_mma(p8, vbuf.permute((1, 0)), gl.zeros_like(acc), use_acc=False, is_async=True)
         return pv, alpha, m_new, l_new
 
@@ -100,7 +108,7 @@ if HAS_GLUON:
         stride_qb, stride_ql, stride_qh, stride_qd,
         stride_ob, stride_ol, stride_oh, stride_od,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, DENSE: gl.constexpr,
-        LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
+        LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, num_warps: gl.constexpr,
     ):
         i = gl.program_id(0)
         bh = gl.program_id(1)
@@ -177,7 +185,7 @@ if HAS_GLUON:
             c = c_q * gl.load(kscale_base + j)
             mbarrier.wait(bars.index(nslot), ((t + 1) // NS) & 1)
             s_next = warpgroup_mma(q8, kbufs.index(nslot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            pv, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, cols0, L, vbufs.index(slot), p_op, False)
+            pv, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, cols0, L, vbufs.index(slot), p_op, False, VPERM)
             s_next, pv = warpgroup_mma_wait(0, deps=(s_next, pv))
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
             acc = acc * gl.expand_dims(alpha_o, 1) + pv
@@ -196,7 +204,7 @@ if HAS_GLUON:
         t = n_blk - 1
         c = c_q * gl.load(kscale_base + j)
         pv, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, j * BLOCK_N + cols0, L,
-                                          vbufs.index(t % NS), p_op, True)
+                                          vbufs.index(t % NS), p_op, True, VPERM)
         pv = warpgroup_mma_wait(0, deps=(pv,))
         alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
         acc = acc * gl.expand_dims(alpha_o, 1) + pv
@@ -283,5 +291,5 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
         bias if bias is not None else dummy,
         H, L, prep["Qb"], prep["Kb"], prep["T"], prep["Lpad"], LOG2E / D ** 0.5, *q.stride(), *out.stride(),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D, DENSE=prep["dense"], LINEAR=kvw is not None,
-        HAS_BIAS=bias is not None, NS=stages, num_warps=4,
+        HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), num_warps=4,
     )

@@ -88,13 +88,23 @@ def _to_e4m3(p, P8: tl.constexpr):
 
 
 @triton.jit
+def permute_keys(p):
+    """P [M, N] with its key columns in `v_key_position` order (N a multiple of 32): column
+    16h + 8j + 2q + e moves to 16h + 4q + 2j + e, a swap of index digits done by reshapes."""
+    M: tl.constexpr = p.shape[0]
+    N: tl.constexpr = p.shape[1]
+    x = tl.reshape(p, [M, N // 32, 2, 2, 4, 2])
+    return tl.reshape(tl.permute(x, (0, 1, 2, 4, 3, 5)), [M, N])
+
+
+@triton.jit
 def _attn_step(
     acc, m_i, l_i, q, c_row, j, L,
     kbase, vbase, kscale_ptr, stride_kl, stride_kd, stride_vl, stride_vd,
     offs_n, offs_d,
     BLOCK_N: tl.constexpr, QUANT: tl.constexpr, TAIL: tl.constexpr, EXACT_FP8: tl.constexpr,
     CVT: tl.constexpr, EXPM: tl.constexpr, P8: tl.constexpr, NOPV: tl.constexpr,
-    kdesc, vdesc, krow0, vrow0, TMA: tl.constexpr,
+    kdesc, vdesc, krow0, vrow0, TMA: tl.constexpr, VPERM: tl.constexpr,
 ):
     cols = j * BLOCK_N + offs_n
     kptrs = kbase + cols[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd
@@ -142,7 +152,10 @@ def _attn_step(
         if QUANT == 1:
             if EXACT_FP8:
                 p = round_e4m3(p)
-            pv = tl.dot(_to_e4m3(p, P8), vt)
+            p8 = _to_e4m3(p, P8)
+            if VPERM:  # V's keys are stored in `v_key_position` order: order P's columns alike
+                p8 = permute_keys(p8)
+            pv = tl.dot(p8, vt)
         else:
             pv = dot_acc(p.to(vt.dtype), vt, tl.zeros(acc.shape, dtype=tl.float32), EXACT_FP8)
         acc = acc * alpha[:, None] + pv
@@ -170,7 +183,7 @@ def _sagesla_fwd_kernel(
     QUANT: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT_FP8: tl.constexpr,
     DENSE: tl.constexpr, WS: tl.constexpr, ADD_OUT: tl.constexpr,
     CVT: tl.constexpr, EXPM: tl.constexpr, P8: tl.constexpr, NOPV: tl.constexpr,
-    kdesc, vdesc, Lpad, TMA: tl.constexpr, LIN_PRO: tl.constexpr,
+    kdesc, vdesc, Lpad, TMA: tl.constexpr, LIN_PRO: tl.constexpr, VPERM: tl.constexpr,
 ):
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -229,7 +242,7 @@ def _sagesla_fwd_kernel(
                 acc, m_i, l_i, q, c_row, j, L, kbase, vbase, kscale_base,
                 stride_kl, stride_kd, stride_vl, stride_vd, offs_n, offs_d,
                 BLOCK_N, QUANT, False, EXACT_FP8, CVT, EXPM, P8, NOPV,
-                kdesc, vdesc, bh * Lpad, bh * HEAD_D, TMA)
+                kdesc, vdesc, bh * Lpad, bh * HEAD_D, TMA, VPERM)
         j = Kb - 1
     else:
         lut_base = lut_ptr + (bh * Qb + i).to(tl.int64) * T
@@ -239,13 +252,13 @@ def _sagesla_fwd_kernel(
                 acc, m_i, l_i, q, c_row, j, L, kbase, vbase, kscale_base,
                 stride_kl, stride_kd, stride_vl, stride_vd, offs_n, offs_d,
                 BLOCK_N, QUANT, False, EXACT_FP8, CVT, EXPM, P8, NOPV,
-                kdesc, vdesc, bh * Lpad, bh * HEAD_D, TMA)
+                kdesc, vdesc, bh * Lpad, bh * HEAD_D, TMA, VPERM)
         j = tl.load(lut_base + T - 1)  # the largest selected block: the only one that may be partial
     acc, m_i, l_i = _attn_step(
         acc, m_i, l_i, q, c_row, j, L, kbase, vbase, kscale_base,
         stride_kl, stride_kd, stride_vl, stride_vd, offs_n, offs_d,
         BLOCK_N, QUANT, True, EXACT_FP8, CVT, EXPM, P8, NOPV,
-        kdesc, vdesc, bh * Lpad, bh * HEAD_D, TMA)
+        kdesc, vdesc, bh * Lpad, bh * HEAD_D, TMA, VPERM)
 
     if QUANT == 1:
         vs = tl.load(vscale_ptr + bh * HEAD_D + offs_d)
@@ -365,7 +378,8 @@ def default_block_m(block_q: int, dense: bool) -> int:
 
 def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps=None, num_stages=None,
                 block_m=None, magic_cvt=False, warp_specialize=False, split_linear=True, return_kernel=False,
-                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None, kernel=None, stages=None):
+                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None, kernel=None, stages=None,
+                gluon_cfg=None):
     """The sparse forward alone, on the operands made by :func:`prepare`.
 
     Inner-loop variants (benchmark knobs; defaults in DEFAULT_VARIANT): ``cvt`` int32 -> fp32 of the
@@ -374,8 +388,9 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     1 integer bits), ``nopv`` (ablation: no PV product), ``tma`` (K/V tiles through Hopper TMA
     descriptors instead of pointer loads; quantized modes only). ``linear_cfg`` overrides keys of
     DEFAULT_LINEAR_OUT (the split linear-branch kernel's launch). ``kernel`` picks the attention
-    kernel (see DEFAULT_VARIANT; "gluon" raises where `gluon_supported` says no) and ``stages``
-    the Gluon kernel's shared-memory ring depth."""
+    kernel (see DEFAULT_VARIANT; "gluon" raises where `gluon_supported` says no; "gluon_ws" is the
+    experimental ping-pong kernel, sparse branch only) and ``stages`` the Gluon kernel's shared-memory
+    ring depth; ``gluon_cfg`` passes keyword options to the Gluon launcher (benchmark knobs)."""
     var = dict(DEFAULT_VARIANT)
     if magic_cvt:
         var["cvt"] = 1
@@ -397,8 +412,17 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     if use_tma is None:  # Hopper and newer, compiled (the interpreter runs TMA too, but only on request)
         use_tma = q.is_cuda and not INTERPRET and torch.cuda.get_device_capability(q.device)[0] >= 9
     use_tma = bool(use_tma) and qnt != 0
-    if var["kernel"] not in ("triton", "gluon", "auto"):
-        raise ValueError(f"kernel={var['kernel']!r}; valid: 'triton', 'gluon', 'auto'")
+    if var["kernel"] not in ("triton", "gluon", "auto", "gluon_ws"):
+        raise ValueError(f"kernel={var['kernel']!r}; valid: 'triton', 'gluon', 'auto', 'gluon_ws'")
+    if var["kernel"] == "gluon_ws":  # experimental ping-pong kernel: sparse branch only
+        if linear or not gluon_supported(q, qnt, block_q, block_k):
+            raise ValueError("kernel='gluon_ws' runs the sparse branch only (no proj_weight) on sm90 int8-fp8, "
+                             "block_q 64, block_k 128")
+        from .gluon_attn_ws import launch_gluon_ws
+
+        out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
+        kern = launch_gluon_ws(q, out, prep, block_q, block_k, **(gluon_cfg or {}))
+        return (out, kern) if return_kernel else out
     use_gluon = var["kernel"] != "triton" and gluon_supported(q, qnt, block_q, block_k) and block_m == block_q \
         and not nopv and (var["cvt"], var["expm"], var["p8"]) == (2, 0, 0)
     if var["kernel"] == "gluon" and not use_gluon:
@@ -426,7 +450,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
     if use_gluon:  # the linear branch (+ bias) runs in the Gluon kernel's epilogue
         kern = launch_gluon(q, out, prep, block_q, block_k, kvw if linear else None, ksum if linear else None,
-                            bias if proj_bias is not None else None, stages or DEFAULT_STAGES)
+                            bias if proj_bias is not None else None, stages or DEFAULT_STAGES, **(gluon_cfg or {}))
         return (out, kern) if return_kernel else out
     split = linear and split_linear
     lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
@@ -454,7 +478,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
         QUANT=qnt, LINEAR=linear and not split, HAS_BIAS=proj_bias is not None and (not split or pro),
         EXACT_FP8=INTERPRET, DENSE=dense, WS=warp_specialize, ADD_OUT=split,
         CVT=var["cvt"], EXPM=var["expm"], P8=var["p8"], NOPV=nopv,
-        kdesc=kdesc, vdesc=vdesc, Lpad=Lpad, TMA=use_tma, LIN_PRO=pro,
+        kdesc=kdesc, vdesc=vdesc, Lpad=Lpad, TMA=use_tma, LIN_PRO=pro, VPERM=bool(prep.get("v_perm", False)),
         num_warps=num_warps, num_stages=num_stages,
     )
     if return_kernel:

@@ -141,6 +141,18 @@ def _pool_kernel(
 
 
 @triton.jit
+def v_key_position(r):
+    """Column of key r in the FP8 V^T operand. Within every 32 keys, key c = 16h + 8j + 2q + e
+    (h, j, e in {0, 1}, q in 0..3) is stored at column 16h + 4q + 2j + e. With that order the
+    P tile of an sm90 wgmma accumulator (thread q of a quad holds columns 8n + 2q + {0, 1}) is
+    already the register A operand of the FP8 PV wgmma (thread q holds k = 4q + {0..3} and
+    16 + 4q + {0..3}): no shuffles between the softmax and the PV product. Kernels that read V
+    in key order permute P the same way (`permute_keys`)."""
+    c = r % 32
+    return r - c + (c & 16) + ((c >> 1) & 3) * 4 + ((c >> 3) & 1) * 2 + (c & 1)
+
+
+@triton.jit
 def _quant_kv_kernel(
     k_ptr, v_ptr,  # [B, L, H, D] each
     km_ptr,  # [B*H, D] fp32: mean_L(k)
@@ -155,6 +167,7 @@ def _quant_kv_kernel(
     stride_vb, stride_vl, stride_vh, stride_vd,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_D: tl.constexpr,
     QUANT: tl.constexpr, LINEAR: tl.constexpr, EXACT_FP8: tl.constexpr, STAGES: tl.constexpr,
+    VPERM: tl.constexpr,
 ):
     c, bh, row0, kbase, vbase = _chunk_program(k_ptr, v_ptr, H, CHUNK, stride_kb, stride_kh, stride_vb, stride_vh)
     offs_d = tl.arange(0, HEAD_D)
@@ -184,8 +197,13 @@ def _quant_kv_kernel(
             blk = c * (CHUNK // BLOCK_K) + j
             tl.store(kq_ptr + (bh.to(tl.int64) * Lpad + rows[:, None]) * HEAD_D + offs_d[None, :], y.to(tl.int8))
             tl.store(kscale_ptr + bh * Kb + blk, scale)
-            # V, D-major: element (d, row) at d * Lpad + row (K-major operand of the PV dot).
-            vptrs = vq_ptr + (bh.to(tl.int64) * HEAD_D + offs_d[None, :]) * Lpad + rows[:, None]
+            # V, D-major: element (d, row) at d * Lpad + row (K-major operand of the PV dot); with
+            # VPERM (FP8) at d * Lpad + v_key_position(row).
+            if VPERM:
+                vcol = v_key_position(rows)
+            else:
+                vcol = rows
+            vptrs = vq_ptr + (bh.to(tl.int64) * HEAD_D + offs_d[None, :]) * Lpad + vcol[:, None]
             if QUANT == 1:
                 vs = vx.to(tl.float32) * inv_vs[None, :]
                 if EXACT_FP8:
@@ -351,14 +369,16 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # saves only 0.23 ms (3.41 vs 3.14 ms in all), so they stay in pass A (at 1.3B: 0.50 vs 0.55 ms).
 DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
                 "stages_a": 2, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
-                "lin_kt": 0, "lin_vmax": 0, "scores": "tf32", "topk_rows": 1, "topk_warps": 4}
+                "lin_kt": 0, "lin_vmax": 0, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
+                "v_perm": 1}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None):
     """Run passes A and B. q, k, v [B, L, H, D]. Returns a dict of kernel operands.
 
     Keys: dense (every key block kept: no LUT), lut [B*H, Qb, T] int32 ascending (None when
-    dense), T, kq, kscale, vq, vscale, kv [B*H, D, D], ksum [B*H, D].
+    dense), T, kq, kscale, vq, vscale, v_perm (vq's keys in `v_key_position` order), kv [B*H, D, D],
+    ksum [B*H, D].
     """
     tn = dict(DEFAULT_TUNE, **(tune or {}))
     B, L, H, D = q.shape
@@ -421,6 +441,7 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         vq = torch.empty(BH, D, Lpad, device=dev, dtype=torch.float8_e4m3fn if qnt == 1 else torch.float16)
     else:
         kq = kscale = vq = vscale  # unused placeholders
+    v_perm = qnt == 1 and block_k % 32 == 0 and bool(tn["v_perm"])  # FP8 V in `v_key_position` order
     if qnt or lin_b:
         chunk_b = block_k if not lin_b else _chunk_rows(L, BH, block_k, tn["progs_b"])
         NCB = math.ceil(L / chunk_b)
@@ -431,10 +452,11 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             k, v, km, vscale, kq, kscale, vq, kvp, ksp, H, L, Lpad, Kb, NCB,
             *k.stride(), *v.stride(),
             CHUNK=chunk_b, BLOCK_K=block_k, HEAD_D=D, QUANT=qnt, LINEAR=lin_b, EXACT_FP8=INTERPRET, STAGES=tn["stages_b"],
+            VPERM=v_perm,
             num_warps=tn["warps_b"] if lin_b else tn["warps_bq"],
         )
     out = {"lut": lut, "T": T, "Qb": Qb, "Kb": Kb, "Lpad": Lpad, "quant": qnt, "dense": dense,
-           "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale}
+           "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale, "v_perm": v_perm}
     if linear:
         out["kv"] = kvp.sum(1) if kvp.shape[1] > 1 else kvp[:, 0]
         out["ksum"] = ksp.sum(1) if ksp.shape[1] > 1 else ksp[:, 0]

@@ -276,6 +276,31 @@ def test_inner_loop_variants_agree(quant, var):
 
 
 @pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("block_k", [32, 128, 16])
+def test_fp8_v_key_order(block_k):
+    """FP8 V is stored with its keys in `v_key_position` order within every 32 (block_k a multiple
+    of 32; other sizes keep key order): it is exactly the key-order operand permuted, and the
+    attention kernel (which permutes P alike) gives bit-identical outputs from either layout."""
+    from turbocompile.kernels.sagesla.triton_attn import launch_attn
+    from turbocompile.kernels.sagesla.triton_prep import prepare
+
+    q, k, v = rand(1, 150, 2, 64)
+    perm = prepare(q, k, v, 0.5, 32, block_k, "int8-fp8", False)
+    plain = prepare(q, k, v, 0.5, 32, block_k, "int8-fp8", False, tune=dict(v_perm=0))
+    assert perm["v_perm"] == (block_k % 32 == 0) and not plain["v_perm"]
+    r = torch.arange(perm["Lpad"])
+    c = r % 32
+    pos = r - c + (c & 16) + ((c >> 1) & 3) * 4 + ((c >> 3) & 1) * 2 + (c & 1) if perm["v_perm"] else r
+    assert sorted(pos.tolist()) == r.tolist()  # a permutation within each block
+    assert torch.equal(perm["vq"][..., pos].view(torch.int8), plain["vq"].view(torch.int8))
+    for key in ("kq", "kscale", "vscale", "lut"):
+        assert torch.equal(perm[key], plain[key]), key
+    o_perm = launch_attn(q, k, v, perm, None, None, 32, block_k)
+    o_plain = launch_attn(q, k, v, plain, None, None, 32, block_k)
+    assert torch.equal(o_perm, o_plain)
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
 @pytest.mark.parametrize("L,D", [(1, 64), (203, 64), (130, 128)])
 def test_linear_statistics_placements_agree(L, D):
     """φ(k)ᵀv and Σφ(k) are the same wherever they are computed: pass A, pass B, their own kernel
