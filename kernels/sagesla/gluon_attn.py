@@ -90,7 +90,7 @@ if HAS_GLUON:
         bias = off + m_new - LOG2_448
         p = gl.exp2(s * c - gl.expand_dims(bias, 1))
         l_new = l_i * alpha + gl.sum(p, axis=1)
-        # V's keys are in `v_key_position` order: the same digit swap on P's columns makes the
+        # V's keys are in `permute_keys` order: the same digit swap on P's columns makes the
         # accumulator layout the wgmma A-operand layout (the convert is then register packing only).
         p8 = p.to(gl.float8e4nv)
         M: gl.constexpr = p8.shape[0]

@@ -196,7 +196,7 @@ def launch_gluon_ws(q, out, prep, block_q: int, block_k: int, stages: int = 2, p
     """Run the ping-pong kernel on operands made by `prepare` (int8-fp8, `v_perm`) into `out`
     (sparse branch only). Returns the compiled kernel."""
     if not prep["v_perm"]:
-        raise ValueError("the ping-pong kernel needs V in v_key_position order (prepare(..., tune v_perm=1))")
+        raise ValueError("the ping-pong kernel needs V in permute_keys order (prepare(..., tune v_perm=1))")
     B, L, H, D = q.shape
     lut = prep["lut"] if prep["lut"] is not None else prep["kscale"]
     kdesc, vdesc = make_descriptors(prep["kq"], prep["vq"], block_k)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .gluon_attn import DEFAULT_STAGES, gluon_supported, launch_gluon
-from .triton_prep import INTERPRET, dot_acc, feature_map, prepare, round_e4m3
+from .triton_prep import INTERPRET, dot_acc, feature_map, permute_keys, prepare, round_e4m3
 
 LOG2E = 1.4426950408889634
 LOG2_448 = tl.constexpr(8.807354922057604)  # log2(448): P̃ = 448·p = exp2(s − m + log2 448)
@@ -85,16 +85,6 @@ def _to_e4m3(p, P8: tl.constexpr):
         code = ((p.to(tl.int32, bitcast=True) + 0x80000) >> 20) - 960  # rebias 127 -> 7, keep 3 mantissa bits
         code = tl.where(code < 8, 0, tl.minimum(code, 126))
         return code.to(tl.int8).to(tl.float8e4nv, bitcast=True)
-
-
-@triton.jit
-def permute_keys(p):
-    """P [M, N] with its key columns in `v_key_position` order (N a multiple of 32): column
-    16h + 8j + 2q + e moves to 16h + 4q + 2j + e, a swap of index digits done by reshapes."""
-    M: tl.constexpr = p.shape[0]
-    N: tl.constexpr = p.shape[1]
-    x = tl.reshape(p, [M, N // 32, 2, 2, 4, 2])
-    return tl.reshape(tl.permute(x, (0, 1, 2, 4, 3, 5)), [M, N])
 
 
 @triton.jit
@@ -153,7 +143,7 @@ def _attn_step(
             if EXACT_FP8:
                 p = round_e4m3(p)
             p8 = _to_e4m3(p, P8)
-            if VPERM:  # V's keys are stored in `v_key_position` order: order P's columns alike
+            if VPERM:  # V's keys are stored in `permute_keys` order: order P's columns alike
                 p8 = permute_keys(p8)
             pv = tl.dot(p8, vt)
         else:

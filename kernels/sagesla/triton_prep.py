@@ -141,15 +141,19 @@ def _pool_kernel(
 
 
 @triton.jit
-def v_key_position(r):
-    """Column of key r in the FP8 V^T operand. Within every 32 keys, key c = 16h + 8j + 2q + e
-    (h, j, e in {0, 1}, q in 0..3) is stored at column 16h + 4q + 2j + e. With that order the
-    P tile of an sm90 wgmma accumulator (thread q of a quad holds columns 8n + 2q + {0, 1}) is
+def permute_keys(p):
+    """Columns (keys) of p [M, N] (N a multiple of 32) in the FP8 V operand's key order: within
+    every 32, key c = 16h + 8j + 2q + e (h, j, e in {0, 1}, q in 0..3) moves to column
+    16h + 4q + 2j + e, a swap of index digits done by reshapes (no data-dependent addressing).
+    Why: the FP8 V^T operand is stored in this key order (`prepare`, v_perm), and with it the P
+    tile of an sm90 wgmma accumulator (thread q of a quad holds columns 8n + 2q + {0, 1}) is
     already the register A operand of the FP8 PV wgmma (thread q holds k = 4q + {0..3} and
-    16 + 4q + {0..3}): no shuffles between the softmax and the PV product. Kernels that read V
-    in key order permute P the same way (`permute_keys`)."""
-    c = r % 32
-    return r - c + (c & 16) + ((c >> 1) & 3) * 4 + ((c >> 3) & 1) * 2 + (c & 1)
+    16 + 4q + {0..3}): no shuffles between the softmax and the PV product. Kernels that keep P
+    in key order apply this to P."""
+    M: tl.constexpr = p.shape[0]
+    N: tl.constexpr = p.shape[1]
+    x = tl.reshape(p, [M, N // 32, 2, 2, 4, 2])
+    return tl.reshape(tl.permute(x, (0, 1, 2, 4, 3, 5)), [M, N])
 
 
 @triton.jit
@@ -198,18 +202,17 @@ def _quant_kv_kernel(
             tl.store(kq_ptr + (bh.to(tl.int64) * Lpad + rows[:, None]) * HEAD_D + offs_d[None, :], y.to(tl.int8))
             tl.store(kscale_ptr + bh * Kb + blk, scale)
             # V, D-major: element (d, row) at d * Lpad + row (K-major operand of the PV dot); with
-            # VPERM (FP8) at d * Lpad + v_key_position(row).
-            if VPERM:
-                vcol = v_key_position(rows)
-            else:
-                vcol = rows
-            vptrs = vq_ptr + (bh.to(tl.int64) * HEAD_D + offs_d[None, :]) * Lpad + vcol[:, None]
+            # VPERM (FP8) the rows of the block are first put in `permute_keys` order, in registers,
+            # so that the stores stay contiguous.
+            vptrs = vq_ptr + (bh.to(tl.int64) * HEAD_D + offs_d[None, :]) * Lpad + rows[:, None]
             if QUANT == 1:
                 vs = vx.to(tl.float32) * inv_vs[None, :]
                 if EXACT_FP8:
                     vs = round_e4m3(vs)
-                vs = tl.minimum(tl.maximum(vs, -448.0), 448.0)
-                tl.store(vptrs, vs.to(tl.float8e4nv))
+                vs = tl.minimum(tl.maximum(vs, -448.0), 448.0).to(tl.float8e4nv)
+                if VPERM:
+                    vs = tl.trans(permute_keys(tl.trans(vs)))
+                tl.store(vptrs, vs)
             else:
                 tl.store(vptrs, vx.to(tl.float16))
         if LINEAR:
@@ -377,7 +380,7 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     """Run passes A and B. q, k, v [B, L, H, D]. Returns a dict of kernel operands.
 
     Keys: dense (every key block kept: no LUT), lut [B*H, Qb, T] int32 ascending (None when
-    dense), T, kq, kscale, vq, vscale, v_perm (vq's keys in `v_key_position` order), kv [B*H, D, D],
+    dense), T, kq, kscale, vq, vscale, v_perm (vq's keys in `permute_keys` order), kv [B*H, D, D],
     ksum [B*H, D].
     """
     tn = dict(DEFAULT_TUNE, **(tune or {}))
@@ -441,7 +444,7 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         vq = torch.empty(BH, D, Lpad, device=dev, dtype=torch.float8_e4m3fn if qnt == 1 else torch.float16)
     else:
         kq = kscale = vq = vscale  # unused placeholders
-    v_perm = qnt == 1 and block_k % 32 == 0 and bool(tn["v_perm"])  # FP8 V in `v_key_position` order
+    v_perm = qnt == 1 and block_k % 32 == 0 and bool(tn["v_perm"])  # FP8 V in `permute_keys` order
     if qnt or lin_b:
         chunk_b = block_k if not lin_b else _chunk_rows(L, BH, block_k, tn["progs_b"])
         NCB = math.ceil(L / chunk_b)

@@ -278,7 +278,7 @@ def test_inner_loop_variants_agree(quant, var):
 @pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
 @pytest.mark.parametrize("block_k", [32, 128, 16])
 def test_fp8_v_key_order(block_k):
-    """FP8 V is stored with its keys in `v_key_position` order within every 32 (block_k a multiple
+    """FP8 V is stored with its keys in `permute_keys` order within every 32 (block_k a multiple
     of 32; other sizes keep key order): it is exactly the key-order operand permuted, and the
     attention kernel (which permutes P alike) gives bit-identical outputs from either layout."""
     from turbocompile.kernels.sagesla.triton_attn import launch_attn
