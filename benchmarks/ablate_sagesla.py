@@ -177,7 +177,10 @@ def prep_sweep(name, B, L, H, D, topk):
     q, k, v = (torch.randn(B, L, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     print(f"== prep sweep {name} topk {topk} ==", flush=True)
     ref = prepare(q, k, v, topk, 64, 128, "int8-fp8", True)
+    only = [x for x in os.environ.get("PREP_ONLY", "").split(",") if x]  # name prefixes (default: all)
     for tname, tune in PREP_TUNES:
+        if only and not any(tname.startswith(x) for x in only):
+            continue
         try:
             fn = lambda tune=tune: prepare(q, k, v, topk, 64, 128, "int8-fp8", True, tune=tune)  # noqa: E731
             out = fn()
