@@ -55,14 +55,12 @@ VARIANTS = [
     # Session 6: the Gluon kernel (TMA ring + async wgmma, QK of block t+1 under block t's softmax)
     ("gluon ns3", dict(kernel="gluon")),
     ("gluon ns2", dict(kernel="gluon", stages=2)),
-    # Session 7: V keys permuted so that P needs no shuffles (v_perm, default); the ping-pong kernel
+    # Session 7: V keys permuted so that P needs no shuffles (v_perm, default); row sums of P on the
+    # tensor cores (rsum, default). The warp-specialized ping-pong kernel is on branch exp/gluon-ws.
     ("triton", dict(kernel="triton")),
     ("gluon, session-6 layout (no v_perm)", dict(kernel="gluon", prep_tune=dict(v_perm=0))),
     ("triton, session-6 layout (no v_perm)", dict(kernel="triton", prep_tune=dict(v_perm=0))),
-    ("gluon ws ping-pong ns2", dict(kernel="gluon_ws", gluon_cfg=dict(stages=2))),
-    ("gluon ws ping-pong ns3", dict(kernel="gluon_ws", gluon_cfg=dict(stages=3))),
-    ("gluon ws no token ns2", dict(kernel="gluon_ws", gluon_cfg=dict(stages=2, pingpong=False))),
-    ("gluon ws no token ns3", dict(kernel="gluon_ws", gluon_cfg=dict(stages=3, pingpong=False))),
+    ("gluon, FADD row sums (no rsum)", dict(kernel="gluon", gluon_cfg=dict(rsum=False))),
 ]
 PREP_TUNES = [
     ("default", {}),

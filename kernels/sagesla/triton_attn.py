@@ -378,9 +378,8 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     1 integer bits), ``nopv`` (ablation: no PV product), ``tma`` (K/V tiles through Hopper TMA
     descriptors instead of pointer loads; quantized modes only). ``linear_cfg`` overrides keys of
     DEFAULT_LINEAR_OUT (the split linear-branch kernel's launch). ``kernel`` picks the attention
-    kernel (see DEFAULT_VARIANT; "gluon" raises where `gluon_supported` says no; "gluon_ws" is the
-    experimental ping-pong kernel, sparse branch only) and ``stages`` the Gluon kernel's shared-memory
-    ring depth; ``gluon_cfg`` passes keyword options to the Gluon launcher (benchmark knobs)."""
+    kernel (see DEFAULT_VARIANT; "gluon" raises where `gluon_supported` says no) and ``stages`` the
+    Gluon kernel's shared-memory ring depth; ``gluon_cfg`` passes keyword options to the Gluon launcher (benchmark knobs)."""
     var = dict(DEFAULT_VARIANT)
     if magic_cvt:
         var["cvt"] = 1
@@ -402,17 +401,8 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     if use_tma is None:  # Hopper and newer, compiled (the interpreter runs TMA too, but only on request)
         use_tma = q.is_cuda and not INTERPRET and torch.cuda.get_device_capability(q.device)[0] >= 9
     use_tma = bool(use_tma) and qnt != 0
-    if var["kernel"] not in ("triton", "gluon", "auto", "gluon_ws"):
-        raise ValueError(f"kernel={var['kernel']!r}; valid: 'triton', 'gluon', 'auto', 'gluon_ws'")
-    if var["kernel"] == "gluon_ws":  # experimental ping-pong kernel: sparse branch only
-        if linear or not gluon_supported(q, qnt, block_q, block_k):
-            raise ValueError("kernel='gluon_ws' runs the sparse branch only (no proj_weight) on sm90 int8-fp8, "
-                             "block_q 64, block_k 128")
-        from .gluon_attn_ws import launch_gluon_ws
-
-        out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
-        kern = launch_gluon_ws(q, out, prep, block_q, block_k, **(gluon_cfg or {}))
-        return (out, kern) if return_kernel else out
+    if var["kernel"] not in ("triton", "gluon", "auto"):
+        raise ValueError(f"kernel={var['kernel']!r}; valid: 'triton', 'gluon', 'auto'")
     use_gluon = var["kernel"] != "triton" and gluon_supported(q, qnt, block_q, block_k) and block_m == block_q \
         and not nopv and (var["cvt"], var["expm"], var["p8"]) == (2, 0, 0)
     if var["kernel"] == "gluon" and not use_gluon:
