@@ -55,12 +55,11 @@ VARIANTS = [
     # Session 6: the Gluon kernel (TMA ring + async wgmma, QK of block t+1 under block t's softmax)
     ("gluon ns3", dict(kernel="gluon")),
     ("gluon ns2", dict(kernel="gluon", stages=2)),
-    # Session 7: V keys permuted so that P needs no shuffles (v_perm, default); row sums of P on the
-    # tensor cores (rsum, default). The warp-specialized ping-pong kernel is on branch exp/gluon-ws.
+    # Session 7: V keys permuted so that P needs no shuffles (v_perm, default). The warp-specialized
+    # ping-pong kernel is on branch exp/gluon-ws (slower on the H200).
     ("triton", dict(kernel="triton")),
     ("gluon, session-6 layout (no v_perm)", dict(kernel="gluon", prep_tune=dict(v_perm=0))),
     ("triton, session-6 layout (no v_perm)", dict(kernel="triton", prep_tune=dict(v_perm=0))),
-    ("gluon, FADD row sums (no rsum)", dict(kernel="gluon", gluon_cfg=dict(rsum=False))),
 ]
 PREP_TUNES = [
     ("default", {}),

@@ -63,8 +63,6 @@ if HAS_GLUON:
 # Shared-memory ring depth (K and V^T tiles per slot: 2 · BLOCK_N · D bytes). H200: 3 beats 2 by
 # 3-4%; 4 leaves room for one program per SM only and is 25-35% slower.
 DEFAULT_STAGES = 3
-# Row sums of P on the tensor cores (see `_block_update`).
-DEFAULT_RSUM = True
 
 if HAS_GLUON:
 
@@ -78,9 +76,10 @@ if HAS_GLUON:
         _tma_load(vdesc, [vrow0, j * BLOCK_N], bar, vbufs.index(slot), pred=pred)
 
     @gluon.jit
-    def _softmax_p(s_i32, m_i, c, cols, L, p_layout: gl.constexpr, TAIL: gl.constexpr, VPERM: gl.constexpr):
-        """One key block's online-softmax step from its INT8 scores (already waited): returns
-        (p fp32, P̃ = 448·p as e4m3 in the PV A-operand layout, alpha, m_new). `c` is the scalar
+    def _softmax_pv(s_i32, m_i, l_i, acc, c, cols, L, vbuf, p_layout: gl.constexpr, TAIL: gl.constexpr,
+                    VPERM: gl.constexpr):
+        """One key block's online-softmax update from its INT8 scores (already waited):
+        returns (pv token issued asynchronously, alpha, m_new, l_new). `c` is the scalar
         q_scale·k_scale·log2e/√D of this block (one q quantization group per program)."""
         s = (s_i32 + MAGIC_BITS).to(gl.float32, bitcast=True)  # = MAGIC + s exactly (cvt 2)
         off = MAGIC * c
@@ -90,6 +89,7 @@ if HAS_GLUON:
         alpha = gl.exp2(m_i - m_new)
         bias = off + m_new - LOG2_448
         p = gl.exp2(s * c - gl.expand_dims(bias, 1))
+        l_new = l_i * alpha + gl.sum(p, axis=1)
         # V's keys are in `permute_keys` order: the same digit swap on P's columns makes the
         # accumulator layout the wgmma A-operand layout (the convert is then register packing only).
         p8 = p.to(gl.float8e4nv)
@@ -97,34 +97,9 @@ if HAS_GLUON:
         N: gl.constexpr = p8.shape[1]
         if VPERM:
             p8 = gl.reshape(gl.permute(gl.reshape(p8, [M, N // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)), [M, N])
-        return p, gl.convert_layout(p8, p_layout), alpha, m_new
-
-    @gluon.jit
-    def _block_update(s_cur, m_i, l_i, acc, c, cols, L, vbuf, ones, p_op: gl.constexpr, rs_op: gl.constexpr,
-                      TAIL: gl.constexpr, VPERM: gl.constexpr, RSUM: gl.constexpr, s_next, HAS_NEXT: gl.constexpr):
-        """Softmax of one block, then its PV (and with RSUM the row sums of P̃, as a tiny wgmma
-        against a ones tile: l then counts the e4m3 values the PV product uses, and the per-element
-        FADDs leave the loop), waited together with the in-flight QK `s_next` (when HAS_NEXT). l_i is [M] (fp32 sums of p) or, with RSUM, an [M, 8] tile whose columns are equal.
-        Returns (s_next, acc, m_i, l_i)."""
-        p, p8, alpha, m_i = _softmax_p(s_cur, m_i, c, cols, L, p_op, TAIL, VPERM)
+        p8 = gl.convert_layout(p8, p_layout)
         pv = warpgroup_mma(p8, vbuf.permute((1, 0)), gl.zeros_like(acc), use_acc=False, is_async=True)
-        if RSUM:
-            rs = warpgroup_mma(gl.convert_layout(p8, rs_op), ones.permute((1, 0)), gl.zeros_like(l_i),
-                               use_acc=False, is_async=True)
-            if not HAS_NEXT:
-                pv, rs = warpgroup_mma_wait(0, deps=(pv, rs))
-            else:
-                s_next, pv, rs = warpgroup_mma_wait(0, deps=(s_next, pv, rs))
-            l_i = l_i * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout)), 1) + rs
-        else:
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            if not HAS_NEXT:
-                pv = warpgroup_mma_wait(0, deps=(pv,))
-            else:
-                s_next, pv = warpgroup_mma_wait(0, deps=(s_next, pv))
-        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))
-        acc = acc * gl.expand_dims(alpha_o, 1) + pv
-        return s_next, acc, m_i, l_i
+        return pv, alpha, m_new, l_new
 
     @gluon.jit
     def _sagesla_fwd_gluon(
@@ -133,8 +108,7 @@ if HAS_GLUON:
         stride_qb, stride_ql, stride_qh, stride_qd,
         stride_ob, stride_ol, stride_oh, stride_od,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, DENSE: gl.constexpr,
-        LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, RSUM: gl.constexpr,
-        num_warps: gl.constexpr,
+        LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, num_warps: gl.constexpr,
     ):
         i = gl.program_id(0)
         bh = gl.program_id(1)
@@ -186,19 +160,7 @@ if HAS_GLUON:
 
         cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        # Row sums: fp32 FADDs per element, or (RSUM) P̃ times a [BLOCK_N, 8] ones tile on the tensor cores.
-        rs_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, 8, 32])
-        rs_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=rs_layout, k_width=4)
-        ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], gl.float8e4nv)
-        ones = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N], ones_layout)
-        if RSUM:
-            l_i = gl.zeros([BLOCK_M, 8], gl.float32, layout=rs_layout)
-            ones.store(gl.full([8, BLOCK_N], 1.0, gl.float32, layout=ld_layout).to(gl.float8e4nv))
-            fence_async_shared()
-            _cta_barrier()
-        else:
-            l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
 
@@ -223,8 +185,10 @@ if HAS_GLUON:
             c = c_q * gl.load(kscale_base + j)
             mbarrier.wait(bars.index(nslot), ((t + 1) // NS) & 1)
             s_next = warpgroup_mma(q8, kbufs.index(nslot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s_next, acc, m_i, l_i = _block_update(s_cur, m_i, l_i, acc, c, cols0, L, vbufs.index(slot), ones, p_op,
-                                                  rs_op, False, VPERM, RSUM, s_next, True)
+            pv, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, cols0, L, vbufs.index(slot), p_op, False, VPERM)
+            s_next, pv = warpgroup_mma_wait(0, deps=(s_next, pv))
+            alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+            acc = acc * gl.expand_dims(alpha_o, 1) + pv
             # Both products that read `slot` are done in every warp: refill it with block t+NS.
             _cta_barrier()
             t_fill = t + NS
@@ -239,10 +203,11 @@ if HAS_GLUON:
         # ---- last block (the only one that may be partial: blocks are ascending) ----
         t = n_blk - 1
         c = c_q * gl.load(kscale_base + j)
-        _, acc, m_i, l_i = _block_update(s_cur, m_i, l_i, acc, c, j * BLOCK_N + cols0, L, vbufs.index(t % NS), ones,
-                                         p_op, rs_op, True, VPERM, RSUM, s_cur, False)
-        if RSUM:
-            l_i = gl.max(l_i, axis=1)  # the 8 columns hold the same sum
+        pv, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, j * BLOCK_N + cols0, L,
+                                          vbufs.index(t % NS), p_op, True, VPERM)
+        pv = warpgroup_mma_wait(0, deps=(pv,))
+        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+        acc = acc * gl.expand_dims(alpha_o, 1) + pv
         for s in gl.static_range(NS):
             mbarrier.invalidate(bars.index(s))
 
@@ -312,7 +277,7 @@ def make_descriptors(kq: torch.Tensor, vq: torch.Tensor, block_k: int):
 
 def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, block_k: int,
                  kvw: torch.Tensor | None, ksum: torch.Tensor | None, bias: torch.Tensor | None,
-                 stages: int = DEFAULT_STAGES, rsum: bool = DEFAULT_RSUM):
+                 stages: int = DEFAULT_STAGES):
     """Run the Gluon sparse forward on operands made by `prepare` (int8-fp8) into `out`; with
     `kvw` (= (φ(k)ᵀv)·proj_lᵀ, q dtype) and `ksum` the linear branch (+ `bias`) is added in the
     epilogue. Returns the compiled kernel."""
@@ -326,5 +291,5 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
         bias if bias is not None else dummy,
         H, L, prep["Qb"], prep["Kb"], prep["T"], prep["Lpad"], LOG2E / D ** 0.5, *q.stride(), *out.stride(),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D, DENSE=prep["dense"], LINEAR=kvw is not None,
-        HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), RSUM=rsum, num_warps=4,
+        HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), num_warps=4,
     )

@@ -368,8 +368,7 @@ def default_block_m(block_q: int, dense: bool) -> int:
 
 def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps=None, num_stages=None,
                 block_m=None, magic_cvt=False, warp_specialize=False, split_linear=True, return_kernel=False,
-                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None, kernel=None, stages=None,
-                gluon_cfg=None):
+                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None, kernel=None, stages=None):
     """The sparse forward alone, on the operands made by :func:`prepare`.
 
     Inner-loop variants (benchmark knobs; defaults in DEFAULT_VARIANT): ``cvt`` int32 -> fp32 of the
@@ -379,7 +378,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     descriptors instead of pointer loads; quantized modes only). ``linear_cfg`` overrides keys of
     DEFAULT_LINEAR_OUT (the split linear-branch kernel's launch). ``kernel`` picks the attention
     kernel (see DEFAULT_VARIANT; "gluon" raises where `gluon_supported` says no) and ``stages`` the
-    Gluon kernel's shared-memory ring depth; ``gluon_cfg`` passes keyword options to the Gluon launcher (benchmark knobs)."""
+    Gluon kernel's shared-memory ring depth."""
     var = dict(DEFAULT_VARIANT)
     if magic_cvt:
         var["cvt"] = 1
@@ -430,7 +429,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
     if use_gluon:  # the linear branch (+ bias) runs in the Gluon kernel's epilogue
         kern = launch_gluon(q, out, prep, block_q, block_k, kvw if linear else None, ksum if linear else None,
-                            bias if proj_bias is not None else None, stages or DEFAULT_STAGES, **(gluon_cfg or {}))
+                            bias if proj_bias is not None else None, stages or DEFAULT_STAGES)
         return (out, kern) if return_kernel else out
     split = linear and split_linear
     lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
