@@ -81,6 +81,7 @@ PREP_TUNES = [
 # The split linear-branch output kernel (launch_attn(linear_cfg=...)).
 LINEAR_OUT_CFGS = [
     ("default", {}),
+    ("Gluon epilogue", dict(where="epilogue")),
     ("own kernel", dict(where="kernel")),
     ("prologue of the attention kernel", dict(where="prologue")),
     ("own kernel, 32 rows x 4 warps", dict(where="kernel", block_m=32, warps=4)),
@@ -306,7 +307,8 @@ def main():
         if "prep" in parts:
             prep_sweep(*shp, 0.1)
         if "linout" in parts:
-            linear_out_sweep(*shp, 0.1)
+            for topk in (0.1, 1.0):
+                linear_out_sweep(*shp, topk)
         if "whole" in parts:
             whole_op(*shp)
     if "profile" not in parts:

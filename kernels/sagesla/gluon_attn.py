@@ -108,7 +108,8 @@ if HAS_GLUON:
         stride_qb, stride_ql, stride_qh, stride_qd,
         stride_ob, stride_ol, stride_oh, stride_od,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, DENSE: gl.constexpr,
-        LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, num_warps: gl.constexpr,
+        LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, ADD_OUT: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         i = gl.program_id(0)
         bh = gl.program_id(1)
@@ -253,6 +254,8 @@ if HAS_GLUON:
             o += gl.expand_dims(gl.load(bias_ptr + offs_do), 0)
         optrs = (o_ptr + b.to(gl.int64) * stride_ob + h * stride_oh
                  + gl.expand_dims(offs_mo.to(gl.int64) * stride_ol, 1) + gl.expand_dims(offs_do * stride_od, 0))
+        if ADD_OUT:  # the linear branch (+ bias) was parked in the output rows by `_linear_out_kernel`
+            o += gl.load(optrs, mask=gl.expand_dims(offs_mo < L, 1), other=0.0).to(gl.float32)
         gl.store(optrs, o.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(offs_mo < L, 1))
 
 
@@ -277,10 +280,11 @@ def make_descriptors(kq: torch.Tensor, vq: torch.Tensor, block_k: int):
 
 def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, block_k: int,
                  kvw: torch.Tensor | None, ksum: torch.Tensor | None, bias: torch.Tensor | None,
-                 stages: int = DEFAULT_STAGES):
+                 stages: int = DEFAULT_STAGES, add_out: bool = False):
     """Run the Gluon sparse forward on operands made by `prepare` (int8-fp8) into `out`; with
     `kvw` (= (φ(k)ᵀv)·proj_lᵀ, q dtype) and `ksum` the linear branch (+ `bias`) is added in the
-    epilogue. Returns the compiled kernel."""
+    epilogue; with `add_out` the output rows already hold it (parked by `_linear_out_kernel`) and
+    are added to. Returns the compiled kernel."""
     B, L, H, D = q.shape
     lut = prep["lut"] if prep["lut"] is not None else prep["kscale"]
     kdesc, vdesc = make_descriptors(prep["kq"], prep["vq"], block_k)
@@ -291,5 +295,5 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
         bias if bias is not None else dummy,
         H, L, prep["Qb"], prep["Kb"], prep["T"], prep["Lpad"], LOG2E / D ** 0.5, *q.stride(), *out.stride(),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D, DENSE=prep["dense"], LINEAR=kvw is not None,
-        HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), num_warps=4,
+        HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), ADD_OUT=add_out, num_warps=4,
     )

@@ -350,9 +350,11 @@ def sagesla_triton(
 # kernel: "triton" (this file), "gluon" (`gluon_attn.py`: explicit TMA ring + async wgmma, sm90,
 # int8-fp8 only) or "auto" (gluon where `gluon_supported`, else triton).
 DEFAULT_VARIANT = {"cvt": 2, "expm": 0, "p8": 0, "tma": None, "kernel": "auto"}
-# The split linear branch: where it runs ("kernel": `_linear_out_kernel`, "prologue": the attention
-# kernel's prologue, from the q tile it loads anyway, "auto": prologue in sparse mode, kernel in
-# dense mode) and the kernel's rows per tile, warps, pipeline stages and programs per SM.
+# The linear branch: where it runs ("kernel": `_linear_out_kernel` first, the attention kernel adding
+# to its rows; "prologue": the Triton attention kernel's prologue, from the q tile it loads anyway;
+# "epilogue": fused into the attention kernel's epilogue (the Gluon kernel's sparse-mode choice);
+# "auto": sparse mode prologue (Triton) / epilogue (Gluon), dense mode kernel) and the split
+# kernel's rows per tile, warps, pipeline stages and programs per SM.
 # H200 session 4 (branch cost = attention with proj_l minus without): sparse top-k 0.1, prologue
 # 0.60 vs kernel 0.96 ms at B1 H40 L75600 and 0.127 vs 0.165 ms at B1 H12 L32760; dense at
 # B1 H12 L32760 the prologue made the whole op slower (9.38 vs 9.15 ms).
@@ -364,6 +366,17 @@ def default_block_m(block_q: int, dense: bool) -> int:
     (block_m=128, 8 warps: two warpgroups, one quantization group each), but on the H200 that
     measured 184 ms vs 174 ms for 64 rows × 4 warps at B1 H40 L75600 (see RESULTS.md)."""
     return block_q
+
+
+def _launch_linear_out(q, kvw, ksum, bias, out, has_bias: bool, lc: dict):
+    """The linear branch φ(q)·KVW / den (+ bias) into `out`, where the attention kernel adds to it."""
+    B, L, H, D = q.shape
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    per_head, tiles = linear_out_grid(L, B * H, lc["block_m"], sms, lc["waves"])
+    _linear_out_kernel[(per_head, B * H)](
+        q, kvw, ksum, bias, out, H, L, triton.cdiv(L, lc["block_m"]), tiles, *q.stride(), *out.stride(),
+        BLOCK_M=lc["block_m"], HEAD_D=D, HAS_BIAS=has_bias, EXACT_FP8=INTERPRET,
+        STAGES=lc["stages"], num_warps=lc["warps"])
 
 
 def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps=None, num_stages=None,
@@ -427,22 +440,24 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     else:
         kvw = ksum = prep["vscale"]
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
-    if use_gluon:  # the linear branch (+ bias) runs in the Gluon kernel's epilogue
-        kern = launch_gluon(q, out, prep, block_q, block_k, kvw if linear else None, ksum if linear else None,
-                            bias if proj_bias is not None else None, stages or DEFAULT_STAGES)
-        return (out, kern) if return_kernel else out
-    split = linear and split_linear
     lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
-    if lc["where"] not in ("auto", "kernel", "prologue"):
-        raise ValueError(f"linear_cfg where={lc['where']!r}; valid: 'auto', 'kernel', 'prologue'")
+    if lc["where"] not in ("auto", "kernel", "prologue", "epilogue"):
+        raise ValueError(f"linear_cfg where={lc['where']!r}; valid: 'auto', 'kernel', 'prologue', 'epilogue'")
+    if use_gluon:
+        # The linear branch (+ bias) runs in the Gluon kernel's epilogue, or (where="kernel", or
+        # "auto" in dense mode) in `_linear_out_kernel` first, the Gluon kernel adding to its rows.
+        own = linear and (lc["where"] == "kernel" or (lc["where"] == "auto" and dense))
+        if own:
+            _launch_linear_out(q, kvw, ksum, bias, out, proj_bias is not None, lc)
+        kern = launch_gluon(q, out, prep, block_q, block_k, kvw if linear and not own else None,
+                            ksum if linear and not own else None,
+                            bias if proj_bias is not None and not own else None, stages or DEFAULT_STAGES,
+                            add_out=own)
+        return (out, kern) if return_kernel else out
+    split = linear and split_linear and lc["where"] != "epilogue"  # "epilogue": fused in this kernel
     pro = split and (lc["where"] == "prologue" or (lc["where"] == "auto" and not dense))
     if split and not pro:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        per_head, tiles = linear_out_grid(L, B * H, lc["block_m"], sms, lc["waves"])
-        _linear_out_kernel[(per_head, B * H)](
-            q, kvw, ksum, bias, out, H, L, triton.cdiv(L, lc["block_m"]), tiles, *q.stride(), *out.stride(),
-            BLOCK_M=lc["block_m"], HEAD_D=D, HAS_BIAS=proj_bias is not None, EXACT_FP8=INTERPRET,
-            STAGES=lc["stages"], num_warps=lc["warps"])
+        _launch_linear_out(q, kvw, ksum, bias, out, proj_bias is not None, lc)
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
     if num_stages is None:

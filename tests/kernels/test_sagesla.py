@@ -343,11 +343,12 @@ def test_linear_out_tiling_covers_every_row(L):
     p = prepare(q, k, v, 1.0, 64, 64, "int8-fp16", linear=True)
     outs = [launch_attn(q, k, v, p, w, b, 64, 64, linear_cfg=cfg)
             for cfg in (dict(where="kernel", waves=1), dict(where="kernel", waves=64),
-                        dict(where="kernel", block_m=16, waves=2, stages=1), dict(where="prologue"))]
+                        dict(where="kernel", block_m=16, waves=2, stages=1), dict(where="prologue"),
+                        dict(where="epilogue"))]
     for o in outs[1:]:
         assert metrics(o, outs[0])[0] >= 0.99999
-    with pytest.raises(ValueError, match="valid: 'auto', 'kernel', 'prologue'"):
-        launch_attn(q, k, v, p, w, b, 64, 64, linear_cfg=dict(where="epilogue"))
+    with pytest.raises(ValueError, match="valid: 'auto', 'kernel', 'prologue', 'epilogue'"):
+        launch_attn(q, k, v, p, w, b, 64, 64, linear_cfg=dict(where="nowhere"))
     ref = oracle(q, k, v, 1.0, 64, 64, w, b)
     cos, l1 = metrics(outs[0], ref)
     assert torch.isfinite(outs[0]).all() and cos >= 0.999 and l1 <= 0.03, (cos, l1)
