@@ -22,7 +22,8 @@ from turbocompile.kernels.sagesla.triton_prep import prepare
 needs_gluon = pytest.mark.skipif(not gluon_attn.HAS_GLUON, reason="this Triton has no Gluon")
 
 
-def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_attn.DEFAULT_STAGES):
+def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_attn.DEFAULT_STAGES,
+                  vperm: bool = True):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -36,22 +37,23 @@ def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_at
                kscale_ptr="*fp32", vscale_ptr="*fp32", lut_ptr="*i32", kvw_ptr="*bf16", ksum_ptr="*fp32",
                bias_ptr="*fp32", qk_scale="fp32")
     const = dict(BLOCK_M=64, BLOCK_N=128, HEAD_D=head_d, DENSE=dense, LINEAR=linear, HAS_BIAS=linear,
-                 NS=stages, VPERM=True, ADD_OUT=False, num_warps=4)
+                 NS=stages, VPERM=vperm, ADD_OUT=False, num_warps=4)
     sig.update({key: "constexpr" for key in const})
     src = GluonASTSource(fn, sig, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def _sm90_facts(dense: bool, linear: bool, head_d: int) -> dict:
+def _sm90_facts(dense: bool, linear: bool, head_d: int, vperm: bool = True) -> dict:
     """What the compiled kernel contains (run in a child process: under TRITON_INTERPRET, which the
     test session sets, Triton's library functions are interpreter objects Gluon cannot compile)."""
-    compiled = _compile_sm90(dense, linear, head_d)
+    compiled = _compile_sm90(dense, linear, head_d, vperm=vperm)
     ptx = compiled.asm["ptx"]
     return {"cubin": bool(compiled.asm.get("cubin")), "shared": compiled.metadata.shared,
             "qk_int8": "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx,
             "pv_fp8": f"wgmma.mma_async.sync.aligned.m64n{head_d}k32.f32.e4m3.e4m3" in ptx,
             "tma": "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait.parity" in ptx,
-            "linear_bf16": f"m64n{head_d}k16.f32.bf16.bf16" in ptx}
+            "linear_bf16": f"m64n{head_d}k16.f32.bf16.bf16" in ptx,
+            "shfl_idx": ptx.count("shfl.sync.idx")}
 
 
 @needs_gluon
@@ -70,6 +72,22 @@ def test_gluon_kernel_compiles_for_sm90(dense, linear, head_d):
     assert facts["linear_bf16"] == linear  # the linear branch's product runs in the epilogue
     # two programs per SM: the ring stays under half of the 228 KB of shared memory
     assert facts["shared"] <= 114 * 1024
+
+
+@needs_gluon
+def test_gluon_p_needs_no_shuffles_with_key_permuted_v():
+    """With V's keys in `permute_keys` order, P goes from the QK accumulator layout to the PV wgmma
+    A operand with no shuffles (the point of the permutation); with V in key order it needs them."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    counts = {}
+    for vperm in (True, False):
+        code = ("import json; from tests.kernels.test_sagesla_gluon import _sm90_facts; "
+                f"print(json.dumps(_sm90_facts(True, False, 128, vperm={vperm})))")
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).resolve().parents[2])
+        assert run.returncode == 0, run.stderr[-2000:]
+        counts[vperm] = json.loads(run.stdout.strip().splitlines()[-1])["shfl_idx"]
+    assert counts[True] == 0 and counts[False] > 0, counts
 
 
 def _qkv(L=200, H=2, D=64, seed=0):
