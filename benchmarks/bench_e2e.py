@@ -7,6 +7,11 @@ when matplotlib is present) to --out.
 
     python benchmarks/bench_e2e.py --model wan2.1-t2v-1.3b --size 832x480 --frames 81 --out $OUT
     python benchmarks/bench_e2e.py --model wan-tiny --device cpu --variants eager,baseline   # smoke test
+
+With --td-proj-l the turbocompile variants are optimized from a TurboDiffusion-layout checkpoint of the
+same random weights plus random SLA ``proj_l`` layers, so SageSLA runs its linear branch as it does
+for TurboDiffusion's fine-tuned checkpoints (without proj_l, e.g. original Wan weights, the branch is
+zero and skipped). Their outputs then differ from eager by that branch (cos is not an accuracy figure).
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--td-proj-l", action="store_true",
+                    help="optimize from a TurboDiffusion checkpoint with random SLA proj_l (linear branch on)")
     args = ap.parse_args(argv)
     dev = args.device
     cfg = get_preset(args.model)
@@ -101,7 +108,9 @@ def main(argv=None):
           flush=True)
     inp = example_inputs(cfg, shape, seed=0, device=dev, dtype=torch.bfloat16)
     args_in = list(inp.values())
-    results = {"model": cfg.name, "weights": "random", "video": shape.to_dict(), "torch": torch.__version__,
+    args.model_src = _td_checkpoint(cfg, args.out) if args.td_proj_l else args.model
+    results = {"model": cfg.name, "weights": "random" + (", TurboDiffusion layout + random proj_l" if args.td_proj_l
+                                                         else ""), "video": shape.to_dict(), "torch": torch.__version__,
                "triton": turbocompile.api._version("triton"),
                "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "variants": {}}
     ref_out = None
@@ -127,6 +136,22 @@ def main(argv=None):
     _finish(results, path, args, cfg, shape)
 
 
+def _td_checkpoint(cfg, out_dir):
+    """The eager variants' random weights (seed 0) as a TurboDiffusion .pth with random proj_l."""
+    from turbocompile.checkpoints import save_turbodiffusion
+
+    model = WanModel(cfg)
+    init_random_(model, 0)
+    g = torch.Generator().manual_seed(1)
+    d = cfg.dim // cfg.num_heads
+    proj_l = {i: (torch.randn(d, d, generator=g) / d ** 0.5, torch.randn(d, generator=g) * 0.02)
+              for i in range(cfg.num_layers)}
+    path = save_turbodiffusion(model.to(torch.bfloat16), os.path.join(out_dir, f"td_{cfg.name}_proj_l.pth"), proj_l)
+    del model
+    gc.collect()
+    return str(path)
+
+
 def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms):
     if True:
         t0 = time.perf_counter()
@@ -144,7 +169,7 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
             prep_s = time.perf_counter() - t0
         else:
             recipe = {"version": 1, "name": base_name, "model": recipe_model, "passes": VARIANTS[base_name]}
-            res = turbocompile.optimize(args.model, recipe, seed=0)
+            res = turbocompile.optimize(args.model_src, recipe, seed=0)
             gm = res.graph_module
             if res.manifest["kind"] == "sampler":  # inputs: noise, context, ..., step noise
                 gen = torch.Generator(device=dev).manual_seed(0)
@@ -180,7 +205,9 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
             eager_ms = ms
         epi = next((p["stats"] for p in (res.manifest["passes"] if name not in ("eager", "compile") else [])
                     if p["name"] == "fuse_gemm_epilogues"), None)
-        entry = {"gemm_epilogues": epi, "ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak,
+        sla = next((p["stats"] for p in (res.manifest["passes"] if name not in ("eager", "compile") else [])
+                    if p["name"] == "sagesla_attention"), None)
+        entry = {"gemm_epilogues": epi, "sagesla": sla, "ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak,
                  "prep_peak_gib": prep_peak, "vs_eager_rel_err": m["rel_err"],
                  "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
         results["variants"][name] = entry
