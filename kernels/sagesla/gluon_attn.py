@@ -11,7 +11,8 @@ not give that kernel:
   * the INT8 product S_{t+1} = q·K_{t+1}ᵀ is issued asynchronously *before* the softmax of
     block t, so the tensor cores work on block t+1 while the warps do exp2/max/sum of block t;
   * q stays in registers (wgmma A operand from registers) for the whole loop; P goes from the
-    accumulator layout to the A-operand layout in registers;
+    accumulator layout to the A-operand layout without shuffles, because `prepare` stores V's keys
+    in `permute_keys` order (VPERM; the same digit swap on P's columns is a pure relabeling);
   * PV for block t goes into a fresh tile (use_acc=False) and is folded into the fp32
     accumulator by an FMA, as in the Triton kernel (the sm90 fp8 MMA accumulates at reduced
     precision, so the running sum stays in fp32);
@@ -22,7 +23,11 @@ not give that kernel:
 One warpgroup (4 warps) owns a 64-row query block (= block_q, one row of the block map, one q
 quantization group); two programs share an SM (255 registers, ~104 KB of shared memory at NS 3).
 Measured and dropped (session 6): a deeper pipeline with PV_t in flight under the next softmax
-(64-key sub-steps to fit the registers): ptxas serialized its wgmmas, 25-30% slower.
+(64-key sub-steps to fit the registers): ptxas serialized its wgmmas, 25-30% slower. Session 7:
+two consumer warpgroups + TMA producer warps in one CTA, with or without a ping-pong token
+(branch exp/gluon-ws): correct but 2-20% slower; row sums of P as a wgmma against a ones tile:
+wrong results on the H200 (cause not found), reverted. With ADD_OUT the epilogue adds the rows
+that `_linear_out_kernel` parked (the dense-mode placement of the linear branch).
 Gluon kernels do not run under TRITON_INTERPRET: on CPU the Triton kernel is what the tests run,
 and `tests/kernels/test_sagesla_gluon.py` compiles this one for sm90 and checks its instructions.
 """
