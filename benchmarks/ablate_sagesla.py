@@ -77,6 +77,10 @@ PREP_TUNES = [
     ("pass B 2048 progs", dict(progs_b=2048)),
     ("linear kernel: stages 3", dict(lin_stages=3)),
     ("linear kernel: 512 progs", dict(progs_l=512)),
+    ("linear kernel: φ(k)ᵀv row-major (session-7 default, lin_vt 0)", dict(lin_vt=0)),
+    ("linear kernel: φ(k)ᵀv row-major, 8 warps", dict(lin_vt=0, lin_warps=8)),
+    ("linear kernel: 8 warps", dict(lin_warps=8)),
+    ("linear kernel: 8 warps 128 rows", dict(lin_warps=8, lin_block=128)),
 ]
 # The split linear-branch output kernel (launch_attn(linear_cfg=...)).
 LINEAR_OUT_CFGS = [

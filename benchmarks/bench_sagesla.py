@@ -123,21 +123,26 @@ def time_shape(name, B, L, H, D):
         print(f"sageattention failed: {e!r}"[:300])
     torch.cuda.empty_cache()
 
-    for quant, topk in (("int8-fp8", 0.1), ("int8-fp8", 0.05), ("int8-fp8", 0.15), ("int8-fp8", 1.0),
-                        ("int8-fp16", 0.1), ("none", 0.1)):
+    # "-noproj": no proj_l, so the linear branch is zero and skipped: the op as it runs for original
+    # Wan checkpoints, and for topk 1.0 dense SageAttention itself (the call whose cosine vs fp32 is
+    # reported)
+    for quant, topk, with_proj in (("int8-fp8", 0.1, True), ("int8-fp8", 0.05, True), ("int8-fp8", 0.15, True),
+                                   ("int8-fp8", 1.0, True), ("int8-fp8", 1.0, False), ("int8-fp8", 0.1, False),
+                                   ("int8-fp16", 0.1, True), ("none", 0.1, True)):
         try:
             kb = math.ceil(L / 128)
             dens = sref.num_kept_blocks(topk, kb) / kb
-            fn = lambda: sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=b, quant=quant, backend="triton")  # noqa: E731
+            pw, pb = (w, b) if with_proj else (None, None)
+            fn = lambda: sagesla(q, k, v, topk=topk, proj_weight=pw, proj_bias=pb, quant=quant, backend="triton")  # noqa: E731
             extra = {}
             if topk == 1.0:  # dense accuracy vs fp32 on 2 heads (no linear branch)
                 o = sagesla(q, k, v, topk=1.0, quant=quant, backend="triton")[:, :, :2]
                 sd = F.scaled_dot_product_attention(*(t[:, :, :2].float().transpose(1, 2) for t in (q, k, v)))
                 extra["cos_fp32"], extra["l1_fp32"], _ = metrics(o, sd.transpose(1, 2))
                 del o, sd
-            add(f"sagesla-{quant}-topk{topk}", bench(fn), dens, extra)
+            add(f"sagesla-{quant}-topk{topk}{'' if with_proj else '-noproj'}", bench(fn), dens, extra)
         except Exception as e:
-            print(f"sagesla {quant} {topk} failed: {e!r}"[:400])
+            print(f"sagesla {quant} {topk} proj={with_proj} failed: {e!r}"[:400])
             traceback.print_exc()
         torch.cuda.empty_cache()
     if os.environ.get("SWEEP", "1") == "1":

@@ -304,7 +304,8 @@ def test_fp8_v_key_order(block_k):
 @pytest.mark.parametrize("L,D", [(1, 64), (203, 64), (130, 128)])
 def test_linear_statistics_placements_agree(L, D):
     """φ(k)ᵀv and Σφ(k) are the same wherever they are computed: pass A, pass B, their own kernel
-    (row-major or transposed k tiles, several rows per step and programs per head), and vs fp64."""
+    (row-major or transposed k tiles, the transposed product vᵀφ(k), several rows per step and
+    programs per head), and vs fp64."""
     from turbocompile.kernels.sagesla.triton_prep import prepare
 
     q, k, v = rand(2, L, 2, D)
@@ -313,7 +314,8 @@ def test_linear_statistics_placements_agree(L, D):
     ks_ref = pk.sum(1).reshape(4, D)
     tunes = [dict(linear_in="a"), dict(linear_in="b"), dict(linear_in="c"), dict(linear_in="c", lin_kt=1),
              dict(linear_in="c", lin_block=32, progs_l=16, lin_stages=1), dict(linear_in="c", lin_kt=1, lin_block=16),
-             dict(linear_in="c", lin_vmax=0)]
+             dict(linear_in="c", lin_vmax=0), dict(linear_in="c", lin_vt=0),
+             dict(linear_in="c", lin_vt=1, lin_vmax=1, lin_block=16, progs_l=16)]
     base = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", False)  # no linear branch: pass A takes the V maxima
     for tune in tunes:
         p = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=tune)
