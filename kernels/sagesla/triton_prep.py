@@ -244,7 +244,8 @@ def _linear_stats_kernel(
     operand as computed, with no register transpose. VMAX: also the V channel maxima (for the
     FP8 V scales), so pass A need not read v at all. VT: accumulate the transpose, vᵀφ(k), with
     vᵀ loaded as a [D, BLOCK] tile (the dot's A operand straight from the pipelined load, no
-    register transpose) and φ(k) computed row-wise as the B operand; stored transposed back."""
+    register transpose) and φ(k) computed row-wise as the B operand; stored transposed back (VT
+    takes precedence over KT)."""
     c, bh, row0, kbase, vbase = _chunk_program(k_ptr, v_ptr, H, CHUNK, stride_kb, stride_kh, stride_vb, stride_vh)
     offs_d = tl.arange(0, HEAD_D)
     offs_r = tl.arange(0, BLOCK)
