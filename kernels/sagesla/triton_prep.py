@@ -253,10 +253,10 @@ def _linear_stats_kernel(
     ks = tl.zeros([HEAD_D], dtype=tl.float32)
     vmax = tl.zeros([HEAD_D], dtype=tl.float32)
     nt = tl.cdiv(tl.minimum(L - row0, CHUNK), BLOCK)
-    if VT:
-        for j in tl.range(nt, num_stages=STAGES):
-            rows = row0 + j * BLOCK + offs_r
-            ok = rows < L
+    for j in tl.range(nt, num_stages=STAGES):
+        rows = row0 + j * BLOCK + offs_r
+        ok = rows < L
+        if VT:
             vxt = tl.load(vbase + rows[None, :].to(tl.int64) * stride_vl + offs_d[:, None] * stride_vd,
                           mask=ok[None, :], other=0.0)  # [D, BLOCK]
             if VMAX:
@@ -266,34 +266,29 @@ def _linear_stats_kernel(
             phi = tl.where(ok[:, None], feature_map(kx.to(tl.float32), 1), 0.0)  # [BLOCK, D]
             ks += tl.sum(phi, axis=0)
             kv = dot_acc(vxt, phi.to(vxt.dtype), kv, EXACT_FP8)  # kv[dv, dk]
-        base = (bh * NC + c).to(tl.int64)
-        tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
-        tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[None, :] * HEAD_D + offs_d[:, None], kv)
-        if VMAX:
-            tl.store(vmax_ptr + base * HEAD_D + offs_d, vmax)
-        return
-    for j in tl.range(nt, num_stages=STAGES):
-        rows = row0 + j * BLOCK + offs_r
-        ok = rows < L
-        vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
-                     mask=ok[:, None], other=0.0)
-        if VMAX:
-            vmax = tl.maximum(vmax, tl.max(tl.abs(vx.to(tl.float32)), axis=0))
-        if KT:
-            kx = tl.load(kbase + rows[None, :].to(tl.int64) * stride_kl + offs_d[:, None] * stride_kd,
-                         mask=ok[None, :], other=0.0)
-            phit = tl.where(ok[None, :], feature_map(kx.to(tl.float32), 0), 0.0)  # [D, BLOCK]
-            ks += tl.sum(phit, axis=1)
-            kv = dot_acc(phit.to(vx.dtype), vx, kv, EXACT_FP8)
         else:
-            kx = tl.load(kbase + rows[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
+            vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
                          mask=ok[:, None], other=0.0)
-            phi = tl.where(ok[:, None], feature_map(kx.to(tl.float32), 1), 0.0)  # [BLOCK, D]
-            ks += tl.sum(phi, axis=0)
-            kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
+            if VMAX:
+                vmax = tl.maximum(vmax, tl.max(tl.abs(vx.to(tl.float32)), axis=0))
+            if KT:
+                kx = tl.load(kbase + rows[None, :].to(tl.int64) * stride_kl + offs_d[:, None] * stride_kd,
+                             mask=ok[None, :], other=0.0)
+                phit = tl.where(ok[None, :], feature_map(kx.to(tl.float32), 0), 0.0)  # [D, BLOCK]
+                ks += tl.sum(phit, axis=1)
+                kv = dot_acc(phit.to(vx.dtype), vx, kv, EXACT_FP8)
+            else:
+                kx = tl.load(kbase + rows[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
+                             mask=ok[:, None], other=0.0)
+                phi = tl.where(ok[:, None], feature_map(kx.to(tl.float32), 1), 0.0)  # [BLOCK, D]
+                ks += tl.sum(phi, axis=0)
+                kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
     base = (bh * NC + c).to(tl.int64)
     tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
-    tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :], kv)
+    if VT:  # kv holds the transpose: kv[dv, dk] goes to (dk, dv)
+        tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[None, :] * HEAD_D + offs_d[:, None], kv)
+    else:
+        tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :], kv)
     if VMAX:
         tl.store(vmax_ptr + base * HEAD_D + offs_d, vmax)
 
