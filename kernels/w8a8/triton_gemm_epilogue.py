@@ -82,6 +82,7 @@ def _w8a8_gemm_gelu_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 output: round explicitly (see _round_bf16_rne)
+    NATIVE: tl.constexpr,  # a GPU build (not the interpreter): _gelu_tanh may use inline PTX
     AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per 128-column granule), 2 atomic (per row)
     GRANULE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -145,7 +146,7 @@ def _w8a8_gemm_gelu_kernel(
         acc = acc * tl.load(sw_ptr + rn * stride_swn)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    h = _gelu_tanh(acc)
+    h = _gelu_tanh(acc, NATIVE)
     if ROUND_BF16:
         h = _round_bf16_rne(h)
     h = h.to(y_ptr.dtype.element_ty)
@@ -296,7 +297,8 @@ def w8a8_gemm_gelu_triton(
         sw.stride(0), sw.stride(1), y.stride(0), y.stride(1), amax.stride(0) if amax is not None else 0,
     )
     meta = dict(A_BLOCK=a_block, W_BLOCK=w_block, IS_FP8=is_fp8, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0,
-                ROUND_BF16=triton_interpret() and out_dtype == torch.bfloat16, AMAX_MODE=mode_id, GRANULE=AMAX_GRANULE, BLOCK_K=128)
+                ROUND_BF16=triton_interpret() and out_dtype == torch.bfloat16, NATIVE=not triton_interpret(),
+                AMAX_MODE=mode_id, GRANULE=AMAX_GRANULE, BLOCK_K=128)
     if config is None and triton_interpret():
         config = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
     if config is not None:

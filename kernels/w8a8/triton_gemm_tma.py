@@ -79,6 +79,7 @@ def _scale_bias_cast(
     OUT_KIND: tl.constexpr,
     ACTIVATION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    NATIVE: tl.constexpr,
     WIDTH: tl.constexpr,
 ):
     """``act(acc * sA[m] * sW[n] + bias[n])`` in fp32 for columns off_n..off_n+WIDTH, cast to y's
@@ -91,7 +92,7 @@ def _scale_bias_cast(
     if HAS_BIAS:
         v += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 1:
-        v = _gelu_tanh(v)
+        v = _gelu_tanh(v, NATIVE)
     if ROUND_BF16:
         v = _round_bf16_rne(v)  # the interpreter's bf16 cast truncates; this makes it exact
     if OUT_KIND == 0:
@@ -162,6 +163,7 @@ def _w8a8_gemm_tma_kernel(
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32 (y_desc's dtype)
     ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 output + an epilogue extension: round explicitly
+    NATIVE: tl.constexpr,  # a GPU build (not the interpreter): the GELU may use inline PTX
     AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row)
     GRANULE: tl.constexpr,
     NUM_SMS: tl.constexpr,
@@ -210,19 +212,19 @@ def _w8a8_gemm_tma_kernel(
             acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
             acc0, acc1 = tl.split(acc3)
             y0 = _scale_bias_cast(acc0, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                  ACTIVATION, ROUND_BF16, HALF_N)
+                                  ACTIVATION, ROUND_BF16, NATIVE, HALF_N)
             y_desc.store([off_m, off_n], y0)
             if AMAX_MODE != 0:
                 _store_amax(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, HALF_N)
             y1 = _scale_bias_cast(acc1, s_a, sw_ptr, bias_ptr, off_n + HALF_N, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                  ACTIVATION, ROUND_BF16, HALF_N)
+                                  ACTIVATION, ROUND_BF16, NATIVE, HALF_N)
             y_desc.store([off_m, off_n + HALF_N], y1)
             if AMAX_MODE != 0:
                 _store_amax(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M,
                             HALF_N)
         else:
             y_tile = _scale_bias_cast(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                      ACTIVATION, ROUND_BF16, BLOCK_N)
+                                      ACTIVATION, ROUND_BF16, NATIVE, BLOCK_N)
             y_desc.store([off_m, off_n], y_tile)
             if AMAX_MODE != 0:
                 _store_amax(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, BLOCK_N)
@@ -426,7 +428,8 @@ def w8a8_gemm_tma(
     # keeps the interpreter's truncating cast, as the plain pointer kernel does (tests compare them).
     round_bf16 = triton_interpret() and out_dtype == torch.bfloat16 and (act_id != 0 or mode_id != 0)
     meta = dict(IS_FP8=qa.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
-                OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16, AMAX_MODE=mode_id,
+                OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16, NATIVE=not triton_interpret(),
+                AMAX_MODE=mode_id,
                 GRANULE=AMAX_GRANULE, NUM_SMS=nsm, FLATTEN=FLATTEN)
     if config is None and triton_interpret():
         config = {}
