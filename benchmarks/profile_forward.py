@@ -1,7 +1,11 @@
 """Where does an optimized forward spend its time? torch.profiler over one DiT forward, CUDA time
 grouped by kernel family (GEMM, attention, norms, quantizer, elementwise glue, ...).
 
-    python benchmarks/profile_forward.py --model wan2.1-t2v-1.3b --recipe turbo-int8 --out $OUT
+    python benchmarks/profile_forward.py --model wan2.1-t2v-1.3b --recipe turbo-int8 --out $OUT [--cuda-graph]
+
+``--cuda-graph`` profiles a replay of the captured CUDA graph (what the e2e benchmark times) and
+also reports the idle time between kernels: kernel count, the span from the first kernel's start
+to the last one's end, the sum of kernel times, and the largest gaps with their neighbours.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def main():
     ap.add_argument("--model", default="wan2.1-t2v-1.3b")
     ap.add_argument("--recipe", default="turbo-int8")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cuda-graph", action="store_true")
     a = ap.parse_args()
     recipe = turbocompile.recipe.load_recipe(a.recipe).to_dict()
     recipe["model"] = {"dtype": "bfloat16", "device": "cuda"}
@@ -49,6 +54,8 @@ def main():
     gm = res.graph_module
     cfg = turbocompile.get_preset(a.model)
     inp = list(example_inputs(cfg, cfg.video_shape(), device="cuda", dtype=torch.bfloat16).values())
+    if a.cuda_graph:
+        gm = res.cuda_graph(inp)
     with torch.no_grad():
         for _ in range(3):
             gm(*inp)
@@ -70,15 +77,41 @@ def main():
         fam[family(ev.key)] += t
         per_kernel[ev.key[:90]] += t
     total = sum(fam.values())
+    gaps = _gaps(prof)
     print(f"{a.model} {a.recipe}: wall {wall_ms:.1f} ms, host launch {host_ms:.1f} ms, GPU kernels {total:.1f} ms")
     for k, v in fam.most_common():
         print(f"  {k:<26} {v:8.2f} ms  {100 * v / total:5.1f}%")
     print("top kernels:")
     for k, v in per_kernel.most_common(18):
         print(f"  {v:8.2f} ms  {k}")
-    with open(os.path.join(a.out, f"profile_{a.model}_{a.recipe}.json"), "w") as f:
+    print("timeline:", json.dumps({k: v for k, v in gaps.items() if k != "largest"}))
+    for g in gaps["largest"][:12]:
+        print(f"  gap {g[0]:7.1f} us  after {g[1]}  before {g[2]}")
+    tag = "_cudagraph" if a.cuda_graph else ""
+    with open(os.path.join(a.out, f"profile_{a.model}_{a.recipe}{tag}.json"), "w") as f:
         json.dump({"wall_ms": wall_ms, "host_ms": host_ms, "families": dict(fam),
-                   "kernels": dict(per_kernel.most_common(60))}, f, indent=2)
+                   "kernels": dict(per_kernel.most_common(60)), "timeline": gaps}, f, indent=2)
+
+
+def _gaps(prof) -> dict:
+    """Kernel timeline of the profiled forward: count, span, busy time, idle gaps between kernels."""
+    ks = sorted(((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start),
+                key=lambda k: k[0])
+    if not ks:
+        return {"kernels": 0, "largest": []}
+    gaps, busy_end = [], ks[0][1]
+    for prev, cur in zip(ks, ks[1:]):
+        busy_end = max(busy_end, prev[1])
+        if cur[0] > busy_end:
+            gaps.append((cur[0] - busy_end, prev[2], cur[2]))
+    span = max(k[1] for k in ks) - ks[0][0]
+    idle = sum(g[0] for g in gaps)
+    small = [g[0] for g in gaps]
+    small.sort()
+    return {"kernels": len(ks), "span_ms": span / 1e3, "busy_ms": (span - idle) / 1e3, "idle_ms": idle / 1e3,
+            "gaps": len(gaps), "median_gap_us": small[len(small) // 2] if small else 0.0,
+            "largest": sorted(gaps, reverse=True)[:30]}
 
 
 if __name__ == "__main__":
