@@ -81,6 +81,8 @@ PREP_TUNES = [
     ("linear kernel: φ(k)ᵀv row-major, 8 warps", dict(lin_vt=0, lin_warps=8)),
     ("linear kernel: 8 warps", dict(lin_warps=8)),
     ("linear kernel: 8 warps 128 rows", dict(lin_warps=8, lin_block=128)),
+    # Session 9: key means, V scales and block scores in one kernel (glue, default) vs torch ops + bmm
+    ("glue off: torch ops + cuBLAS TF32 bmm (session 8)", dict(glue=0)),
 ]
 # The split linear-branch output kernel (launch_attn(linear_cfg=...)).
 LINEAR_OUT_CFGS = [

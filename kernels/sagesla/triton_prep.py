@@ -335,6 +335,82 @@ def _topk_lut_kernel(
     tl.store(lut_ptr + r[:, None].to(tl.int64) * T + pos, colv, mask=sel)
 
 
+@triton.jit
+def _key_means_kernel(
+    qpool_ptr, kblk_ptr, vmax_ptr, km_ptr, vscale_ptr, scores_ptr,
+    L, Qb, Kb, NC, block_k, eps,
+    HEAD_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+    SCORES: tl.constexpr, PREC: tl.constexpr,
+):
+    """Between passes A and B, per head (program (i, bh)): the key mean km = Σ kblk / L, the V scale
+    max_c vmax / 448 + eps (program i = 0 stores both), and with SCORES the block scores
+    q̄ k̄ᵀ of query blocks i·BQ.. against every key block, k̄ = kblk / rows(block) - km computed on the
+    fly (PREC 0 fp32, 1 TF32, 2 bf16 operands: see `block_scores`). One launch instead of about ten
+    small torch ops and a cuBLAS bmm."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_d = tl.arange(0, HEAD_D)
+    kbase = kblk_ptr + bh.to(tl.int64) * Kb * HEAD_D
+    acc = tl.zeros([BK, HEAD_D], tl.float32)
+    for j0 in range(0, Kb, BK):
+        rows = j0 + tl.arange(0, BK)
+        acc += tl.load(kbase + rows[:, None] * HEAD_D + offs_d[None, :], mask=(rows < Kb)[:, None], other=0.0)
+    km = tl.sum(acc, axis=0) / L
+    if i == 0:
+        tl.store(km_ptr + bh * HEAD_D + offs_d, km)
+        vm = tl.zeros([BC, HEAD_D], tl.float32)  # maxima of |v| are >= 0
+        for c0 in range(0, NC, BC):
+            c = c0 + tl.arange(0, BC)
+            vm = tl.maximum(vm, tl.load(vmax_ptr + (bh * NC + c)[:, None].to(tl.int64) * HEAD_D + offs_d[None, :],
+                                        mask=(c < NC)[:, None], other=0.0))
+        tl.store(vscale_ptr + bh * HEAD_D + offs_d, tl.math.div_rn(tl.max(vm, axis=0), tl.full([HEAD_D], 448.0,
+                                                                                                  tl.float32)) + eps)
+    if SCORES:
+        qrows = i * BQ + tl.arange(0, BQ)
+        qmask = qrows < Qb
+        qp = tl.load(qpool_ptr + (bh.to(tl.int64) * Qb + qrows)[:, None] * HEAD_D + offs_d[None, :],
+                     mask=qmask[:, None], other=0.0)
+        for j0 in range(0, Kb, BK):
+            rows = j0 + tl.arange(0, BK)
+            kmask = rows < Kb
+            cnt = tl.where(rows == Kb - 1, L - (Kb - 1) * block_k, block_k).to(tl.float32)
+            kb = tl.load(kbase + rows[:, None] * HEAD_D + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            kbar = kb / cnt[:, None] - km[None, :]
+            if PREC == 2:  # bf16 operands (TurboDiffusion's rounding): exact products, fp32 sums
+                sc = tl.dot(qp.to(tl.bfloat16).to(tl.float32), tl.trans(kbar.to(tl.bfloat16).to(tl.float32)),
+                            input_precision="ieee")
+            elif PREC == 1:
+                sc = tl.dot(qp, tl.trans(kbar), input_precision="tf32")
+            else:
+                sc = tl.dot(qp, tl.trans(kbar), input_precision="ieee")
+            tl.store(scores_ptr + (bh.to(tl.int64) * Qb + qrows)[:, None] * Kb + rows[None, :], sc,
+                     mask=qmask[:, None] & kmask[None, :])
+
+
+def key_means(qpool: torch.Tensor, kblk: torch.Tensor, vmax: torch.Tensor, L: int, block_k: int,
+              scores: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(km [BH, D], vscale [BH, D], block scores [BH, Qb, Kb] or None) from pass A's outputs in one
+    launch (`_key_means_kernel`); ``scores``: None (dense: no block map) or a `block_scores` precision."""
+    BH, Kb, D = kblk.shape
+    NC = vmax.shape[1]
+    dev = kblk.device
+    km = torch.empty(BH, D, device=dev, dtype=torch.float32)
+    vscale = torch.empty(BH, D, device=dev, dtype=torch.float32)
+    prec = {None: 0, "fp32": 0, "tf32": 1, "bf16": 2}
+    if scores not in prec:
+        raise ValueError(f"scores precision {scores!r}; valid: 'fp32', 'tf32', 'bf16'")
+    Qb = qpool.shape[1] if scores is not None else 1
+    out = torch.empty(BH, Qb, Kb, device=dev, dtype=torch.float32) if scores is not None else km
+    # TF32 runs on the tensor cores; the fp32 ("ieee") products are FMAs and need small tiles (sm90:
+    # 216 registers at 64 x 32 for TF32; 255 with a few spills at 32 x 16 for fp32, none at D = 64)
+    BQ, BK = (64, 32) if prec[scores] == 1 else (32, 16)
+    grid = (triton.cdiv(Qb, BQ) if scores is not None else 1, BH)
+    _key_means_kernel[grid](qpool if scores is not None else km, kblk, vmax, km, vscale, out, L, Qb, Kb, NC, block_k,
+                            EPS_SCALE, HEAD_D=D, BQ=BQ, BK=BK, BC=16, SCORES=scores is not None,
+                            PREC=prec[scores], num_warps=4)
+    return km, vscale, (out if scores is not None else None)
+
+
 def topk_lut(scores: torch.Tensor, T: int, rows: int = 0, num_warps: int = 4) -> torch.Tensor:
     """[..., Kb] fp32 scores -> [..., T] int32 ascending column indices of a top-T (Triton).
     rows: score rows per program (0: as many as fit 4096 lanes, at most 16)."""
@@ -387,12 +463,13 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # H200 session 4, B1 H40 L75600 (prep total): statistics kernel at 4 warps 0.75 ms (8 warps 1.35 ms;
 # inside pass B they cost 1.2 ms of its 2.0 ms); the V maxima there slow it to 1.25 ms while pass A
 # saves only 0.23 ms (3.41 vs 3.14 ms in all), so they stay in pass A (at 1.3B: 0.50 vs 0.55 ms).
+# glue: key means, V scales and block scores in one kernel (`key_means`) instead of torch ops + bmm.
 # H200 session 8: the statistics kernel accumulating vᵀφ(k) (lin_vt, vᵀ loaded as the dot's A tile)
 # 0.154 -> 0.149 ms at 1.3B, 0.737 -> 0.700 ms at 14B, same kv; at 8 warps (no spills) 0.19 / 1.31 ms.
 DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
                 "stages_a": 2, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
                 "lin_kt": 0, "lin_vt": 1, "lin_vmax": 0, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
-                "v_perm": 1}
+                "v_perm": 1, "glue": 1}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None):
@@ -443,20 +520,24 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             CHUNK=chunk_l, BLOCK=tn["lin_block"], HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
             STAGES=tn["lin_stages"], VMAX=vmax_in_c, VT=bool(tn["lin_vt"]), num_warps=tn["lin_warps"],
         )
-    km = kblk.sum(1) / L  # [BH, D]
+    if tn["glue"]:  # key means, V scales and block scores in one kernel
+        km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, None if dense else tn["scores"])
+    else:  # the same with torch ops (session-8 path, kept for the ablation benchmark)
+        km = kblk.sum(1) / L  # [BH, D]
+        scores = None
+        if not dense:
+            cnt = torch.full((Kb,), float(block_k), device=dev, dtype=f32)
+            cnt[-1:].fill_(L - (Kb - 1) * block_k)  # no 0-dim setitem: H2D copy, not capturable
+            kbar = kblk / cnt[:, None] - km[:, None, :]
+            scores = block_scores(qpool, kbar, tn["scores"])  # [BH, Qb, Kb]
+        vscale = vmax.amax(1) / FP8_MAX + EPS_SCALE  # [BH, D]
     if dense:
         lut = None  # the kernel iterates every key block directly
+    elif tn["topk"] == "triton":
+        lut = topk_lut(scores, T, tn["topk_rows"], tn["topk_warps"])
     else:
-        cnt = torch.full((Kb,), float(block_k), device=dev, dtype=f32)
-        cnt[-1:].fill_(L - (Kb - 1) * block_k)  # no 0-dim setitem: H2D copy, not capturable
-        kbar = kblk / cnt[:, None] - km[:, None, :]
-        scores = block_scores(qpool, kbar, tn["scores"])  # [BH, Qb, Kb]
-        if tn["topk"] == "triton":
-            lut = topk_lut(scores, T, tn["topk_rows"], tn["topk_warps"])
-        else:
-            idx = torch.topk(scores, T, dim=-1, sorted=False).indices
-            lut = torch.sort(idx.to(torch.int32), dim=-1).values.contiguous()
-    vscale = vmax.amax(1) / FP8_MAX + EPS_SCALE  # [BH, D]
+        idx = torch.topk(scores, T, dim=-1, sorted=False).indices
+        lut = torch.sort(idx.to(torch.int32), dim=-1).values.contiguous()
     if qnt:
         kq = torch.empty(BH, Lpad, D, device=dev, dtype=torch.int8)
         kscale = torch.empty(BH, Kb, device=dev, dtype=f32)

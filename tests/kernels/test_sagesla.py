@@ -405,3 +405,34 @@ def test_block_score_precisions_and_topk_launches(precision):
     torch.testing.assert_close(block_scores(a, b, "fp32"), a @ b.transpose(1, 2))
     with pytest.raises(ValueError, match="valid: 'fp32', 'tf32', 'bf16'"):
         block_scores(a, b, "fp16")
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("L,block_k,D,NC", [(203, 32, 64, 3), (1000, 16, 128, 37), (5, 128, 64, 1)])
+def test_key_means_kernel_matches_torch(L, block_k, D, NC):
+    """`key_means` (one launch between passes A and B) vs the torch ops it replaces: key mean, V
+    scale, and block scores at every precision, with a short last key block, more key blocks than
+    one tile, and partial-maxima counts that are not a multiple of the kernel's chunk."""
+    from turbocompile.kernels.sagesla.triton_prep import EPS_SCALE, FP8_MAX, key_means
+
+    g = torch.Generator().manual_seed(L)
+    BH, Kb, Qb = 3, -(-L // block_k), -(-L // 64) + 2
+    kblk = (torch.randn(BH, Kb, D, generator=g) * block_k).to(DEV)
+    qpool = torch.randn(BH, Qb, D, generator=g).to(DEV)
+    vmax = torch.rand(BH, NC, D, generator=g).to(DEV) * 5
+    cnt = torch.full((Kb,), float(block_k))
+    cnt[-1] = L - (Kb - 1) * block_k
+    km_ref = kblk.double().sum(1) / L
+    kbar = kblk.double().cpu() / cnt[:, None].double() - km_ref.cpu()[:, None, :]
+    s_ref = qpool.double().cpu() @ kbar.transpose(1, 2)
+    for prec, tol in (("fp32", 1e-5), ("tf32", 1e-5), ("bf16", 2e-2)):
+        km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, prec)
+        assert torch.allclose(km.double(), km_ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(vscale, vmax.amax(1) / FP8_MAX + EPS_SCALE, rtol=1e-6, atol=0)
+        # one key block (L=5): k̄ = 0, every score is 0
+        err = ((scores.double().cpu() - s_ref).norm() / max(s_ref.norm().item(), 1.0)).item()
+        assert scores.shape == (BH, Qb, Kb) and err < tol, (prec, err)
+    km2, vscale2, none = key_means(qpool, kblk, vmax, L, block_k, None)  # dense: no scores
+    assert none is None and torch.equal(km2, km) and torch.equal(vscale2, vscale)
+    with pytest.raises(ValueError, match="valid: 'fp32', 'tf32', 'bf16'"):
+        key_means(qpool, kblk, vmax, L, block_k, "fp16")
