@@ -401,8 +401,9 @@ def key_means(qpool: torch.Tensor, kblk: torch.Tensor, vmax: torch.Tensor, L: in
         raise ValueError(f"scores precision {scores!r}; valid: 'fp32', 'tf32', 'bf16'")
     Qb = qpool.shape[1] if scores is not None else 1
     out = torch.empty(BH, Qb, Kb, device=dev, dtype=torch.float32) if scores is not None else km
-    # TF32 runs on the tensor cores; the fp32 ("ieee") products are FMAs and need small tiles (sm90:
-    # 216 registers at 64 x 32 for TF32; 255 with a few spills at 32 x 16 for fp32, none at D = 64)
+    # TF32 runs on the tensor cores; the fp32 ("ieee") products are FMAs and need small tiles (sm90,
+    # D = 128: 216 registers at 64 x 32 for TF32; at 64 x 32 the FMA product spilled 6.5 KB, at 32 x 16
+    # 124 bytes)
     BQ, BK = (64, 32) if prec[scores] == 1 else (32, 16)
     grid = (triton.cdiv(Qb, BQ) if scores is not None else 1, BH)
     _key_means_kernel[grid](qpool if scores is not None else km, kblk, vmax, km, vscale, out, L, Qb, Kb, NC, block_k,
