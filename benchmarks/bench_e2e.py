@@ -56,9 +56,19 @@ VARIANTS = {
     "rcm4_fp8+norms+sagesla+epi": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
                                    "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}},
                                    {"name": "bake_rcm_sampler", "options": {"steps": 4}}],
+    # + horizontal fusion of the self-attention q, k, v GEMMs (pass fuse_sibling_gemms)
+    "w8a8_fp8+norms+sagesla+epi+qkv": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
+                                       "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}},
+                                       "fuse_sibling_gemms"],
+    "rcm4_fp8+norms+sagesla+epi+qkv": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
+                                       "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}},
+                                       "fuse_sibling_gemms", {"name": "bake_rcm_sampler", "options": {"steps": 4}}],
 }
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"
+# "+gelu_ex2rcp" anywhere in a variant name: run it with the GELU epilogue's two-MUFU form (the session-9
+# default, kernels/w8a8/_epilogue_math.GELU_NATIVE_FORMS) instead of the current default, same process
+GELU_EX2RCP_TAG = "+gelu_ex2rcp"
 
 
 def timed(fn, device, warmup=2, reps=5):
@@ -115,22 +125,31 @@ def main(argv=None):
                "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "variants": {}}
     ref_out = None
     eager_ms = None
-    for name in args.variants.split(","):
+    for label in args.variants.split(","):
+        name = label.replace(GELU_EX2RCP_TAG, "")
         base_name = name[: -len(CUDA_GRAPH_SUFFIX)] if name.endswith(CUDA_GRAPH_SUFFIX) else name
         if base_name not in VARIANTS or (base_name != name and VARIANTS[base_name] is None):
-            raise SystemExit(f"unknown variant {name}; choose from {', '.join(VARIANTS)}")
+            raise SystemExit(f"unknown variant {label}; choose from {', '.join(VARIANTS)}")
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        from turbocompile.kernels.w8a8 import _epilogue_math
+
+        gelu_form = _epilogue_math.GELU_NATIVE_FORM
+        if label != name:
+            _epilogue_math.GELU_NATIVE_FORM = "ex2_rcp"
         try:
-            ref_out, eager_ms = _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms)
+            ref_out, eager_ms = _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms,
+                                     label)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
             import traceback
 
             tb = [ln for ln in traceback.format_exc().splitlines() if ln.strip().startswith("File")][-4:]
-            print(f"{name:<28} FAILED: {type(exc).__name__}: {str(exc)[:300]} | {' | '.join(tb)}", flush=True)
-            results["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+            print(f"{label:<28} FAILED: {type(exc).__name__}: {str(exc)[:300]} | {' | '.join(tb)}", flush=True)
+            results["variants"][label] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        finally:
+            _epilogue_math.GELU_NATIVE_FORM = gelu_form
         gc.collect()
     path = os.path.join(args.out, f"e2e_{cfg.name}.json")
     _finish(results, path, args, cfg, shape)
@@ -152,7 +171,7 @@ def _td_checkpoint(cfg, out_dir):
     return str(path)
 
 
-def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms):
+def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms, label):
     if True:
         t0 = time.perf_counter()
         if name in ("eager", "compile"):
@@ -210,9 +229,10 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
         entry = {"gemm_epilogues": epi, "sagesla": sla, "ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak,
                  "prep_peak_gib": prep_peak, "vs_eager_rel_err": m["rel_err"],
                  "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
-        results["variants"][name] = entry
-        print(f"{name:<28} {ms:9.2f} ms  prep {prep_s:6.1f}s  peak {peak or 0:6.2f} GiB  "
+        results["variants"][label] = entry
+        print(f"{label:<28} {ms:9.2f} ms  prep {prep_s:6.1f}s  peak {peak or 0:6.2f} GiB  "
               f"x{entry['speedup_vs_eager'] or 0:5.2f}  rel {m['rel_err']:.3e} cos {m['cosine']:.5f}", flush=True)
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"e2e_{cfg.name}.json"), "w") as f:  # keep partial results
             json.dump(results, f, indent=2)
         del run
@@ -224,6 +244,7 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
 
 
 def _finish(results, path, args, cfg, shape):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     try:

@@ -8,7 +8,7 @@ fp32 operations) without the two GEMM modules importing each other.
 import triton
 import triton.language as tl
 
-__all__ = ["AMAX_GRANULE", "AMAX_MODE_IDS"]
+__all__ = ["AMAX_GRANULE", "AMAX_MODE_IDS", "GELU_NATIVE_FORMS", "GELU_NATIVE_FORM", "gelu_native"]
 
 # Columns per partial-amax entry ("partial" amax mode): the buffer is [M, ceil(N / AMAX_GRANULE)]
 # whatever BLOCK_N the autotuner picks, so every stored tile width must be a multiple of it.
@@ -22,19 +22,47 @@ AMAX_MODE_IDS = {"none": 0, "partial": 1, "atomic": 2}
 # fp32 math, so written term by term the chain costs ~3x the instructions).
 _GELU_C1 = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634)
 _GELU_C2 = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634 * 0.044715)
+# u itself, for the tanh form: u = y * (A1 + A2 * y^2)
+_GELU_A1 = tl.constexpr(0.7978845608028654)
+_GELU_A2 = tl.constexpr(0.7978845608028654 * 0.044715)
+
+# How a GPU build evaluates the GELU (the kernels' NATIVE constexpr; 0 is the portable form the CPU
+# interpreter runs):
+#   1 "ex2_rcp": y / (1 + 2^t) with ex2.approx.ftz and rcp.approx.ftz: two MUFU ops per element.
+#   2 "tanh":    0.5 y (1 + tanh u) with tanh.approx.f32: one MUFU op per element. The MUFU unit
+#                issues 16 results per clock per SM (1/8 of the FP32 pipe), so in a 128x256 tile
+#                epilogue the two-MUFU form costs ~4096 clocks of MUFU time, the tanh form half.
+#                tanh.approx.f32 has ~2^-11 relative error: below the bf16 rounding of the output for
+#                y > 0; for y < 0 the 1 + tanh u cancellation turns it into an absolute error of at
+#                most ~2^-12 |y| (GELU is then tiny).
+GELU_NATIVE_FORMS = {"ex2_rcp": 1, "tanh": 2}
+GELU_NATIVE_FORM = "tanh"
+
+
+def gelu_native(interpret: bool) -> int:
+    """The NATIVE constexpr for a GELU-epilogue launch: 0 under the CPU interpreter (no inline PTX),
+    else the id of :data:`GELU_NATIVE_FORM` (module-level, so a benchmark can compare the forms)."""
+    return 0 if interpret else GELU_NATIVE_FORMS[GELU_NATIVE_FORM]
 
 
 @triton.jit
 def _gelu_tanh(y, NATIVE: tl.constexpr):
-    """fp32 GELU (tanh form) as ``y / (1 + 2^t)``, ``t = y (C1 + C2 y^2)`` clamped at 126 (2^126 is
-    finite; beyond it GELU is -0 anyway).
+    """fp32 GELU (tanh form).
 
-    NATIVE (a GPU build): ex2 and rcp as PTX ``.approx.ftz`` instructions (two MUFU ops and no
-    subnormal fix-ups; relative error ~2^-22 each, far below the bf16 rounding of the output).
-    Otherwise (the CPU interpreter, which has no inline PTX) exp2 and a division.
+    NATIVE 0 (the CPU interpreter, which has no inline PTX): ``y / (1 + 2^t)``, ``t = y (C1 + C2 y^2)``
+    clamped at 126 (2^126 is finite; beyond it GELU is -0 anyway), with exp2 and a division.
+    NATIVE 1: the same formula with ex2 and rcp as PTX ``.approx.ftz`` (two MUFU ops, no subnormal
+    fix-ups; relative error ~2^-22 each). NATIVE 2: ``h + h tanh(u)``, ``h = y / 2``, with PTX
+    ``tanh.approx.f32`` (one MUFU op; see GELU_NATIVE_FORMS for its error).
     """
+    if NATIVE == 2:
+        u = y * (_GELU_A1 + _GELU_A2 * (y * y))
+        th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True,
+                                       pack=1)
+        h = 0.5 * y
+        return h + h * th
     t = tl.minimum(y * (_GELU_C1 + _GELU_C2 * (y * y)), 126.0)
-    if NATIVE:
+    if NATIVE == 1:
         r = tl.inline_asm_elementwise(
             "{ .reg .f32 e; ex2.approx.ftz.f32 e, $1; add.ftz.f32 e, e, 0f3F800000; rcp.approx.ftz.f32 $0, e; }",
             "=r,r", [t], dtype=tl.float32, is_pure=True, pack=1)

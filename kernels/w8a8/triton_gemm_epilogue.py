@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from turbocompile.kernels.w8a8 import _epilogue_math as _em
 from turbocompile.kernels.w8a8._epilogue_math import AMAX_GRANULE, AMAX_MODE_IDS, _gelu_tanh, _round_bf16_rne
 from turbocompile.kernels.w8a8._tiling import grouped_tile
 
@@ -82,7 +83,7 @@ def _w8a8_gemm_gelu_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 output: round explicitly (see _round_bf16_rne)
-    NATIVE: tl.constexpr,  # a GPU build (not the interpreter): _gelu_tanh may use inline PTX
+    NATIVE: tl.constexpr,  # GELU form: 0 portable (interpreter), 1 / 2 inline PTX (_epilogue_math.gelu_native)
     AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per 128-column granule), 2 atomic (per row)
     GRANULE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -297,7 +298,7 @@ def w8a8_gemm_gelu_triton(
         sw.stride(0), sw.stride(1), y.stride(0), y.stride(1), amax.stride(0) if amax is not None else 0,
     )
     meta = dict(A_BLOCK=a_block, W_BLOCK=w_block, IS_FP8=is_fp8, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0,
-                ROUND_BF16=triton_interpret() and out_dtype == torch.bfloat16, NATIVE=not triton_interpret(),
+                ROUND_BF16=triton_interpret() and out_dtype == torch.bfloat16, NATIVE=_em.gelu_native(triton_interpret()),
                 AMAX_MODE=mode_id, GRANULE=AMAX_GRANULE, BLOCK_K=128)
     if config is None and triton_interpret():
         config = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from turbocompile.kernels.w8a8 import _epilogue_math as _em
 from turbocompile.kernels.w8a8._epilogue_math import AMAX_GRANULE, AMAX_MODE_IDS, _gelu_tanh, _round_bf16_rne
 from turbocompile.kernels.w8a8._tiling import grouped_coords
 from turbocompile.ops._backend import triton_interpret
@@ -163,7 +164,7 @@ def _w8a8_gemm_tma_kernel(
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32 (y_desc's dtype)
     ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 output + an epilogue extension: round explicitly
-    NATIVE: tl.constexpr,  # a GPU build (not the interpreter): the GELU may use inline PTX
+    NATIVE: tl.constexpr,  # GELU form: 0 portable (interpreter), 1 / 2 inline PTX (_epilogue_math.gelu_native)
     AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row)
     GRANULE: tl.constexpr,
     NUM_SMS: tl.constexpr,
@@ -428,7 +429,7 @@ def w8a8_gemm_tma(
     # keeps the interpreter's truncating cast, as the plain pointer kernel does (tests compare them).
     round_bf16 = triton_interpret() and out_dtype == torch.bfloat16 and (act_id != 0 or mode_id != 0)
     meta = dict(IS_FP8=qa.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
-                OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16, NATIVE=not triton_interpret(),
+                OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16, NATIVE=_em.gelu_native(triton_interpret()),
                 AMAX_MODE=mode_id,
                 GRANULE=AMAX_GRANULE, NUM_SMS=nsm, FLATTEN=FLATTEN)
     if config is None and triton_interpret():

@@ -197,8 +197,9 @@ def test_tma_configs_fit_shared_memory():
     assert {(128, 256, 128, 8), (128, 128, 128, 8), (128, 128, 128, 4), (64, 128, 128, 4)} <= seen
 
 
-def _sm90_gelu_ptx() -> str:
-    """PTX of the FP8 TMA kernel with the GELU epilogue, compiled for sm90 (a GPU build: NATIVE)."""
+def _sm90_gelu_ptx(native: int = 1) -> str:
+    """PTX of the FP8 TMA kernel with the GELU epilogue, compiled for sm90 (a GPU build: NATIVE form
+    ``native``, see ``_epilogue_math.GELU_NATIVE_FORMS``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -209,7 +210,7 @@ def _sm90_gelu_ptx() -> str:
     sig.update(a_desc="tensordesc<fp8e4nv[128,128]>", w_desc="tensordesc<fp8e4nv[256,128]>",
                y_desc="tensordesc<bf16[128,128]>", sa_ptr="*fp32", sw_ptr="*fp32", bias_ptr="*bf16",
                amax_ptr="*fp32")
-    const = dict(IS_FP8=True, HAS_BIAS=True, OUT_KIND=0, ACTIVATION=1, ROUND_BF16=False, NATIVE=True, AMAX_MODE=0,
+    const = dict(IS_FP8=True, HAS_BIAS=True, OUT_KIND=0, ACTIVATION=1, ROUND_BF16=False, NATIVE=native, AMAX_MODE=0,
                  GRANULE=128, NUM_SMS=132, FLATTEN=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8,
                  EPILOGUE_SUBTILE=True)
     sig.update({key: "constexpr" for key in const})
@@ -217,23 +218,31 @@ def _sm90_gelu_ptx() -> str:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
 
 
-def test_gelu_epilogue_uses_native_ex2_rcp_on_sm90():
-    """On a GPU build the GELU epilogue is one ex2 and one rcp per element (approx, ftz: no subnormal
-    fix-ups), not the exp + IEEE-checked division of the interpreter path; compiled for sm90 in a
-    child process (the test session runs under TRITON_INTERPRET, which cannot compile)."""
+@pytest.mark.parametrize("form", ["ex2_rcp", "tanh"])
+def test_gelu_epilogue_native_forms_on_sm90(form):
+    """On a GPU build the GELU epilogue is one ex2 and one rcp per element ("ex2_rcp"; approx, ftz: no
+    subnormal fix-ups) or one tanh.approx per element ("tanh"), never the exp + IEEE-checked division of
+    the interpreter path; compiled for sm90 in a child process (the test session runs under
+    TRITON_INTERPRET, which cannot compile)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from turbocompile.kernels.w8a8._epilogue_math import GELU_NATIVE_FORMS
+
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    code = ("from tests.kernels.test_w8a8_gemm_tma import _sm90_gelu_ptx; ptx = _sm90_gelu_ptx(); "
-            "print(ptx.count('ex2.approx.ftz.f32'), ptx.count('rcp.approx.ftz.f32'), ptx.count('div.full.f32') + ptx.count('div.rn.f32') + ptx.count('div.approx.f32'), "
+    code = (f"from tests.kernels.test_w8a8_gemm_tma import _sm90_gelu_ptx; ptx = _sm90_gelu_ptx({GELU_NATIVE_FORMS[form]}); "
+            "print(ptx.count('ex2.approx'), ptx.count('rcp.approx'), ptx.count('tanh.approx.f32'), "
+            "ptx.count('div.full.f32') + ptx.count('div.rn.f32') + ptx.count('div.approx.f32'), "
             "ptx.count('wgmma.mma_async'))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0, run.stderr[-2000:]
-    n_ex2, n_rcp, n_div, n_mma = map(int, run.stdout.split()[-4:])
+    n_ex2, n_rcp, n_tanh, n_div, n_mma = map(int, run.stdout.split()[-5:])
     assert n_mma > 0
-    assert n_ex2 > 0 and n_rcp == n_ex2  # one of each per GELU element
+    if form == "ex2_rcp":
+        assert n_ex2 > 0 and n_rcp == n_ex2 and n_tanh == 0  # one of each per GELU element
+    else:
+        assert n_tanh > 0 and n_ex2 == 0 and n_rcp == 0  # one MUFU op per GELU element
     assert n_div == 0
