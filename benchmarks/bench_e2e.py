@@ -226,7 +226,9 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
                     if p["name"] == "fuse_gemm_epilogues"), None)
         sla = next((p["stats"] for p in (res.manifest["passes"] if name not in ("eager", "compile") else [])
                     if p["name"] == "sagesla_attention"), None)
-        entry = {"gemm_epilogues": epi, "sagesla": sla, "ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak,
+        sib = next((p["stats"] for p in (res.manifest["passes"] if name not in ("eager", "compile") else [])
+                    if p["name"] == "fuse_sibling_gemms"), None)
+        entry = {"gemm_epilogues": epi, "sagesla": sla, "sibling_gemms": sib, "ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak,
                  "prep_peak_gib": prep_peak, "vs_eager_rel_err": m["rel_err"],
                  "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
         results["variants"][label] = entry

@@ -18,9 +18,15 @@ computes exactly what the member's own GEMM did (same codes, same K order, same 
 Siblings need not sit in one module: included, the cross-attention k and v of every block read the same
 text embedding and become one GEMM for the whole model.
 
+When it pays: the persistent GEMM walks its tiles in GROUP_M bands, and each band reads the whole weight.
+A weight that fits in L2 is read from HBM about once; one that does not is read once per band. On the
+H200 (50 MB L2), q/k/v at Wan-1.3B 480p (3 x 2.25 MiB of FP8 codes) run 5% faster fused (0.424 -> 0.402 ms),
+at Wan-14B 720p (3 x 25 MiB) 4.7% slower (9.15 -> 9.58 ms; benchmarks/RESULTS.md, session 10). So groups
+whose fused weight exceeds ``max_weight_mib`` (default 16) stay apart, reported as ``unfusable``.
+
 Options: ``include`` (module-path globs of the linears that may be fused; default the self-attention
 q, k, v, which run on every video token; the cross-attention K/V read the 512 text tokens, once per call
-in a baked sampler, so there is little to gain there) and ``min_members``.
+in a baked sampler, so there is little to gain there), ``min_members`` and ``max_weight_mib``.
 Counts: ``groups``, ``fused_linears``, ``unfusable`` (sibling groups left alone, with the reason in the
 notes).
 """
@@ -95,6 +101,8 @@ class FuseSiblingGemms(Pass):
     class Options:
         include: tuple[str, ...] = globs(("blocks.*.self_attn.*",), "module paths of linears that may be fused (globs)")
         min_members: int = number(2, min=2, max=16, doc="smallest sibling group worth a fused GEMM")
+        max_weight_mib: float = number(16.0, min=0.0, max=1e6,
+                                       doc="largest fused weight (MiB of 8-bit codes) still fused; bigger ones stay apart")
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         o = self.options
@@ -128,7 +136,12 @@ class FuseSiblingGemms(Pass):
 
     def _unfusable(self, gm, key, members) -> str | None:
         wgran = key[4]
-        ns = [get_attr_value(gm, attr_target(_weights(m)[0])).shape[0] for m in members]
+        qws = [get_attr_value(gm, attr_target(_weights(m)[0])) for m in members]
+        ns = [w.shape[0] for w in qws]
+        mib = sum(w.numel() * w.element_size() for w in qws) / 2**20
+        if mib > self.options.max_weight_mib:
+            return (f"{members[0].name}: the fused weight would hold {mib:.1f} MiB > max_weight_mib "
+                    f"{self.options.max_weight_mib:g}")
         if wgran == "block128" and any(n % 128 for n in ns[:-1]):
             return (f"{members[0].name}: 128x128 weight blocks need every member but the last to have N % 128 == 0 "
                     f"(N = {ns})")

@@ -133,3 +133,24 @@ def test_leaves_alone_what_it_must():
     # groups smaller than min_members stay as they are
     res, _ = _run(_recipe(_w8(), {"name": "fuse_sibling_gemms", "options": {"min_members": 4}}))
     assert _stats(res)["groups"] == 0
+
+
+def test_weights_too_big_for_l2_stay_apart():
+    """max_weight_mib: a fused weight bigger than that (14B's q/k/v: 75 MiB) is not built; the note says why."""
+    res, out = _run(_recipe(_w8(), {"name": "fuse_sibling_gemms", "options": {"max_weight_mib": 0.1}}))
+    rec = next(p for p in res.manifest["passes"] if p["name"] == "fuse_sibling_gemms")
+    assert rec["stats"] == {"groups": 0, "fused_linears": 0, "unfusable": LAYERS}
+    assert "0.2 MiB > max_weight_mib 0.1" in rec["notes"][0]
+    _, ref_out = _run(_recipe(_w8()))
+    assert torch.equal(out, ref_out)
+
+
+def test_turbo_recipes_fuse_qkv_before_the_bake():
+    from turbocompile.recipe import load_recipe
+
+    for name in ("turbo-int8", "turbo-fp8", "turbo-int8-rcm"):
+        assert "fuse_sibling_gemms" in [p.name for p in load_recipe(name).passes], name
+    res = turbocompile.optimize("wan-tiny", "turbo-int8-rcm", seed=0)
+    names = [p["name"] for p in res.manifest["passes"]]
+    assert names.index("fuse_sibling_gemms") < names.index("bake_rcm_sampler")
+    assert _stats(res)["groups"] == LAYERS
