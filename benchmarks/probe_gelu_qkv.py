@@ -130,8 +130,8 @@ def main():
            "gelu": [], "qkv": []}
     for key in args.shapes.split(","):
         m, dim, ffn = SHAPES[key]
-        for section, row in (("qkv", lambda: qkv(m, dim)), ("gelu", lambda: gelu_forms(m, dim, ffn))):
-            r = row()
+        for section, fn, fargs in (("qkv", qkv, (m, dim)), ("gelu", gelu_forms, (m, dim, ffn))):
+            r = fn(*fargs)
             print(json.dumps(r), flush=True)
             res[section].append(r)
             torch.cuda.empty_cache()

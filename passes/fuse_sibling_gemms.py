@@ -33,7 +33,6 @@ notes).
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -130,7 +129,7 @@ class FuseSiblingGemms(Pass):
         if stats["groups"]:
             g.eliminate_dead_code()  # the members' get_attr nodes
             for t in sorted(replaced):
-                if _has_attr(gm, t):  # a bias may belong to two groups
+                if _has_attr(gm, t):  # skip one already gone (e.g. removed with its parent module)
                     del_attr_if_unused(gm, t)
         return PassResult(stats["groups"] > 0, stats, notes[:3])
 

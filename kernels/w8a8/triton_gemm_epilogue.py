@@ -336,7 +336,8 @@ def gelu_gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, a
         return "pointer", "TMA off"
     if use_tma is None and qw.dtype != torch.float8_e4m3fn:
         # H200, ffn.0 at 1.3B (benchmarks/RESULTS.md, session 5): INT8 GELU GEMM 1.236 ms TMA vs 1.233
-        # pointer, and the pointer kernel's partial amax is cheaper; FP8 0.974 vs 1.133 ms
+        # pointer, and the pointer kernel's partial amax is cheaper; FP8 0.974 vs 1.133 ms. Session 10
+        # (tanh GELU): INT8 1.024 TMA vs 1.058 pointer, but with the quantizer 1.246 vs 1.250: a tie
         return "pointer", "INT8 codes (the TMA GELU kernel is no faster)"
     from turbocompile.kernels.w8a8.triton_gemm import tma_route
 

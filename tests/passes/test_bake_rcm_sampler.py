@@ -178,7 +178,7 @@ def test_turbo_recipe_baked_equals_loop(inputs):
 def test_shipped_recipes_parse():
     r = load_recipe("turbo-int8-rcm")
     assert [p.name for p in r.passes] == ["w8a8_linear", "sagesla_attention", "fuse_norms", "fuse_gemm_epilogues",
-                                         "bake_rcm_sampler"]
+                                         "fuse_sibling_gemms", "bake_rcm_sampler"]
     assert load_recipe("rcm-4step").passes[0].options.steps == 4
     with pytest.raises(RecipeError, match="steps"):
         load_recipe({"version": 1, "passes": [{"name": "bake_rcm_sampler", "options": {"steps": 5}}]})

@@ -95,7 +95,7 @@ def test_triton_path_reads_strided_slices_and_equals_unfused():
 
 
 def test_artifact_round_trip(tmp_path):
-    res, out = _run(_recipe(_w8(), "fuse_norms", "fuse_sibling_gemms"))
+    _, out = _run(_recipe(_w8(), "fuse_norms", "fuse_sibling_gemms"))
     turbocompile.optimize("wan-tiny", _recipe(_w8(), "fuse_norms", "fuse_sibling_gemms"), seed=0,
                           out=tmp_path / "a")
     model = turbocompile.load(tmp_path / "a")
