@@ -6,30 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import turbocompile
 from tests._env import triton_runs_here
-from turbocompile.capture import example_inputs
+from tests.passes._wan_tiny import count_calls as _count
+from tests.passes._wan_tiny import recipe as _recipe
+from tests.passes._wan_tiny import run as _run
 from turbocompile.model.config import get_preset
 
 W8 = {"name": "w8a8_linear", "options": {"format": "int8", "weight_granularity": "per_channel",
                                           "act_granularity": "per_token"}}
 OPS = torch.ops.turbocompile
-
-
-def _recipe(*passes):
-    return {"version": 1, "name": "t", "model": {"dtype": "bfloat16", "device": "cpu"}, "passes": list(passes)}
-
-
-def _run(recipe, seed=0, **kw):
-    res = turbocompile.optimize("wan-tiny", recipe, seed=seed, **kw)
-    cfg = get_preset("wan-tiny")
-    inp = list(example_inputs(cfg, cfg.video_shape(), seed=1, dtype=torch.bfloat16).values())
-    with torch.no_grad():
-        return res, res.graph_module(*inp)
-
-
-def _count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
 
 
 @pytest.mark.parametrize("norms", [True, False], ids=["after_fuse_norms", "w8a8_only"])

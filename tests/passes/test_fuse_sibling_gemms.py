@@ -10,7 +10,10 @@ import torch
 import turbocompile
 import turbocompile.errors
 from tests._env import triton_runs_here
-from turbocompile.capture import example_inputs
+from tests.passes._wan_tiny import count_calls as _count
+from tests.passes._wan_tiny import inputs
+from tests.passes._wan_tiny import recipe as _recipe
+from tests.passes._wan_tiny import run as _run
 from turbocompile.model.config import get_preset
 
 OPS = torch.ops.turbocompile
@@ -20,22 +23,6 @@ LAYERS = get_preset("wan-tiny").num_layers
 def _w8(fmt="int8", wgran="per_channel", act="per_token", backend="auto"):
     return {"name": "w8a8_linear", "options": {"format": fmt, "weight_granularity": wgran, "act_granularity": act,
                                                "backend": backend}}
-
-
-def _recipe(*passes):
-    return {"version": 1, "name": "t", "model": {"dtype": "bfloat16", "device": "cpu"}, "passes": list(passes)}
-
-
-def _run(recipe, **kw):
-    res = turbocompile.optimize("wan-tiny", recipe, seed=0, **kw)
-    cfg = get_preset("wan-tiny")
-    inp = list(example_inputs(cfg, cfg.video_shape(), seed=1, dtype=torch.bfloat16).values())
-    with torch.no_grad():
-        return res, res.graph_module(*inp)
-
-
-def _count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
 
 
 def _stats(res):
@@ -95,14 +82,10 @@ def test_triton_path_reads_strided_slices_and_equals_unfused():
 
 
 def test_artifact_round_trip(tmp_path):
-    _, out = _run(_recipe(_w8(), "fuse_norms", "fuse_sibling_gemms"))
-    turbocompile.optimize("wan-tiny", _recipe(_w8(), "fuse_norms", "fuse_sibling_gemms"), seed=0,
-                          out=tmp_path / "a")
+    _, out = _run(_recipe(_w8(), "fuse_norms", "fuse_sibling_gemms"), out=tmp_path / "a")
     model = turbocompile.load(tmp_path / "a")
-    cfg = get_preset("wan-tiny")
-    inp = list(example_inputs(cfg, cfg.video_shape(), seed=1, dtype=torch.bfloat16).values())
     with torch.no_grad():
-        assert torch.equal(model(*inp), out)
+        assert torch.equal(model(*inputs()), out)
 
 
 def test_baked_sampler_shares_one_fused_weight_per_block():
