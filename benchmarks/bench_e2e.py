@@ -222,12 +222,9 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
             {"rel_err": float("nan"), "cosine": float("nan")}
         if name == "eager":
             eager_ms = ms
-        epi = next((p["stats"] for p in (res.manifest["passes"] if name not in ("eager", "compile") else [])
-                    if p["name"] == "fuse_gemm_epilogues"), None)
-        sla = next((p["stats"] for p in (res.manifest["passes"] if name not in ("eager", "compile") else [])
-                    if p["name"] == "sagesla_attention"), None)
-        sib = next((p["stats"] for p in (res.manifest["passes"] if name not in ("eager", "compile") else [])
-                    if p["name"] == "fuse_sibling_gemms"), None)
+        passes = res.manifest["passes"] if name not in ("eager", "compile") else []
+        stats = {p["name"]: p["stats"] for p in passes}
+        epi, sla, sib = (stats.get(n) for n in ("fuse_gemm_epilogues", "sagesla_attention", "fuse_sibling_gemms"))
         entry = {"gemm_epilogues": epi, "sagesla": sla, "sibling_gemms": sib, "ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak,
                  "prep_peak_gib": prep_peak, "vs_eager_rel_err": m["rel_err"],
                  "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
