@@ -30,6 +30,11 @@ from turbocompile.metrics import compare  # noqa: E402
 from turbocompile.model.config import get_preset  # noqa: E402
 from turbocompile.model.wan import WanModel, init_random_  # noqa: E402
 
+_FP8_EPI = [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms", "fuse_gemm_epilogues",
+            {"name": "sagesla_attention", "options": {"topk": 0.1}}]
+_QKV_ONLY = {"name": "fuse_sibling_gemms", "options": {"include": ["blocks.*.self_attn.*"]}}
+_RCM4 = {"name": "bake_rcm_sampler", "options": {"steps": 4}}
+
 # name -> recipe passes (None = not a turbocompile variant)
 VARIANTS = {
     "eager": None,
@@ -56,13 +61,14 @@ VARIANTS = {
     "rcm4_fp8+norms+sagesla+epi": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
                                    "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}},
                                    {"name": "bake_rcm_sampler", "options": {"steps": 4}}],
-    # + horizontal fusion of the self-attention q, k, v GEMMs (pass fuse_sibling_gemms)
-    "w8a8_fp8+norms+sagesla+epi+qkv": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
-                                       "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}},
-                                       "fuse_sibling_gemms"],
-    "rcm4_fp8+norms+sagesla+epi+qkv": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
-                                       "fuse_gemm_epilogues", {"name": "sagesla_attention", "options": {"topk": 0.1}},
-                                       "fuse_sibling_gemms", {"name": "bake_rcm_sampler", "options": {"steps": 4}}],
+    # + horizontal fusion of the self-attention q, k, v GEMMs only (session 10's fuse_sibling_gemms)
+    "w8a8_fp8+norms+sagesla+epi+qkv": [*_FP8_EPI, _QKV_ONLY],
+    "rcm4_fp8+norms+sagesla+epi+qkv": [*_FP8_EPI, _QKV_ONLY, _RCM4],
+    # + fuse_sibling_gemms' default groups: also every block's cross-attention K/V as one GEMM
+    "w8a8_fp8+norms+sagesla+epi+siblings": [*_FP8_EPI, "fuse_sibling_gemms"],
+    # + SageSLA's block pooling inside the q/k RMSNorm+RoPE kernels: the turbo-fp8 recipe
+    "w8a8_fp8+norms+sagesla+epi+pool+siblings": [*_FP8_EPI, "fuse_attention_pooling", "fuse_sibling_gemms"],
+    "rcm4_fp8+norms+sagesla+epi+pool+siblings": [*_FP8_EPI, "fuse_attention_pooling", "fuse_sibling_gemms", _RCM4],
 }
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"

@@ -11,3 +11,4 @@ from turbocompile.passes import fuse_norms  # noqa: E402,F401
 from turbocompile.passes import bake_rcm_sampler  # noqa: E402,F401
 from turbocompile.passes import fuse_gemm_epilogues  # noqa: E402,F401
 from turbocompile.passes import fuse_sibling_gemms  # noqa: E402,F401
+from turbocompile.passes import fuse_attention_pooling  # noqa: E402,F401

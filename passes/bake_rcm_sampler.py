@@ -23,7 +23,13 @@ built as a compiler transformation, not a Python loop (``wan-architecture.md`` Â
    buffer (``step{i}.<node>``; ``shared.<node>`` when no timestep is involved).
 3. **CSE**: the N copies of everything that depends only on ``context`` (text embedding,
    each block's cross-attention K/V projections and k-RMSNorm; image K/V for Wan2.1 I2V)
-   are identical after unrolling and merge into one computation per call.
+   are identical after unrolling and merge into one computation per call. The same holds
+   when ``fuse_sibling_gemms`` ran first and made the cross K/V of all blocks one GEMM
+   (its ``narrow`` slices merge too): that GEMM runs once per call (per expert for A14B).
+
+Stats ``cross_kv_before`` / ``cross_kv_after`` count cross-attention K/V *projections*
+(one per block, projection and step before CSE; a fused GEMM counts each member it computes),
+``cross_kv_gemms_before`` / ``cross_kv_gemms_after`` the GEMM nodes that compute them.
 
 Where the second expert comes from: ``ctx.extras["experts"] = {"low": GraphModule}`` (and
 optionally ``"high"``; default: the graph being baked), each optimized by the same
@@ -47,7 +53,7 @@ from turbocompile.passbase import Pass, PassResult, register_pass
 from turbocompile.passes._fold import drop_unused_attributes, eliminate_common_subexpressions, fold_constants
 from turbocompile.passes._graph import get_attr_value, set_attr_value
 
-__all__ = ["BakeRCMSampler", "count_cross_kv", "sampler_input_specs"]
+__all__ = ["BakeRCMSampler", "count_cross_kv", "count_cross_kv_gemms", "sampler_input_specs"]
 
 _CROSS_KV = re.compile(r"(?:^|\.)blocks\.\d+\.cross_attn\.(k|v|k_img|v_img)\.")
 _TEXT_EMB = re.compile(r"(?:^|\.)text_embedding\.0\.")
@@ -64,16 +70,38 @@ def _is_linear_like(node: fx.Node) -> bool:
 
 
 def _weight_targets(node: fx.Node) -> list[str]:
+    """What a linear-like node computes: its weights' attribute names, or for a GEMM that
+    ``fuse_sibling_gemms`` made of several linears one ``<module path>.`` per member (its own
+    weight is named after the group, e.g. ``fused_blocks_0_cross_attn_k_and_3_more.qweight``)."""
+    members = node.meta.get("tc_fused_members")
+    if members:
+        return [f"{p}." for p in members]
     return [a.target for a in node.all_input_nodes if a.op == "get_attr"]
 
 
 def count_linears(graph: fx.Graph, pattern: re.Pattern) -> int:
-    """Linear-like nodes (F.linear / W8A8 ops) whose weights match ``pattern``."""
+    """Linear-like nodes (F.linear / W8A8 ops, fused GEMMs once) whose weights match ``pattern``."""
     return sum(1 for n in graph.nodes if _is_linear_like(n) and any(pattern.search(t) for t in _weight_targets(n)))
 
 
+def count_projections(graph: fx.Graph, pattern: re.Pattern) -> int:
+    """Linear projections matching ``pattern`` that ``graph`` computes (a fused GEMM counts each member)."""
+    total = 0
+    for n in graph.nodes:
+        if not _is_linear_like(n):
+            continue
+        hits = sum(1 for t in _weight_targets(n) if pattern.search(t))
+        total += hits if n.meta.get("tc_fused_members") else min(hits, 1)  # weight, scales, bias: one linear
+    return total
+
+
 def count_cross_kv(graph: fx.Graph) -> int:
-    """Cross-attention K/V projections (text and image) computed by ``graph``."""
+    """Cross-attention K/V projections (text and image) computed by ``graph``, fused or not."""
+    return count_projections(graph, _CROSS_KV)
+
+
+def count_cross_kv_gemms(graph: fx.Graph) -> int:
+    """GEMM nodes of ``graph`` computing cross-attention K/V (one for all blocks once fused)."""
     return count_linears(graph, _CROSS_KV)
 
 
@@ -203,7 +231,7 @@ class BakeRCMSampler(Pass):
                 set_attr_value(gm, name, tensor)
         gm.graph = g
         unrolled_nodes = len(g.nodes)
-        kv_before = count_cross_kv(g)
+        kv_before, kv_gemms_before = count_cross_kv(g), count_cross_kv_gemms(g)
         text_before = count_linears(g, _TEXT_EMB)
 
         # -- 2./3. CSE (shares context work, dedups weight reads) then constant folding ----
@@ -249,6 +277,8 @@ class BakeRCMSampler(Pass):
             "cse_removed": removed,
             "cross_kv_before": kv_before,
             "cross_kv_after": kv_after,
+            "cross_kv_gemms_before": kv_gemms_before,
+            "cross_kv_gemms_after": count_cross_kv_gemms(g),
             "text_embedding_before": text_before,
             "text_embedding_after": count_linears(g, _TEXT_EMB),
             "time_embedding_evals_left": silu_left,

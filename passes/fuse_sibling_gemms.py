@@ -15,24 +15,38 @@ weights held as graph constants. With 128×128 weight blocks every member but th
 N % 128 == 0 (the block scales are concatenated by rows of blocks). Per output column the fused GEMM
 computes exactly what the member's own GEMM did (same codes, same K order, same per-channel scale).
 
-Siblings need not sit in one module: included, the cross-attention k and v of every block read the same
-text embedding and become one GEMM for the whole model.
+Siblings need not sit in one module: the cross-attention k and v of every block read the same text
+embedding and become one GEMM for the whole model (and, for I2V, k_img and v_img of every block, which read
+the same image embedding, a second one). Measured on the H200 in a CUDA graph (benchmarks/probe_cross.py):
+at Wan2.1-1.3B the 60 cross K/V W8A8 FP8 GEMMs (512 text tokens x 1536 -> 1536, each with its own quantizer
+of the same embedding) take 0.535 ms per forward, one quantizer and one GEMM of N = 60 x 1536 take 0.138 ms,
+every slice bit-equal; at Wan-14B 2.65 -> 1.89 ms. Cross-attention q (reads the video tokens) and o read
+other activations and are never grouped with them.
 
 When it pays: the persistent GEMM walks its tiles in GROUP_M bands, and each band reads the whole weight.
 A weight that fits in L2 is read from HBM about once; one that does not is read once per band. On the
 H200 (50 MB L2), q/k/v at Wan-1.3B 480p (3 x 2.25 MiB of FP8 codes) run 5% faster fused (0.424 -> 0.402 ms),
 at Wan-14B 720p (3 x 25 MiB) 4.7% slower (9.15 -> 9.58 ms; benchmarks/RESULTS.md, session 10). So groups
-whose fused weight exceeds ``max_weight_mib`` (default 16) stay apart, reported as ``unfusable``.
+whose fused weight exceeds ``max_weight_mib`` (default 16) stay apart, reported as ``unfusable`` -- unless
+their activation has few rows: with M <= ``small_m_rows`` (default 1024 = BLOCK_M 128 x GROUP_M 8) there is
+at most one band, so the weight is streamed once whatever its size (the cross K/V: M = batch x 512 text
+tokens, fused weight 135 MiB at 1.3B, 2000 MiB at 14B). M is the traced row count (all but the last dim of
+the input); a graph called with a larger batch than it was captured for reads the weight once per 1024 rows.
+Cost: the fused output [M, N] stays alive until its last member's consumer (at 14B 512 x 409600 bf16 =
+400 MiB for a whole denoiser forward; a baked sampler keeps the cross K/V for the whole call anyway).
 
 Options: ``include`` (module-path globs of the linears that may be fused; default the self-attention
-q, k, v, which run on every video token; the cross-attention K/V read the 512 text tokens, once per call
-in a baked sampler, so there is little to gain there), ``min_members`` and ``max_weight_mib``.
+q, k, v (and o, which has no sibling) and the cross-attention k, v, k_img, v_img), ``min_members``,
+``max_weight_mib`` and ``small_m_rows``.
 Counts: ``groups``, ``fused_linears``, ``unfusable`` (sibling groups left alone, with the reason in the
-notes).
+notes), ``small_m`` (groups fused past ``max_weight_mib`` because M <= ``small_m_rows``; they are also in
+``groups``). The fused node records its members' module paths in ``meta["tc_fused_members"]``
+(``bake_rcm_sampler`` counts the cross K/V projections by them).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -49,6 +63,11 @@ __all__ = ["FuseSiblingGemms"]
 _OPS = torch.ops.turbocompile
 _PREQUANT = _OPS.w8a8_linear_prequant.default
 _FLOAT_IN = _OPS.w8a8_linear.default
+
+#: self-attention q, k, v (o has no sibling) and, of every block, the cross-attention k, v (text) and
+#: k_img, v_img (I2V image tokens). Not cross-attention q and o: they read other activations.
+DEFAULT_INCLUDE = ("blocks.*.self_attn.*", "blocks.*.cross_attn.k", "blocks.*.cross_attn.v",
+                   "blocks.*.cross_attn.k_img", "blocks.*.cross_attn.v_img")
 
 
 def _val(n):
@@ -72,6 +91,14 @@ def _sibling_key(n: fx.Node):
     return (n.target, inputs, fmt, act, wgran, out_dtype, backend)
 
 
+def _rows(n: fx.Node) -> int | None:
+    """Activation rows M of a candidate: the product of all but the last dim of its input, or None."""
+    v = _val(n.args[0])
+    if v is None or not all(isinstance(d, int) for d in v.shape):
+        return None
+    return math.prod(v.shape[:-1])
+
+
 def _has_attr(gm: fx.GraphModule, target: str) -> bool:
     try:
         get_attr_value(gm, target)
@@ -87,10 +114,11 @@ def _weights(n: fx.Node):
 
 @register_pass
 class FuseSiblingGemms(Pass):
-    """Run W8A8 linears that share their input (q, k, v) as one GEMM over concatenated weights."""
+    """Run W8A8 linears that share their input (q, k, v; all cross K/V) as one GEMM over concatenated weights."""
 
     name = "fuse_sibling_gemms"
-    description = "W8A8 linears sharing one input (self-attention q, k, v) as one wider GEMM (horizontal fusion)"
+    description = ("W8A8 linears sharing one input (self-attention q, k, v; every block's cross-attention k, v) "
+                   "as one wider GEMM (horizontal fusion)")
     requires = frozenset({"shapes", "w8a8"})
     provides = frozenset({"sibling_gemms"})
     after = frozenset({"w8a8", "fused_norms", "gemm_epilogues", "sparse_attention"})
@@ -98,10 +126,15 @@ class FuseSiblingGemms(Pass):
 
     @dataclass(frozen=True, kw_only=True)
     class Options:
-        include: tuple[str, ...] = globs(("blocks.*.self_attn.*",), "module paths of linears that may be fused (globs)")
+        include: tuple[str, ...] = globs(DEFAULT_INCLUDE, "module paths of linears that may be fused (globs)")
         min_members: int = number(2, min=2, max=16, doc="smallest sibling group worth a fused GEMM")
         max_weight_mib: float = number(16.0, min=0.0, max=1e6,
-                                       doc="largest fused weight (MiB of 8-bit codes) still fused; bigger ones stay apart")
+                                       doc="largest fused weight (MiB of 8-bit codes) still fused; bigger ones stay "
+                                           "apart unless M <= small_m_rows")
+        small_m_rows: int = number(1024, min=0, max=1 << 30,
+                                   doc="groups whose activation has at most this many rows (one GROUP_M band of "
+                                       "the persistent GEMM reads the weight once) are fused whatever the weight "
+                                       "size; 0: max_weight_mib applies to all")
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         o = self.options
@@ -111,17 +144,20 @@ class FuseSiblingGemms(Pass):
             key = _sibling_key(n)
             if key is not None and matches_any(module_path(attr_target(_weights(n)[0])), o.include):
                 groups[key].append(n)
-        stats = {"groups": 0, "fused_linears": 0, "unfusable": 0}
+        stats = {"groups": 0, "fused_linears": 0, "unfusable": 0, "small_m": 0}
         notes: list[str] = []
         replaced: set[str] = set()  # attributes of the fused members (erase_node clears a node's args)
         for key, members in groups.items():
             if len(members) < o.min_members:
                 continue
-            why = self._unfusable(gm, key, members)
+            why, small_m = self._unfusable(gm, key, members)
             if why:
                 stats["unfusable"] += 1
                 notes.append(why)
                 continue
+            if small_m:
+                stats["small_m"] += 1
+                notes.append(small_m)
             replaced |= {attr_target(w) for m in members for w in _weights(m)} - {None}
             self._fuse(gm, key, members)
             stats["groups"] += 1
@@ -133,22 +169,31 @@ class FuseSiblingGemms(Pass):
                     del_attr_if_unused(gm, t)
         return PassResult(stats["groups"] > 0, stats, notes[:3])
 
-    def _unfusable(self, gm, key, members) -> str | None:
+    def _unfusable(self, gm, key, members) -> tuple[str | None, str | None]:
+        """(why the group stays apart or None, a note when only the small-M rule lets it fuse or None)."""
+        o = self.options
         wgran = key[4]
         qws = [get_attr_value(gm, attr_target(_weights(m)[0])) for m in members]
         ns = [w.shape[0] for w in qws]
         mib = sum(w.numel() * w.element_size() for w in qws) / 2**20
-        if mib > self.options.max_weight_mib:
-            return (f"{members[0].name}: the fused weight would hold {mib:.1f} MiB > max_weight_mib "
-                    f"{self.options.max_weight_mib:g}")
+        small_m = None
+        if mib > o.max_weight_mib:
+            rows = _rows(members[0])  # siblings share their input, so one member tells M
+            if rows is None or rows > o.small_m_rows:
+                m_txt = "" if rows is None else f" and M = {rows} rows > small_m_rows {o.small_m_rows}"
+                return (f"{members[0].name}: the fused weight would hold {mib:.1f} MiB > max_weight_mib "
+                        f"{o.max_weight_mib:g}{m_txt}"), None
+            small_m = (f"{members[0].name}: {len(members)} linears fused, {mib:.1f} MiB > max_weight_mib "
+                       f"{o.max_weight_mib:g} but M = {rows} rows <= small_m_rows {o.small_m_rows} "
+                       "(one GROUP_M band reads the weight once)")
         if wgran == "block128" and any(n % 128 for n in ns[:-1]):
             return (f"{members[0].name}: 128x128 weight blocks need every member but the last to have N % 128 == 0 "
-                    f"(N = {ns})")
+                    f"(N = {ns})"), None
         biases = [_weights(m)[2] for m in members]
         dtypes = {get_attr_value(gm, attr_target(b)).dtype for b in biases if b is not None}
         if len(dtypes) > 1:
-            return f"{members[0].name}: the members' biases have different dtypes {sorted(map(str, dtypes))}"
-        return None
+            return f"{members[0].name}: the members' biases have different dtypes {sorted(map(str, dtypes))}", None
+        return None, small_m
 
     def _fuse(self, gm: fx.GraphModule, key, members: list[fx.Node]) -> None:
         g = gm.graph
@@ -185,6 +230,7 @@ class FuseSiblingGemms(Pass):
                 args = (first.args[0], qn, sn, bn, *first.args[4:8])
             fused = mark(g.call_function(first.target, args), self.name)
             fused.meta["nn_module_stack"] = dict(first.meta.get("nn_module_stack", {}))
+            fused.meta["tc_fused_members"] = list(paths)  # what it computes, for later passes' bookkeeping
             off = 0
             views = []
             for m, n in zip(members, ns):

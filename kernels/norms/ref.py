@@ -4,6 +4,8 @@ Memory traffic of one fused pass (what the Triton kernels aim for), per element 
 * ln_modulate:            read x (2 B bf16) + write h (2 B)                  -> 4 B/elt
 * residual_ln_modulate:   read x, y + write x_new, h                         -> 8 B/elt
 * rmsnorm_rope:           read z + write out (+ a [L, d/2] cos/sin table, reused by every head)
+* rmsnorm_rope_pool:      the same, + per-block pooled rows (fp32, 1/pool_rows of the rows); with v
+                          also read v (2 B) for its per-block |v| channel maxima
 * ln_modulate_quant:      read x + write q (1 B) + one fp32 scale per row/block -> 3 B/elt
 The references below materialize fp32 intermediates (several passes): they define the numerics,
 not the speed.
@@ -22,6 +24,8 @@ __all__ = [
     "gated_residual_ref",
     "residual_ln_modulate_ref",
     "rmsnorm_rope_ref",
+    "pool_heads_ref",
+    "rmsnorm_rope_pool_ref",
     "quantize_ref",
     "ln_modulate_quant_ref",
     "INT8_QMAX",
@@ -117,6 +121,56 @@ def rmsnorm_rope_ref(
     s = sin.float().reshape(1, L, 1, d // 2)
     out = torch.stack((a * c - b * s, a * s + b * c), dim=-1)
     return out.reshape(B, L, D).to(dt)
+
+
+def pool_heads_ref(x: torch.Tensor, num_heads: int, rows: int, reduce: str) -> torch.Tensor:
+    """Per-head pooling of x [B, L, D] over blocks of ``rows`` consecutive tokens of each batch element.
+
+    Returns [B*H, ceil(L/rows), D/H] fp32 (row b*H + h: batch b, head h, channels h*d..h*d+d-1).
+    ``reduce``: "sum", "mean" (over the block's actual rows: the last block may be partial) or
+    "absmax" (max |x| per channel). Computed in fp32 from the values x holds.
+    """
+    if reduce not in ("sum", "mean", "absmax"):
+        raise ValueError(f"unknown reduce '{reduce}'; valid: sum, mean, absmax")
+    B, L, D = x.shape
+    d = D // num_heads
+    nb = -(-L // rows)
+    xf = x.float().reshape(B, L, num_heads, d).transpose(1, 2)  # [B, H, L, d]
+    if reduce == "absmax":
+        xf = xf.abs()  # the zero padding below cannot raise a maximum of |x|
+    xp = torch.nn.functional.pad(xf, (0, 0, 0, nb * rows - L)).reshape(B, num_heads, nb, rows, d)
+    if reduce == "absmax":
+        out = xp.amax(3)
+    else:
+        out = xp.sum(3)
+        if reduce == "mean":
+            cnt = (L - torch.arange(nb, device=x.device) * rows).clamp(max=rows).float()  # rows per block
+            out = out / cnt[:, None]
+    return out.reshape(B * num_heads, nb, d)
+
+
+def rmsnorm_rope_pool_ref(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    num_heads: int,
+    eps: float,
+    pool_rows: int,
+    mean: bool,
+    v: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`rmsnorm_rope_ref` plus its per-head block pooling (SageSLA's pass A statistics).
+
+    Returns ``(out, pooled, vmax)``: ``out`` as :func:`rmsnorm_rope_ref`; ``pooled`` the sum
+    (``mean`` False) or mean (``mean`` True) of ``out``'s stored values per head and block of
+    ``pool_rows`` tokens, [B*H, ceil(L/pool_rows), D/H] fp32; ``vmax`` the max |v| per channel
+    per block of v [B, L, D] in the same layout, or None when v is None.
+    """
+    out = rmsnorm_rope_ref(z, weight, cos, sin, num_heads, eps)
+    pooled = pool_heads_ref(out, num_heads, pool_rows, "mean" if mean else "sum")
+    vmax = pool_heads_ref(v, num_heads, pool_rows, "absmax") if v is not None else None
+    return out, pooled, vmax
 
 
 def quantize_ref(h: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:

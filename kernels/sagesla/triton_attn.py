@@ -337,11 +337,12 @@ def sagesla_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float,
     proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None,
     block_q: int, block_k: int, quant: str,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, pooled=None,
 ) -> torch.Tensor:
     """Prep passes + sparse forward. q, k, v [B, L, H, D] with any strides (passed to the
-    kernels, never copied). Inputs are assumed validated by the op."""
-    prep = prepare(q, k, v, topk, block_q, block_k, quant, proj_weight is not None)
+    kernels, never copied). ``pooled``: precomputed pass-A statistics (q_pool or None when dense,
+    k_blocksum, v_absmax), see :func:`prepare`. Inputs are assumed validated by the op."""
+    prep = prepare(q, k, v, topk, block_q, block_k, quant, proj_weight is not None, pooled=pooled)
     return launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps, num_stages)
 
 

@@ -3,6 +3,8 @@
 Pass A (`_pool_kernel`, grid (chunks, B*H)): per chunk of rows, pooled q means per query block,
 raw k sums per key block (the smoothing mean and the pooled smoothed k follow from them) and,
 when no linear-statistics kernel runs, the per-chunk |v| channel maxima. Reads q and k (and v).
+Its outputs may instead be given (`prepare`'s ``pooled``): the q/k RMSNorm+RoPE kernels compute
+them while writing q and k (`turbocompile::rmsnorm_rope_pool`), and pass A is not launched.
 
 Between the passes: km = mean_L(k), pooled k̄ - km, the block scores q̄ k̄ᵀ (torch bmm), then
 `_topk_lut_kernel` (Triton bisection top-k writing the ascending LUT; 0.69 ms vs 1.50 ms for
@@ -473,12 +475,18 @@ DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "w
                 "v_perm": 1, "glue": 1}
 
 
-def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None):
+def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None, pooled=None):
     """Run passes A and B. q, k, v [B, L, H, D]. Returns a dict of kernel operands.
 
     Keys: dense (every key block kept: no LUT), lut [B*H, Qb, T] int32 ascending (None when
     dense), T, kq, kscale, vq, vscale, v_perm (vq's keys in `permute_keys` order), kv [B*H, D, D],
     ksum [B*H, D].
+
+    ``pooled``: (qpool [B*H, Qb, D] or None, kblk [B*H, Kb, D], vmax [B*H, NC, D]), fp32, pass A's
+    outputs computed elsewhere (q means per query block, k sums per key block, |v| channel maxima
+    over any NC >= 1 row chunks): pass A is not launched and these are used in its place (qpool may
+    be None only when dense; the linear statistics kernel then leaves the V maxima alone). Not
+    with ``linear_in="a"``, which computes the linear statistics inside pass A.
     """
     tn = dict(DEFAULT_TUNE, **(tune or {}))
     B, L, H, D = q.shape
@@ -494,21 +502,33 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     lin_b = linear and tn["linear_in"] == "b"
     lin_c = linear and tn["linear_in"] == "c"
     vmax_in_c = lin_c and bool(tn["lin_vmax"])
-    chunk = _chunk_rows(L, BH, max(block_q, block_k), tn["progs_a"])
-    NC = math.ceil(L / chunk)
     dev = q.device
     f32 = torch.float32
-    qpool = torch.empty(BH, Qb, D, device=dev, dtype=f32) if not dense else torch.empty(1, device=dev)
-    kblk = torch.empty(BH, Kb, D, device=dev, dtype=f32)
-    vmax = torch.empty(BH, NC, D, device=dev, dtype=f32)
-    kvp = torch.empty(BH, NC, D, D, device=dev, dtype=f32) if lin_a else vmax
-    ksp = torch.empty(BH, NC, D, device=dev, dtype=f32) if lin_a else vmax
-    _pool_kernel[(NC, BH)](
-        q, k, v, qpool, kblk, vmax, kvp, ksp, H, L, Qb, Kb, NC,
-        *q.stride(), *k.stride(), *v.stride(),
-        CHUNK=chunk, BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_D=D, POOL_Q=not dense,
-        LINEAR=lin_a, EXACT_FP8=INTERPRET, STAGES=tn["stages_a"], READ_V=not vmax_in_c, num_warps=tn["warps_a"],
-    )
+    if pooled is not None:  # pass A's outputs were computed elsewhere (the q/k norm kernels)
+        if lin_a:
+            raise ValueError("linear_in='a' computes the linear statistics in pass A, which precomputed pooling "
+                             "skips; valid with pooled: 'b', 'c'")
+        qpool, kblk, vmax = pooled
+        if qpool is None and not dense:
+            raise ValueError("pooled: qpool is needed unless every key block is kept (dense)")
+        qpool = qpool.contiguous() if not dense else torch.empty(1, device=dev)
+        kblk, vmax = kblk.contiguous(), vmax.contiguous()
+        vmax_in_c = False  # the V maxima are given
+        kvp = ksp = vmax  # placeholders until the statistics kernel fills them (linear only)
+    else:
+        chunk = _chunk_rows(L, BH, max(block_q, block_k), tn["progs_a"])
+        NC = math.ceil(L / chunk)
+        qpool = torch.empty(BH, Qb, D, device=dev, dtype=f32) if not dense else torch.empty(1, device=dev)
+        kblk = torch.empty(BH, Kb, D, device=dev, dtype=f32)
+        vmax = torch.empty(BH, NC, D, device=dev, dtype=f32)
+        kvp = torch.empty(BH, NC, D, D, device=dev, dtype=f32) if lin_a else vmax
+        ksp = torch.empty(BH, NC, D, device=dev, dtype=f32) if lin_a else vmax
+        _pool_kernel[(NC, BH)](
+            q, k, v, qpool, kblk, vmax, kvp, ksp, H, L, Qb, Kb, NC,
+            *q.stride(), *k.stride(), *v.stride(),
+            CHUNK=chunk, BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_D=D, POOL_Q=not dense,
+            LINEAR=lin_a, EXACT_FP8=INTERPRET, STAGES=tn["stages_a"], READ_V=not vmax_in_c, num_warps=tn["warps_a"],
+        )
     if lin_c:  # before pass B, which needs the V scales when the maxima come from here
         chunk_l = _chunk_rows(L, BH, tn["lin_block"], tn["progs_l"])
         NCL = math.ceil(L / chunk_l)

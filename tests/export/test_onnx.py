@@ -150,6 +150,25 @@ def test_norm_ops_decomposed(tmp_path):
             assert _rel(g, w) < 1e-5, (i, _rel(g, w))
 
 
+class _PoolNorms(torch.nn.Module):
+    def forward(self, x, v, w, cos, sin):
+        o, p, m = OPS.rmsnorm_rope_pool(x, w, cos, sin, 4, 1e-6, 4, True, v, "torch")  # L=10: a partial block
+        o2, p2, m2 = OPS.rmsnorm_rope_pool(x, w, None, None, 4, 1e-6, 8, False, None, "torch")
+        return o, p, m, o2, p2, m2
+
+
+def test_rmsnorm_rope_pool_decomposed(tmp_path):
+    """rmsnorm_rope_pool: out, the per-head block means / sums and |v| maxima, and the empty vmax without v."""
+    B, L, D = 2, 10, 64
+    args = (torch.randn(B, L, D), torch.randn(B, L, D), torch.randn(D), torch.rand(L, D // 8), torch.rand(L, D // 8))
+    path = _export_module(_PoolNorms(), args, tmp_path / "pool.onnx")
+    want = [t.numpy() for t in _PoolNorms()(*args)]
+    got = _run(_session(path), args)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, i
+        assert w.size == 0 or _rel(g, w) < 1e-6, (i, _rel(g, w))
+
+
 class _Attn(torch.nn.Module):
     def __init__(self, quant, proj):
         super().__init__()

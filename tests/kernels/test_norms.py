@@ -342,3 +342,97 @@ def test_rmsnorm_rope_pair_words_match_element_kernel(dt, w_fp32):
         expect = ref.rmsnorm_rope_ref(z.contiguous(), w, c, s, H)
         assert torch.equal(new, old)
         assert rel(new, expect) <= (1e-5 if dt == torch.float32 else 4e-3)
+
+
+# ------------------------------------------------------------------- rmsnorm + rope + per-head block pooling
+def _pool_bound(x, H, rows):
+    """Per (head, block, channel) bound for an fp32 sum of x's block: 1e-6 of the sum of |x|."""
+    return ref.pool_heads_ref(x.abs(), H, rows, "sum").double() * 1e-6 + 1e-30
+
+
+def _check_pool(z, w, cos, sin, H, rows, mean, v=None, config=None):
+    """rmsnorm_rope_pool_triton: out bit-equal to rmsnorm_rope_triton's, pooled within 1e-6 (relative to
+    the block's sum of |out|) of a float64 pooling of that out, vmax exact."""
+    from turbocompile.kernels.norms.triton_rmsnorm_rope import rmsnorm_rope_triton
+    from turbocompile.kernels.norms.triton_rmsnorm_rope_pool import rmsnorm_rope_pool_triton
+
+    out, pooled, vmax = rmsnorm_rope_pool_triton(z, w, cos, sin, H, 1e-6, rows, mean, v, config=config)
+    B, L, D = z.shape
+    nb = -(-L // rows)
+    assert out.is_contiguous() and out.dtype == z.dtype
+    assert torch.equal(out, rmsnorm_rope_triton(z, w, cos, sin, H, 1e-6))
+    assert pooled.shape == (B * H, nb, D // H) and pooled.dtype == torch.float32
+    sums = ref.pool_heads_ref(out.double(), H, rows, "sum").double()
+    bound = _pool_bound(out.float(), H, rows)
+    if mean:
+        cnt = (L - torch.arange(nb, device=z.device) * rows).clamp(max=rows).double()[:, None]
+        sums, bound = sums / cnt, bound / cnt
+    assert ((pooled.double() - sums).abs() <= bound).all(), (pooled.double() - sums).abs().max()
+    if v is None:
+        assert vmax is None
+    else:
+        assert torch.equal(vmax, ref.pool_heads_ref(v, H, rows, "absmax"))
+    return out, pooled, vmax
+
+
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+@pytest.mark.parametrize("B,L,D,H,rows,rope,with_v,strided,dt", [
+    (1, 1, 256, 2, 64, True, True, False, torch.bfloat16),  # L = 1
+    (2, 37, 256, 2, 64, True, True, True, torch.bfloat16),  # L < pool_rows, B = 2, strided z and v
+    (2, 200, 256, 2, 64, False, False, True, torch.bfloat16),  # L not a multiple, RMSNorm only
+    (1, 20, 1536, 12, 16, True, True, True, torch.bfloat16),  # Wan-1.3B rows: two column tiles
+    (1, 70, 128, 2, 16, True, True, False, torch.float16),
+    (2, 33, 128, 1, 32, True, False, False, torch.float32),  # int64 pair-words
+])
+def test_rmsnorm_rope_pool_kernel(B, L, D, H, rows, rope, with_v, strided, dt, mean):
+    qkv = (torch.randn(B, L, 3 * D) * 4 + 0.5).to(dt).to(DEV)
+    z, v = (qkv[..., D:2 * D], qkv[..., 2 * D:]) if strided else (qkv[..., :D].contiguous(), qkv[..., 2 * D:].contiguous())
+    w = (torch.rand(D) + 0.5).to(dt).to(DEV)
+    cos, sin = _rope_tables(L, D // H) if rope else (None, None)
+    _check_pool(z, w, cos, sin, H, rows, mean, v if with_v else None)
+
+
+@pytest.mark.parametrize("config", [dict(sub=1), dict(sub=8, stages=1), dict(split=False, num_warps=4),
+                                    dict(sub=64)], ids=["sub1", "sub8_stages1", "one_tile", "sub_capped"])
+def test_rmsnorm_rope_pool_configs(config):
+    """Launch variants (the GPU tuning knobs) keep out's bits; pooled only changes in summation order. sub=64
+    with pool_rows 32 is halved to 32 (a sub-tile never crosses a block)."""
+    B, L, D, H = 1, 75, 384, 3
+    qkv = (torch.randn(B, L, 3 * D) * 4).bfloat16().to(DEV)
+    w = (torch.rand(D) + 0.5).float().to(DEV)  # float32 weight: no rounding after the weight
+    cos, sin = _rope_tables(L, D // H)
+    _check_pool(qkv[..., :D], w, cos, sin, H, 32, False, qkv[..., 2 * D:], config=config)
+
+
+def test_rmsnorm_rope_pool_v_dtype_and_op_backends():
+    """v may have its own dtype; the op's triton and torch backends agree (out within bf16 rounding of the
+    reference, pooled from each backend's own out), and the torch backend pools exactly like the reference."""
+    B, L, D, H = 2, 50, 256, 2
+    z = (torch.randn(B, L, D) * 2).bfloat16().to(DEV)
+    v = torch.randn(B, L, D, device=DEV)  # float32
+    w = (torch.rand(D) + 0.5).bfloat16().to(DEV)
+    cos, sin = _rope_tables(L, D // H)
+    out, pooled, vmax = _check_pool(z, w, cos, sin, H, 16, True, v)
+    o_t, p_t, m_t = norms.rmsnorm_rope_pool(z, w, cos, sin, H, pool_rows=16, mean=True, v=v, backend="torch")
+    e_out, e_pool, e_vmax = ref.rmsnorm_rope_pool_ref(z, w, cos, sin, H, 1e-6, 16, True, v)
+    assert torch.equal(o_t, e_out) and torch.equal(p_t, e_pool) and torch.equal(m_t, e_vmax)
+    assert rel(out, o_t) <= TOL[torch.bfloat16] and torch.equal(vmax, m_t)
+    o3, p3, m3 = norms.rmsnorm_rope_pool(z, w, cos, sin, H, pool_rows=16, mean=True, v=v, backend="triton")
+    assert torch.equal(o3, out) and torch.equal(m3, vmax) and torch.equal(p3, pooled)
+    _, _, none = norms.rmsnorm_rope_pool(z, w, cos, sin, H, pool_rows=16, mean=False, backend="triton")
+    assert none.shape == (0,) and none.dtype == torch.float32
+
+
+def test_rmsnorm_rope_pool_kernel_errors():
+    from turbocompile.kernels.norms.triton_rmsnorm_rope_pool import rmsnorm_rope_pool_triton
+
+    z = torch.randn(1, 8, 64).bfloat16().to(DEV)
+    w = torch.ones(64).bfloat16().to(DEV)
+    with pytest.raises(ValueError, match="heads of even size"):
+        rmsnorm_rope_pool_triton(z, w, None, None, 64, 1e-6, 4, True)
+    with pytest.raises(ValueError, match="pair-words"):  # a row offset of one element: no word view
+        rmsnorm_rope_pool_triton(torch.randn(1, 8, 65).bfloat16().to(DEV)[..., 1:], w, None, None, 2, 1e-6, 4, True)
+    with pytest.raises(ValueError, match="pool config: unknown key 'rows'; valid: num_warps, split, stages, sub"):
+        rmsnorm_rope_pool_triton(z, w, None, None, 2, 1e-6, 4, True, config=dict(rows=2))
+    with pytest.raises(ValueError, match="sub=3 must be a power of two"):
+        rmsnorm_rope_pool_triton(z, w, None, None, 2, 1e-6, 4, True, config=dict(sub=3))

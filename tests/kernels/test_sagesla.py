@@ -436,3 +436,63 @@ def test_key_means_kernel_matches_torch(L, block_k, D, NC):
     assert none is None and torch.equal(km2, km) and torch.equal(vscale2, vscale)
     with pytest.raises(ValueError, match="valid: 'fp32', 'tf32', 'bf16'"):
         key_means(qpool, kblk, vmax, L, block_k, "fp16")
+
+
+# ----------------------------------------------------------------------------- precomputed pass-A statistics
+def _pass_a_stats(q, k, v, bq, bk, v_rows):
+    """Pass A's outputs computed independently (float32 torch, [B, L, H*D] views): q means per query block,
+    k sums per key block, |v| maxima per chunk of ``v_rows`` rows (any chunking: they are reduced over it)."""
+    from turbocompile.kernels.norms.ref import pool_heads_ref
+
+    B, L, H, D = q.shape
+    flat = [t.reshape(B, L, H * D) for t in (q, k, v)]
+    return (pool_heads_ref(flat[0], H, bq, "mean"), pool_heads_ref(flat[1], H, bk, "sum"),
+            pool_heads_ref(flat[2], H, v_rows, "absmax"))
+
+
+class _NoPassA:
+    def __getitem__(self, grid):
+        raise AssertionError("SageSLA's pooling kernel (pass A) was launched")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,topk,quant,proj,v_rows", [
+    (1, 0.5, "int8-fp8", True, 128), (2, 0.3, "int8-fp8", False, 70), (1, 1.0, "int8-fp16", True, 200),
+    (1, 0.5, "none", False, 1),
+])
+def test_precomputed_pooling_equals_pass_a(monkeypatch, backend, B, topk, quant, proj, v_rows):
+    """sagesla with q_pool / k_blocksum / v_absmax given equals sagesla computing them itself (Triton: only the
+    fp32 summation order of the sums can differ; the reference recomputes them). The Triton path launches
+    no pass A. Dense (topk 1.0): q_pool may be left out."""
+    from turbocompile.kernels.sagesla import triton_prep
+
+    L, H, D, bq, bk = 200, 2, 64, 64, 128
+    q, k, v = rand(B, L, H, D)
+    w = (torch.randn(D, D) * 0.1).to(DEV) if proj else None
+    kw = dict(topk=topk, quant=quant, proj_weight=w, block_q=bq, block_k=bk, backend=backend)
+    base = sagesla(q, k, v, **kw)
+    qp, kb, vm = _pass_a_stats(q, k, v, bq, bk, v_rows)
+    monkeypatch.setattr(triton_prep, "_pool_kernel", _NoPassA())
+    out = sagesla(q, k, v, q_pool=None if topk == 1.0 else qp, k_blocksum=kb, v_absmax=vm, **kw)
+    err = ((out.float() - base.float()).norm() / base.float().norm()).item()
+    assert torch.equal(out, base) or err <= 1e-6, err
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+def test_prepare_with_precomputed_pooling():
+    """prepare(pooled=...): the same operands as pass A's (the V maxima also when the statistics kernel would
+    take them, lin_vmax); linear_in 'a' (statistics inside pass A) and a missing sparse q_pool are errors."""
+    from turbocompile.kernels.sagesla.triton_prep import prepare
+
+    q, k, v = rand(1, 100, 2, 64)
+    pooled = _pass_a_stats(q, k, v, 32, 32, 32)
+    base = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True)
+    for tune in (None, dict(lin_vmax=1), dict(linear_in="b")):
+        p = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=tune, pooled=pooled)
+        for key in ("vscale", "kq", "kscale", "lut"):
+            assert torch.equal(p[key], base[key]), (tune, key)
+        assert torch.allclose(p["kv"], base["kv"], rtol=1e-5, atol=1e-6), tune
+    with pytest.raises(ValueError, match="linear_in='a'.*valid with pooled: 'b', 'c'"):
+        prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=dict(linear_in="a"), pooled=pooled)
+    with pytest.raises(ValueError, match="qpool is needed unless every key block is kept"):
+        prepare(q, k, v, 0.3, 32, 32, "int8-fp8", False, pooled=(None, *pooled[1:]))

@@ -101,3 +101,54 @@ def test_import_is_lean():
             "assert 'triton' not in sys.modules, 'triton imported'; "
             "import torch; assert not torch.cuda.is_initialized()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/tmp")
+
+
+# ----------------------------------------------------------------------------- rmsnorm_rope_pool
+def _pool_cases(backend):
+    a = _args()
+    op = torch.ops.turbocompile.rmsnorm_rope_pool.default
+    return [
+        (op, (a["x"], a["w"], a["cos"], a["sin"], H, 1e-6, 2, True, a["y"], backend)),  # L=5: a partial block
+        (op, (a["x"], a["w"].bfloat16(), None, None, H, 1e-6, 8, False, None, backend)),  # L < pool_rows, no v
+    ]
+
+
+@pytest.mark.parametrize("i", range(2))
+def test_rmsnorm_rope_pool_opcheck(i):
+    torch.library.opcheck(*_pool_cases("torch")[i])
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("i", range(2))
+def test_rmsnorm_rope_pool_opcheck_triton(i):
+    op, args = _pool_cases("triton")[i]
+    if has_cuda():
+        args = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_rmsnorm_rope_pool_fake_shapes():
+    z = torch.empty(2, 300, 1536, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(1536, dtype=torch.bfloat16, device="meta")
+    out, pooled, vmax = norms.rmsnorm_rope_pool(z, w, num_heads=12, pool_rows=128, mean=False, v=z)
+    assert out.shape == z.shape and out.dtype == torch.bfloat16
+    assert pooled.shape == vmax.shape == (24, 3, 128) and pooled.dtype == vmax.dtype == torch.float32
+    out, pooled, vmax = norms.rmsnorm_rope_pool(z, w, num_heads=12, pool_rows=64, mean=True)
+    assert pooled.shape == (24, 5, 128) and vmax.shape == (0,) and vmax.dtype == torch.float32
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda a: norms.rmsnorm_rope_pool(a["x"], a["w"], num_heads=3, pool_rows=2, mean=True),
+     "D=64 must split into num_heads=3 heads of even size"),
+    (lambda a: norms.rmsnorm_rope_pool(a["x"], a["w"], num_heads=H, pool_rows=0, mean=True), "pool_rows must be"),
+    (lambda a: norms.rmsnorm_rope_pool(a["x"], a["w"], num_heads=H, pool_rows=2, mean=True, v=a["y"][:, :3]),
+     r"v must be \[B, L, D\] = \(2, 5, 64\)"),
+    (lambda a: norms.rmsnorm_rope_pool(a["x"], a["w"], num_heads=H, pool_rows=2, mean=True, v=a["y"].int()),
+     "float32, bfloat16 or float16"),
+    (lambda a: norms.rmsnorm_rope_pool(a["x"], a["w"], a["cos"][:2], a["sin"], H, pool_rows=2, mean=True),
+     r"cos must be \[L=5"),
+])
+def test_rmsnorm_rope_pool_errors(call, match):
+    with pytest.raises(ValueError, match=match) as ei:
+        call(_args())
+    assert "\n" not in str(ei.value)

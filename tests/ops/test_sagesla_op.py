@@ -105,3 +105,56 @@ def test_input_errors(make, pattern):
 def test_import_does_not_import_triton():
     code = "import sys, turbocompile.ops.attention; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- precomputed block statistics
+def _stats(BH=2, Qb=1, Kb=1, NC=3, D=64):
+    """q_pool / k_blocksum / v_absmax shapes for _qkv() (L=40: one query block of 64, one key block of 128)."""
+    return dict(q_pool=torch.randn(BH, Qb, D), k_blocksum=torch.randn(BH, Kb, D), v_absmax=torch.rand(BH, NC, D))
+
+
+def test_precomputed_stats_schema_defaults_and_fake():
+    schema = str(torch.ops.turbocompile.sagesla.default._schema)
+    assert schema.endswith("Tensor? q_pool=None, Tensor? k_blocksum=None, Tensor? v_absmax=None) -> Tensor")
+    q, k, v = _qkv()
+    s = _stats()
+    # the torch backend validates, then recomputes them from q, k, v
+    torch.testing.assert_close(sagesla(q, k, v, topk=0.5, backend="torch", **s),
+                               sagesla(q, k, v, topk=0.5, backend="torch"), atol=0, rtol=0)
+    torch.library.opcheck(torch.ops.turbocompile.sagesla.default,
+                          (q, k, v, 0.5, None, None, 64, 128, "int8-fp8", "torch", s["q_pool"], s["k_blocksum"],
+                           s["v_absmax"]))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 1000, 12, 128, dtype=torch.bfloat16)
+        out = torch.ops.turbocompile.sagesla(q, q, q, 0.1, None, None, 64, 128, "int8-fp8", "auto",
+                                             torch.empty(24, 16, 128), torch.empty(24, 8, 128), torch.empty(24, 8, 128))
+    assert out.shape == (2, 1000, 12, 128)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(q_pool=None), r"q_pool is required .* topk=0.5 keeps 1 of 2 key blocks"),
+    (dict(k_blocksum=None), "k_blocksum and v_absmax together"),
+    (dict(q_pool=None, k_blocksum=None), "got q_pool None, k_blocksum None, v_absmax given"),
+    (dict(q_pool=torch.randn(2, 1, 64)), r"q_pool must be \[B\*H, ceil\(L/block_q\), D\] = \[2, 3, 64\]"),
+    (dict(k_blocksum=torch.randn(2, 1, 64)), r"k_blocksum must be \[B\*H, ceil\(L/block_k\), D\] = \[2, 2, 64\]"),
+    (dict(v_absmax=torch.rand(2, 0, 64)), r"v_absmax must be \[B\*H, NC, D\] = \[2, NC >= 1, 64\]"),
+    (dict(v_absmax=torch.rand(4, 2, 64)), r"v_absmax must be"),
+    (dict(k_blocksum=torch.randn(2, 2, 64).double()), "k_blocksum must be float32"),
+    (dict(q_pool=torch.randn(2, 3, 64, device="meta")), "q_pool is on meta"),
+])
+def test_precomputed_stats_errors(kwargs, pattern):
+    """L=130 with block_q 64, block_k 128: 3 query blocks, 2 key blocks."""
+    q, k, v = _qkv(L=130)
+    s = _stats(Qb=3, Kb=2) | kwargs
+    with pytest.raises(ValueError, match=pattern) as ei:
+        sagesla(q, k, v, topk=0.5, backend="torch", **s)
+    assert "\n" not in str(ei.value)
+
+
+def test_precomputed_stats_dense_may_omit_q_pool():
+    q, k, v = _qkv(L=130)
+    s = _stats(Qb=3, Kb=2) | dict(q_pool=None)
+    torch.testing.assert_close(sagesla(q, k, v, topk=1.0, backend="torch", **s),
+                               sagesla(q, k, v, topk=1.0, backend="torch"), atol=0, rtol=0)

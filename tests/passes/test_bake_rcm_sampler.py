@@ -22,7 +22,7 @@ from turbocompile.errors import InputError, PassError, RecipeError
 from turbocompile.model.config import WanConfig
 from turbocompile.model.wan import WanModel, init_random_
 from turbocompile.passbase import PassContext
-from turbocompile.passes.bake_rcm_sampler import BakeRCMSampler, count_cross_kv
+from turbocompile.passes.bake_rcm_sampler import BakeRCMSampler, count_cross_kv, count_cross_kv_gemms
 from turbocompile.pipeline import clone_graph_module, run_pipeline
 from turbocompile.recipe import load_recipe
 from turbocompile.sampling import rcm_sample, rcm_schedule
@@ -148,6 +148,7 @@ def test_folding_and_cse_hoist_step_invariant_work(base):
     assert not hasattr(gm, "time_freqs")
     # CSE: one text embedding and one K and one V projection per layer for all 4 steps
     assert stats["cross_kv_before"] == 16 and stats["cross_kv_after"] == count_cross_kv(g) == 4
+    assert stats["cross_kv_gemms_before"] == 16 and stats["cross_kv_gemms_after"] == count_cross_kv_gemms(g) == 4
     assert stats["text_embedding_before"] == 4 and stats["text_embedding_after"] == 1
     for layer in range(2):
         for proj in ("k", "v"):
@@ -175,10 +176,41 @@ def test_turbo_recipe_baked_equals_loop(inputs):
     assert any(n.op == "call_function" and "w8a8" in str(n.target) for n in gm.graph.nodes)
 
 
+def test_fused_cross_kv_is_hoisted_once_per_call(inputs):
+    """fuse_sibling_gemms before the bake: the cross K/V of both blocks are one GEMM in the denoiser. It reads
+    only the text embedding, so CSE keeps ONE for all steps (not one per step), and the sampler still matches
+    the loop over the unfused denoiser (same bound as above)."""
+    noise, ctx, eps = inputs
+    fused_recipe = dict(TORCH_TURBO, passes=TORCH_TURBO["passes"] + ["fuse_sibling_gemms"])
+    den = turbocompile.optimize("wan-tiny", fused_recipe, dtype="float32", device="cpu", seed=1)
+    plain = turbocompile.optimize("wan-tiny", TORCH_TURBO, dtype="float32", device="cpu", seed=1)
+    assert count_cross_kv_gemms(den.graph_module.graph) == 1 and count_cross_kv(den.graph_module.graph) == 4
+    gm, _, stats = _bake(den, steps=3, mode="sde")
+    # honest counts: 2 blocks x k, v projections per step, computed by one GEMM per step before CSE
+    assert (stats["cross_kv_before"], stats["cross_kv_after"]) == (3 * 4, 4)
+    assert (stats["cross_kv_gemms_before"], stats["cross_kv_gemms_after"]) == (3, 1)
+    (kv,) = [n for n in gm.graph.nodes if any(".cross_attn." in p for p in n.meta.get("tc_fused_members", ()))]
+    # hoisted: nothing between the context input and it depends on the noise or a step's state
+    seen, stack = set(), [kv]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    assert {n.target for n in seen if n.op == "placeholder"} == {"context"}
+    assert not any("tc_rcm_state" in n.meta or n.op == "get_attr" and n.target.startswith("step") for n in seen)
+    out = _run(gm, noise, ctx, eps[:3], "sde")
+    ref = rcm_sample(plain.graph_module, noise, ctx, steps=3, net_dtype=F32, step_noise=eps[:3])
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-6, rel
+    unfused, _, _ = _bake(plain, steps=3, mode="sde")
+    assert torch.equal(out, _run(unfused, noise, ctx, eps[:3], "sde"))  # per column the same GEMM
+
+
 def test_shipped_recipes_parse():
     r = load_recipe("turbo-int8-rcm")
-    assert [p.name for p in r.passes] == ["w8a8_linear", "sagesla_attention", "fuse_norms", "fuse_gemm_epilogues",
-                                         "fuse_sibling_gemms", "bake_rcm_sampler"]
+    assert [p.name for p in r.passes] == ["w8a8_linear", "sagesla_attention", "fuse_norms", "fuse_attention_pooling",
+                                         "fuse_gemm_epilogues", "fuse_sibling_gemms", "bake_rcm_sampler"]
     assert load_recipe("rcm-4step").passes[0].options.steps == 4
     with pytest.raises(RecipeError, match="steps"):
         load_recipe({"version": 1, "passes": [{"name": "bake_rcm_sampler", "options": {"steps": 5}}]})

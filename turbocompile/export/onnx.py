@@ -299,6 +299,32 @@ def rmsnorm_rope(z, weight, cos, sin, num_heads: int, eps: float, backend: str):
     return op.Cast(op.Reshape(out, _ints(-1, L, D)), to=dt)
 
 
+def rmsnorm_rope_pool(z, weight, cos, sin, num_heads: int, eps: float, pool_rows: int, mean: bool, v,
+                      backend: str):
+    """turbocompile::rmsnorm_rope_pool -> (out, per-head block sums/means of out, per-head block max |v|
+    or an empty [0] float tensor without v), as ``kernels.norms.ref.rmsnorm_rope_pool_ref``."""
+    out = rmsnorm_rope(z, weight, cos, sin, num_heads, eps, backend)
+    L, D = int(z.shape[1]), int(z.shape[2])
+    d = D // num_heads
+
+    def heads(x):  # [B, L, D] -> [B, H, L, d] float32
+        return op.Transpose(op.Reshape(_f32(x), _ints(-1, L, num_heads, d)), perm=[0, 2, 1, 3])
+
+    nb = -(-L // pool_rows)
+    pooled = _pool(heads(out), pool_rows, L, num_heads, d)
+    if not mean:  # block sums: undo _pool's division by the rows of each block
+        cnt = [float(min(pool_rows, L - i * pool_rows)) for i in range(nb)]
+        pooled = op.Mul(pooled, op.Constant(value=onnx.helper.make_tensor("cnt", FLOAT, [nb, 1], cnt)))
+    pooled = op.Reshape(pooled, _ints(-1, nb, d))
+    if v is None:
+        vmax = op.Constant(value=onnx.helper.make_tensor("no_vmax", FLOAT, [0], []))
+    else:
+        va = op.Pad(op.Abs(heads(v)), _ints(0, 0, 0, 0, 0, 0, nb * pool_rows - L, 0))
+        vmax = op.Reshape(op.ReduceMax(op.Reshape(va, _ints(-1, num_heads, nb, pool_rows, d)), _ints(3), keepdims=0),
+                          _ints(-1, nb, d))
+    return out, pooled, vmax
+
+
 # ----------------------------------------------------------------------------- sagesla
 def _pool(x, block: int, L: int, H: int, D: int):
     """Mean over each ``block`` of rows of x [B, H, L, D] (divides by the real row count)."""
@@ -342,8 +368,9 @@ def _linear_branch(qf, kf, vf, pw, pb):
 
 
 def sagesla_standard(q, k, v, topk: float, proj_weight, proj_bias, block_q: int, block_k: int,
-                     quant: str, backend: str):
-    """turbocompile::sagesla as standard ONNX ops: the reference's function (sagesla_ref)."""
+                     quant: str, backend: str, q_pool=None, k_blocksum=None, v_absmax=None):
+    """turbocompile::sagesla as standard ONNX ops: the reference's function (sagesla_ref). The
+    optional precomputed block statistics are not used (recomputed from q, k, v, as the reference)."""
     L, H, D = int(q.shape[1]), int(q.shape[2]), int(q.shape[3])
     qf, kf, vf = (op.Transpose(_f32(t), perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, H, L, D]
     k_smooth = op.Sub(kf, op.ReduceMean(kf, _ints(2), keepdims=1))
@@ -406,8 +433,9 @@ _SAGESLA_OP = onnxscript.values.Op(_TC_OPSET, "SageSLA", SAGESLA_SCHEMA)
 
 
 def sagesla_custom(q, k, v, topk: float, proj_weight, proj_bias, block_q: int, block_k: int,
-                   quant: str, backend: str):
-    """turbocompile::sagesla as one custom-domain ``turbocompile.SageSLA`` node."""
+                   quant: str, backend: str, q_pool=None, k_blocksum=None, v_absmax=None):
+    """turbocompile::sagesla as one custom-domain ``turbocompile.SageSLA`` node (the node's inputs are
+    q, k, v and proj_l only: precomputed block statistics are an execution detail, left out)."""
     return _SAGESLA_OP(q, k, v, proj_weight, proj_bias, topk=float(topk), block_q=int(block_q),
                        block_k=int(block_k), quant=str(quant))
 
@@ -426,6 +454,7 @@ def translation_table(attention: str = "standard") -> dict:
         ops.ln_modulate.default: ln_modulate,
         ops.residual_ln_modulate.default: residual_ln_modulate,
         ops.rmsnorm_rope.default: rmsnorm_rope,
+        ops.rmsnorm_rope_pool.default: rmsnorm_rope_pool,
         ops.ln_modulate_quant.default: ln_modulate_quant,
         ops.residual_ln_modulate_quant.default: residual_ln_modulate_quant,
         ops.sagesla.default: sagesla_custom if attention == "custom" else sagesla_standard,

@@ -5,11 +5,17 @@ each query block, plus a linear-attention branch over all keys (TurboDiffusion's
 main-branch semantics); see ``turbocompile.kernels.sagesla.ref`` for the exact math.
 
 Layout is the model's own: q, k, v and the output are ``[B, L, H, D]`` (no transposes).
+
+Optional precomputed block statistics (``q_pool``, ``k_blocksum``, ``v_absmax``; see
+:func:`sagesla`) let the Triton path skip its pooling kernel: the ``fuse_attention_pooling`` pass
+has the q/k RMSNorm+RoPE kernels produce them (``turbocompile::rmsnorm_rope_pool``). The reference
+backend validates them and recomputes everything from q, k, v.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -24,7 +30,8 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend) -> None:
+def _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend,
+              q_pool=None, k_blocksum=None, v_absmax=None) -> None:
     """One-line ValueErrors naming the offending argument and the valid choices."""
     if quant not in QUANT_MODES:
         raise ValueError(f"sagesla: unknown quant '{quant}'; valid choices: {', '.join(QUANT_MODES)}")
@@ -56,6 +63,40 @@ def _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, ba
     for name, t in (("k", k), ("v", v), ("proj_weight", proj_weight), ("proj_bias", proj_bias)):
         if t is not None and t.device != q.device:
             raise ValueError(f"sagesla: {name} is on {t.device}, q on {q.device}; all must share one device")
+    _validate_pooled(q, topk, block_q, block_k, q_pool, k_blocksum, v_absmax)
+
+
+def _validate_pooled(q, topk, block_q, block_k, q_pool, k_blocksum, v_absmax) -> None:
+    """The precomputed block statistics: none, or k_blocksum + v_absmax (+ q_pool, which only a
+    dense op, keeping every key block, may leave out: it feeds the block map alone)."""
+    if q_pool is None and k_blocksum is None and v_absmax is None:
+        return
+    if k_blocksum is None or v_absmax is None:
+        raise ValueError("sagesla: precomputed pooling needs k_blocksum and v_absmax together (q_pool with them); "
+                         f"got q_pool {_given(q_pool)}, k_blocksum {_given(k_blocksum)}, v_absmax {_given(v_absmax)}")
+    B, L, H, D = q.shape
+    Qb, Kb = math.ceil(L / block_q), math.ceil(L / block_k)
+    if q_pool is None and _ref.num_kept_blocks(topk, Kb) < Kb:
+        raise ValueError(f"sagesla: q_pool is required with k_blocksum and v_absmax when topk={topk} keeps "
+                         f"{_ref.num_kept_blocks(topk, Kb)} of {Kb} key blocks (only a dense op may omit it)")
+    shapes = (("q_pool", q_pool, (B * H, Qb, D), f"[B*H, ceil(L/block_q), D] = [{B * H}, {Qb}, {D}]"),
+              ("k_blocksum", k_blocksum, (B * H, Kb, D), f"[B*H, ceil(L/block_k), D] = [{B * H}, {Kb}, {D}]"))
+    for name, t, shape, text in shapes:
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"sagesla: {name} must be {text}, got {tuple(t.shape)}")
+    if v_absmax.dim() != 3 or v_absmax.shape[0] != B * H or v_absmax.shape[2] != D or v_absmax.shape[1] < 1:
+        raise ValueError(f"sagesla: v_absmax must be [B*H, NC, D] = [{B * H}, NC >= 1, {D}], got {tuple(v_absmax.shape)}")
+    for name, t in (("q_pool", q_pool), ("k_blocksum", k_blocksum), ("v_absmax", v_absmax)):
+        if t is None:
+            continue
+        if t.dtype != torch.float32:
+            raise ValueError(f"sagesla: {name} must be float32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"sagesla: {name} is on {t.device}, q on {q.device}; all must share one device")
+
+
+def _given(t) -> str:
+    return "given" if t is not None else "None"
 
 
 @torch.library.custom_op("turbocompile::sagesla", mutates_args=())
@@ -63,19 +104,24 @@ def _sagesla_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float,
     proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None,
     block_q: int, block_k: int, quant: str, backend: str,
+    q_pool: Optional[torch.Tensor] = None, k_blocksum: Optional[torch.Tensor] = None,
+    v_absmax: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend)
+    _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend, q_pool, k_blocksum, v_absmax)
     if resolve_backend(backend, q.device, "sagesla") == "triton":
         from turbocompile.kernels.sagesla.triton_attn import sagesla_triton
 
-        return sagesla_triton(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant)
+        pooled = (q_pool, k_blocksum, v_absmax) if k_blocksum is not None else None
+        return sagesla_triton(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, pooled=pooled)
+    # the reference recomputes the block statistics from q, k, v (they were validated above)
     out = _ref.sagesla_ref(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant)
     return out.contiguous()
 
 
 @_sagesla_op.register_fake
-def _sagesla_fake(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend):
-    _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend)
+def _sagesla_fake(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend,
+                  q_pool=None, k_blocksum=None, v_absmax=None):
+    _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend, q_pool, k_blocksum, v_absmax)
     return q.new_empty(q.shape)
 
 
@@ -84,6 +130,8 @@ def sagesla(
     proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
     block_q: int = 64, block_k: int = 128, quant: str = "int8-fp8",
     return_density: bool = False, backend: str = "auto",
+    q_pool: torch.Tensor | None = None, k_blocksum: torch.Tensor | None = None,
+    v_absmax: torch.Tensor | None = None,
 ):
     """SageSLA attention: sparse (top-k key blocks) quantized attention + linear branch.
 
@@ -98,6 +146,16 @@ def sagesla(
         quant: ``"int8-fp8"`` (INT8 QK, FP8 e4m3 PV), ``"int8-fp16"`` or ``"none"`` (plain SLA).
         return_density: also return the kept fraction of key blocks.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        q_pool, k_blocksum, v_absmax: optional precomputed block statistics of these q, k, v (fp32,
+            row b*H + h = batch b, head h), so that the Triton path launches no pooling kernel of its
+            own: ``q_pool`` ``[B*H, ceil(L/block_q), D]`` the mean of q's rows per query block (over
+            the actual rows of the last, partial block), ``k_blocksum`` ``[B*H, ceil(L/block_k), D]``
+            the sum of k's rows per key block, ``v_absmax`` ``[B*H, NC, D]`` the max |v| per channel
+            over any NC >= 1 chunks of v's rows (reduced over NC; e.g. one per key block).
+            ``k_blocksum`` and ``v_absmax`` go together; ``q_pool`` is needed with them unless the op
+            is dense (topk keeps every key block). They must match q, k, v (they are trusted); the
+            torch backend validates them and recomputes everything. See
+            ``turbocompile::rmsnorm_rope_pool``, which computes them in the q/k norm kernels.
 
     Returns:
         ``out`` ``[B, L, H, D]`` in the input dtype, or ``(out, density)``.
@@ -106,7 +164,7 @@ def sagesla(
         >>> out = sagesla(q, k, v, topk=0.1, proj_weight=w, proj_bias=b)
     """
     out = torch.ops.turbocompile.sagesla(q, k, v, float(topk), proj_weight, proj_bias,
-                                         int(block_q), int(block_k), quant, backend)
+                                         int(block_q), int(block_k), quant, backend, q_pool, k_blocksum, v_absmax)
     if return_density:
         kb = math.ceil(q.shape[1] / block_k)
         return out, _ref.num_kept_blocks(topk, kb) / kb

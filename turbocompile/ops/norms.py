@@ -1,5 +1,5 @@
 """Fused norm ops for the Wan DiT: ``torch.ops.turbocompile.{ln_modulate, residual_ln_modulate,
-rmsnorm_rope, ln_modulate_quant, residual_ln_modulate_quant}``.
+rmsnorm_rope, rmsnorm_rope_pool, ln_modulate_quant, residual_ln_modulate_quant}``.
 
 Each op has a fake kernel (shapes/dtypes only), the PyTorch reference
 (:mod:`turbocompile.kernels.norms.ref`) and a Triton kernel (imported lazily); the final
@@ -31,6 +31,7 @@ __all__ = [
     "ln_modulate",
     "residual_ln_modulate",
     "rmsnorm_rope",
+    "rmsnorm_rope_pool",
     "ln_modulate_quant",
     "residual_ln_modulate_quant",
     "QUANT_FORMATS",
@@ -181,12 +182,9 @@ def residual_ln_modulate(
 
 
 # ----------------------------------------------------------------------------- rmsnorm_rope
-@torch.library.custom_op("turbocompile::rmsnorm_rope", mutates_args=())
-def _rmsnorm_rope(
-    z: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-    num_heads: int, eps: float, backend: str,
-) -> torch.Tensor:
-    op = "turbocompile::rmsnorm_rope"
+def _check_rmsnorm_rope(op: str, z, weight, cos, sin, num_heads: int, heads_required: bool) -> None:
+    """Arguments of the RMSNorm+RoPE ops (``heads_required``: num_heads must split D into even
+    heads even without RoPE, as the pooled outputs are per head)."""
     if z.dim() != 3:
         raise ValueError(f"{op}: z must be [B, L, D], got shape {tuple(z.shape)}")
     if z.dtype not in _FLOATS:
@@ -197,13 +195,24 @@ def _rmsnorm_rope(
         raise ValueError(f"{op}: weight dtype {weight.dtype} must be z.dtype ({z.dtype}) or float32")
     if (cos is None) != (sin is None):
         raise ValueError(f"{op}: cos and sin must both be given or both be None")
-    if cos is not None:
+    if cos is not None or heads_required:
         if num_heads <= 0 or D % num_heads or (D // num_heads) % 2:
             raise ValueError(f"{op}: D={D} must split into num_heads={num_heads} heads of even size")
+    if cos is not None:
         half = D // num_heads // 2
         for name, t in (("cos", cos), ("sin", sin)):
             if t.numel() != L * half or t.shape[-1] != half:
                 raise ValueError(f"{op}: {name} must be [L={L}, d/2={half}], got shape {tuple(t.shape)}")
+
+
+@torch.library.custom_op("turbocompile::rmsnorm_rope", mutates_args=())
+def _rmsnorm_rope(
+    z: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+    num_heads: int, eps: float, backend: str,
+) -> torch.Tensor:
+    op = "turbocompile::rmsnorm_rope"
+    _check_rmsnorm_rope(op, z, weight, cos, sin, num_heads, heads_required=False)
+    B, L, D = z.shape
     if resolve_backend(backend, z.device, op) == "triton":
         from turbocompile.kernels.norms.triton_rmsnorm_rope import rmsnorm_rope_triton
 
@@ -234,6 +243,82 @@ def rmsnorm_rope(
     Returns [B, L, D] contiguous, z.dtype. Example: ``q = rmsnorm_rope(q, w_q, cos, sin, num_heads=40)``.
     """
     return torch.ops.turbocompile.rmsnorm_rope(z, weight, cos, sin, num_heads, eps, backend)
+
+
+# ----------------------------------------------------------------------------- rmsnorm_rope_pool
+@torch.library.custom_op("turbocompile::rmsnorm_rope_pool", mutates_args=())
+def _rmsnorm_rope_pool(
+    z: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+    num_heads: int, eps: float, pool_rows: int, mean: bool, v: Optional[torch.Tensor], backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "turbocompile::rmsnorm_rope_pool"
+    _check_pool_args(op, z, weight, cos, sin, num_heads, pool_rows, v)
+    B, L, D = z.shape
+    if resolve_backend(backend, z.device, op) == "triton":
+        from turbocompile.kernels.norms.triton_rmsnorm_rope_pool import rmsnorm_rope_pool_triton
+
+        out, pooled, vmax = rmsnorm_rope_pool_triton(z, weight, cos, sin, num_heads, eps, pool_rows, mean, v)
+    else:
+        c = cos.reshape(L, -1) if cos is not None else None
+        s = sin.reshape(L, -1) if sin is not None else None
+        out, pooled, vmax = ref.rmsnorm_rope_pool_ref(z, weight, c, s, num_heads, eps, pool_rows, mean, v)
+        out = out.contiguous()
+    return out, pooled, (vmax if vmax is not None else _no_vmax(z))
+
+
+def _check_pool_args(op, z, weight, cos, sin, num_heads, pool_rows, v) -> None:
+    _check_rmsnorm_rope(op, z, weight, cos, sin, num_heads, heads_required=True)
+    if isinstance(pool_rows, bool) or not isinstance(pool_rows, int) or pool_rows < 1:
+        raise ValueError(f"{op}: pool_rows must be an integer >= 1, got {pool_rows!r}")
+    if v is not None:
+        if v.shape != z.shape or v.dtype not in _FLOATS:
+            raise ValueError(f"{op}: v must be [B, L, D] = {tuple(z.shape)} in float32, bfloat16 or float16, got "
+                             f"{tuple(v.shape)} {v.dtype}")
+        if v.device != z.device:
+            raise ValueError(f"{op}: v is on {v.device}, z on {z.device}; both must share one device")
+
+
+def _no_vmax(z: torch.Tensor) -> torch.Tensor:
+    """The vmax output without v: an empty [0] fp32 tensor (ops cannot return None)."""
+    return z.new_empty((0,), dtype=torch.float32)
+
+
+@_rmsnorm_rope_pool.register_fake
+def _(z, weight, cos, sin, num_heads, eps, pool_rows, mean, v, backend):
+    _check_pool_args("turbocompile::rmsnorm_rope_pool", z, weight, cos, sin, num_heads, pool_rows, v)
+    B, L, D = z.shape
+    shape = (B * num_heads, -(-L // pool_rows), D // num_heads)
+    vmax = z.new_empty(shape, dtype=torch.float32) if v is not None else _no_vmax(z)
+    return z.new_empty(z.shape), z.new_empty(shape, dtype=torch.float32), vmax
+
+
+def rmsnorm_rope_pool(
+    z: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None, num_heads: int = 1, eps: float = 1e-6, *, pool_rows: int,
+    mean: bool, v: Optional[torch.Tensor] = None, backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`rmsnorm_rope` that also pools its output per head and block of tokens (SageSLA's
+    block statistics, computed while the rows pass through instead of by a kernel re-reading them).
+
+    Args:
+        z, weight, cos, sin, num_heads, eps: as :func:`rmsnorm_rope`; ``num_heads`` must split D
+            into heads of even size (also without RoPE: the pooling is per head).
+        pool_rows: tokens per block (SageSLA's block_q for q, block_k for k); blocks never cross
+            batch elements, the last block of each may be partial.
+        mean: True: the mean over the block's actual rows (SageSLA's q̄); False: the sum (its k
+            block sums).
+        v: optional [B, L, D] (rows may be strided, e.g. the v slice of a fused qkv output), read
+            in the same pass for its per-block |v| channel maxima.
+
+    Returns ``(out, pooled, vmax)``: ``out`` [B, L, D] contiguous in z.dtype (exactly
+    :func:`rmsnorm_rope`'s), ``pooled`` [B*H, ceil(L/pool_rows), D/H] fp32 computed from the stored
+    (rounded to z.dtype) ``out`` values, ``vmax`` [B*H, ceil(L/pool_rows), D/H] fp32, or an empty
+    [0] fp32 tensor when v is None. Row b*H + h of the pooled tensors is batch b, head h.
+
+    Example: ``k, k_sum, v_max = rmsnorm_rope_pool(k, w_k, cos, sin, 12, pool_rows=128, mean=False, v=v)``.
+    """
+    return torch.ops.turbocompile.rmsnorm_rope_pool(z, weight, cos, sin, num_heads, eps, pool_rows, bool(mean), v,
+                                                    backend)
 
 
 # ----------------------------------------------------------------------------- quant epilogues
