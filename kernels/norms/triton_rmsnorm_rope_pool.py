@@ -9,8 +9,11 @@ RMSNorm+RoPE kernels, which read z and write exactly those rows, accumulate them
 Layout and math per row are `triton_rmsnorm_rope._rmsnorm_rope_pairs_kernel`'s: the row is read
 as pair-words (elements 2w and 2w+1 of a row live in word w: int32 for 16-bit dtypes, int64 for
 fp32), in the same one or two column tiles, normalized, weighted, rotated and stored with the same
-operations, so ``out`` holds the same bits (on the GPU with the same ``num_warps`` per row, which
-fixes the order of the row's sum of squares; the defaults take it from `row_config`).
+operations. Only the fp32 sum of squares of a row may be reduced in another order on the GPU (its
+register layout follows the warps per row and the pipelined loads): on the H200 (session 11,
+`benchmarks/probe_attn_pooling.py`) ``out`` was bit-identical to `rmsnorm_rope_triton`'s at Wan-1.3B
+(2 warps, the default) but not at Wan-14B (no launch config was; the SageSLA output computed from
+either was still bit-identical there). On the CPU interpreter it is bit-identical.
 
 Grid (blocks, B): one program per block of ``pool_rows`` consecutive tokens of one batch element
 (blocks never straddle batch elements; the last one of each element may be partial). It loops over

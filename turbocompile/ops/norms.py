@@ -310,8 +310,9 @@ def rmsnorm_rope_pool(
         v: optional [B, L, D] (rows may be strided, e.g. the v slice of a fused qkv output), read
             in the same pass for its per-block |v| channel maxima.
 
-    Returns ``(out, pooled, vmax)``: ``out`` [B, L, D] contiguous in z.dtype (exactly
-    :func:`rmsnorm_rope`'s), ``pooled`` [B*H, ceil(L/pool_rows), D/H] fp32 computed from the stored
+    Returns ``(out, pooled, vmax)``: ``out`` [B, L, D] contiguous in z.dtype (:func:`rmsnorm_rope`'s
+    values; on the GPU the row's fp32 sum of squares may be reduced in another order, a last-bit
+    difference in rare elements), ``pooled`` [B*H, ceil(L/pool_rows), D/H] fp32 computed from the stored
     (rounded to z.dtype) ``out`` values, ``vmax`` [B*H, ceil(L/pool_rows), D/H] fp32, or an empty
     [0] fp32 tensor when v is None. Row b*H + h of the pooled tensors is batch b, head h.
 
