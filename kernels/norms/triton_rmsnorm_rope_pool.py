@@ -10,7 +10,7 @@ Layout and math per row are `triton_rmsnorm_rope._rmsnorm_rope_pairs_kernel`'s: 
 as pair-words (elements 2w and 2w+1 of a row live in word w: int32 for 16-bit dtypes, int64 for
 fp32), in the same one or two column tiles, normalized, weighted, rotated and stored with the same
 operations. Only the fp32 sum of squares of a row may be reduced in another order on the GPU (its
-register layout follows the warps per row and the pipelined loads): on the H200 (session 11,
+register layout follows the warps per row and the pipelined loads): on the H200 (session 12,
 `benchmarks/probe_attn_pooling.py`) ``out`` was bit-identical to `rmsnorm_rope_triton`'s at Wan-1.3B
 (2 warps, the default) but not at Wan-14B (no launch config was; the SageSLA output computed from
 either was still bit-identical there). On the CPU interpreter it is bit-identical.
@@ -158,7 +158,7 @@ def pool_config(NP: int, pool_rows: int, override: dict | None = None) -> dict:
     ``stages`` (num_stages of the row loop), ``split`` (two column tiles, as the plain kernel).
     Defaults: the plain kernel's warps per row (`row_config(NP, "rms")`) and its rows per program
     (at most 16) as ``sub`` for narrow rows; wide rows (one row per program there) step 2 rows at a
-    time, with 3 pipeline stages. H200 session 11 sweep (`benchmarks/probe_attn_pooling.py`, q + k
+    time, with 3 pipeline stages. H200 session 12 sweep (`benchmarks/probe_attn_pooling.py`, q + k
     with v): Wan-1.3B (768 words, 2 warps) sub 2 / 3 stages 0.168 ms vs 0.237 ms with 2 stages and
     0.153 ms for the plain kernels; Wan-14B (2560 words, 4 warps) 1.250 vs 1.276 ms. The grid has
     one program per block of rows (a few hundred at 1.3B), so deeper pipelining, not more programs,
