@@ -34,6 +34,8 @@ _FP8_EPI = [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
             {"name": "sagesla_attention", "options": {"topk": 0.1}}]
 _QKV_ONLY = {"name": "fuse_sibling_gemms", "options": {"include": ["blocks.*.self_attn.*"]}}
 _RCM4 = {"name": "bake_rcm_sampler", "options": {"steps": 4}}
+# the turbo-fp8 recipe's order: + the gated residuals in the o / cross-o / ffn.2 GEMM epilogues
+_FP8_EPI_RES = [*_FP8_EPI[:3], "fuse_residual_epilogues", *_FP8_EPI[3:]]
 
 # name -> recipe passes (None = not a turbocompile variant)
 VARIANTS = {
@@ -69,6 +71,10 @@ VARIANTS = {
     # + SageSLA's block pooling inside the q/k RMSNorm+RoPE kernels: the turbo-fp8 recipe
     "w8a8_fp8+norms+sagesla+epi+pool+siblings": [*_FP8_EPI, "fuse_attention_pooling", "fuse_sibling_gemms"],
     "rcm4_fp8+norms+sagesla+epi+pool+siblings": [*_FP8_EPI, "fuse_attention_pooling", "fuse_sibling_gemms", _RCM4],
+    # + x + y·gate of the residual norms in the epilogues of the GEMMs producing y
+    "w8a8_fp8+norms+sagesla+epi+res+pool+siblings": [*_FP8_EPI_RES, "fuse_attention_pooling", "fuse_sibling_gemms"],
+    "rcm4_fp8+norms+sagesla+epi+res+pool+siblings": [*_FP8_EPI_RES, "fuse_attention_pooling", "fuse_sibling_gemms",
+                                                     _RCM4],
 }
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"

@@ -12,3 +12,4 @@ from turbocompile.passes import bake_rcm_sampler  # noqa: E402,F401
 from turbocompile.passes import fuse_gemm_epilogues  # noqa: E402,F401
 from turbocompile.passes import fuse_sibling_gemms  # noqa: E402,F401
 from turbocompile.passes import fuse_attention_pooling  # noqa: E402,F401
+from turbocompile.passes import fuse_residual_epilogues  # noqa: E402,F401

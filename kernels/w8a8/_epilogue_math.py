@@ -1,14 +1,20 @@
-"""Element-wise epilogue math shared by the GELU-epilogue GEMMs (pointer kernel in
-:mod:`.triton_gemm_epilogue`, persistent TMA kernel in :mod:`.triton_gemm_tma`).
+"""Element-wise epilogue math shared by the epilogue GEMMs (pointer kernel in
+:mod:`.triton_gemm_epilogue`, persistent TMA kernel in :mod:`.triton_gemm_tma`): GELU (tanh) and
+the gated residual add ``x + y·gate``.
 
 Kept in its own module so that both kernels can use the same jit functions (and so the same order of
 fp32 operations) without the two GEMM modules importing each other.
 """
 
+from typing import Any, NamedTuple
+
 import triton
 import triton.language as tl
 
-__all__ = ["AMAX_GRANULE", "AMAX_MODE_IDS", "GELU_NATIVE_FORMS", "GELU_NATIVE_FORM", "gelu_native"]
+from turbocompile.kernels.norms.triton_rounding import rnd
+
+__all__ = ["AMAX_GRANULE", "AMAX_MODE_IDS", "GELU_NATIVE_FORMS", "GELU_NATIVE_FORM", "RESIDUAL_IDS", "ResidualArgs",
+           "gelu_native", "residual_torch"]
 
 # Columns per partial-amax entry ("partial" amax mode): the buffer is [M, ceil(N / AMAX_GRANULE)]
 # whatever BLOCK_N the autotuner picks, so every stored tile width must be a multiple of it.
@@ -25,6 +31,39 @@ _GELU_C2 = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634 * 0.04471
 # u itself, for the tanh form: u = y * (A1 + A2 * y^2)
 _GELU_A1 = tl.constexpr(0.7978845608028654)
 _GELU_A2 = tl.constexpr(0.7978845608028654 * 0.044715)
+
+# residual mode -> the kernels' RESIDUAL constexpr: 0 none, 1 ``x + y``, 2 ``x + y·gate``
+RESIDUAL_IDS = {"none": 0, "add": 1, "gated": 2}
+
+
+class ResidualArgs(NamedTuple):
+    """Host-side operands of a residual epilogue (built by ``triton_gemm_residual.residual_args``).
+
+    x: the residual [M, N] in the GEMM's output dtype, unit column stride (rows may be strided);
+    gate: None (``x + y``) or the gate tensor, read as a [B, L, N] view with strides (stride_gb,
+    stride_gl, 1), L = rows per sample; gate_mode: the kernels' GATE_MODE (see :func:`_gated_residual`);
+    load: "tma" (a TMA descriptor over x, TMA kernel only) or "pointer" (masked loads).
+    """
+
+    x: Any
+    gate: Any
+    L: int
+    stride_gb: int
+    stride_gl: int
+    gate_mode: int
+    load: str
+
+
+def residual_torch(y: Any, res: ResidualArgs) -> Any:
+    """``res.x + y·gate`` with torch ops in y's dtype (the eager roundings), for degenerate launches (K = 0)."""
+    import torch
+
+    if res.gate is None:
+        return res.x + y
+    m, n = y.shape
+    g = torch.as_strided(res.gate, (m // res.L, res.L, n), (res.stride_gb, res.stride_gl, 1)).reshape(m, n)
+    return res.x + y * g.to(y.dtype)
+
 
 # How a GPU build evaluates the GELU (the kernels' NATIVE constexpr; 0 is the portable form the CPU
 # interpreter runs):
@@ -77,3 +116,43 @@ def _round_bf16_rne(x):
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # clear the low 16 bits (~0xFFFF)
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gated_residual(v, x, gate_ptr, rm, rn, row0, M, N, L, stride_gb, stride_gl,
+                    RESIDUAL: tl.constexpr, GATE_MODE: tl.constexpr, NATIVE: tl.constexpr):
+    """``x_new = x + y·gate`` for a [BLOCK_M, WIDTH] tile, rounded exactly as the unfused graph.
+
+    v: the GEMM's fp32 value (scales and bias applied, not rounded); x: the residual tile in its storage
+    dtype DT, which is also the output dtype; rows ``rm`` / columns ``rn`` of the [M, N] output, the
+    tile's first row ``row0``. The unfused graph stores y = DT(v), then
+    ``turbocompile::residual_ln_modulate`` computes (the norm kernels' ``_residual``, the eager
+    ``x + y * gate.to(dt)``): g = DT(gate), t = DT(y·g) (y·g of two DT values is exact in fp32, so one
+    rounding), x_new = DT(x + t). Same sequence here, through the bit-level round trip of :func:`rnd` (a
+    plain ``.to(dt).to(fp32)`` can be folded away by the compiler). RESIDUAL 1: no gate, x_new = DT(x + y).
+
+    The gate is element [b, l, n] of a [B, L, N] view (strides stride_gb, stride_gl, 1; b = row // L,
+    l = row % L), read per GATE_MODE: 0 one [WIDTH] vector for every row (B = 1 or one gate for all
+    samples); 1 per-sample gate (stride_gl = 0) with L >= BLOCK_M, so a tile spans at most two samples:
+    two vectors and a select per row; 2 a full gather (per-token gates; register-hungry, no Wan graph
+    uses it). Returns x_new in fp32 (exactly representable in DT).
+    """
+    dt: tl.constexpr = x.dtype
+    y = rnd(v, dt, NATIVE)
+    if RESIDUAL == 2:
+        n_ok = rn < N
+        if GATE_MODE == 0:
+            g = tl.load(gate_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        elif GATE_MODE == 1:
+            b0 = row0 // L
+            b1 = tl.minimum(b0 + 1, (M - 1) // L)
+            g0 = tl.load(gate_ptr + b0.to(tl.int64) * stride_gb + rn, mask=n_ok, other=0.0).to(tl.float32)
+            g1 = tl.load(gate_ptr + b1.to(tl.int64) * stride_gb + rn, mask=n_ok, other=0.0).to(tl.float32)
+            g = tl.where((rm // L == b0)[:, None], g0[None, :], g1[None, :])
+        else:
+            rows = rm.to(tl.int64)
+            g_off = (rows // L) * stride_gb + (rows % L) * stride_gl
+            g = tl.load(gate_ptr + g_off[:, None] + rn[None, :], mask=(rm < M)[:, None] & n_ok[None, :],
+                        other=0.0).to(tl.float32)
+        y = rnd(y * rnd(g, dt, NATIVE), dt, NATIVE)
+    return rnd(x.to(tl.float32) + y, dt, NATIVE)

@@ -24,6 +24,10 @@ the stored h with ``ref.quantize_ref`` (the amax is taken over the rounded value
 Per-token x per-channel on sm90+: :func:`w8a8_gemm_gelu_triton` runs the persistent TMA GEMM of
 :mod:`.triton_gemm_tma` with its GELU / amax epilogue (all three amax modes, same contract) instead
 of the pointer kernel below whenever that kernel's shape rule holds (see :func:`gelu_gemm_path`).
+
+The pointer kernel's epilogue also runs without the GELU (``ACTIVATION`` 0) and with a gated residual
+add (``RESIDUAL``, see ``_epilogue_math._gated_residual``): :mod:`.triton_gemm_residual` launches it
+for the shapes the TMA kernel does not take (block-128 scales, unaligned rows, no sm90).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import triton
 import triton.language as tl
 
 from turbocompile.kernels.w8a8 import _epilogue_math as _em
-from turbocompile.kernels.w8a8._epilogue_math import AMAX_GRANULE, AMAX_MODE_IDS, _gelu_tanh, _round_bf16_rne
+from turbocompile.kernels.w8a8._epilogue_math import (AMAX_GRANULE, AMAX_MODE_IDS, ResidualArgs, _gated_residual,
+                                                      _gelu_tanh, _round_bf16_rne)
 from turbocompile.kernels.w8a8._tiling import grouped_tile
 
 from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR, dequant_scale, quant_scale_math, quantize_triton
@@ -77,6 +82,12 @@ def _w8a8_gemm_gelu_kernel(
     stride_ym,
     stride_yn,
     stride_amax_m,
+    res_ptr,  # residual x [M, N] in y's dtype, unit column stride (RESIDUAL), else a dummy
+    gate_ptr,  # gate as a [B, L, N] broadcast view (RESIDUAL 2), else a dummy
+    L,  # rows per sample (M = B * L), for the gate's batch index
+    stride_rm,
+    stride_gb,
+    stride_gl,
     A_BLOCK: tl.constexpr,
     W_BLOCK: tl.constexpr,
     IS_FP8: tl.constexpr,
@@ -85,6 +96,9 @@ def _w8a8_gemm_gelu_kernel(
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 output: round explicitly (see _round_bf16_rne)
     NATIVE: tl.constexpr,  # GELU form: 0 portable (interpreter), 1 / 2 inline PTX (_epilogue_math.gelu_native)
     AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per 128-column granule), 2 atomic (per row)
+    ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
+    RESIDUAL: tl.constexpr,  # 0 none, 1 x + y, 2 x + y·gate (_epilogue_math.RESIDUAL_IDS)
+    GATE_MODE: tl.constexpr,  # how the gate rows are read (_epilogue_math._gated_residual)
     GRANULE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -147,8 +161,15 @@ def _w8a8_gemm_gelu_kernel(
         acc = acc * tl.load(sw_ptr + rn * stride_swn)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    h = _gelu_tanh(acc, NATIVE)
-    if ROUND_BF16:
+    h = acc
+    if ACTIVATION == 1:
+        h = _gelu_tanh(h, NATIVE)
+    if RESIDUAL != 0:
+        # wrapped rows/columns: in bounds, unmasked; the result is exact in y's dtype
+        x = tl.load(res_ptr + rm[:, None].to(tl.int64) * stride_rm + rn[None, :])
+        h = _gated_residual(h, x, gate_ptr, rm, rn, pid_m * BLOCK_M, M, N, L, stride_gb, stride_gl, RESIDUAL,
+                            GATE_MODE, NATIVE != 0)
+    elif ROUND_BF16:
         h = _round_bf16_rne(h)
     h = h.to(y_ptr.dtype.element_ty)
     row_ok = rm_true < M
@@ -222,7 +243,8 @@ def _tuned(scale_in_loop: bool):
     if scale_in_loop not in _TUNED:
         _TUNED[scale_in_loop] = triton.autotune(
             configs=_configs(scale_in_loop),
-            key=["M_BUCKET", "N", "K", "IS_FP8", "A_BLOCK", "W_BLOCK", "HAS_BIAS", "AMAX_MODE"],
+            key=["M_BUCKET", "N", "K", "IS_FP8", "A_BLOCK", "W_BLOCK", "HAS_BIAS", "AMAX_MODE", "ACTIVATION",
+                 "RESIDUAL", "GATE_MODE"],
         )(_w8a8_gemm_gelu_kernel)
     return _TUNED[scale_in_loop]
 
@@ -287,33 +309,48 @@ def w8a8_gemm_gelu_triton(
         if amax is not None:
             amax.copy_(y.float().abs().amax(dim=1, keepdim=True).expand_as(amax))
         return y, amax
+    _launch_pointer(qa, sa, qw, sw, bias, act_granularity, weight_granularity, y, amax, amax_mode, 1, None, config,
+                    "w8a8_gemm_gelu_triton")
+    return y, amax
+
+
+def _launch_pointer(qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str, y: torch.Tensor,
+                    amax: torch.Tensor | None, amax_mode: str, activation: int, res: ResidualArgs | None,
+                    config: dict | None, caller: str) -> None:
+    """Launch the pointer epilogue kernel writing ``y [M, N]`` (M, N, K > 0; inputs checked by the caller)."""
+    m, k = qa.shape
+    n = qw.shape[0]
     is_fp8 = qw.dtype == torch.float8_e4m3fn
     a_block = act_granularity == "block128"
     w_block = weight_granularity == "block128"
-    mode_id = AMAX_MODE_IDS[amax_mode]
     amax_arg = amax if amax is not None else sw
+    gate = res.gate if res is not None and res.gate is not None else sw
     args = (
         qa, qw, sa, sw, bias if bias is not None else sw, y, amax_arg, m, n, k, min(triton.next_power_of_2(m), 8192),
         qa.stride(0), qa.stride(1), qw.stride(0), qw.stride(1), sa.stride(0), sa.stride(1),
         sw.stride(0), sw.stride(1), y.stride(0), y.stride(1), amax.stride(0) if amax is not None else 0,
+        res.x if res is not None else sw, gate, res.L if res is not None else 1,
+        res.x.stride(0) if res is not None else 0, res.stride_gb if res is not None else 0,
+        res.stride_gl if res is not None else 0,
     )
+    residual = _em.RESIDUAL_IDS["none" if res is None else "add" if res.gate is None else "gated"]
     meta = dict(A_BLOCK=a_block, W_BLOCK=w_block, IS_FP8=is_fp8, HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0,
-                ROUND_BF16=triton_interpret() and out_dtype == torch.bfloat16, NATIVE=_em.gelu_native(triton_interpret()),
-                AMAX_MODE=mode_id, GRANULE=AMAX_GRANULE, BLOCK_K=128)
+                ROUND_BF16=triton_interpret() and y.dtype == torch.bfloat16, NATIVE=_em.gelu_native(triton_interpret()),
+                AMAX_MODE=AMAX_MODE_IDS[amax_mode], ACTIVATION=activation, RESIDUAL=residual,
+                GATE_MODE=0 if res is None else res.gate_mode, GRANULE=AMAX_GRANULE, BLOCK_K=128)
     if config is None and triton_interpret():
         config = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
     if config is not None:
         if config["BLOCK_N"] % AMAX_GRANULE or 128 % config["BLOCK_M"]:
-            raise ValueError("w8a8_gemm_gelu_triton: BLOCK_N must be a multiple of 128 and BLOCK_M divide 128")
+            raise ValueError(f"{caller}: BLOCK_N must be a multiple of 128 and BLOCK_M divide 128")
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         _w8a8_gemm_gelu_kernel[grid](*args, **meta, **config)
-        return y, amax
+        return
 
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
     _tuned(a_block or w_block)[grid](*args, **meta)
-    return y, amax
 
 
 def gelu_gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, act_granularity: str,

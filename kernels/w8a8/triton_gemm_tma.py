@@ -27,6 +27,9 @@
   contract of :mod:`.triton_gemm_epilogue`, whose per-token quantizer consumes it. The partial
   mode needs every stored width (BLOCK_N, or BLOCK_N / 2 with EPILOGUE_SUBTILE) to be a multiple
   of 128: its autotune list drops the other configs, a fixed config is refused with a ValueError.
+  RESIDUAL 1 / 2: ``x_new = x + y`` / ``x + y·gate`` (the Wan blocks' residual stream) with the unfused
+  graph's roundings (``_epilogue_math._gated_residual``): the residual tile x is read through its own TMA
+  descriptor (RES_TMA) or with masked pointer loads, and x_new is what the descriptor store writes.
 
 Shape rule (see :func:`tma_unsupported_reason`): TMA needs 16-byte aligned bases and row strides,
 i.e. K % 16 == 0 for the 1-byte operands (contiguous rows) and N * out_itemsize % 16 == 0 for y;
@@ -42,7 +45,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from turbocompile.kernels.w8a8 import _epilogue_math as _em
-from turbocompile.kernels.w8a8._epilogue_math import AMAX_GRANULE, AMAX_MODE_IDS, _gelu_tanh, _round_bf16_rne
+from turbocompile.kernels.w8a8._epilogue_math import (AMAX_GRANULE, AMAX_MODE_IDS, _gated_residual, _gelu_tanh,
+                                                      _round_bf16_rne)
 from turbocompile.kernels.w8a8._tiling import grouped_coords
 from turbocompile.ops._backend import triton_interpret
 
@@ -82,10 +86,21 @@ def _scale_bias_cast(
     ROUND_BF16: tl.constexpr,
     NATIVE: tl.constexpr,
     WIDTH: tl.constexpr,
+    res,  # RESIDUAL: the residual tile of these rows/columns in y's dtype (else unused)
+    gate_ptr,
+    rm,  # [BLOCK_M] row indices of the tile
+    row0,  # the tile's first row
+    M,
+    L,
+    stride_gb,
+    stride_gl,
+    RESIDUAL: tl.constexpr,
+    GATE_MODE: tl.constexpr,
 ):
     """``act(acc * sA[m] * sW[n] + bias[n])`` in fp32 for columns off_n..off_n+WIDTH, cast to y's
     dtype (act = identity, or GELU-tanh for ACTIVATION 1: the pointer GELU kernel's order of fp32
-    operations). (The descriptor store stays in the kernel body: descriptors are not passed to helpers.)"""
+    operations); with RESIDUAL, ``res + y·gate`` instead (``_epilogue_math._gated_residual``). (The
+    descriptor loads/stores stay in the kernel body: descriptors are not passed to helpers.)"""
     rn = off_n + tl.arange(0, WIDTH)
     n_ok = rn < N
     v = acc.to(tl.float32) * s_a[:, None]
@@ -94,7 +109,11 @@ def _scale_bias_cast(
         v += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 1:
         v = _gelu_tanh(v, NATIVE)
-    if ROUND_BF16:
+    if RESIDUAL != 0:
+        # every value is rounded explicitly: the result is exact in y's dtype, the cast below too
+        v = _gated_residual(v, res, gate_ptr, rm, rn, row0, M, N, L, stride_gb, stride_gl, RESIDUAL, GATE_MODE,
+                            NATIVE != 0)
+    elif ROUND_BF16:
         v = _round_bf16_rne(v)  # the interpreter's bf16 cast truncates; this makes it exact
     if OUT_KIND == 0:
         out = v.to(tl.bfloat16)
@@ -103,6 +122,15 @@ def _scale_bias_cast(
     else:
         out = v
     return out
+
+
+@triton.jit
+def _load_residual(res_ptr, rm, off_n, M, N, stride_rm, WIDTH: tl.constexpr):
+    """Residual tile [BLOCK_M, WIDTH] (rows rm, columns off_n..) in its storage dtype, masked at M and N
+    (unit column stride)."""
+    rn = off_n + tl.arange(0, WIDTH)
+    return tl.load(res_ptr + rm[:, None].to(tl.int64) * stride_rm + rn[None, :],
+                   mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
 
 
 @triton.jit
@@ -159,6 +187,13 @@ def _w8a8_gemm_tma_kernel(
     stride_sam,
     stride_swn,
     stride_amax_m,
+    r_desc,  # residual x [M, N] in y's dtype, y_desc's box (RESIDUAL with RES_TMA), else None
+    res_ptr,  # the same residual for pointer loads (RESIDUAL without RES_TMA), else a dummy
+    gate_ptr,  # gate as a [B, L, N] broadcast view (RESIDUAL 2), else a dummy
+    L,  # rows per sample (M = B * L), for the gate's batch index
+    stride_rm,
+    stride_gb,
+    stride_gl,
     IS_FP8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32 (y_desc's dtype)
@@ -166,6 +201,9 @@ def _w8a8_gemm_tma_kernel(
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 output + an epilogue extension: round explicitly
     NATIVE: tl.constexpr,  # GELU form: 0 portable (interpreter), 1 / 2 inline PTX (_epilogue_math.gelu_native)
     AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row)
+    RESIDUAL: tl.constexpr,  # 0 none, 1 x + y, 2 x + y·gate (_epilogue_math.RESIDUAL_IDS)
+    RES_TMA: tl.constexpr,  # residual tiles through r_desc (True) or pointer loads (False)
+    GATE_MODE: tl.constexpr,  # how the gate rows are read (_epilogue_math._gated_residual)
     GRANULE: tl.constexpr,
     NUM_SMS: tl.constexpr,
     FLATTEN: tl.constexpr,
@@ -212,20 +250,41 @@ def _w8a8_gemm_tma_kernel(
             # off_n.. and off_n + BN/2..), scaled and stored one after the other.
             acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
             acc0, acc1 = tl.split(acc3)
+            r0 = s_a  # the residual tiles (RESIDUAL), else placeholders
+            if RESIDUAL != 0:
+                if RES_TMA:
+                    r0 = r_desc.load([off_m, off_n])
+                else:
+                    r0 = _load_residual(res_ptr, rm, off_n, M, N, stride_rm, HALF_N)
             y0 = _scale_bias_cast(acc0, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                  ACTIVATION, ROUND_BF16, NATIVE, HALF_N)
+                                  ACTIVATION, ROUND_BF16, NATIVE, HALF_N, r0, gate_ptr, rm, off_m, M, L, stride_gb,
+                                  stride_gl, RESIDUAL, GATE_MODE)
             y_desc.store([off_m, off_n], y0)
             if AMAX_MODE != 0:
                 _store_amax(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, HALF_N)
+            r1 = s_a
+            if RESIDUAL != 0:
+                if RES_TMA:
+                    r1 = r_desc.load([off_m, off_n + HALF_N])
+                else:
+                    r1 = _load_residual(res_ptr, rm, off_n + HALF_N, M, N, stride_rm, HALF_N)
             y1 = _scale_bias_cast(acc1, s_a, sw_ptr, bias_ptr, off_n + HALF_N, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                  ACTIVATION, ROUND_BF16, NATIVE, HALF_N)
+                                  ACTIVATION, ROUND_BF16, NATIVE, HALF_N, r1, gate_ptr, rm, off_m, M, L, stride_gb,
+                                  stride_gl, RESIDUAL, GATE_MODE)
             y_desc.store([off_m, off_n + HALF_N], y1)
             if AMAX_MODE != 0:
                 _store_amax(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M,
                             HALF_N)
         else:
+            r = s_a
+            if RESIDUAL != 0:
+                if RES_TMA:
+                    r = r_desc.load([off_m, off_n])
+                else:
+                    r = _load_residual(res_ptr, rm, off_n, M, N, stride_rm, BLOCK_N)
             y_tile = _scale_bias_cast(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                      ACTIVATION, ROUND_BF16, NATIVE, BLOCK_N)
+                                      ACTIVATION, ROUND_BF16, NATIVE, BLOCK_N, r, gate_ptr, rm, off_m, M, L, stride_gb,
+                                      stride_gl, RESIDUAL, GATE_MODE)
             y_desc.store([off_m, off_n], y_tile)
             if AMAX_MODE != 0:
                 _store_amax(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, BLOCK_N)
@@ -264,6 +323,8 @@ def _set_block_shapes(nargs: dict) -> None:
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
     nargs["y_desc"].block_shape = [bm, bn // 2 if nargs["EPILOGUE_SUBTILE"] else bn]
+    if nargs.get("r_desc") is not None:  # the residual is read in the tiles y is stored in
+        nargs["r_desc"].block_shape = list(nargs["y_desc"].block_shape)
 
 
 def _store_width(cfg: dict) -> int:
@@ -274,7 +335,8 @@ def _store_width(cfg: dict) -> int:
 _TUNED = None  # every config of tma_configs() (benchmarks may reset it to rebuild with a reduced list)
 _TUNED_PARTIAL = None  # partial amax: the configs whose stored width is a multiple of AMAX_GRANULE
 # M changes the best tile only through its size class: bucket it.
-_TUNE_KEY = ["M_BUCKET", "N", "K", "IS_FP8", "HAS_BIAS", "OUT_KIND", "ACTIVATION", "AMAX_MODE"]
+_TUNE_KEY = ["M_BUCKET", "N", "K", "IS_FP8", "HAS_BIAS", "OUT_KIND", "ACTIVATION", "AMAX_MODE", "RESIDUAL", "RES_TMA",
+             "GATE_MODE"]
 
 
 def _tuned_kernel(partial_amax: bool = False):
@@ -376,6 +438,7 @@ def w8a8_gemm_tma(
     activation: str | None = None,
     amax_mode: str = "none",
     amax_out: torch.Tensor | None = None,
+    residual: _em.ResidualArgs | None = None,
 ) -> torch.Tensor:
     """Run the persistent TMA GEMM (per-token x per-channel). The caller applies the shape rule.
 
@@ -391,8 +454,12 @@ def w8a8_gemm_tma(
             ``out_dtype``), real rows and columns only. :mod:`.triton_gemm_epilogue` allocates the
             buffer and quantizes y from it.
         amax_out: the buffer of ``amax_mode`` (None for "none"), written in place.
+        residual: ``x + y·gate`` in the epilogue (see ``_epilogue_math.ResidualArgs``; ``x`` in
+            ``out_dtype``, with ``load="tma"`` also a TMA-able tensor); y is rounded to ``out_dtype``
+            first, as the plain GEMM stores it. Not combined with an activation or an amax.
 
-    Returns y [M, N] in ``out_dtype``. With every option off the kernel is the plain GEMM as before.
+    Returns y [M, N] in ``out_dtype`` (x_new with ``residual``). With every option off the kernel is
+    the plain GEMM as before.
     """
     m, k = qa.shape
     n, k2 = qw.shape
@@ -408,12 +475,13 @@ def w8a8_gemm_tma(
     why = tma_unsupported_reason(qa, qw, out_dtype, "per_token", "per_channel")
     if why is not None:
         raise ValueError(f"w8a8_gemm_tma: not a TMA shape ({why}); use w8a8_gemm_triton, which dispatches")
+    _check_residual(residual, activation, amax_mode, m, n, out_dtype)
     y = torch.empty((m, n), dtype=out_dtype, device=qa.device)
     if m == 0 or n == 0:
         return y
     if k == 0:
         _degenerate_k0(y, bias, activation, amax_mode, amax_out)
-        return y
+        return y if residual is None else _em.residual_torch(y, residual)
     # Box shapes are placeholders here; the launch below (or the autotune pre-hook) sets them.
     a_desc = TensorDescriptor.from_tensor(qa, [64, 128])
     w_desc = TensorDescriptor.from_tensor(qw, [64, 128])
@@ -421,16 +489,23 @@ def w8a8_gemm_tma(
     nsm = _num_programs_cap(qa.device)
     mode_id = AMAX_MODE_IDS[amax_mode]
     act_id = 0 if activation is None else ACTIVATIONS[activation]
+    res = residual
+    r_desc = TensorDescriptor.from_tensor(res.x, [64, 64]) if res is not None and res.load == "tma" else None
     args = (a_desc, w_desc, y_desc, sa, sw, bias if bias is not None else sw,
             amax_out if amax_out is not None else sw,
             m, n, k, min(triton.next_power_of_2(m), 8192), sa.stride(0), sw.stride(0),
-            amax_out.stride(0) if amax_out is not None else 0)
+            amax_out.stride(0) if amax_out is not None else 0,
+            r_desc, res.x if res is not None else sw,
+            res.gate if res is not None and res.gate is not None else sw,
+            res.L if res is not None else 1, res.x.stride(0) if res is not None else 0,
+            res.stride_gb if res is not None else 0, res.stride_gl if res is not None else 0)
     # Explicit bf16 rounding under the interpreter only with an epilogue extension: the plain GEMM
     # keeps the interpreter's truncating cast, as the plain pointer kernel does (tests compare them).
     round_bf16 = triton_interpret() and out_dtype == torch.bfloat16 and (act_id != 0 or mode_id != 0)
     meta = dict(IS_FP8=qa.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
                 OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16, NATIVE=_em.gelu_native(triton_interpret()),
-                AMAX_MODE=mode_id,
+                AMAX_MODE=mode_id, RESIDUAL=_residual_id(res), RES_TMA=r_desc is not None,
+                GATE_MODE=0 if res is None else res.gate_mode,
                 GRANULE=AMAX_GRANULE, NUM_SMS=nsm, FLATTEN=FLATTEN)
     if config is None and triton_interpret():
         config = {}
@@ -445,7 +520,7 @@ def w8a8_gemm_tma(
                              f"BLOCK_N // 2 with EPILOGUE_SUBTILE) to be a multiple of {AMAX_GRANULE}; config "
                              f"BLOCK_N={cfg['BLOCK_N']} EPILOGUE_SUBTILE={cfg['EPILOGUE_SUBTILE']} stores "
                              f"{_store_width(cfg)}")
-        _set_block_shapes({"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, **cfg})
+        _set_block_shapes({"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, "r_desc": r_desc, **cfg})
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         _w8a8_gemm_tma_kernel[(min(nsm, tiles),)](*args, **meta, **cfg)
         return y
@@ -455,6 +530,27 @@ def w8a8_gemm_tma(
 
     _tuned_kernel(amax_mode == "partial")[grid](*args, **meta)
     return y
+
+
+def _residual_id(res: _em.ResidualArgs | None) -> int:
+    if res is None:
+        return _em.RESIDUAL_IDS["none"]
+    return _em.RESIDUAL_IDS["add" if res.gate is None else "gated"]
+
+
+def _check_residual(res: _em.ResidualArgs | None, activation, amax_mode: str, m: int, n: int, out_dtype) -> None:
+    if res is None:
+        return
+    if activation is not None or amax_mode != "none":
+        raise ValueError("w8a8_gemm_tma: a residual epilogue takes no activation and no amax")
+    if tuple(res.x.shape) != (m, n) or res.x.dtype != out_dtype or res.x.stride(1) != 1:
+        raise ValueError(f"w8a8_gemm_tma: residual must be [{m}, {n}] {out_dtype} with unit column stride, got "
+                         f"{list(res.x.shape)} {res.x.dtype} strides {res.x.stride()}")
+    if res.load not in ("tma", "pointer"):
+        raise ValueError(f"w8a8_gemm_tma: unknown residual load '{res.load}'; valid: tma, pointer")
+    why = _row_major_16b(res.x) if res.load == "tma" else None
+    if why is not None:
+        raise ValueError(f"w8a8_gemm_tma: residual load 'tma' needs a TMA-able residual ({why}); use 'pointer'")
 
 
 def _check_amax_out(amax_mode: str, amax_out: torch.Tensor | None, m: int, n: int, device) -> None:

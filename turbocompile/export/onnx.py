@@ -189,6 +189,13 @@ def w8a8_linear_prequant(qx, xscale, qweight, wscale, bias, format: str, act_gra
     return _gemm(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype)
 
 
+def w8a8_linear_residual(qx, xscale, qweight, wscale, bias, format: str, act_granularity: str,
+                         weight_granularity: str, residual, gate, backend: str):
+    """turbocompile::w8a8_linear_residual: the GEMM rounded to the residual's dtype, then x + y·gate (eager ops)."""
+    y = _gemm(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, residual.dtype)
+    return _gated_residual(residual, op.Reshape(y, op.Shape(residual)), gate)
+
+
 def _gelu_tanh(x):
     """GELU with the tanh approximation in float32 (standard ops; ONNX Gelu needs opset 20)."""
     xf = _f32(x)
@@ -451,6 +458,7 @@ def translation_table(attention: str = "standard") -> dict:
         ops.w8a8_linear_prequant.default: w8a8_linear_prequant,
         ops.w8a8_linear_gelu.default: w8a8_linear_gelu,
         ops.w8a8_linear_gelu_quant.default: w8a8_linear_gelu_quant,
+        ops.w8a8_linear_residual.default: w8a8_linear_residual,
         ops.ln_modulate.default: ln_modulate,
         ops.residual_ln_modulate.default: residual_ln_modulate,
         ops.rmsnorm_rope.default: rmsnorm_rope,

@@ -12,6 +12,9 @@ Ops (registered on import; every op ends with ``backend``: "auto" | "triton" | "
   weight_granularity, out_dtype, backend) -> h``: ``GELU_tanh(GEMM + bias)`` in one kernel (FFN ffn.0).
 * ``turbocompile::w8a8_linear_gelu_quant(..., out_dtype, out_format, backend) -> (q, scale)``: the
   same, and the per-token quantization of h that the next ``w8a8_linear_prequant`` consumes.
+* ``turbocompile::w8a8_linear_residual(qx, xscale, qweight, wscale, bias, format, act_granularity,
+  weight_granularity, residual, gate, backend) -> x_new``: ``residual + GEMM·gate`` in one kernel (the
+  Wan blocks' residual stream after the o-projections and ffn.2).
 
 Plus the offline helper :func:`quantize_weight`. Formats: "int8" | "fp8" (torch.float8_e4m3fn).
 Activation granularity: "block128" (128 tokens x 128 channels per scale, TD's scheme) |
@@ -42,6 +45,7 @@ __all__ = [
     "w8a8_linear_prequant",
     "w8a8_linear_gelu",
     "w8a8_linear_gelu_quant",
+    "w8a8_linear_residual",
 ]
 
 FORMATS = ("int8", "fp8")
@@ -397,3 +401,96 @@ def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias=None, format="int8"
     return torch.ops.turbocompile.w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format,
                                                          act_granularity, weight_granularity, out_dtype,
                                                          out_format, backend)
+
+
+# ------------------------------------------------------------ GEMM + gated residual epilogue (o, ffn.2)
+
+
+def _check_residual_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                         residual, gate, backend):
+    if residual.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: residual must be bf16/fp16/fp32 (it is also the output dtype), got {residual.dtype}")
+    _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                     residual.dtype, backend)
+    m, n = qx.shape[0], qweight.shape[0]
+    if residual.dim() not in (2, 3) or residual.shape[-1] != n or residual.numel() != m * n:
+        raise ValueError(f"{op}: residual must be [M={m}, N={n}] or [B, L, N={n}] with B*L = M, "
+                         f"got {tuple(residual.shape)}")
+    if residual.device != qx.device:
+        raise ValueError(f"{op}: residual is on {residual.device}, qx on {qx.device}; both must share one device")
+    if gate is None:
+        return
+    if not gate.is_floating_point() or gate.device != residual.device:
+        raise ValueError(f"{op}: gate must be a float tensor on {residual.device}, got {gate.dtype} on {gate.device}")
+    try:
+        ok = torch.broadcast_shapes(gate.shape, residual.shape) == residual.shape and gate.shape[-1] == n
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{op}: gate of shape {tuple(gate.shape)} does not broadcast to residual "
+                         f"{tuple(residual.shape)} with a full last dim (e.g. [B, 1, N] or [N])")
+
+
+@torch.library.custom_op("turbocompile::w8a8_linear_residual", mutates_args=())
+def _w8a8_linear_residual_op(
+    qx: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    format: str,
+    act_granularity: str,
+    weight_granularity: str,
+    residual: torch.Tensor,
+    gate: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    op = "turbocompile::w8a8_linear_residual"
+    _check_residual_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                         residual, gate, backend)
+    if resolve_backend(backend, qx.device, op) == "triton":
+        from turbocompile.kernels.w8a8.triton_gemm_residual import w8a8_gemm_residual_triton
+
+        return w8a8_gemm_residual_triton(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
+                                         residual, gate)
+    from turbocompile.kernels.norms.ref import gated_residual_ref
+
+    # the unfused graph, op for op: w8a8_linear_prequant's reference rounded to the residual's dtype, then
+    # residual_ln_modulate's residual step (x + y * gate.to(dt), eager roundings)
+    y = ref.w8a8_gemm_ref(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity, residual.dtype)
+    return gated_residual_ref(residual, y.reshape(residual.shape), gate).contiguous()
+
+
+@_w8a8_linear_residual_op.register_fake
+def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, residual, gate, backend):
+    _check_modes("turbocompile::w8a8_linear_residual", format, act_granularity, weight_granularity, backend)
+    return residual.new_empty(residual.shape)
+
+
+def w8a8_linear_residual(qx: torch.Tensor, xscale: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
+                         bias: torch.Tensor | None = None, format: str = "int8", act_granularity: str = "per_token",
+                         weight_granularity: str = "per_channel", *, residual: torch.Tensor,
+                         gate: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """``residual + w8a8_linear_prequant(...)·gate`` in one GEMM: the epilogue reads x, writes x_new.
+
+    Replaces ``y = w8a8_linear_prequant(qx, ..., out_dtype=residual.dtype)`` followed by the residual
+    step of ``turbocompile::residual_ln_modulate`` (``x + y * gate.to(x.dtype)``, or ``x + y``), bit for
+    bit: y is rounded to the residual's dtype first, then the product and the sum are each rounded,
+    as the eager ops do, on the torch and the Triton backend alike.
+
+    Args:
+        qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity: as
+            :func:`w8a8_linear_prequant` (qx [M, K]).
+        residual: x, [M, N] or [B, L, N] with B*L = M, bf16/fp16/fp32; also the output dtype. Rows may
+            be strided.
+        gate: None, or a float tensor broadcasting to ``residual`` with a full last dim (AdaLN's
+            [B, 1, N] gate, fp32; it is rounded to the residual's dtype first).
+
+    Returns x_new in ``residual``'s shape and dtype (contiguous).
+
+    Example (a Wan block's self-attention output projection)::
+
+        x = w8a8_linear_residual(qa, sa, qw_o, sw_o, b_o, "fp8", residual=x, gate=gate_a)
+    """
+    return torch.ops.turbocompile.w8a8_linear_residual(qx, xscale, qweight, wscale, bias, format, act_granularity,
+                                                       weight_granularity, residual, gate, backend)
