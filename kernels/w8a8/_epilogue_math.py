@@ -19,8 +19,9 @@ __all__ = ["AMAX_GRANULE", "AMAX_MODE_IDS", "GELU_NATIVE_FORMS", "GELU_NATIVE_FO
 # Columns per partial-amax entry ("partial" amax mode): the buffer is [M, ceil(N / AMAX_GRANULE)]
 # whatever BLOCK_N the autotuner picks, so every stored tile width must be a multiple of it.
 AMAX_GRANULE = 128
-# amax_mode -> the kernels' AMAX_MODE constexpr: 0 none, 1 partial (per granule), 2 atomic (per row)
-AMAX_MODE_IDS = {"none": 0, "partial": 1, "atomic": 2}
+# amax_mode -> the kernels' AMAX_MODE constexpr: 0 none, 1 partial (per granule), 2 atomic (per row),
+# 3 pow2 (TMA kernel only: FP8 codes at per-granule power-of-two scales instead of y, maxima as 1)
+AMAX_MODE_IDS = {"none": 0, "partial": 1, "atomic": 2, "pow2": 3}
 
 
 # GELU_tanh(y) = y * sigmoid(2u), u = sqrt(2/pi) * (y + 0.044715 * y^3), and

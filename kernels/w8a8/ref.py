@@ -33,9 +33,13 @@ __all__ = [
     "INT8_QMAX",
     "FP8_QMAX",
     "AMAX_FLOOR",
+    "SCALE_MODES",
     "quant_dtype",
     "block128_amax",
     "quantize_ref",
+    "pow2_exponent_ref",
+    "quantize_pow2_ref",
+    "quantize_pow2_granules_ref",
     "w8a8_gemm_ref",
     "w8a8_linear_ref",
     "expand_scale",
@@ -48,6 +52,9 @@ BLOCK = 128
 INT8_QMAX = 128.0  # TD's int8_max: +amax maps to 128 and saturates to 127
 FP8_QMAX = 448.0  # largest finite float8_e4m3fn
 AMAX_FLOOR = 1e-8
+# How a per-token FP8 scale is chosen: "amax" (amax / 448, quantize_ref) or "pow2" (the power of two
+# 2^ceil(log2(amax / 448)), quantize_pow2_ref).
+SCALE_MODES = ("amax", "pow2")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -113,6 +120,67 @@ def quantize_ref(x: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Ten
         # roundings, off by one ulp from the kernels' correctly rounded amax/448 for some amax.
         scale = amax / torch.full_like(amax, FP8_QMAX)
     return q, scale.float().contiguous()
+
+
+# --------------------------------------------------------------- FP8 with power-of-two scales
+#
+# Per-token FP8 e4m3 with the scale rounded UP to a power of two: s = 2^e, e = ceil(log2(a / 448)),
+# a = max(amax_row, AMAX_FLOOR). e4m3 is a floating format, so the relative precision of normal codes
+# is that of the amax scale; the codes of a row just use the binade range differently: the row's
+# largest |code| is a / s in (224, 448] (before rounding; 224 after RNE at worst) instead of 448.
+# What a power of two buys: re-scaling codes by 2^-d (d >= 0 an integer) is exact as long as the
+# result stays an e4m3 normal (>= 2^-6), so codes made at a finer scale can be moved to the row scale
+# without touching h again (see kernels/w8a8/triton_pow2.py).
+#
+# e is computed exactly, never with a float log2 (which can be off by one at exact powers of two):
+# with a = m * 2^x, m in [0.5, 1) (frexp) and 448 = 0.875 * 2^9, a <= 448 * 2^e  <=>  m <= 0.875 * 2^(e + 9 - x),
+# so the smallest such integer e is x - 9 when m <= 0.875 and x - 8 otherwise. The floor 1e-8 (the
+# amax quantizer's) gives e = -35 for an all-zero row; any finite fp32 amax gives e <= 120, so 2^e
+# and 2^-e are normal fp32 numbers. Inputs must be finite.
+
+
+def _exp2i(e: torch.Tensor) -> torch.Tensor:
+    """fp32 ``2^e`` for int32 ``e`` in [-126, 127], exactly (built from the exponent bits)."""
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def pow2_exponent_ref(amax: torch.Tensor) -> torch.Tensor:
+    """int32 ``e = ceil(log2(max(amax, AMAX_FLOOR) / 448))``, exact: the smallest integer with
+    ``max(amax, 1e-8) <= 448 * 2^e`` (fp32 ``amax``, finite)."""
+    a = amax.float().clamp_min(AMAX_FLOOR)
+    m, x = torch.frexp(a)  # a = m * 2^x, 0.5 <= m < 1
+    return (x.to(torch.int32) - 9 + (m > 0.875).to(torch.int32)).to(torch.int32)
+
+
+def quantize_pow2_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 e4m3 quantization with power-of-two scales: ``(q [M, K] e4m3, scale [M, 1] fp32)``.
+
+    ``scale = 2^e`` with ``e = pow2_exponent_ref(max|x_row|)`` and ``q = e4m3_rne(x * 2^-e)``: the
+    product is exact (a power of two, |x * 2^-e| <= 448, no clamp needed) and the cast is torch's RNE.
+    Same contract as ``quantize_ref(x, "fp8", "per_token")`` (``x ~ q * scale``), only the scale differs.
+    """
+    x32 = x.float()
+    m, k = x32.shape
+    amax = x32.abs().amax(dim=1, keepdim=True) if k > 0 else x32.new_zeros((m, 1))
+    e = pow2_exponent_ref(amax)
+    q = (x32 * _exp2i(-e)).to(torch.float8_e4m3fn)
+    return q, _exp2i(e).contiguous()
+
+
+def quantize_pow2_granules_ref(x: torch.Tensor, granule: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intermediate of the fused pow2 path: codes at a power-of-two scale per (row, ``granule`` columns).
+
+    Returns ``(c [M, K] e4m3, gamax [M, ceil(K / granule)] fp32)``: ``gamax`` the abs-max of each
+    granule (the "partial" amax buffer of the GELU-epilogue GEMM) and ``c = e4m3_rne(x * 2^-e_g)``,
+    ``e_g = pow2_exponent_ref(gamax)``. The per-token result is then ``c * 2^(e_g - e_row)`` rounded
+    to e4m3 with ``e_row = max_g e_g`` (ceil o log2 is monotone, so that is the row's own exponent).
+    """
+    x32 = x.float()
+    m, k = x32.shape
+    g = _cdiv(k, granule)
+    gamax = torch.nn.functional.pad(x32.abs(), (0, g * granule - k)).view(m, g, granule).amax(dim=2)
+    inv = _exp2i(-pow2_exponent_ref(gamax)).repeat_interleave(granule, dim=1)[:, :k]
+    return (x32 * inv).to(torch.float8_e4m3fn), gamax.contiguous()
 
 
 def w8a8_gemm_ref(
@@ -187,10 +255,16 @@ def w8a8_gemm_gelu_ref(qa, sa, qw, sw, bias, act_granularity: str, weight_granul
 
 
 def w8a8_gemm_gelu_quant_ref(qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str,
-                             out_dtype: torch.dtype, out_format: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token quantization (:func:`quantize_ref`, ``out_format``) of :func:`w8a8_gemm_gelu_ref`.
+                             out_dtype: torch.dtype, out_format: str,
+                             out_scale: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization (``out_format``) of :func:`w8a8_gemm_gelu_ref`.
 
+    ``out_scale`` "amax": :func:`quantize_ref`; "pow2" (FP8 only): :func:`quantize_pow2_ref`.
     Returns ``(q [M, N], scale [M, 1] fp32)``: what ``w8a8_linear_prequant`` consumes.
     """
     h = w8a8_gemm_gelu_ref(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype)
+    if out_scale == "pow2":
+        if out_format != "fp8":
+            raise ValueError(f"w8a8_gemm_gelu_quant_ref: out_scale 'pow2' needs out_format 'fp8', got '{out_format}'")
+        return quantize_pow2_ref(h)
     return quantize_ref(h, out_format, "per_token")

@@ -28,6 +28,12 @@ of the pointer kernel below whenever that kernel's shape rule holds (see :func:`
 The pointer kernel's epilogue also runs without the GELU (``ACTIVATION`` 0) and with a gated residual
 add (``RESIDUAL``, see ``_epilogue_math._gated_residual``): :mod:`.triton_gemm_residual` launches it
 for the shapes the TMA kernel does not take (block-128 scales, unaligned rows, no sm90).
+
+FP8 output with power-of-two per-token scales (``out_scale="pow2"`` of
+:func:`w8a8_gemm_gelu_quant_triton`, :mod:`.triton_pow2`): on the TMA route (N % 16 == 0, K > 0) the
+epilogue stores FP8 codes at per-granule power-of-two scales instead of bf16 h (1 B per element),
+then a requantization moves them to the row scale; every other route (the pointer kernel: INT8
+GEMMs, block-128 scales, no sm90) stores h with the partial amax and quantizes h with pow2 scales.
 """
 
 from __future__ import annotations
@@ -403,7 +409,7 @@ def quantize_from_amax_triton(h: torch.Tensor, amax: torch.Tensor, fmt: str) -> 
 def w8a8_gemm_gelu_quant_triton(
     qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str, out_dtype: torch.dtype, out_format: str,
     amax_mode: str | None = None, config: dict | None = None, use_tma: bool | None = None,
-    tma_config: dict | None = None,
+    tma_config: dict | None = None, out_scale: str = "amax", pow2_config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GELU-epilogue GEMM then per-token quantization of its (rounded) output: ``(q [M, N], s [M, 1])``.
 
@@ -411,7 +417,18 @@ def w8a8_gemm_gelu_quant_triton(
     per-token quantizer: 1.220 ms vs 1.475 ms with the partial amax, FP8 ffn.0 at 1.3B on an H200),
     :data:`DEFAULT_AMAX_MODE` on the pointer path; "none" runs the standalone per-token quantizer.
     ``config`` / ``use_tma`` / ``tma_config``: as in :func:`w8a8_gemm_gelu_triton`.
+    ``out_scale``: "amax" (scale amax/qmax, ``ref.quantize_ref``) or "pow2" (FP8 only, scale
+    2^ceil(log2(amax/448)), ``ref.quantize_pow2_ref``; ``amax_mode`` is then ignored): see
+    :func:`_gelu_quant_pow2` for its routes. ``pow2_config``: launch override of its row kernel.
     """
+    if out_scale == "pow2":
+        if out_format != "fp8":
+            raise ValueError(f"w8a8_gemm_gelu_quant_triton: out_scale 'pow2' needs out_format 'fp8', "
+                             f"got '{out_format}'")
+        return _gelu_quant_pow2(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype, config, use_tma,
+                                tma_config, pow2_config)
+    if out_scale != "amax":
+        raise ValueError(f"w8a8_gemm_gelu_quant_triton: unknown out_scale '{out_scale}'; valid: amax, pow2")
     mode = amax_mode
     if mode is None:
         path = gelu_gemm_path(qa, qw, out_dtype, act_granularity, weight_granularity, use_tma)[0]
@@ -421,3 +438,30 @@ def w8a8_gemm_gelu_quant_triton(
     if amax is None or h.shape[1] == 0:
         return quantize_triton(h, out_format, "per_token")
     return quantize_from_amax_triton(h, amax, out_format)
+
+
+def _gelu_quant_pow2(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype, config, use_tma,
+                     tma_config, pow2_config) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out_scale="pow2"``: ``(q e4m3 [M, N], s = 2^e_row [M, 1])``, see :mod:`.triton_pow2`.
+
+    TMA route with N % 16 == 0 and K > 0: the GEMM stores FP8 codes at per-granule power-of-two scales
+    plus the granule maxima, then :func:`.triton_pow2.requant_pow2_triton` moves them to the row scale
+    in place (codes equal ``ref.quantize_pow2_ref`` of the rounded h except possibly one subnormal
+    step on codes below 2^-6). Otherwise: bf16 h with the partial amax (TMA or pointer kernel), then
+    :func:`.triton_pow2.quantize_pow2_from_amax_triton` (bit-equal to the reference).
+    """
+    from turbocompile.kernels.w8a8.triton_pow2 import quantize_pow2_from_amax_triton, requant_pow2_triton
+
+    m, k = qa.shape
+    n = qw.shape[0]
+    path = gelu_gemm_path(qa, qw, out_dtype, act_granularity, weight_granularity, use_tma)[0]
+    if path == "tma" and n % 16 == 0 and k > 0 and m > 0:
+        from turbocompile.kernels.w8a8.triton_gemm_tma import w8a8_gemm_tma
+
+        amax = _amax_buffer(m, n, "partial", qa.device)
+        codes = w8a8_gemm_tma(qa, sa, qw, sw, bias, out_dtype, config=tma_config, activation="gelu_tanh",
+                              amax_mode="pow2", amax_out=amax)
+        return requant_pow2_triton(codes, amax, pow2_config)
+    h, amax = w8a8_gemm_gelu_triton(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype,
+                                    amax_mode="partial", config=config, use_tma=use_tma, tma_config=tma_config)
+    return quantize_pow2_from_amax_triton(h, amax, pow2_config)

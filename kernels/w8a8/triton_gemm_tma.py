@@ -30,6 +30,10 @@
   RESIDUAL 1 / 2: ``x_new = x + y`` / ``x + y·gate`` (the Wan blocks' residual stream) with the unfused
   graph's roundings (``_epilogue_math._gated_residual``): the residual tile x is read through its own TMA
   descriptor (RES_TMA) or with masked pointer loads, and x_new is what the descriptor store writes.
+  AMAX_MODE 3 "pow2" (same width rule): y holds FP8 e4m3 codes instead of the values, each 128-column
+  granule of a row at its own power-of-two scale, with the granule maxima in ``amax`` as in "partial"
+  (:func:`.triton_pow2.pow2_granule_codes`; out_dtype is then the dtype the values are rounded to
+  first, and the code rows need N % 16 == 0).
 
 Shape rule (see :func:`tma_unsupported_reason`): TMA needs 16-byte aligned bases and row strides,
 i.e. K % 16 == 0 for the 1-byte operands (contiguous rows) and N * out_itemsize % 16 == 0 for y;
@@ -48,6 +52,7 @@ from turbocompile.kernels.w8a8 import _epilogue_math as _em
 from turbocompile.kernels.w8a8._epilogue_math import (AMAX_GRANULE, AMAX_MODE_IDS, _gated_residual, _gelu_tanh,
                                                       _round_bf16_rne)
 from turbocompile.kernels.w8a8._tiling import grouped_coords
+from turbocompile.kernels.w8a8.triton_pow2 import pow2_granule_codes
 from turbocompile.ops._backend import triton_interpret
 
 __all__ = [
@@ -167,7 +172,7 @@ def _store_amax(
         rg = off_n // GRANULE + tl.arange(0, G)
         tl.store(amax_ptr + rm[:, None].to(tl.int64) * stride_amax_m + rg[None, :], gmax,
                  mask=row_ok[:, None] & (rg < tl.cdiv(N, GRANULE))[None, :])
-    else:
+    elif AMAX_MODE == 2:
         tl.atomic_max(amax_ptr + rm.to(tl.int64) * stride_amax_m, tl.max(ah, axis=1), mask=row_ok)
 
 
@@ -179,7 +184,7 @@ def _w8a8_gemm_tma_kernel(
     sa_ptr,  # [M, 1] fp32
     sw_ptr,  # [N, 1] fp32
     bias_ptr,  # [N] any float, or a dummy
-    amax_ptr,  # [M, ceil(N/128)] fp32 (AMAX_MODE 1) | [M, 1] zeroed fp32 (2) | a dummy (0)
+    amax_ptr,  # [M, ceil(N/128)] fp32 (AMAX_MODE 1, 3) | [M, 1] zeroed fp32 (2) | a dummy (0)
     M,
     N,
     K,
@@ -200,7 +205,7 @@ def _w8a8_gemm_tma_kernel(
     ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 output + an epilogue extension: round explicitly
     NATIVE: tl.constexpr,  # GELU form: 0 portable (interpreter), 1 / 2 inline PTX (_epilogue_math.gelu_native)
-    AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row)
+    AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row), 3 pow2 codes
     RESIDUAL: tl.constexpr,  # 0 none, 1 x + y, 2 x + y·gate (_epilogue_math.RESIDUAL_IDS)
     RES_TMA: tl.constexpr,  # residual tiles through r_desc (True) or pointer loads (False)
     GATE_MODE: tl.constexpr,  # how the gate rows are read (_epilogue_math._gated_residual)
@@ -259,6 +264,9 @@ def _w8a8_gemm_tma_kernel(
             y0 = _scale_bias_cast(acc0, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
                                   ACTIVATION, ROUND_BF16, NATIVE, HALF_N, r0, gate_ptr, rm, off_m, M, L, stride_gb,
                                   stride_gl, RESIDUAL, GATE_MODE)
+            if AMAX_MODE == 3:  # FP8 codes at per-granule power-of-two scales (stores the granule maxima)
+                y0 = pow2_granule_codes(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, NATIVE != 0, GRANULE,
+                                        BLOCK_M, HALF_N)
             y_desc.store([off_m, off_n], y0)
             if AMAX_MODE != 0:
                 _store_amax(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, HALF_N)
@@ -271,6 +279,9 @@ def _w8a8_gemm_tma_kernel(
             y1 = _scale_bias_cast(acc1, s_a, sw_ptr, bias_ptr, off_n + HALF_N, N, stride_swn, HAS_BIAS, OUT_KIND,
                                   ACTIVATION, ROUND_BF16, NATIVE, HALF_N, r1, gate_ptr, rm, off_m, M, L, stride_gb,
                                   stride_gl, RESIDUAL, GATE_MODE)
+            if AMAX_MODE == 3:
+                y1 = pow2_granule_codes(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, NATIVE != 0,
+                                        GRANULE, BLOCK_M, HALF_N)
             y_desc.store([off_m, off_n + HALF_N], y1)
             if AMAX_MODE != 0:
                 _store_amax(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M,
@@ -285,6 +296,9 @@ def _w8a8_gemm_tma_kernel(
             y_tile = _scale_bias_cast(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
                                       ACTIVATION, ROUND_BF16, NATIVE, BLOCK_N, r, gate_ptr, rm, off_m, M, L, stride_gb,
                                       stride_gl, RESIDUAL, GATE_MODE)
+            if AMAX_MODE == 3:
+                y_tile = pow2_granule_codes(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, NATIVE != 0,
+                                            GRANULE, BLOCK_M, BLOCK_N)
             y_desc.store([off_m, off_n], y_tile)
             if AMAX_MODE != 0:
                 _store_amax(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, BLOCK_N)
@@ -452,14 +466,18 @@ def w8a8_gemm_tma(
             see :func:`tma_configs`); "atomic": atomic_max the row abs-max into ``amax_out [M, 1]``
             fp32, which the caller has zeroed. Both over exactly the values stored (rounded to
             ``out_dtype``), real rows and columns only. :mod:`.triton_gemm_epilogue` allocates the
-            buffer and quantizes y from it.
+            buffer and quantizes y from it. "pow2": the values, rounded to ``out_dtype``, are not
+            stored; y is their FP8 e4m3 codes at a power-of-two scale per (row, 128 columns), with
+            the granule maxima in ``amax_out [M, ceil(N/128)]`` as for "partial" (same width rule; N
+            must be a multiple of 16). :func:`.triton_pow2.requant_pow2_triton` turns them into
+            per-token codes.
         amax_out: the buffer of ``amax_mode`` (None for "none"), written in place.
         residual: ``x + y·gate`` in the epilogue (see ``_epilogue_math.ResidualArgs``; ``x`` in
             ``out_dtype``, with ``load="tma"`` also a TMA-able tensor); y is rounded to ``out_dtype``
             first, as the plain GEMM stores it. Not combined with an activation or an amax.
 
-    Returns y [M, N] in ``out_dtype`` (x_new with ``residual``). With every option off the kernel is
-    the plain GEMM as before.
+    Returns y [M, N] in ``out_dtype`` (x_new with ``residual``; float8_e4m3fn codes for "pow2"). With
+    every option off the kernel is the plain GEMM as before.
     """
     m, k = qa.shape
     n, k2 = qw.shape
@@ -476,11 +494,14 @@ def w8a8_gemm_tma(
     if why is not None:
         raise ValueError(f"w8a8_gemm_tma: not a TMA shape ({why}); use w8a8_gemm_triton, which dispatches")
     _check_residual(residual, activation, amax_mode, m, n, out_dtype)
-    y = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    pow2 = amax_mode == "pow2"
+    if pow2 and n % 16:
+        raise ValueError(f"w8a8_gemm_tma: amax_mode='pow2' stores 1-byte codes, so N must be a multiple of 16, got {n}")
+    y = torch.empty((m, n), dtype=torch.float8_e4m3fn if pow2 else out_dtype, device=qa.device)
     if m == 0 or n == 0:
         return y
     if k == 0:
-        _degenerate_k0(y, bias, activation, amax_mode, amax_out)
+        _degenerate_k0(y, bias, activation, amax_mode, amax_out, out_dtype)
         return y if residual is None else _em.residual_torch(y, residual)
     # Box shapes are placeholders here; the launch below (or the autotune pre-hook) sets them.
     a_desc = TensorDescriptor.from_tensor(qa, [64, 128])
@@ -512,11 +533,11 @@ def w8a8_gemm_tma(
     if config is not None:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "EPILOGUE_SUBTILE": True,
                "num_warps": 4, "num_stages": 1 if triton_interpret() else 3}
-        if amax_mode == "partial":  # defaults that store whole granules
+        if amax_mode in _GRANULE_MODES:  # defaults that store whole granules
             cfg.update(BLOCK_N=AMAX_GRANULE, EPILOGUE_SUBTILE=False)
         cfg.update(config)
-        if amax_mode == "partial" and _store_width(cfg) % AMAX_GRANULE:
-            raise ValueError(f"w8a8_gemm_tma: amax_mode='partial' needs the stored tile width (BLOCK_N, or "
+        if amax_mode in _GRANULE_MODES and _store_width(cfg) % AMAX_GRANULE:
+            raise ValueError(f"w8a8_gemm_tma: amax_mode='{amax_mode}' needs the stored tile width (BLOCK_N, or "
                              f"BLOCK_N // 2 with EPILOGUE_SUBTILE) to be a multiple of {AMAX_GRANULE}; config "
                              f"BLOCK_N={cfg['BLOCK_N']} EPILOGUE_SUBTILE={cfg['EPILOGUE_SUBTILE']} stores "
                              f"{_store_width(cfg)}")
@@ -528,7 +549,7 @@ def w8a8_gemm_tma(
     def grid(c):
         return (min(nsm, triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])),)
 
-    _tuned_kernel(amax_mode == "partial")[grid](*args, **meta)
+    _tuned_kernel(amax_mode in _GRANULE_MODES)[grid](*args, **meta)
     return y
 
 
@@ -553,6 +574,10 @@ def _check_residual(res: _em.ResidualArgs | None, activation, amax_mode: str, m:
         raise ValueError(f"w8a8_gemm_tma: residual load 'tma' needs a TMA-able residual ({why}); use 'pointer'")
 
 
+# amax modes that write per-granule maxima (stored widths must be whole granules)
+_GRANULE_MODES = ("partial", "pow2")
+
+
 def _check_amax_out(amax_mode: str, amax_out: torch.Tensor | None, m: int, n: int, device) -> None:
     if amax_mode not in AMAX_MODE_IDS:
         raise ValueError(f"w8a8_gemm_tma: unknown amax_mode '{amax_mode}'; valid: {', '.join(AMAX_MODE_IDS)}")
@@ -560,7 +585,7 @@ def _check_amax_out(amax_mode: str, amax_out: torch.Tensor | None, m: int, n: in
         if amax_out is not None:
             raise ValueError("w8a8_gemm_tma: amax_out given with amax_mode='none'")
         return
-    want = (m, triton.cdiv(n, AMAX_GRANULE)) if amax_mode == "partial" else (m, 1)
+    want = (m, triton.cdiv(n, AMAX_GRANULE)) if amax_mode in _GRANULE_MODES else (m, 1)
     if amax_out is None:
         raise ValueError(f"w8a8_gemm_tma: amax_mode='{amax_mode}' needs amax_out {list(want)} fp32")
     if (tuple(amax_out.shape) != want or amax_out.dtype != torch.float32 or amax_out.device != device
@@ -570,12 +595,20 @@ def _check_amax_out(amax_mode: str, amax_out: torch.Tensor | None, m: int, n: in
                          f"on {amax_out.device}")
 
 
-def _degenerate_k0(y: torch.Tensor, bias, activation: str | None, amax_mode: str, amax_out) -> None:
+def _degenerate_k0(y: torch.Tensor, bias, activation: str | None, amax_mode: str, amax_out,
+                   out_dtype: torch.dtype) -> None:
     """K == 0: every row is act(bias) (or act(0)); the amax contract is kept with torch ops."""
     m, n = y.shape
     v = bias.to(torch.float32) if bias is not None else torch.zeros(n, device=y.device)
     if activation == "gelu_tanh":
         v = torch.nn.functional.gelu(v, approximate="tanh")
+    if amax_mode == "pow2":
+        from turbocompile.kernels.w8a8.ref import quantize_pow2_granules_ref
+
+        codes, gmax = quantize_pow2_granules_ref(v.to(out_dtype)[None, :])
+        y.copy_(codes.expand(m, n))
+        amax_out.copy_(gmax.expand_as(amax_out))
+        return
     y.copy_(v.to(y.dtype).expand(m, n))
     if amax_mode == "none":
         return

@@ -124,6 +124,32 @@ def test_fp8_linear_needs_opset19_and_runs(tmp_path):
         tco.save_onnx(fake, tmp_path / "f.onnx", opset=18)
 
 
+class _GeluQuantPow2(torch.nn.Module):
+    def __init__(self, n=264, k=128):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.qw, self.sw = quantize_weight(torch.randn(n, k, generator=g) * 0.1, "fp8", "per_channel")
+        self.b = torch.randn(n, generator=g)
+
+    def forward(self, x):
+        qx, sx = OPS.quantize_activation(x, "fp8", "per_token", "torch")
+        return OPS.w8a8_linear_gelu_quant(qx, sx, self.qw, self.sw, self.b, "fp8", "per_token", "per_channel",
+                                          torch.float32, "fp8", "torch", "pow2")
+
+
+def test_gelu_quant_pow2_scales_and_codes(tmp_path):
+    """out_scale="pow2": power-of-two scales and FP8 codes exactly as the torch op computes them."""
+    mod = _GeluQuantPow2()
+    x = torch.randn(40, 128) * 2
+    x[3] = 0.0  # GELU(bias) only
+    path = _export_module(mod, (x,), tmp_path / "pow2.onnx", opset=19)
+    q, s = mod(x)
+    gq, gs = _session(path).run(None, {"x": x.numpy()})
+    assert np.array_equal(gs, s.numpy())
+    gq = torch.from_numpy(np.ascontiguousarray(gq)).view(torch.float8_e4m3fn)  # ORT hands FP8 out as raw bytes
+    assert torch.equal(gq.float(), q.float())
+
+
 class _Norms(torch.nn.Module):
     def forward(self, x, y, g, sh, sc, w, cos, sin):
         h = OPS.ln_modulate(x, None, None, sh, sc, 1e-6, None, "torch")

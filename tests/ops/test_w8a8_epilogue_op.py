@@ -70,3 +70,69 @@ def test_errors_are_one_line_and_name_the_problem():
         W.w8a8_linear_gelu(qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.int8)
     with pytest.raises(KernelUnavailableError, match="unknown backend"):
         W.w8a8_linear_gelu(qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16, "cuda")
+
+
+# --------------------------------------------------------------- out_scale="pow2" (FP8 output only)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_pow2_torch_backend_is_gelu_then_pow2_quantization(fmt):
+    from turbocompile.kernels.w8a8 import ref
+
+    qx, sx, qw, sw, b = _operands(fmt=fmt)
+    h = W.w8a8_linear_gelu(qx, sx, qw, sw, b, fmt, "per_token", "per_channel", torch.bfloat16, "torch")
+    q, s = W.w8a8_linear_gelu_quant(qx, sx, qw, sw, b, fmt, "per_token", "per_channel", torch.bfloat16, "fp8",
+                                    "torch", out_scale="pow2")
+    q_ref, s_ref = ref.quantize_pow2_ref(h)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    assert torch.all(torch.frexp(s)[0] == 0.5)  # powers of two
+    # the default stays the amax scale
+    q_a, s_a = W.w8a8_linear_gelu_quant(qx, sx, qw, sw, b, fmt, "per_token", "per_channel", torch.bfloat16, "fp8",
+                                        "torch")
+    assert torch.equal(s_a, W.quantize_activation(h, "fp8", "per_token", "torch")[1])
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+def test_pow2_triton_backend_scales_equal_the_torch_backend():
+    from tests._env import kernel_device
+    from turbocompile.kernels.w8a8 import ref
+
+    dev = kernel_device()
+    qx, sx, qw, sw, b = (t.to(dev) for t in _operands(m=40, k=256, n=272, fmt="fp8"))
+    args = (qx, sx, qw, sw, b, "fp8", "per_token", "per_channel", torch.bfloat16, "fp8")
+    q, s = W.w8a8_linear_gelu_quant(*args, "triton", out_scale="pow2")
+    h = W.w8a8_linear_gelu(*args[:-1], "triton")  # the same (bf16-rounded) h
+    q_ref, s_ref = ref.quantize_pow2_ref(h.cpu())
+    assert torch.equal(s.cpu(), s_ref)
+    diff = q.cpu().float() != q_ref.float()
+    assert torch.all(q_ref.float()[diff].abs() < 2.0 ** -6)  # only subnormal codes may differ (GPU route)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if triton_runs_here() else []))
+def test_pow2_opcheck(backend):
+    # INT8 inputs (opcheck's schema test cannot multiply FP8 input tensors on CPU); the FP8 output is the point
+    qx, sx, qw, sw, _ = _operands(m=7, k=130, n=129)
+    torch.library.opcheck(torch.ops.turbocompile.w8a8_linear_gelu_quant.default,
+                          (qx, sx, qw, sw, None, "int8", "per_token", "per_channel", torch.bfloat16, "fp8", backend,
+                           "pow2"))
+
+
+def test_pow2_errors_are_one_line_and_name_the_choices():
+    qx, sx, qw, sw, b = _operands()
+    args = (qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16)
+    with pytest.raises(ValueError, match=r"output scale 'pow2' needs output format 'fp8', got 'int8'; "
+                                         r"valid output scales for 'int8': amax$"):
+        W.w8a8_linear_gelu_quant(*args, "int8", "torch", out_scale="pow2")
+    with pytest.raises(ValueError, match=r"unknown output scale 'log2'; valid choices: amax, pow2$"):
+        W.w8a8_linear_gelu_quant(*args, "fp8", "torch", out_scale="log2")
+    # the fake kernel (tracing) validates the same way
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (qx, sx, qw, sw)]
+        q, s = torch.ops.turbocompile.w8a8_linear_gelu_quant(*fake, None, "int8", "per_token", "per_channel",
+                                                              torch.bfloat16, "fp8", "torch", "pow2")
+        assert q.dtype == torch.float8_e4m3fn and s.shape == (qx.shape[0], 1)
+        with pytest.raises(ValueError, match="output scale 'pow2' needs output format 'fp8'"):
+            torch.ops.turbocompile.w8a8_linear_gelu_quant(*fake, None, "int8", "per_token", "per_channel",
+                                                          torch.bfloat16, "int8", "torch", "pow2")

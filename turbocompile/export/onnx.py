@@ -210,11 +210,31 @@ def w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format: str, act_granula
     return op.Cast(_gelu_tanh(y), to=out_dtype)
 
 
+def _quantize_pow2(h):
+    """Per-token FP8 with power-of-two scales (``ref.quantize_pow2_ref``): scale 2^e, codes e4m3(h * 2^-e).
+
+    e = ceil(log2(amax / 448)) from a float log2 estimate, corrected by exact comparisons (448 * 2^e is
+    exact): the estimate can be one off only next to a power of two, and then one step fixes it.
+    """
+    xf = _f32(h)
+    amax = op.Max(op.ReduceMax(op.Abs(xf), _ints(1), keepdims=1), _f(1e-8))
+    e = op.Ceil(op.Div(op.Log(op.Div(amax, _f(448.0))), _f(math.log(2.0))))
+    too_big = op.LessOrEqual(amax, op.Mul(_f(448.0), op.Pow(_f(2.0), op.Sub(e, _f(1.0)))))  # e - 1 suffices
+    e = op.Sub(e, op.Cast(too_big, to=FLOAT))
+    too_small = op.Greater(amax, op.Mul(_f(448.0), op.Pow(_f(2.0), e)))
+    e = op.Add(e, op.Cast(too_small, to=FLOAT))
+    return op.Cast(op.Mul(xf, op.Pow(_f(2.0), op.Neg(e))), to=FP8), op.Pow(_f(2.0), e)
+
+
 def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format: str, act_granularity: str,
-                           weight_granularity: str, out_dtype: int, out_format: str, backend: str):
-    """turbocompile::w8a8_linear_gelu_quant: w8a8_linear_gelu, then the per-token quantizer."""
+                           weight_granularity: str, out_dtype: int, out_format: str, backend: str,
+                           out_scale: str = "amax"):
+    """turbocompile::w8a8_linear_gelu_quant: w8a8_linear_gelu, then the per-token quantizer
+    (amax scales, or power-of-two ones for ``out_scale="pow2"``)."""
     h = w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
                          out_dtype, backend)
+    if out_scale == "pow2":
+        return _quantize_pow2(h)
     return _quantize(h, out_format, "per_token", int(qweight.shape[0]))
 
 

@@ -10,8 +10,10 @@ Ops (registered on import; every op ends with ``backend``: "auto" | "triton" | "
 
 * ``turbocompile::w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format, act_granularity,
   weight_granularity, out_dtype, backend) -> h``: ``GELU_tanh(GEMM + bias)`` in one kernel (FFN ffn.0).
-* ``turbocompile::w8a8_linear_gelu_quant(..., out_dtype, out_format, backend) -> (q, scale)``: the
-  same, and the per-token quantization of h that the next ``w8a8_linear_prequant`` consumes.
+* ``turbocompile::w8a8_linear_gelu_quant(..., out_dtype, out_format, backend, out_scale="amax") -> (q, scale)``:
+  the same, and the per-token quantization of h that the next ``w8a8_linear_prequant`` consumes;
+  ``out_scale`` "pow2" (FP8 only) rounds each row's scale up to a power of two (the one op argument
+  after ``backend``: optional, so graphs saved without it keep loading).
 * ``turbocompile::w8a8_linear_residual(qx, xscale, qweight, wscale, bias, format, act_granularity,
   weight_granularity, residual, gate, backend) -> x_new``: ``residual + GEMM·gate`` in one kernel (the
   Wan blocks' residual stream after the o-projections and ffn.2).
@@ -39,6 +41,7 @@ __all__ = [
     "ACT_GRANULARITIES",
     "WEIGHT_GRANULARITIES",
     "FUSE_ACT_QUANT",
+    "OUT_SCALES",
     "quantize_weight",
     "quantize_activation",
     "w8a8_linear",
@@ -51,6 +54,7 @@ __all__ = [
 FORMATS = ("int8", "fp8")
 ACT_GRANULARITIES = ("block128", "per_token")
 WEIGHT_GRANULARITIES = ("block128", "per_channel")
+OUT_SCALES = ref.SCALE_MODES  # per-token output scale of w8a8_linear_gelu_quant: "amax" | "pow2"
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Triton w8a8_linear with block128 activations: quantize inside the GEMM (True) or run the one-pass
@@ -353,26 +357,35 @@ def _w8a8_linear_gelu_quant_op(
     out_dtype: torch.dtype,
     out_format: str,
     backend: str,
+    out_scale: str = "amax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     op = "turbocompile::w8a8_linear_gelu_quant"
     _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
                      out_dtype, backend)
-    _check_choice("output format", out_format, FORMATS, op)
+    _check_out_quant(op, out_format, out_scale)
     if resolve_backend(backend, qx.device, op) == "triton":
         from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_quant_triton
 
         return w8a8_gemm_gelu_quant_triton(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
-                                           out_dtype, out_format)
+                                           out_dtype, out_format, out_scale=out_scale)
     return ref.w8a8_gemm_gelu_quant_ref(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
-                                        out_dtype, out_format)
+                                        out_dtype, out_format, out_scale)
+
+
+def _check_out_quant(op: str, out_format: str, out_scale: str) -> None:
+    _check_choice("output format", out_format, FORMATS, op)
+    _check_choice("output scale", out_scale, OUT_SCALES, op)
+    if out_scale == "pow2" and out_format != "fp8":
+        raise ValueError(f"{op}: output scale 'pow2' needs output format 'fp8', got '{out_format}'; "
+                         f"valid output scales for '{out_format}': amax")
 
 
 @_w8a8_linear_gelu_quant_op.register_fake
 def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, out_format,
-      backend):
+      backend, out_scale="amax"):
     op = "turbocompile::w8a8_linear_gelu_quant"
     _check_modes(op, format, act_granularity, weight_granularity, backend)
-    _check_choice("output format", out_format, FORMATS, op)
+    _check_out_quant(op, out_format, out_scale)
     m, n = qx.shape[0], qweight.shape[0]
     return (qx.new_empty((m, n), dtype=ref.quant_dtype(out_format)),
             qx.new_empty((m, 1), dtype=torch.float32))
@@ -392,15 +405,22 @@ def w8a8_linear_gelu(qx, xscale, qweight, wscale, bias=None, format="int8", act_
 
 def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias=None, format="int8", act_granularity="per_token",
                            weight_granularity="per_channel", out_dtype=torch.bfloat16, out_format="int8",
-                           backend="auto") -> tuple[torch.Tensor, torch.Tensor]:
+                           backend="auto", out_scale="amax") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`w8a8_linear_gelu` then per-token quantization (``out_format``) of its ``out_dtype`` output.
 
     Returns ``(q [M, N], scale [M, 1] fp32)`` with :func:`quantize_activation`'s per-token contract,
     ready for :func:`w8a8_linear_prequant` with ``act_granularity="per_token"``.
+
+    ``out_scale``: "amax" (default; scale amax/qmax as :func:`quantize_activation`) or "pow2" (FP8
+    only): scale ``2^ceil(log2(amax/448))``, a power of two, codes ``e4m3(h / scale)``
+    (``kernels.w8a8.ref.quantize_pow2_ref``; the torch backend is exactly that). Its Triton path on
+    Hopper writes FP8 codes from the GEMM epilogue instead of bf16 h and skips the quantizer's read of
+    h; codes that are e4m3 subnormals at the row scale may then be one subnormal step off
+    (``kernels/w8a8/triton_pow2.py``).
     """
     return torch.ops.turbocompile.w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format,
                                                          act_granularity, weight_granularity, out_dtype,
-                                                         out_format, backend)
+                                                         out_format, backend, out_scale)
 
 
 # ------------------------------------------------------------ GEMM + gated residual epilogue (o, ffn.2)
