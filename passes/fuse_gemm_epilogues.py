@@ -10,7 +10,10 @@ Matched in every Wan block's FFN (``ffn.0 -> GELU(approximate="tanh") -> ffn.2``
 * when option ``quant_epilogue`` is on and EVERY user of the GELU is a ``w8a8_linear`` with per-token
   activations and one format: the GELU output is quantized by the fused op
   (``turbocompile::w8a8_linear_gelu_quant`` -> (q, scale)) and those users become
-  ``w8a8_linear_prequant`` on it (no standalone quantizer, no bf16 GELU pass).
+  ``w8a8_linear_prequant`` on it (no standalone quantizer, no bf16 GELU pass). Option
+  ``quant_scale``: "amax" (default, the consumers' own per-token quantizer, bit for bit) or "pow2":
+  FP8 consumers get power-of-two per-token scales (``out_scale="pow2"`` of the fused op: on Hopper
+  the GEMM then writes FP8 codes instead of bf16 h); INT8 consumers keep "amax" (a note says so).
 
 Counts: ``gelu`` (GEMM+GELU fused, bf16 out), ``gelu_quant`` (GEMM+GELU+quantize fused),
 ``prequant_consumers`` (linears switched to the pre-quantized input), ``unmatched`` (tanh GELUs fed by
@@ -18,6 +21,8 @@ a W8A8 GEMM that could not be fused, e.g. the GEMM output has other users; an er
 ``--strict``) and ``float_gelu`` (GELUs after float linears, e.g. the text embedding: not candidates).
 Numerics: the torch backend reproduces the unfused graph bit for bit; the Triton kernel applies the
 GELU to the fp32 accumulator (one rounding instead of two), a bf16-rounding-level difference.
+With ``quant_scale: pow2`` the torch backend equals the unfused graph with ffn.2's activation quantized
+by ``ref.quantize_pow2_ref`` instead (a different FP8 scale: FP8-rounding-level change).
 """
 
 from __future__ import annotations
@@ -69,7 +74,16 @@ class FuseGemmEpilogues(Pass):
     @dataclass(frozen=True, kw_only=True)
     class Options:
         quant_epilogue: bool = True
+        quant_scale: str = choice("amax", ("amax", "pow2"),
+                                  "per-token scale of the fused FP8 quantization: amax/448, or a power of two")
         backend: str = choice("auto", ("auto", "triton", "torch"), "kernel backend of the fused ops")
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.quant_scale == "pow2":
+            # ffn.2's input quantized on another FP8 grid: a quantizing change, not a rounding one
+            # (wan-tiny turbo-fp8: 39.3 dB vs the amax graph); the floor of such changes, as w8a8_linear's 20
+            self.verify_min_sqnr_db = 25.0
 
     def _call(self, g, target, args, like=None):
         node = g.call_function(target, tuple(args))
@@ -131,8 +145,12 @@ class FuseGemmEpilogues(Pass):
                 quant = o.quant_epilogue and len(modes) == 1 and next(iter(modes))[1] == "per_token"
                 if quant:
                     cfmt, _, cwgran, cbackend = next(iter(modes))
-                    fused = self._call(g, _OPS.w8a8_linear_gelu_quant.default,
-                                       (qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, cfmt, o.backend), gemm)
+                    fargs = (qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, cfmt, o.backend)
+                    if o.quant_scale == "pow2" and cfmt == "fp8":
+                        fargs += ("pow2",)  # only then: default graphs keep the 11-argument call
+                    elif o.quant_scale == "pow2":
+                        notes.append(f"{gelu.name}: quant_scale=pow2 applies to FP8 consumers; '{cfmt}' keeps amax")
+                    fused = self._call(g, _OPS.w8a8_linear_gelu_quant.default, fargs, gemm)
                     q = g.call_function(operator.getitem, (fused, 0))
                     s = g.call_function(operator.getitem, (fused, 1))
                 else:

@@ -3,6 +3,8 @@ the Triton path (interpreter on CPU) within bf16 rounding, and the variants it m
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -74,3 +76,115 @@ def test_turbo_recipes_include_the_pass_before_the_bake():
         assert "fuse_gemm_epilogues" in names, name
     names = [p.name for p in load_recipe("turbo-int8-rcm").passes]
     assert names.index("fuse_gemm_epilogues") < names.index("bake_rcm_sampler")
+
+
+# ------------------------------------------------------------------ quant_scale: pow2 (turbo-fp8)
+
+
+def _turbo_fp8(**epi_options) -> dict:
+    """The built-in turbo-fp8 recipe (bf16, CPU) with these fuse_gemm_epilogues options, or without the pass
+    when called with ``drop=True``."""
+    from turbocompile.recipe import load_recipe
+
+    passes = []
+    for p in load_recipe("turbo-fp8").to_dict()["passes"]:
+        if p["name"] == "fuse_gemm_epilogues":
+            if epi_options.get("drop"):
+                continue
+            p = {"name": p["name"], "options": {**p["options"], **epi_options}}
+        passes.append(p)
+    return _recipe(*passes)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_turbo_fp8(quant_scale: str):
+    """(OptimizeResult, output) of turbo-fp8 with the torch backend, verified pass by pass (shared below)."""
+    return _run(_turbo_fp8(backend="torch", quant_scale=quant_scale), verify=True)
+
+
+def _fused_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == OPS.w8a8_linear_gelu_quant.default]
+
+
+def test_turbo_fp8_recipe_uses_pow2_and_int8_recipes_do_not():
+    from turbocompile.recipe import load_recipe
+
+    def epi(name):
+        return next(p for p in load_recipe(name).passes if p.name == "fuse_gemm_epilogues").options
+
+    assert epi("turbo-fp8").quant_scale == "pow2"
+    for name in ("turbo-int8", "turbo-int8-rcm"):
+        assert epi(name).quant_scale == "amax"
+
+
+def test_pow2_torch_path_equals_the_unfused_graph_with_pow2_quantization(monkeypatch):
+    """turbo-fp8 (quant_scale: pow2, torch backend) vs the same recipe without the pass, whose ffn.2 quantizes
+    its input with ref.quantize_pow2_ref instead of the amax quantizer: bit for bit."""
+    from turbocompile.kernels.w8a8 import ref
+    from turbocompile.ops import w8a8 as W
+
+    ffn_dim = get_preset("wan-tiny").ffn_dim
+    res, out = _torch_turbo_fp8("pow2")
+    fused = _fused_nodes(res.graph_module)
+    assert len(fused) == get_preset("wan-tiny").num_layers and all(n.args[-1] == "pow2" for n in fused)
+    rec = next(p for p in res.manifest["passes"] if p["name"] == "fuse_gemm_epilogues")
+    assert rec["options"]["quant_scale"] == "pow2"
+    # --verify: a quantizing change (another FP8 grid for ffn.2's input), held to the pass's pow2 floor
+    assert 25.0 <= rec["verify"]["sqnr_db"] < 60.0, rec["verify"]
+    _, amax_out = _torch_turbo_fp8("amax")
+    orig = W._quantize_impl
+
+    def pow2_for_ffn2(x, fmt, granularity, impl):  # ffn.2 is the only W8A8 linear reading ffn_dim channels
+        if x.shape[-1] == ffn_dim:
+            assert (fmt, granularity) == ("fp8", "per_token")
+            return ref.quantize_pow2_ref(x)
+        return orig(x, fmt, granularity, impl)
+
+    monkeypatch.setattr(W, "_quantize_impl", pow2_for_ffn2)
+    _, unfused = _run(_turbo_fp8(drop=True))
+    assert torch.equal(out, unfused)
+    assert not torch.equal(out, amax_out)  # a different (FP8-rounding-level) quantization, not a no-op
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), amax_out.float().flatten(), dim=0).item()
+    assert cos > 0.999, cos
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("route", ["default", "tma"])
+def test_pow2_triton_path_close_to_the_amax_variant(route, monkeypatch):
+    """Triton backend, pow2 vs amax scales: cos >= 0.999. "default" takes the kernels' own route (on CPU the
+    pointer kernel + pow2 quantization of h); "tma" forces the TMA kernel, i.e. the FP8 epilogue + requant."""
+    from turbocompile.kernels.w8a8 import triton_gemm_epilogue as te
+    from turbocompile.kernels.w8a8 import triton_pow2
+
+    requants = []  # calls of the in-place requantization: the FP8-epilogue route ran
+    real = triton_pow2.requant_pow2_triton
+    monkeypatch.setattr(triton_pow2, "requant_pow2_triton", lambda *a, **k: requants.append(1) or real(*a, **k))
+    if route == "tma":
+        from tests._env import has_cuda, sm_at_least
+
+        if has_cuda() and not sm_at_least(9):
+            pytest.skip("TMA needs sm90+")
+        monkeypatch.setattr(te, "w8a8_gemm_gelu_quant_triton",
+                            functools.partial(te.w8a8_gemm_gelu_quant_triton, use_tma=True))
+    _, amax_out = _run(_turbo_fp8(backend="triton", quant_scale="amax"))
+    res, out = _run(_turbo_fp8(backend="triton"))
+    assert all(n.args[-1] == "pow2" for n in _fused_nodes(res.graph_module))
+    from tests._env import sm_at_least
+
+    expect_epilogue = route == "tma" or sm_at_least(9)  # the CPU default takes the pointer kernel (bf16 h)
+    assert len(requants) == (get_preset("wan-tiny").num_layers if expect_epilogue else 0)
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), amax_out.float().flatten(), dim=0).item()
+    assert cos >= 0.999, cos
+    _, torch_out = _torch_turbo_fp8("pow2")  # and the Triton pow2 path close to its torch backend
+    rel = ((out.float() - torch_out.float()).norm() / torch_out.float().norm()).item()
+    assert rel < 1e-2, rel
+
+
+def test_pow2_option_leaves_int8_consumers_on_amax():
+    res, out = _run(_recipe(W8, "fuse_norms", {"name": "fuse_gemm_epilogues", "options": {"quant_scale": "pow2"}}))
+    _, ref_out = _run(_recipe(W8, "fuse_norms"))
+    rec = res.manifest["passes"][-1]
+    assert rec["stats"]["gelu_quant"] == get_preset("wan-tiny").num_layers
+    assert all(len(n.args) == 11 for n in _fused_nodes(res.graph_module))  # the default 11-argument call
+    assert any("quant_scale=pow2 applies to FP8 consumers" in note for note in rec["notes"])
+    assert torch.equal(out, ref_out)
