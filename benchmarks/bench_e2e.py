@@ -34,8 +34,12 @@ _FP8_EPI = [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
             {"name": "sagesla_attention", "options": {"topk": 0.1}}]
 _QKV_ONLY = {"name": "fuse_sibling_gemms", "options": {"include": ["blocks.*.self_attn.*"]}}
 _RCM4 = {"name": "bake_rcm_sampler", "options": {"steps": 4}}
-# the turbo-fp8 recipe's order: + the gated residuals in the o / cross-o / ffn.2 GEMM epilogues
+# + the gated residuals in the o / cross-o / ffn.2 GEMM epilogues (opt-in: measured slower, session 13)
 _FP8_EPI_RES = [*_FP8_EPI[:3], "fuse_residual_epilogues", *_FP8_EPI[3:]]
+# ffn.2's FP8 per-token scales rounded up to powers of two (the GELU GEMM writes FP8 codes)
+_POW2_EPI = {"name": "fuse_gemm_epilogues", "options": {"quant_scale": "pow2"}}
+_FP8_EPI_POW2 = [*_FP8_EPI[:2], _POW2_EPI, *_FP8_EPI[3:]]
+_FP8_EPI_RES_POW2 = [*_FP8_EPI[:2], _POW2_EPI, *_FP8_EPI_RES[3:]]
 
 # name -> recipe passes (None = not a turbocompile variant)
 VARIANTS = {
@@ -68,13 +72,21 @@ VARIANTS = {
     "rcm4_fp8+norms+sagesla+epi+qkv": [*_FP8_EPI, _QKV_ONLY, _RCM4],
     # + fuse_sibling_gemms' default groups: also every block's cross-attention K/V as one GEMM
     "w8a8_fp8+norms+sagesla+epi+siblings": [*_FP8_EPI, "fuse_sibling_gemms"],
-    # + SageSLA's block pooling inside the q/k RMSNorm+RoPE kernels: the turbo-fp8 recipe
+    # + SageSLA's block pooling inside the q/k RMSNorm+RoPE kernels (turbo-fp8 until session 13)
     "w8a8_fp8+norms+sagesla+epi+pool+siblings": [*_FP8_EPI, "fuse_attention_pooling", "fuse_sibling_gemms"],
     "rcm4_fp8+norms+sagesla+epi+pool+siblings": [*_FP8_EPI, "fuse_attention_pooling", "fuse_sibling_gemms", _RCM4],
     # + x + y·gate of the residual norms in the epilogues of the GEMMs producing y
     "w8a8_fp8+norms+sagesla+epi+res+pool+siblings": [*_FP8_EPI_RES, "fuse_attention_pooling", "fuse_sibling_gemms"],
     "rcm4_fp8+norms+sagesla+epi+res+pool+siblings": [*_FP8_EPI_RES, "fuse_attention_pooling", "fuse_sibling_gemms",
                                                      _RCM4],
+    # + pow2 scales for ffn.2's input, with and without the residual epilogues (turbo-fp8: without)
+    "w8a8_fp8+norms+sagesla+epi+pool+siblings+pow2": [*_FP8_EPI_POW2, "fuse_attention_pooling", "fuse_sibling_gemms"],
+    "rcm4_fp8+norms+sagesla+epi+pool+siblings+pow2": [*_FP8_EPI_POW2, "fuse_attention_pooling", "fuse_sibling_gemms",
+                                                      _RCM4],
+    "w8a8_fp8+norms+sagesla+epi+res+pool+siblings+pow2": [*_FP8_EPI_RES_POW2, "fuse_attention_pooling",
+                                                          "fuse_sibling_gemms"],
+    "rcm4_fp8+norms+sagesla+epi+res+pool+siblings+pow2": [*_FP8_EPI_RES_POW2, "fuse_attention_pooling",
+                                                          "fuse_sibling_gemms", _RCM4],
 }
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"
@@ -237,8 +249,9 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
         passes = res.manifest["passes"] if name not in ("eager", "compile") else []
         stats = {p["name"]: p["stats"] for p in passes}
         epi, sla, sib = (stats.get(n) for n in ("fuse_gemm_epilogues", "sagesla_attention", "fuse_sibling_gemms"))
-        entry = {"gemm_epilogues": epi, "sagesla": sla, "sibling_gemms": sib, "ms": ms, "prep_s": round(prep_s, 2), "peak_gib": peak,
-                 "prep_peak_gib": prep_peak, "vs_eager_rel_err": m["rel_err"],
+        entry = {"gemm_epilogues": epi, "sagesla": sla, "sibling_gemms": sib,
+                 "residual_epilogues": stats.get("fuse_residual_epilogues"), "ms": ms, "prep_s": round(prep_s, 2),
+                 "peak_gib": peak, "prep_peak_gib": prep_peak, "vs_eager_rel_err": m["rel_err"],
                  "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
         results["variants"][label] = entry
         print(f"{label:<28} {ms:9.2f} ms  prep {prep_s:6.1f}s  peak {peak or 0:6.2f} GiB  "

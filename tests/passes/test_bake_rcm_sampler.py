@@ -210,8 +210,7 @@ def test_fused_cross_kv_is_hoisted_once_per_call(inputs):
 def test_shipped_recipes_parse():
     r = load_recipe("turbo-int8-rcm")
     assert [p.name for p in r.passes] == ["w8a8_linear", "sagesla_attention", "fuse_norms", "fuse_attention_pooling",
-                                         "fuse_gemm_epilogues", "fuse_residual_epilogues", "fuse_sibling_gemms",
-                                         "bake_rcm_sampler"]
+                                         "fuse_gemm_epilogues", "fuse_sibling_gemms", "bake_rcm_sampler"]
     assert load_recipe("rcm-4step").passes[0].options.steps == 4
     with pytest.raises(RecipeError, match="steps"):
         load_recipe({"version": 1, "passes": [{"name": "bake_rcm_sampler", "options": {"steps": 5}}]})
