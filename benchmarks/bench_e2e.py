@@ -90,9 +90,18 @@ VARIANTS = {
 }
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"
-# "+gelu_ex2rcp" anywhere in a variant name: run it with the GELU epilogue's two-MUFU form (the session-9
-# default, kernels/w8a8/_epilogue_math.GELU_NATIVE_FORMS) instead of the current default, same process
-GELU_EX2RCP_TAG = "+gelu_ex2rcp"
+# "+gelu_<form>" anywhere in a variant name: run it with that GELU epilogue form of
+# kernels/w8a8/_epilogue_math.GELU_NATIVE_FORMS instead of the current default, same process
+# ("+gelu_ex2rcp": the session-9 default "ex2_rcp")
+GELU_TAGS = {"+gelu_ex2rcp": "ex2_rcp", "+gelu_tanh": "tanh"}
+
+
+def _gelu_form_of(label: str) -> tuple[str, str | None]:
+    """(label without its GELU tag, the form it names or None); longest tag first."""
+    for tag in sorted(GELU_TAGS, key=len, reverse=True):
+        if tag in label:
+            return label.replace(tag, ""), GELU_TAGS[tag]
+    return label, None
 
 
 def timed(fn, device, warmup=2, reps=5):
@@ -150,7 +159,7 @@ def main(argv=None):
     ref_out = None
     eager_ms = None
     for label in args.variants.split(","):
-        name = label.replace(GELU_EX2RCP_TAG, "")
+        name, form = _gelu_form_of(label)
         base_name = name[: -len(CUDA_GRAPH_SUFFIX)] if name.endswith(CUDA_GRAPH_SUFFIX) else name
         if base_name not in VARIANTS or (base_name != name and VARIANTS[base_name] is None):
             raise SystemExit(f"unknown variant {label}; choose from {', '.join(VARIANTS)}")
@@ -161,8 +170,8 @@ def main(argv=None):
         from turbocompile.kernels.w8a8 import _epilogue_math
 
         gelu_form = _epilogue_math.GELU_NATIVE_FORM
-        if label != name:
-            _epilogue_math.GELU_NATIVE_FORM = "ex2_rcp"
+        if form is not None:
+            _epilogue_math.GELU_NATIVE_FORM = form
         try:
             ref_out, eager_ms = _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms,
                                      label)

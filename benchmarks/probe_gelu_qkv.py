@@ -1,12 +1,15 @@
 """Probe (GPU): two changes to the W8A8 GEMMs of a Wan block, each checked, then timed in one run.
 
-1. GELU epilogue forms (``_epilogue_math.GELU_NATIVE_FORM``): "ex2_rcp" (two MUFU ops per element)
-   vs "tanh" (one ``tanh.approx.f32``), at the FFN's ffn.0 shapes, next to the same GEMM without GELU
-   (the floor). Accuracy of each form vs the fp64 GELU of the same fp64 GEMM (rows subsampled).
+1. GELU epilogue forms (``_epilogue_math.GELU_NATIVE_FORM``, ``--forms``): "ex2_rcp" (two MUFU ops per
+   element), "tanh" (one ``tanh.approx.f32``; session 13 timed a packed-fp16 form this way, not kept), at
+   the FFN's ffn.0 shapes, next to the same GEMM without GELU (the floor); each form also through the
+   quantizing path of ``turbo-fp8`` (GELU GEMM writing FP8 codes at power-of-two scales + requantization).
+   Accuracy of each form vs the fp64 GELU of the same fp64 GEMM (rows subsampled), and vs "tanh".
 2. Horizontal fusion (pass ``fuse_sibling_gemms``): q, k, v as three dim-wide GEMMs vs one GEMM
    over the concatenated weights; each slice of the fused output must equal its own GEMM bit for bit.
 
-    python benchmarks/probe_gelu_qkv.py --out $OUT [--shapes 13b,14b]
+    python benchmarks/probe_gelu_qkv.py --out $OUT [--shapes 13b,14b] [--forms ex2_rcp,tanh]
+        [--sections gelu,qkv]
 
 Writes ``probe_gelu_qkv.json``. All FP8 e4m3, per-token x per-channel, the TMA kernel (autotuned).
 """
@@ -24,7 +27,7 @@ import triton.testing
 
 from turbocompile.kernels.w8a8 import _epilogue_math as EM
 from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_triton
-from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_triton
+from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_quant_triton, w8a8_gemm_gelu_triton
 from turbocompile.ops.w8a8 import quantize_activation, quantize_weight
 
 # (M, dim, ffn_dim): Wan2.1-1.3B 480p and Wan-14B 720p
@@ -45,7 +48,7 @@ def _quant_w(n, k, seed):
     return quantize_weight(w, "fp8", "per_channel")
 
 
-def gelu_forms(m, k, n) -> dict:
+def gelu_forms(m, k, n, forms) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     qx, sx = quantize_activation(x, "fp8", "per_token", "triton")
     del x
@@ -61,15 +64,20 @@ def gelu_forms(m, k, n) -> dict:
     outs = {}
     saved = EM.GELU_NATIVE_FORM
     try:
-        for form in ("ex2_rcp", "tanh", "ex2_rcp (again)", "tanh (again)"):
+        for form in [*forms, *(f"{f} (again)" for f in forms)]:
             EM.GELU_NATIVE_FORM = form.split()[0]
 
             def run():
                 return w8a8_gemm_gelu_triton(qx, sx, qw, sw, bias, "per_token", "per_channel", torch.bfloat16,
                                              amax_mode="none")[0]
 
+            def run_pow2():
+                return w8a8_gemm_gelu_quant_triton(qx, sx, qw, sw, bias, "per_token", "per_channel", torch.bfloat16,
+                                                   "fp8", out_scale="pow2")
+
             h = run()
             row["ms"][form] = _bench(run)
+            row["ms"][f"{form}, FP8 pow2 codes (turbo-fp8 path)"] = _bench(run_pow2)
             if "again" not in form:
                 err = h[rows].double() - ref
                 neg = ref < 0
@@ -79,13 +87,18 @@ def gelu_forms(m, k, n) -> dict:
                     "max_abs_where_y<0": err[neg].abs().max().item() if neg.any() else 0.0,
                     "finite": bool(torch.isfinite(h).all()),
                 }
+                q, sq = run_pow2()
+                hq = q[rows].double() * sq[rows].double()
+                row["acc"][form]["fp8_pow2_rel_l2_vs_fp64"] = ((hq - ref).norm() / ref.norm()).item()
                 outs[form] = h
     finally:
         EM.GELU_NATIVE_FORM = saved
-    a, b = outs["ex2_rcp"].float(), outs["tanh"].float()
-    row["acc"]["tanh_vs_ex2_rcp"] = {"rel_l2": ((a - b).norm() / a.norm()).item(),
-                                     "differing_values": int((outs["ex2_rcp"] != outs["tanh"]).sum()),
-                                     "of": a.numel()}
+    base = outs.get("tanh")
+    for form, h in outs.items():
+        if base is not None and form != "tanh":
+            a, b = base.float(), h.float()
+            row["acc"][f"{form}_vs_tanh"] = {"rel_l2": ((a - b).norm() / a.norm()).item(),
+                                             "differing_values": int((base != h).sum()), "of": a.numel()}
     # bf16 rounding alone, for scale: the fp64 GELU rounded to bf16 vs fp64
     r16 = ref.to(torch.bfloat16).double()
     row["acc"]["bf16_rounding_only_rel_l2"] = ((r16 - ref).norm() / ref.norm()).item()
@@ -124,13 +137,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--shapes", default="13b,14b")
+    ap.add_argument("--forms", default=",".join(EM.GELU_NATIVE_FORMS))
+    ap.add_argument("--sections", default="gelu,qkv")
     args = ap.parse_args()
+    forms = args.forms.split(",")
+    for form in forms:
+        if form not in EM.GELU_NATIVE_FORMS:
+            raise SystemExit(f"unknown GELU form {form!r}; valid: {', '.join(EM.GELU_NATIVE_FORMS)}")
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "gelu": [], "qkv": []}
     for key in args.shapes.split(","):
         m, dim, ffn = SHAPES[key]
-        for section, fn, fargs in (("qkv", qkv, (m, dim)), ("gelu", gelu_forms, (m, dim, ffn))):
+        for section, fn, fargs in (("qkv", qkv, (m, dim)), ("gelu", gelu_forms, (m, dim, ffn, forms))):
+            if section not in args.sections.split(","):
+                continue
             r = fn(*fargs)
             print(json.dumps(r), flush=True)
             res[section].append(r)
