@@ -40,6 +40,9 @@ _FP8_EPI_RES = [*_FP8_EPI[:3], "fuse_residual_epilogues", *_FP8_EPI[3:]]
 _POW2_EPI = {"name": "fuse_gemm_epilogues", "options": {"quant_scale": "pow2"}}
 _FP8_EPI_POW2 = [*_FP8_EPI[:2], _POW2_EPI, *_FP8_EPI[3:]]
 _FP8_EPI_RES_POW2 = [*_FP8_EPI[:2], _POW2_EPI, *_FP8_EPI_RES[3:]]
+# ffn.2's FP8 scales from an upper bound known before the GEMM (the GELU GEMM writes the final codes)
+_FP8_EPI_BOUND = [*_FP8_EPI[:2], {"name": "fuse_gemm_epilogues", "options": {"quant_scale": "bound"}},
+                  *_FP8_EPI[3:]]
 
 # name -> recipe passes (None = not a turbocompile variant)
 VARIANTS = {
@@ -83,6 +86,10 @@ VARIANTS = {
     "w8a8_fp8+norms+sagesla+epi+pool+siblings+pow2": [*_FP8_EPI_POW2, "fuse_attention_pooling", "fuse_sibling_gemms"],
     "rcm4_fp8+norms+sagesla+epi+pool+siblings+pow2": [*_FP8_EPI_POW2, "fuse_attention_pooling", "fuse_sibling_gemms",
                                                       _RCM4],
+    "w8a8_fp8+norms+sagesla+epi+pool+siblings+bound": [*_FP8_EPI_BOUND, "fuse_attention_pooling",
+                                                       "fuse_sibling_gemms"],
+    "rcm4_fp8+norms+sagesla+epi+pool+siblings+bound": [*_FP8_EPI_BOUND, "fuse_attention_pooling",
+                                                       "fuse_sibling_gemms", _RCM4],
     "w8a8_fp8+norms+sagesla+epi+res+pool+siblings+pow2": [*_FP8_EPI_RES_POW2, "fuse_attention_pooling",
                                                           "fuse_sibling_gemms"],
     "rcm4_fp8+norms+sagesla+epi+res+pool+siblings+pow2": [*_FP8_EPI_RES_POW2, "fuse_attention_pooling",

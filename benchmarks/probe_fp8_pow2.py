@@ -5,13 +5,17 @@ reads h and writes e4m3 codes with scale amax/448 (also timed: the partial-amax 
 quantize pass). The pow2 path (``out_scale="pow2"``, kernels/w8a8/triton_pow2.py): the GELU GEMM
 stores e4m3 codes at a power-of-two scale per (row, 128 columns) plus the granule maxima, then an
 in-place requantization moves the codes of granules below the row's exponent to the row scale
-2^ceil(log2(amax/448)). Each path is timed alone and followed by the ffn.2 GEMM.
+2^ceil(log2(amax/448)). The bound path (``out_scale="bound"``, kernels/w8a8/triton_bound.py): row
+scales from an upper bound of |h| computed from the GEMM input before it runs, the epilogue stores the
+final codes. Each path is timed alone and followed by the ffn.2 GEMM.
 
 Checks on the GPU, per shape and data set:
 * scales of the pow2 path == ``ref.quantize_pow2_ref`` of the amax path's bf16 h (bit for bit);
 * codes vs that reference: mismatches (expected only on e4m3 subnormal codes, one step of 2^-9);
-* ffn.2 output: pow2 vs amax path, and each vs an fp32 ffn.2 of the bf16 h with the float weights
-  (every 16th row): rel L2 error and cosine.
+* bound path: scales == ``ref.row_bound_scale_ref``, codes == ``ref.quantize_at_scale_ref`` of the
+  kernel's h, how far the bound lies above the row amax, saturated and subnormal codes;
+* ffn.2 output: pow2 / bound vs amax path, and each vs an fp32 ffn.2 of the bf16 h with the float
+  weights (every 16th row): rel L2 error and cosine.
 
     python benchmarks/probe_fp8_pow2.py --out $OUT [--shapes 13b,14b] [--data outlier,gauss]
         [--data-14b outlier] [--autotune]
@@ -37,6 +41,7 @@ from turbocompile.kernels.w8a8 import ref
 from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_triton
 from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_quant_triton, w8a8_gemm_gelu_triton
 from turbocompile.kernels.w8a8.triton_gemm_tma import w8a8_gemm_tma
+from turbocompile.kernels.w8a8.triton_bound import row_bound_scale_triton
 from turbocompile.kernels.w8a8.triton_pow2 import requant_pow2_triton
 from turbocompile.kernels.w8a8.triton_quant import quantize_triton
 from turbocompile.ops.w8a8 import quantize_activation, quantize_weight
@@ -101,6 +106,12 @@ def probe(key: str, kind: str, tma_cfg) -> dict:
         return w8a8_gemm_gelu_quant_triton(*ops0, *TP, BF16, "fp8", use_tma=True, tma_config=tma_cfg,
                                            out_scale="pow2", pow2_config=pcfg)
 
+    wb = ref.gelu_bound_constants_ref(qw1, sw1, b1, "per_channel")  # what fuse_gemm_epilogues folds in
+
+    def bound_path():  # row scales from the input's norm, the epilogue writes the final codes
+        return w8a8_gemm_gelu_quant_triton(*ops0, *TP, BF16, "fp8", use_tma=True, tma_config=tma_cfg,
+                                           out_scale="bound", wbound=wb)
+
     def ffn2(q, s):
         return w8a8_gemm_triton(q, s, qw2, sw2, b2, *TP, BF16, use_tma=True, tma_config=tma_cfg)
 
@@ -135,13 +146,27 @@ def probe(key: str, kind: str, tma_cfg) -> dict:
         q2, s2 = pow2_path(pcfg)
         cfg_same.append(bool(torch.equal(q2.view(torch.uint8), q_p.view(torch.uint8)) and torch.equal(s2, s_p)))
     c["requant_configs_bit_equal"] = all(cfg_same)
+    q_b, s_b = bound_path()
+    hb = h.float()
+    c["bound_scales_pow2"] = bool((torch.frexp(s_b)[0] == 0.5).all())
+    c["bound_scales_equal_ref"] = bool(torch.equal(s_b, ref.row_bound_scale_ref(qx, sx, wb)))
+    c["bound_codes_equal_ref_of_h"] = bool(torch.equal(q_b.float(), ref.quantize_at_scale_ref(h, s_b).float()))
+    ratio = (s_b * 448.0 / hb.abs().amax(1, keepdim=True).clamp_min(1e-8)).flatten()
+    c["bound_over_amax"] = {"min": ratio.min().item(), "median": ratio.median().item(), "max": ratio.max().item()}
+    c["bound_saturated_codes"] = int((q_b.float().abs() == 448.0).sum())
+    c["bound_subnormal_code_frac"] = ((q_b.float().abs() < 2.0 ** -6) & (hb != 0)).float().mean().item()
+    c["pow2_subnormal_code_frac"] = ((q_p.float().abs() < 2.0 ** -6) & (hb != 0)).float().mean().item()
+    del hb, ratio
+    y_b = ffn2(q_b, s_b)
     y_a, y_p = ffn2(q_a, s_a), ffn2(q_p, s_p)
     rows = torch.arange(0, m, 16, device=DEV)
     y32 = h[rows].float() @ w2.T + b2.float()
     c["ffn2_pow2_vs_amax"] = _metrics(y_p, y_a)
     c["ffn2_amax_vs_fp32"] = _metrics(y_a[rows], y32)
     c["ffn2_pow2_vs_fp32"] = _metrics(y_p[rows], y32)
-    c["finite"] = bool(torch.isfinite(y_p).all() and torch.isfinite(y_a).all())
+    c["ffn2_bound_vs_fp32"] = _metrics(y_b[rows], y32)
+    c["ffn2_bound_vs_amax"] = _metrics(y_b, y_a)
+    c["finite"] = bool(torch.isfinite(y_p).all() and torch.isfinite(y_a).all() and torch.isfinite(y_b).all())
     del q_r, c_ref, got, want, diff, sub, y32, d, e_g
     torch.cuda.empty_cache()
     # ---- times (ms, median)
@@ -156,10 +181,15 @@ def probe(key: str, kind: str, tma_cfg) -> dict:
         t[name] = _bench(lambda: requant_pow2_triton(buf.copy_(codes), amax, pcfg)) - t_copy  # noqa: B023
     t["copy of the codes (subtracted above)"] = t_copy
     t["ffn.2 GEMM"] = _bench(lambda: ffn2(q_a, s_a))
+    t["bound row scales alone"] = _bench(lambda: row_bound_scale_triton(qx, sx, wb))
+    t["GELU GEMM, FP8 codes at given row scales"] = _bench(
+        lambda: w8a8_gemm_tma(*ops0, BF16, config=tma_cfg, activation="gelu_tanh", amax_mode="rowscale", amax_out=s_b))
     chains = [("amax path (GELU GEMM + rows quantizer)", amax_path),
               ("pow2 path (GELU GEMM FP8 + requant)", pow2_path),
               ("amax path + ffn.2", lambda: ffn2(*amax_path())),
-              ("pow2 path + ffn.2", lambda: ffn2(*pow2_path()))]
+              ("pow2 path + ffn.2", lambda: ffn2(*pow2_path())),
+              ("bound path (row scales + GELU GEMM FP8)", bound_path),
+              ("bound path + ffn.2", lambda: ffn2(*bound_path()))]
     if key == "13b":  # the session-4 path (two more kernels to compile: timed at one shape only)
         chains.append(("amax partial path (GELU GEMM + partial amax + quantize pass)", amax_partial_path))
     for again in ("", " (again)"):  # the same kernel differs by 3-8% between timings in one process
@@ -167,7 +197,9 @@ def probe(key: str, kind: str, tma_cfg) -> dict:
             t[name + again] = _bench(fn)
     best = lambda name: min(t[name], t[name + " (again)"])  # noqa: E731
     row["saving_ms"] = {"path": best(chains[0][0]) - best(chains[1][0]),
-                        "with ffn.2": best(chains[2][0]) - best(chains[3][0])}
+                        "with ffn.2": best(chains[2][0]) - best(chains[3][0]),
+                        "bound path vs amax": best(chains[0][0]) - best(chains[4][0]),
+                        "bound with ffn.2 vs amax": best(chains[2][0]) - best(chains[5][0])}
     return row
 
 

@@ -11,9 +11,13 @@ Matched in every Wan block's FFN (``ffn.0 -> GELU(approximate="tanh") -> ffn.2``
   activations and one format: the GELU output is quantized by the fused op
   (``turbocompile::w8a8_linear_gelu_quant`` -> (q, scale)) and those users become
   ``w8a8_linear_prequant`` on it (no standalone quantizer, no bf16 GELU pass). Option
-  ``quant_scale``: "amax" (default, the consumers' own per-token quantizer, bit for bit) or "pow2":
+  ``quant_scale``: "amax" (default, the consumers' own per-token quantizer, bit for bit), "pow2":
   FP8 consumers get power-of-two per-token scales (``out_scale="pow2"`` of the fused op: on Hopper
-  the GEMM then writes FP8 codes instead of bf16 h); INT8 consumers keep "amax" (a note says so).
+  the GEMM then writes FP8 codes instead of bf16 h), or "bound": power-of-two scales from an upper
+  bound of each row known before the GEMM (``out_scale="bound"``: the epilogue writes the final FP8
+  codes; the weight's bound constants ``[C, b]`` are computed here, once, and stored beside the weight
+  as ``<module>.gelu_bound``). INT8 consumers keep "amax", "bound" also needs per-token activations
+  (notes say so).
 
 Counts: ``gelu`` (GEMM+GELU fused, bf16 out), ``gelu_quant`` (GEMM+GELU+quantize fused),
 ``prequant_consumers`` (linears switched to the pre-quantized input), ``unmatched`` (tanh GELUs fed by
@@ -22,7 +26,9 @@ a W8A8 GEMM that could not be fused, e.g. the GEMM output has other users; an er
 Numerics: the torch backend reproduces the unfused graph bit for bit; the Triton kernel applies the
 GELU to the fp32 accumulator (one rounding instead of two), a bf16-rounding-level difference.
 With ``quant_scale: pow2`` the torch backend equals the unfused graph with ffn.2's activation quantized
-by ``ref.quantize_pow2_ref`` instead (a different FP8 scale: FP8-rounding-level change).
+by ``ref.quantize_pow2_ref`` instead (a different FP8 scale: FP8-rounding-level change); with "bound" at
+the scale of ``ref.row_bound_scale_ref`` (larger than the row's amax, which only moves its smallest
+values toward e4m3 subnormals).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import torch.nn.functional as F
 from turbocompile.errors import TurboCompileError
 from turbocompile.options import choice
 from turbocompile.passbase import Pass, PassResult, register_pass
-from turbocompile.passes._graph import mark
+from turbocompile.kernels.w8a8.ref import gelu_bound_constants_ref
+from turbocompile.passes._graph import attr_target, get_attr_value, mark, module_path, set_attr_value
 
 __all__ = ["FuseGemmEpilogues"]
 
@@ -74,13 +81,14 @@ class FuseGemmEpilogues(Pass):
     @dataclass(frozen=True, kw_only=True)
     class Options:
         quant_epilogue: bool = True
-        quant_scale: str = choice("amax", ("amax", "pow2"),
-                                  "per-token scale of the fused FP8 quantization: amax/448, or a power of two")
+        quant_scale: str = choice("amax", ("amax", "pow2", "bound"),
+                                  "per-token scale of the fused FP8 quantization: amax/448, a power of two "
+                                  "covering the amax, or one covering a bound known before the GEMM")
         backend: str = choice("auto", ("auto", "triton", "torch"), "kernel backend of the fused ops")
 
     def __init__(self, options=None):
         super().__init__(options)
-        if self.options.quant_scale == "pow2":
+        if self.options.quant_scale in ("pow2", "bound"):
             # ffn.2's input quantized on another FP8 grid: a quantizing change, not a rounding one
             # (wan-tiny turbo-fp8: 39.3 dB vs the amax graph); the floor of such changes, as w8a8_linear's 20
             self.verify_min_sqnr_db = 25.0
@@ -91,6 +99,30 @@ class FuseGemmEpilogues(Pass):
         if like is not None:
             node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
         return node
+
+    def _scale_args(self, gm, gelu, cfmt, act, qw, sw, bias, wgran, notes) -> tuple:
+        """The fused op's arguments after ``backend`` for option quant_scale (none for "amax", so default
+        graphs keep the 11-argument call)."""
+        scale = self.options.quant_scale
+        if scale == "amax":
+            return ()
+        if cfmt != "fp8":
+            notes.append(f"{gelu.name}: quant_scale={scale} applies to FP8 consumers; '{cfmt}' keeps amax")
+            return ()
+        if scale == "pow2":
+            return ("pow2",)
+        if act != "per_token":
+            notes.append(f"{gelu.name}: quant_scale=bound needs per-token activations ('{act}'); pow2 instead")
+            return ("pow2",)
+        targets = [attr_target(n) for n in (qw, sw)] + ([attr_target(bias)] if bias is not None else [])
+        if None in targets:  # weights that are not graph constants: the op computes the bound per call
+            notes.append(f"{gelu.name}: quant_scale=bound with non-constant weights; bound computed per call")
+            return ("bound",)
+        wq, ws = get_attr_value(gm, targets[0]), get_attr_value(gm, targets[1])
+        wb = gelu_bound_constants_ref(wq, ws, get_attr_value(gm, targets[2]) if bias is not None else None, wgran)
+        target = f"{module_path(targets[0])}.gelu_bound"
+        set_attr_value(gm, target, wb)
+        return ("bound", mark(gm.graph.get_attr(target), self.name))
 
     def _producer(self, gelu: fx.Node):
         """(gemm node, nodes to drop) when the GELU's input is a fusable W8A8 GEMM, else None."""
@@ -146,10 +178,7 @@ class FuseGemmEpilogues(Pass):
                 if quant:
                     cfmt, _, cwgran, cbackend = next(iter(modes))
                     fargs = (qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, cfmt, o.backend)
-                    if o.quant_scale == "pow2" and cfmt == "fp8":
-                        fargs += ("pow2",)  # only then: default graphs keep the 11-argument call
-                    elif o.quant_scale == "pow2":
-                        notes.append(f"{gelu.name}: quant_scale=pow2 applies to FP8 consumers; '{cfmt}' keeps amax")
+                    fargs += self._scale_args(gm, gelu, cfmt, act, qw, sw, bias, wgran, notes)
                     fused = self._call(g, _OPS.w8a8_linear_gelu_quant.default, fargs, gemm)
                     q = g.call_function(operator.getitem, (fused, 0))
                     s = g.call_function(operator.getitem, (fused, 1))

@@ -20,8 +20,9 @@ __all__ = ["AMAX_GRANULE", "AMAX_MODE_IDS", "GELU_NATIVE_FORMS", "GELU_NATIVE_FO
 # whatever BLOCK_N the autotuner picks, so every stored tile width must be a multiple of it.
 AMAX_GRANULE = 128
 # amax_mode -> the kernels' AMAX_MODE constexpr: 0 none, 1 partial (per granule), 2 atomic (per row),
-# 3 pow2 (TMA kernel only: FP8 codes at per-granule power-of-two scales instead of y, maxima as 1)
-AMAX_MODE_IDS = {"none": 0, "partial": 1, "atomic": 2, "pow2": 3}
+# 3 pow2 (TMA kernel only: FP8 codes at per-granule power-of-two scales instead of y, maxima as 1),
+# 4 rowscale (TMA kernel only: FP8 codes at given per-row power-of-two scales, read from the buffer)
+AMAX_MODE_IDS = {"none": 0, "partial": 1, "atomic": 2, "pow2": 3, "rowscale": 4}
 
 
 # GELU_tanh(y) = y * sigmoid(2u), u = sqrt(2/pi) * (y + 0.044715 * y^3), and

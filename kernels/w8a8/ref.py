@@ -46,6 +46,10 @@ __all__ = [
     "gelu_tanh_ref",
     "w8a8_gemm_gelu_ref",
     "w8a8_gemm_gelu_quant_ref",
+    "BOUND_MARGIN",
+    "gelu_bound_constants_ref",
+    "row_bound_scale_ref",
+    "quantize_at_scale_ref",
 ]
 
 BLOCK = 128
@@ -54,7 +58,7 @@ FP8_QMAX = 448.0  # largest finite float8_e4m3fn
 AMAX_FLOOR = 1e-8
 # How a per-token FP8 scale is chosen: "amax" (amax / 448, quantize_ref) or "pow2" (the power of two
 # 2^ceil(log2(amax / 448)), quantize_pow2_ref).
-SCALE_MODES = ("amax", "pow2")
+SCALE_MODES = ("amax", "pow2", "bound")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -255,16 +259,76 @@ def w8a8_gemm_gelu_ref(qa, sa, qw, sw, bias, act_granularity: str, weight_granul
 
 
 def w8a8_gemm_gelu_quant_ref(qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str,
-                             out_dtype: torch.dtype, out_format: str,
-                             out_scale: str = "amax") -> tuple[torch.Tensor, torch.Tensor]:
+                             out_dtype: torch.dtype, out_format: str, out_scale: str = "amax",
+                             wbound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token quantization (``out_format``) of :func:`w8a8_gemm_gelu_ref`.
 
-    ``out_scale`` "amax": :func:`quantize_ref`; "pow2" (FP8 only): :func:`quantize_pow2_ref`.
-    Returns ``(q [M, N], scale [M, 1] fp32)``: what ``w8a8_linear_prequant`` consumes.
+    ``out_scale`` "amax": :func:`quantize_ref`; "pow2" (FP8 only): :func:`quantize_pow2_ref`; "bound"
+    (FP8, per-token activations only): the scale of :func:`row_bound_scale_ref` (``wbound`` = the
+    weight's :func:`gelu_bound_constants_ref`, computed here when None), codes by
+    :func:`quantize_at_scale_ref`. Returns ``(q [M, N], scale [M, 1] fp32)``: what
+    ``w8a8_linear_prequant`` consumes.
     """
     h = w8a8_gemm_gelu_ref(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype)
+    if out_scale in ("pow2", "bound") and out_format != "fp8":
+        raise ValueError(f"w8a8_gemm_gelu_quant_ref: out_scale '{out_scale}' needs out_format 'fp8', got '{out_format}'")
     if out_scale == "pow2":
-        if out_format != "fp8":
-            raise ValueError(f"w8a8_gemm_gelu_quant_ref: out_scale 'pow2' needs out_format 'fp8', got '{out_format}'")
         return quantize_pow2_ref(h)
+    if out_scale == "bound":
+        if act_granularity != "per_token":
+            raise ValueError(f"w8a8_gemm_gelu_quant_ref: out_scale 'bound' needs per_token activations, got "
+                             f"'{act_granularity}'")
+        if wbound is None:
+            wbound = gelu_bound_constants_ref(qw, sw, bias, weight_granularity)
+        scale = row_bound_scale_ref(qa, sa, wbound)
+        return quantize_at_scale_ref(h, scale), scale
     return quantize_ref(h, out_format, "per_token")
+
+
+# ------------------------------------------------------------------ "bound" scales
+#
+# A per-token FP8 scale that is known BEFORE the GEMM runs, so the GELU epilogue can store final FP8
+# codes (no bf16 h, no amax pass, no requantization). For y = GEMM + bias and h = GELU_tanh(y):
+# |h| <= |y| (h = y·(1 + tanh u)/2 and the factor lies in [0, 1]), and by Cauchy-Schwarz
+# |y_mn| <= ||x̂_m||·||ŵ_n|| + |b_n| <= sa_m·||qa_m||·C + b, with x̂_m = sa_m·qa_m the dequantized
+# input row, C = max_n ||ŵ_n|| and b = max_n |b_n|. The scale is the power of two covering that bound
+# at 448 (with BOUND_MARGIN for the fp32 roundings of the bound, the GEMM accumulation and the bf16
+# rounding of h), so no code saturates. Cost: the bound exceeds the row's true amax (Wan-1.3B FFN:
+# by about an order of magnitude), which moves the row's smallest values toward e4m3's subnormal
+# range (2^-6 of the scale) — about three of e4m3's 17.8 binades; values near the amax keep their
+# 3 mantissa bits as with amax scales.
+BOUND_MARGIN = 1.0 + 2.0 ** -6
+
+
+def gelu_bound_constants_ref(qw: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                             weight_granularity: str) -> torch.Tensor:
+    """``[C, b]`` fp32 for the "bound" scale: C = max_n ||ŵ_n||_2 over the dequantized weight rows
+    (float64, then rounded up to fp32), b = max_n |bias_n| (0 without a bias)."""
+    n, k = qw.shape
+    c = torch.zeros((), dtype=torch.float64, device=qw.device)
+    if n and k:
+        kb = _cdiv(k, BLOCK)
+        sfull = expand_scale(sw.to(torch.float64), n, kb, weight_granularity).repeat_interleave(BLOCK, dim=1)[:, :k]
+        c = (qw.to(torch.float64) * sfull).norm(dim=1).max()
+    b = bias.to(torch.float64).abs().max() if bias is not None and bias.numel() else torch.zeros_like(c)
+    exact = torch.stack([c, b])
+    out = exact.to(torch.float32)
+    up = torch.nextafter(out, torch.full_like(out, float("inf")))
+    return torch.where(out.double() < exact, up, out)  # never below the float64 value
+
+
+def row_bound_scale_ref(qa: torch.Tensor, sa: torch.Tensor, wbound: torch.Tensor) -> torch.Tensor:
+    """``[M, 1]`` fp32 powers of two ``2^e_m``, ``e_m = pow2_exponent_ref(B_m)``,
+    ``B_m = (sa_m·sqrt(sum_k qa_mk^2)·C + b)·BOUND_MARGIN`` in fp32 (``wbound = [C, b]``). The Triton
+    kernel sums the squares in another order: its exponent can differ only when B_m lies within a few
+    fp32 ulps of a power-of-two multiple of 448."""
+    n2 = qa.float().square().sum(dim=1, keepdim=True)
+    wb = wbound.float()
+    bound = (sa.float() * torch.sqrt(n2) * wb[0] + wb[1]) * BOUND_MARGIN
+    return _exp2i(pow2_exponent_ref(bound)).contiguous()
+
+
+def quantize_at_scale_ref(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes ``e4m3_rne(clamp(h / scale, ±448))`` of ``h [M, N]`` at given power-of-two row scales
+    ``scale [M, 1]`` (the division is exact)."""
+    return (h.float() * (1.0 / scale.float())).clamp(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)

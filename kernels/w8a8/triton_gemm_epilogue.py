@@ -410,6 +410,7 @@ def w8a8_gemm_gelu_quant_triton(
     qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str, out_dtype: torch.dtype, out_format: str,
     amax_mode: str | None = None, config: dict | None = None, use_tma: bool | None = None,
     tma_config: dict | None = None, out_scale: str = "amax", pow2_config: dict | None = None,
+    wbound: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GELU-epilogue GEMM then per-token quantization of its (rounded) output: ``(q [M, N], s [M, 1])``.
 
@@ -420,7 +421,18 @@ def w8a8_gemm_gelu_quant_triton(
     ``out_scale``: "amax" (scale amax/qmax, ``ref.quantize_ref``) or "pow2" (FP8 only, scale
     2^ceil(log2(amax/448)), ``ref.quantize_pow2_ref``; ``amax_mode`` is then ignored): see
     :func:`_gelu_quant_pow2` for its routes. ``pow2_config``: launch override of its row kernel.
+    "bound" (FP8, per-token activations): power-of-two row scales from an upper bound of |h| known
+    before the GEMM (``ref.row_bound_scale_ref``; ``wbound`` the weight's ``[C, b]``, computed when
+    None), the epilogue storing the final codes: :func:`.triton_bound.gelu_quant_bound`.
     """
+    if out_scale == "bound":
+        if out_format != "fp8":
+            raise ValueError(f"w8a8_gemm_gelu_quant_triton: out_scale 'bound' needs out_format 'fp8', "
+                             f"got '{out_format}'")
+        from turbocompile.kernels.w8a8.triton_bound import gelu_quant_bound
+
+        return gelu_quant_bound(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype, wbound, config,
+                                use_tma, tma_config)
     if out_scale == "pow2":
         if out_format != "fp8":
             raise ValueError(f"w8a8_gemm_gelu_quant_triton: out_scale 'pow2' needs out_format 'fp8', "
@@ -428,7 +440,7 @@ def w8a8_gemm_gelu_quant_triton(
         return _gelu_quant_pow2(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype, config, use_tma,
                                 tma_config, pow2_config)
     if out_scale != "amax":
-        raise ValueError(f"w8a8_gemm_gelu_quant_triton: unknown out_scale '{out_scale}'; valid: amax, pow2")
+        raise ValueError(f"w8a8_gemm_gelu_quant_triton: unknown out_scale '{out_scale}'; valid: amax, pow2, bound")
     mode = amax_mode
     if mode is None:
         path = gelu_gemm_path(qa, qw, out_dtype, act_granularity, weight_granularity, use_tma)[0]

@@ -33,7 +33,8 @@
   AMAX_MODE 3 "pow2" (same width rule): y holds FP8 e4m3 codes instead of the values, each 128-column
   granule of a row at its own power-of-two scale, with the granule maxima in ``amax`` as in "partial"
   (:func:`.triton_pow2.pow2_granule_codes`; out_dtype is then the dtype the values are rounded to
-  first, and the code rows need N % 16 == 0).
+  first, and the code rows need N % 16 == 0). AMAX_MODE 4 "rowscale": FP8 codes at power-of-two row
+  scales given in ``amax`` [M, 1] (:func:`.triton_bound.rowscale_codes`; no width rule).
 
 Shape rule (see :func:`tma_unsupported_reason`): TMA needs 16-byte aligned bases and row strides,
 i.e. K % 16 == 0 for the 1-byte operands (contiguous rows) and N * out_itemsize % 16 == 0 for y;
@@ -52,6 +53,7 @@ from turbocompile.kernels.w8a8 import _epilogue_math as _em
 from turbocompile.kernels.w8a8._epilogue_math import (AMAX_GRANULE, AMAX_MODE_IDS, _gated_residual, _gelu_tanh,
                                                       _round_bf16_rne)
 from turbocompile.kernels.w8a8._tiling import grouped_coords
+from turbocompile.kernels.w8a8.triton_bound import rowscale_codes
 from turbocompile.kernels.w8a8.triton_pow2 import pow2_granule_codes
 from turbocompile.ops._backend import triton_interpret
 
@@ -184,7 +186,7 @@ def _w8a8_gemm_tma_kernel(
     sa_ptr,  # [M, 1] fp32
     sw_ptr,  # [N, 1] fp32
     bias_ptr,  # [N] any float, or a dummy
-    amax_ptr,  # [M, ceil(N/128)] fp32 (AMAX_MODE 1, 3) | [M, 1] zeroed fp32 (2) | a dummy (0)
+    amax_ptr,  # [M, ceil(N/128)] fp32 (AMAX_MODE 1, 3) | [M, 1] zeroed fp32 (2) | [M, 1] row scales (4) | dummy
     M,
     N,
     K,
@@ -205,7 +207,7 @@ def _w8a8_gemm_tma_kernel(
     ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 output + an epilogue extension: round explicitly
     NATIVE: tl.constexpr,  # GELU form: 0 portable (interpreter), 1 / 2 inline PTX (_epilogue_math.gelu_native)
-    AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row), 3 pow2 codes
+    AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row), 3 pow2 codes, 4 rowscale
     RESIDUAL: tl.constexpr,  # 0 none, 1 x + y, 2 x + y·gate (_epilogue_math.RESIDUAL_IDS)
     RES_TMA: tl.constexpr,  # residual tiles through r_desc (True) or pointer loads (False)
     GATE_MODE: tl.constexpr,  # how the gate rows are read (_epilogue_math._gated_residual)
@@ -267,8 +269,10 @@ def _w8a8_gemm_tma_kernel(
             if AMAX_MODE == 3:  # FP8 codes at per-granule power-of-two scales (stores the granule maxima)
                 y0 = pow2_granule_codes(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, NATIVE != 0, GRANULE,
                                         BLOCK_M, HALF_N)
+            elif AMAX_MODE == 4:  # FP8 codes at the given row scales
+                y0 = rowscale_codes(y0, amax_ptr, rm, M, stride_amax_m, NATIVE != 0)
             y_desc.store([off_m, off_n], y0)
-            if AMAX_MODE != 0:
+            if AMAX_MODE == 1 or AMAX_MODE == 2:
                 _store_amax(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, HALF_N)
             r1 = s_a
             if RESIDUAL != 0:
@@ -282,8 +286,10 @@ def _w8a8_gemm_tma_kernel(
             if AMAX_MODE == 3:
                 y1 = pow2_granule_codes(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, NATIVE != 0,
                                         GRANULE, BLOCK_M, HALF_N)
+            elif AMAX_MODE == 4:
+                y1 = rowscale_codes(y1, amax_ptr, rm, M, stride_amax_m, NATIVE != 0)
             y_desc.store([off_m, off_n + HALF_N], y1)
-            if AMAX_MODE != 0:
+            if AMAX_MODE == 1 or AMAX_MODE == 2:
                 _store_amax(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M,
                             HALF_N)
         else:
@@ -299,8 +305,10 @@ def _w8a8_gemm_tma_kernel(
             if AMAX_MODE == 3:
                 y_tile = pow2_granule_codes(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, NATIVE != 0,
                                             GRANULE, BLOCK_M, BLOCK_N)
+            elif AMAX_MODE == 4:
+                y_tile = rowscale_codes(y_tile, amax_ptr, rm, M, stride_amax_m, NATIVE != 0)
             y_desc.store([off_m, off_n], y_tile)
-            if AMAX_MODE != 0:
+            if AMAX_MODE == 1 or AMAX_MODE == 2:
                 _store_amax(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, BLOCK_N)
 
 
@@ -470,14 +478,15 @@ def w8a8_gemm_tma(
             stored; y is their FP8 e4m3 codes at a power-of-two scale per (row, 128 columns), with
             the granule maxima in ``amax_out [M, ceil(N/128)]`` as for "partial" (same width rule; N
             must be a multiple of 16). :func:`.triton_pow2.requant_pow2_triton` turns them into
-            per-token codes.
-        amax_out: the buffer of ``amax_mode`` (None for "none"), written in place.
+            per-token codes. "rowscale": y is the FP8 codes of the rounded values at the power-of-two
+            row scales given in ``amax_out [M, 1]`` (read only; :mod:`.triton_bound`; N % 16 == 0).
+        amax_out: the buffer of ``amax_mode`` (None for "none"), written in place ("rowscale": read).
         residual: ``x + y·gate`` in the epilogue (see ``_epilogue_math.ResidualArgs``; ``x`` in
             ``out_dtype``, with ``load="tma"`` also a TMA-able tensor); y is rounded to ``out_dtype``
             first, as the plain GEMM stores it. Not combined with an activation or an amax.
 
-    Returns y [M, N] in ``out_dtype`` (x_new with ``residual``; float8_e4m3fn codes for "pow2"). With
-    every option off the kernel is the plain GEMM as before.
+    Returns y [M, N] in ``out_dtype`` (x_new with ``residual``; float8_e4m3fn codes for "pow2" and
+    "rowscale"). With every option off the kernel is the plain GEMM as before.
     """
     m, k = qa.shape
     n, k2 = qw.shape
@@ -494,10 +503,11 @@ def w8a8_gemm_tma(
     if why is not None:
         raise ValueError(f"w8a8_gemm_tma: not a TMA shape ({why}); use w8a8_gemm_triton, which dispatches")
     _check_residual(residual, activation, amax_mode, m, n, out_dtype)
-    pow2 = amax_mode == "pow2"
-    if pow2 and n % 16:
-        raise ValueError(f"w8a8_gemm_tma: amax_mode='pow2' stores 1-byte codes, so N must be a multiple of 16, got {n}")
-    y = torch.empty((m, n), dtype=torch.float8_e4m3fn if pow2 else out_dtype, device=qa.device)
+    codes = amax_mode in ("pow2", "rowscale")  # y holds FP8 codes
+    if codes and n % 16:
+        raise ValueError(f"w8a8_gemm_tma: amax_mode='{amax_mode}' stores 1-byte codes, so N must be a multiple of 16, "
+                         f"got {n}")
+    y = torch.empty((m, n), dtype=torch.float8_e4m3fn if codes else out_dtype, device=qa.device)
     if m == 0 or n == 0:
         return y
     if k == 0:
@@ -602,6 +612,11 @@ def _degenerate_k0(y: torch.Tensor, bias, activation: str | None, amax_mode: str
     v = bias.to(torch.float32) if bias is not None else torch.zeros(n, device=y.device)
     if activation == "gelu_tanh":
         v = torch.nn.functional.gelu(v, approximate="tanh")
+    if amax_mode == "rowscale":
+        from turbocompile.kernels.w8a8.ref import quantize_at_scale_ref
+
+        y.copy_(quantize_at_scale_ref(v.to(out_dtype)[None, :].expand(m, n), amax_out))
+        return
     if amax_mode == "pow2":
         from turbocompile.kernels.w8a8.ref import quantize_pow2_granules_ref
 

@@ -23,6 +23,7 @@ import turbocompile  # noqa: E402
 from turbocompile.export import ExportError  # noqa: E402
 from turbocompile.export import onnx as tco  # noqa: E402
 from turbocompile.export.pt2 import ExportedArtifact, example_args  # noqa: E402
+from turbocompile.kernels.w8a8.ref import gelu_bound_constants_ref  # noqa: E402
 from turbocompile.ops.w8a8 import quantize_weight  # noqa: E402
 
 from tests.export import artifact, program, tmp_root  # noqa: E402
@@ -147,6 +148,30 @@ def test_gelu_quant_pow2_scales_and_codes(tmp_path):
     gq, gs = _session(path).run(None, {"x": x.numpy()})
     assert np.array_equal(gs, s.numpy())
     gq = torch.from_numpy(np.ascontiguousarray(gq)).view(torch.float8_e4m3fn)  # ORT hands FP8 out as raw bytes
+    assert torch.equal(gq.float(), q.float())
+
+
+class _GeluQuantBound(_GeluQuantPow2):
+    def __init__(self):
+        super().__init__()
+        self.wb = gelu_bound_constants_ref(self.qw, self.sw, self.b, "per_channel")
+
+    def forward(self, x):
+        qx, sx = OPS.quantize_activation(x, "fp8", "per_token", "torch")
+        return OPS.w8a8_linear_gelu_quant(qx, sx, self.qw, self.sw, self.b, "fp8", "per_token", "per_channel",
+                                          torch.float32, "fp8", "torch", "bound", self.wb)
+
+
+def test_gelu_quant_bound_scales_and_codes(tmp_path):
+    """out_scale="bound": the row scales from the input's norm and the FP8 codes at them, as the torch op."""
+    mod = _GeluQuantBound()
+    x = torch.randn(40, 128) * 2
+    x[3] = 0.0  # the bound is then the bias term alone
+    path = _export_module(mod, (x,), tmp_path / "bound.onnx", opset=19)
+    q, s = mod(x)
+    gq, gs = _session(path).run(None, {"x": x.numpy()})
+    assert np.array_equal(gs, s.numpy())  # exponents equal (sums in another order: no boundary hit here)
+    gq = torch.from_numpy(np.ascontiguousarray(gq)).view(torch.float8_e4m3fn)
     assert torch.equal(gq.float(), q.float())
 
 

@@ -123,7 +123,7 @@ def test_pow2_errors_are_one_line_and_name_the_choices():
     with pytest.raises(ValueError, match=r"output scale 'pow2' needs output format 'fp8', got 'int8'; "
                                          r"valid output scales for 'int8': amax$"):
         W.w8a8_linear_gelu_quant(*args, "int8", "torch", out_scale="pow2")
-    with pytest.raises(ValueError, match=r"unknown output scale 'log2'; valid choices: amax, pow2$"):
+    with pytest.raises(ValueError, match=r"unknown output scale 'log2'; valid choices: amax, pow2, bound$"):
         W.w8a8_linear_gelu_quant(*args, "fp8", "torch", out_scale="log2")
     # the fake kernel (tracing) validates the same way
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -136,3 +136,71 @@ def test_pow2_errors_are_one_line_and_name_the_choices():
         with pytest.raises(ValueError, match="output scale 'pow2' needs output format 'fp8'"):
             torch.ops.turbocompile.w8a8_linear_gelu_quant(*fake, None, "int8", "per_token", "per_channel",
                                                           torch.bfloat16, "int8", "torch", "pow2")
+
+
+# ------------------------------------------------------------------ out_scale="bound"
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_bound_torch_backend_is_gelu_then_quantization_at_the_bound_scale(fmt):
+    from turbocompile.kernels.w8a8 import ref
+
+    qx, sx, qw, sw, b = _operands(fmt=fmt)
+    h = W.w8a8_linear_gelu(qx, sx, qw, sw, b, fmt, "per_token", "per_channel", torch.bfloat16, "torch")
+    wb = ref.gelu_bound_constants_ref(qw, sw, b, "per_channel")
+    q, s = W.w8a8_linear_gelu_quant(qx, sx, qw, sw, b, fmt, "per_token", "per_channel", torch.bfloat16, "fp8",
+                                    "torch", out_scale="bound", wbound=wb)
+    assert torch.equal(s, ref.row_bound_scale_ref(qx, sx, wb))
+    assert torch.equal(q.float(), ref.quantize_at_scale_ref(h, s).float())
+    assert (h.float().abs().amax(1, keepdim=True) <= 448 * s).all()  # no code clips
+    # without wbound the op derives the same constants from the weight
+    q2, s2 = W.w8a8_linear_gelu_quant(qx, sx, qw, sw, b, fmt, "per_token", "per_channel", torch.bfloat16, "fp8",
+                                      "torch", out_scale="bound")
+    assert torch.equal(s2, s) and torch.equal(q2.float(), q.float())
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+def test_bound_triton_backend_matches_the_torch_backend():
+    from tests._env import kernel_device
+    from turbocompile.kernels.w8a8 import ref
+
+    dev = kernel_device()
+    qx, sx, qw, sw, b = (t.to(dev) for t in _operands(m=40, k=256, n=272, fmt="fp8"))
+    wb = ref.gelu_bound_constants_ref(qw.cpu(), sw.cpu(), b.cpu(), "per_channel").to(dev)
+    args = (qx, sx, qw, sw, b, "fp8", "per_token", "per_channel", torch.bfloat16, "fp8")
+    q, s = W.w8a8_linear_gelu_quant(*args, "triton", out_scale="bound", wbound=wb)
+    q_t, s_t = W.w8a8_linear_gelu_quant(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args), "torch",
+                                        out_scale="bound", wbound=wb.cpu())
+    assert torch.equal(s.cpu(), s_t)
+    h = W.w8a8_linear_gelu(*args[:-1], "triton")  # the Triton h differs from the torch one by bf16 rounding
+    assert torch.equal(q.cpu().float(), ref.quantize_at_scale_ref(h.cpu(), s.cpu()).float())
+    rel = (q.cpu().float() - q_t.float()).norm() / q_t.float().norm()
+    assert rel < 0.02
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if triton_runs_here() else []))
+def test_bound_opcheck(backend):
+    from turbocompile.kernels.w8a8 import ref
+
+    qx, sx, qw, sw, _ = _operands(m=7, k=130, n=129)
+    wb = ref.gelu_bound_constants_ref(qw, sw, None, "per_channel")
+    torch.library.opcheck(torch.ops.turbocompile.w8a8_linear_gelu_quant.default,
+                          (qx, sx, qw, sw, None, "int8", "per_token", "per_channel", torch.bfloat16, "fp8", backend,
+                           "bound", wb))
+
+
+def test_bound_errors_are_one_line_and_name_the_choices():
+    qx, sx, qw, sw, b = _operands(fmt="int8")
+    args = (qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16)
+    with pytest.raises(ValueError, match=r"output scale 'bound' needs output format 'fp8', got 'int8'; "
+                                         r"valid output scales for 'int8': amax$"):
+        W.w8a8_linear_gelu_quant(*args, "int8", "torch", out_scale="bound")
+    qb, sb, qwb, swb, bb = _operands(ag="block128", wg="block128")
+    with pytest.raises(ValueError, match=r"output scale 'bound' needs per_token activations, got 'block128'; "
+                                         r"valid output scales for 'block128': amax, pow2$"):
+        W.w8a8_linear_gelu_quant(qb, sb, qwb, swb, bb, "int8", "block128", "block128", torch.bfloat16, "fp8", "torch",
+                                 out_scale="bound")
+    with pytest.raises(ValueError, match=r"wbound is the \[2\] fp32 \[C, b\] of output scale 'bound'"):
+        W.w8a8_linear_gelu_quant(*args, "fp8", "torch", out_scale="pow2", wbound=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"wbound is the \[2\] fp32"):
+        W.w8a8_linear_gelu_quant(*args, "fp8", "torch", out_scale="bound", wbound=torch.zeros(3))

@@ -106,13 +106,13 @@ def _fused_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == OPS.w8a8_linear_gelu_quant.default]
 
 
-def test_turbo_fp8_recipe_uses_pow2_and_int8_recipes_do_not():
+def test_turbo_fp8_recipe_uses_bound_and_int8_recipes_do_not():
     from turbocompile.recipe import load_recipe
 
     def epi(name):
         return next(p for p in load_recipe(name).passes if p.name == "fuse_gemm_epilogues").options
 
-    assert epi("turbo-fp8").quant_scale == "pow2"
+    assert epi("turbo-fp8").quant_scale == "bound"
     for name in ("turbo-int8", "turbo-int8-rcm"):
         assert epi(name).quant_scale == "amax"
 
@@ -167,7 +167,7 @@ def test_pow2_triton_path_close_to_the_amax_variant(route, monkeypatch):
         monkeypatch.setattr(te, "w8a8_gemm_gelu_quant_triton",
                             functools.partial(te.w8a8_gemm_gelu_quant_triton, use_tma=True))
     _, amax_out = _run(_turbo_fp8(backend="triton", quant_scale="amax"))
-    res, out = _run(_turbo_fp8(backend="triton"))
+    res, out = _run(_turbo_fp8(backend="triton", quant_scale="pow2"))
     assert all(n.args[-1] == "pow2" for n in _fused_nodes(res.graph_module))
     from tests._env import sm_at_least
 
@@ -180,11 +180,64 @@ def test_pow2_triton_path_close_to_the_amax_variant(route, monkeypatch):
     assert rel < 1e-2, rel
 
 
-def test_pow2_option_leaves_int8_consumers_on_amax():
-    res, out = _run(_recipe(W8, "fuse_norms", {"name": "fuse_gemm_epilogues", "options": {"quant_scale": "pow2"}}))
+@pytest.mark.parametrize("scale", ["pow2", "bound"])
+def test_pow2_and_bound_options_leave_int8_consumers_on_amax(scale):
+    res, out = _run(_recipe(W8, "fuse_norms", {"name": "fuse_gemm_epilogues", "options": {"quant_scale": scale}}))
     _, ref_out = _run(_recipe(W8, "fuse_norms"))
     rec = res.manifest["passes"][-1]
     assert rec["stats"]["gelu_quant"] == get_preset("wan-tiny").num_layers
     assert all(len(n.args) == 11 for n in _fused_nodes(res.graph_module))  # the default 11-argument call
-    assert any("quant_scale=pow2 applies to FP8 consumers" in note for note in rec["notes"])
+    assert any(f"quant_scale={scale} applies to FP8 consumers" in note for note in rec["notes"])
     assert torch.equal(out, ref_out)
+
+
+# ------------------------------------------------------------------ quant_scale: bound
+
+
+def test_bound_folds_the_weight_constants_and_stays_close_to_amax():
+    """quant_scale: bound (torch backend): every fused op reads a ``<ffn.0>.gelu_bound`` buffer holding
+    ref.gelu_bound_constants_ref of that layer's weights, computed at optimize time; the output stays at
+    FP8-rounding distance from the amax variant, and --verify holds the quantizing floor."""
+    from turbocompile.kernels.w8a8 import ref
+    from turbocompile.passes._graph import get_attr_value, module_path
+
+    res, out = _torch_turbo_fp8("bound")
+    gm = res.graph_module
+    fused = _fused_nodes(gm)
+    assert len(fused) == get_preset("wan-tiny").num_layers
+    for n in fused:
+        scale, wb = n.args[-2:]
+        assert scale == "bound" and wb.op == "get_attr" and wb.target.endswith(".gelu_bound")
+        qw, sw, bias = (get_attr_value(gm, a.target) for a in n.args[2:5])
+        assert module_path(n.args[2].target) == module_path(wb.target)
+        assert torch.equal(get_attr_value(gm, wb.target), ref.gelu_bound_constants_ref(qw, sw, bias, "per_channel"))
+    rec = next(p for p in res.manifest["passes"] if p["name"] == "fuse_gemm_epilogues")
+    assert 25.0 <= rec["verify"]["sqnr_db"] < 60.0, rec["verify"]
+    _, amax_out = _torch_turbo_fp8("amax")
+    assert not torch.equal(out, amax_out)
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), amax_out.float().flatten(), dim=0).item()
+    assert cos > 0.999, cos
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+def test_bound_triton_path_through_the_rowscale_epilogue(monkeypatch):
+    """Triton backend, TMA route forced: the GELU GEMM stores the codes at the bound scales (amax_mode
+    "rowscale", no quantizer, no requantization), close to the torch backend of the same recipe."""
+    from turbocompile.kernels.w8a8 import triton_gemm_epilogue as te
+    from turbocompile.kernels.w8a8 import triton_gemm_tma
+
+    from tests._env import has_cuda, sm_at_least
+
+    if has_cuda() and not sm_at_least(9):
+        pytest.skip("TMA needs sm90+")
+    modes = []
+    real = triton_gemm_tma.w8a8_gemm_tma
+    monkeypatch.setattr(triton_gemm_tma, "w8a8_gemm_tma", lambda *a, **k: modes.append(k.get("amax_mode")) or
+                        real(*a, **k))
+    monkeypatch.setattr(te, "w8a8_gemm_gelu_quant_triton", functools.partial(te.w8a8_gemm_gelu_quant_triton,
+                                                                             use_tma=True))
+    _, out = _run(_turbo_fp8(backend="triton", quant_scale="bound"))
+    assert modes.count("rowscale") == get_preset("wan-tiny").num_layers
+    _, torch_out = _torch_turbo_fp8("bound")
+    rel = ((out.float() - torch_out.float()).norm() / torch_out.float().norm()).item()
+    assert rel < 1e-2, rel

@@ -35,6 +35,7 @@ import onnxscript
 from onnxscript import opset18 as op
 
 from turbocompile.kernels.sagesla import ref as _sla_ref
+from turbocompile.kernels.w8a8.ref import BOUND_MARGIN
 
 __all__ = ["translation_table", "CUSTOM_DOMAIN", "SAGESLA_SCHEMA", "FP8_MIN_OPSET"]
 
@@ -217,24 +218,45 @@ def _quantize_pow2(h):
     exact): the estimate can be one off only next to a power of two, and then one step fixes it.
     """
     xf = _f32(h)
-    amax = op.Max(op.ReduceMax(op.Abs(xf), _ints(1), keepdims=1), _f(1e-8))
-    e = op.Ceil(op.Div(op.Log(op.Div(amax, _f(448.0))), _f(math.log(2.0))))
-    too_big = op.LessOrEqual(amax, op.Mul(_f(448.0), op.Pow(_f(2.0), op.Sub(e, _f(1.0)))))  # e - 1 suffices
-    e = op.Sub(e, op.Cast(too_big, to=FLOAT))
-    too_small = op.Greater(amax, op.Mul(_f(448.0), op.Pow(_f(2.0), e)))
-    e = op.Add(e, op.Cast(too_small, to=FLOAT))
+    e = _pow2_exponent(op.ReduceMax(op.Abs(xf), _ints(1), keepdims=1))
     return op.Cast(op.Mul(xf, op.Pow(_f(2.0), op.Neg(e))), to=FP8), op.Pow(_f(2.0), e)
+
+
+def _pow2_exponent(a):
+    """float ``e = ceil(log2(max(a, 1e-8) / 448))`` per element of ``a`` (``ref.pow2_exponent_ref``)."""
+    a = op.Max(a, _f(1e-8))
+    e = op.Ceil(op.Div(op.Log(op.Div(a, _f(448.0))), _f(math.log(2.0))))
+    too_big = op.LessOrEqual(a, op.Mul(_f(448.0), op.Pow(_f(2.0), op.Sub(e, _f(1.0)))))  # e - 1 suffices
+    e = op.Sub(e, op.Cast(too_big, to=FLOAT))
+    too_small = op.Greater(a, op.Mul(_f(448.0), op.Pow(_f(2.0), e)))
+    return op.Add(e, op.Cast(too_small, to=FLOAT))
+
+
+def _quantize_bound(h, qx, xscale, wbound):
+    """FP8 at the "bound" row scales (``ref.row_bound_scale_ref`` / ``ref.quantize_at_scale_ref``)."""
+    n2 = op.ReduceSum(op.Mul(_f32(qx), _f32(qx)), _ints(1), keepdims=1)
+    c = op.Gather(wbound, op.Constant(value_int=0))
+    b = op.Gather(wbound, op.Constant(value_int=1))
+    bound = op.Mul(op.Add(op.Mul(op.Mul(_f32(xscale), op.Sqrt(n2)), c), b), _f(BOUND_MARGIN))
+    s = op.Pow(_f(2.0), _pow2_exponent(bound))
+    v = op.Clip(op.Div(_f32(h), s), _f(-448.0), _f(448.0))
+    return op.Cast(v, to=FP8), s
 
 
 def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format: str, act_granularity: str,
                            weight_granularity: str, out_dtype: int, out_format: str, backend: str,
-                           out_scale: str = "amax"):
+                           out_scale: str = "amax", wbound=None):
     """turbocompile::w8a8_linear_gelu_quant: w8a8_linear_gelu, then the per-token quantizer
-    (amax scales, or power-of-two ones for ``out_scale="pow2"``)."""
+    (amax scales, power-of-two ones for ``out_scale="pow2"``, or the "bound" ones)."""
     h = w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
                          out_dtype, backend)
     if out_scale == "pow2":
         return _quantize_pow2(h)
+    if out_scale == "bound":
+        if wbound is None:
+            raise ValueError("ONNX export of w8a8_linear_gelu_quant with out_scale 'bound' needs the graph's wbound "
+                             "constant (fuse_gemm_epilogues stores it); valid out_scale without it: amax, pow2")
+        return _quantize_bound(h, qx, xscale, wbound)
     return _quantize(h, out_format, "per_token", int(qweight.shape[0]))
 
 

@@ -10,10 +10,12 @@ Ops (registered on import; every op ends with ``backend``: "auto" | "triton" | "
 
 * ``turbocompile::w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format, act_granularity,
   weight_granularity, out_dtype, backend) -> h``: ``GELU_tanh(GEMM + bias)`` in one kernel (FFN ffn.0).
-* ``turbocompile::w8a8_linear_gelu_quant(..., out_dtype, out_format, backend, out_scale="amax") -> (q, scale)``:
-  the same, and the per-token quantization of h that the next ``w8a8_linear_prequant`` consumes;
-  ``out_scale`` "pow2" (FP8 only) rounds each row's scale up to a power of two (the one op argument
-  after ``backend``: optional, so graphs saved without it keep loading).
+* ``turbocompile::w8a8_linear_gelu_quant(..., out_dtype, out_format, backend, out_scale="amax", wbound=None)
+  -> (q, scale)``: the same, and the per-token quantization of h that the next ``w8a8_linear_prequant``
+  consumes; ``out_scale`` "pow2" (FP8 only) rounds each row's scale up to a power of two, "bound" (FP8,
+  per-token input) takes a power-of-two scale from an upper bound of the row known before the GEMM
+  (``wbound``: the weight's constants). The arguments after ``backend`` are optional, so graphs saved
+  without them keep loading.
 * ``turbocompile::w8a8_linear_residual(qx, xscale, qweight, wscale, bias, format, act_granularity,
   weight_granularity, residual, gate, backend) -> x_new``: ``residual + GEMM·gate`` in one kernel (the
   Wan blocks' residual stream after the o-projections and ffn.2).
@@ -54,7 +56,7 @@ __all__ = [
 FORMATS = ("int8", "fp8")
 ACT_GRANULARITIES = ("block128", "per_token")
 WEIGHT_GRANULARITIES = ("block128", "per_channel")
-OUT_SCALES = ref.SCALE_MODES  # per-token output scale of w8a8_linear_gelu_quant: "amax" | "pow2"
+OUT_SCALES = ref.SCALE_MODES  # per-token output scale of w8a8_linear_gelu_quant: "amax" | "pow2" | "bound"
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Triton w8a8_linear with block128 activations: quantize inside the GEMM (True) or run the one-pass
@@ -358,34 +360,44 @@ def _w8a8_linear_gelu_quant_op(
     out_format: str,
     backend: str,
     out_scale: str = "amax",
+    wbound: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     op = "turbocompile::w8a8_linear_gelu_quant"
     _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
                      out_dtype, backend)
-    _check_out_quant(op, out_format, out_scale)
+    _check_out_quant(op, out_format, out_scale, act_granularity, wbound)
     if resolve_backend(backend, qx.device, op) == "triton":
         from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_quant_triton
 
         return w8a8_gemm_gelu_quant_triton(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
-                                           out_dtype, out_format, out_scale=out_scale)
+                                           out_dtype, out_format, out_scale=out_scale, wbound=wbound)
     return ref.w8a8_gemm_gelu_quant_ref(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
-                                        out_dtype, out_format, out_scale)
+                                        out_dtype, out_format, out_scale, wbound)
 
 
-def _check_out_quant(op: str, out_format: str, out_scale: str) -> None:
+def _check_out_quant(op: str, out_format: str, out_scale: str, act_granularity: str = "per_token",
+                     wbound: torch.Tensor | None = None) -> None:
     _check_choice("output format", out_format, FORMATS, op)
     _check_choice("output scale", out_scale, OUT_SCALES, op)
-    if out_scale == "pow2" and out_format != "fp8":
-        raise ValueError(f"{op}: output scale 'pow2' needs output format 'fp8', got '{out_format}'; "
+    if out_scale in ("pow2", "bound") and out_format != "fp8":
+        raise ValueError(f"{op}: output scale '{out_scale}' needs output format 'fp8', got '{out_format}'; "
                          f"valid output scales for '{out_format}': amax")
+    if out_scale == "bound" and act_granularity != "per_token":
+        raise ValueError(f"{op}: output scale 'bound' needs per_token activations, got '{act_granularity}'; "
+                         f"valid output scales for '{act_granularity}': amax, pow2")
+    if wbound is not None and (out_scale != "bound" or tuple(wbound.shape) != (2,)
+                               or wbound.dtype != torch.float32):
+        raise ValueError(f"{op}: wbound is the [2] fp32 [C, b] of output scale 'bound' "
+                         f"(ref.gelu_bound_constants_ref), got {wbound.dtype} {list(wbound.shape)} with "
+                         f"output scale '{out_scale}'")
 
 
 @_w8a8_linear_gelu_quant_op.register_fake
 def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, out_format,
-      backend, out_scale="amax"):
+      backend, out_scale="amax", wbound=None):
     op = "turbocompile::w8a8_linear_gelu_quant"
     _check_modes(op, format, act_granularity, weight_granularity, backend)
-    _check_out_quant(op, out_format, out_scale)
+    _check_out_quant(op, out_format, out_scale, act_granularity, wbound)
     m, n = qx.shape[0], qweight.shape[0]
     return (qx.new_empty((m, n), dtype=ref.quant_dtype(out_format)),
             qx.new_empty((m, 1), dtype=torch.float32))
@@ -405,7 +417,8 @@ def w8a8_linear_gelu(qx, xscale, qweight, wscale, bias=None, format="int8", act_
 
 def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias=None, format="int8", act_granularity="per_token",
                            weight_granularity="per_channel", out_dtype=torch.bfloat16, out_format="int8",
-                           backend="auto", out_scale="amax") -> tuple[torch.Tensor, torch.Tensor]:
+                           backend="auto", out_scale="amax",
+                           wbound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`w8a8_linear_gelu` then per-token quantization (``out_format``) of its ``out_dtype`` output.
 
     Returns ``(q [M, N], scale [M, 1] fp32)`` with :func:`quantize_activation`'s per-token contract,
@@ -416,11 +429,15 @@ def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias=None, format="int8"
     (``kernels.w8a8.ref.quantize_pow2_ref``; the torch backend is exactly that). Its Triton path on
     Hopper writes FP8 codes from the GEMM epilogue instead of bf16 h and skips the quantizer's read of
     h; codes that are e4m3 subnormals at the row scale may then be one subnormal step off
-    (``kernels/w8a8/triton_pow2.py``).
+    (``kernels/w8a8/triton_pow2.py``). "bound" (FP8, per-token ``qx``): scale ``2^e`` covering an upper
+    bound of the row's |h| computed from ``qx`` before the GEMM (``ref.row_bound_scale_ref``; ``wbound``
+    = ``ref.gelu_bound_constants_ref`` of the weight, computed per call when None), so the Hopper
+    epilogue stores the final codes: no bf16 h, no amax, no requantization (``kernels/w8a8/triton_bound.py``).
+    The torch backend is the reference; the Triton codes equal ``ref.quantize_at_scale_ref`` of its own h.
     """
     return torch.ops.turbocompile.w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format,
                                                          act_granularity, weight_granularity, out_dtype,
-                                                         out_format, backend, out_scale)
+                                                         out_format, backend, out_scale, wbound)
 
 
 # ------------------------------------------------------------ GEMM + gated residual epilogue (o, ffn.2)
