@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _cuda_graph import graphed  # benchmarks/ is the script's directory (sys.path[0])
 from turbocompile.kernels.sagesla import ref as sref
 from turbocompile.kernels.sagesla.triton_attn import launch_attn
 from turbocompile.kernels.sagesla.triton_prep import DEFAULT_TUNE, prepare, topk_lut
@@ -49,16 +50,6 @@ def bench(fn):
     torch.cuda.synchronize()
     est = (time.perf_counter() - t0) * 1e3
     return triton.testing.do_bench(fn, warmup=max(25, 3 * est), rep=max(100, 12 * est), return_mode="median")
-
-
-def _graphed(fn):
-    """fn captured in a CUDA graph; returns its replay."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def qkv(B, L, H, D, v_mean=0.0):
@@ -117,7 +108,7 @@ def time_shape(name, B, L, H, D):
         try:
             with sdpa_kernel([bk]):
                 add(f"sdpa-{bk_name}", bench(lambda: F.scaled_dot_product_attention(qt, kt, vt)))
-                add(f"sdpa-{bk_name}-cudagraph", bench(_graphed(lambda: F.scaled_dot_product_attention(qt, kt, vt))))
+                add(f"sdpa-{bk_name}-cudagraph", bench(graphed(lambda: F.scaled_dot_product_attention(qt, kt, vt))))
         except Exception as e:
             print(f"sdpa-{bk_name} failed: {e!r}"[:300])
     del qt, kt, vt
@@ -156,7 +147,7 @@ def time_shape(name, B, L, H, D):
             if quant == "int8-fp8" and topk in (0.1, 1.0):
                 # the same call replayed from a CUDA graph, as it runs inside the e2e forward: the ~8
                 # kernel launches of the prep no longer cost host time (SDPA is one kernel either way)
-                add(label + "-cudagraph", bench(_graphed(fn)), dens)
+                add(label + "-cudagraph", bench(graphed(fn)), dens)
         except Exception as e:
             print(f"sagesla {quant} {topk} proj={with_proj} failed: {e!r}"[:400])
             traceback.print_exc()

@@ -26,6 +26,7 @@ import triton
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _cuda_graph import graphed  # benchmarks/ is the script's directory (sys.path[0])
 from turbocompile.kernels.sagesla.gluon_attn import launch_gluon
 from turbocompile.kernels.sagesla.triton_prep import prepare
 from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_triton
@@ -38,16 +39,6 @@ TEXT = 512
 
 def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=400)
-
-
-def _graphed(fn):
-    """fn captured in a CUDA graph (as the e2e forward runs): launch overhead out of the timing."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def cross_attention(L, H) -> dict:
@@ -94,8 +85,8 @@ def cross_kv(dim, blocks) -> dict:
                            w8a8_gemm_triton(qx, sx, qw, sw, b, "per_token", "per_channel", torch.bfloat16))
                for i, ((qw, sw), b) in enumerate(zip(ws, bs)))
     return {"shape": f"{2 * blocks} x ({TEXT}x{dim}->{dim})", "slices_bit_equal": same,
-            "ms": {"separate (quantizer + GEMM each), CUDA graph": _bench(_graphed(separate)),
-                   "one quantizer + one GEMM, CUDA graph": _bench(_graphed(fused))}}
+            "ms": {"separate (quantizer + GEMM each), CUDA graph": _bench(graphed(separate)),
+                   "one quantizer + one GEMM, CUDA graph": _bench(graphed(fused))}}
 
 
 def main():

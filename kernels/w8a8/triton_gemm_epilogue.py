@@ -425,18 +425,15 @@ def w8a8_gemm_gelu_quant_triton(
     before the GEMM (``ref.row_bound_scale_ref``; ``wbound`` the weight's ``[C, b]``, computed when
     None), the epilogue storing the final codes: :func:`.triton_bound.gelu_quant_bound`.
     """
+    if out_scale in ("pow2", "bound") and out_format != "fp8":
+        raise ValueError(f"w8a8_gemm_gelu_quant_triton: out_scale '{out_scale}' needs out_format 'fp8', "
+                         f"got '{out_format}'")
     if out_scale == "bound":
-        if out_format != "fp8":
-            raise ValueError(f"w8a8_gemm_gelu_quant_triton: out_scale 'bound' needs out_format 'fp8', "
-                             f"got '{out_format}'")
         from turbocompile.kernels.w8a8.triton_bound import gelu_quant_bound
 
         return gelu_quant_bound(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype, wbound, config,
                                 use_tma, tma_config)
     if out_scale == "pow2":
-        if out_format != "fp8":
-            raise ValueError(f"w8a8_gemm_gelu_quant_triton: out_scale 'pow2' needs out_format 'fp8', "
-                             f"got '{out_format}'")
         return _gelu_quant_pow2(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype, config, use_tma,
                                 tma_config, pow2_config)
     if out_scale != "amax":
