@@ -115,9 +115,9 @@ class FuseGemmEpilogues(Pass):
             notes.append(f"{gelu.name}: quant_scale=bound needs per-token activations ('{act}'); pow2 instead")
             return ("pow2",)
         targets = [attr_target(n) for n in (qw, sw)] + ([attr_target(bias)] if bias is not None else [])
-        if None in targets:  # weights that are not graph constants: the op computes the bound per call
-            notes.append(f"{gelu.name}: quant_scale=bound with non-constant weights; bound computed per call")
-            return ("bound",)
+        if None in targets:  # the bound constants cannot be folded: pow2 (no per-call float64 weight pass)
+            notes.append(f"{gelu.name}: quant_scale=bound needs constant weights; pow2 instead")
+            return ("pow2",)
         wq, ws = get_attr_value(gm, targets[0]), get_attr_value(gm, targets[1])
         wb = gelu_bound_constants_ref(wq, ws, get_attr_value(gm, targets[2]) if bias is not None else None, wgran)
         target = f"{module_path(targets[0])}.gelu_bound"

@@ -292,11 +292,16 @@ def w8a8_gemm_gelu_quant_ref(qa, sa, qw, sw, bias, act_granularity: str, weight_
 # |h| <= |y| (h = y·(1 + tanh u)/2 and the factor lies in [0, 1]), and by Cauchy-Schwarz
 # |y_mn| <= ||x̂_m||·||ŵ_n|| + |b_n| <= sa_m·||qa_m||·C + b, with x̂_m = sa_m·qa_m the dequantized
 # input row, C = max_n ||ŵ_n|| and b = max_n |b_n|. The scale is the power of two covering that bound
-# at 448 (with BOUND_MARGIN for the fp32 roundings of the bound, the GEMM accumulation and the bf16
-# rounding of h), so no code saturates. Cost: the bound exceeds the row's true amax (Wan-1.3B FFN:
-# by about an order of magnitude), which moves the row's smallest values toward e4m3's subnormal
-# range (2^-6 of the scale) — about three of e4m3's 17.8 binades; values near the amax keep their
-# 3 mantissa bits as with amax scales.
+# at 448, with BOUND_MARGIN (2^-6) for the fp32 roundings of the bound (K·2^-24 for the sum of
+# squares) and the bf16 rounding of h (2^-9). The sm90 FP8 MMA accumulates with truncation, which
+# measured only toward zero (H100, rows parallel to the largest weight row: -1.5% at K = 1536, -8% at
+# K = 5120), i.e. it lowers |y|; the kernels clamp at ±448 in any case. Cost: the bound exceeds the
+# row's true amax (H200 probe, RESULTS.md session 13: median 15-52x, up to 255x with outlier weight
+# rows), which moves the row's smallest values toward e4m3's subnormal range (2^-6 of the scale): up
+# to ~8 of e4m3's 17.8 binades in those rows (6% of codes subnormal at 14B vs 0.2% with pow2 scales);
+# values near the amax keep their 3 mantissa bits, and ffn.2's output error measured equal to the pow2
+# scales' (0.0372 vs fp32; amax scales 0.0363). The constants are fixed at optimize time: rewriting
+# the weight afterwards (a LoRA merge) needs them recomputed, or codes may clip.
 BOUND_MARGIN = 1.0 + 2.0 ** -6
 
 
@@ -306,7 +311,9 @@ def gelu_bound_constants_ref(qw: torch.Tensor, sw: torch.Tensor, bias: torch.Ten
     (float64, then rounded up to fp32), b = max_n |bias_n| (0 without a bias)."""
     n, k = qw.shape
     c = torch.zeros((), dtype=torch.float64, device=qw.device)
-    if n and k:
+    if n and k and weight_granularity == "per_channel":  # sw_n·||qw_n||: one fp32 copy (exact for 8-bit codes)
+        c = (torch.linalg.vector_norm(qw.float(), dim=1, dtype=torch.float64) * sw.to(torch.float64).view(-1)).max()
+    elif n and k:
         kb = _cdiv(k, BLOCK)
         sfull = expand_scale(sw.to(torch.float64), n, kb, weight_granularity).repeat_interleave(BLOCK, dim=1)[:, :k]
         c = (qw.to(torch.float64) * sfull).norm(dim=1).max()
@@ -320,8 +327,8 @@ def gelu_bound_constants_ref(qw: torch.Tensor, sw: torch.Tensor, bias: torch.Ten
 def row_bound_scale_ref(qa: torch.Tensor, sa: torch.Tensor, wbound: torch.Tensor) -> torch.Tensor:
     """``[M, 1]`` fp32 powers of two ``2^e_m``, ``e_m = pow2_exponent_ref(B_m)``,
     ``B_m = (sa_m·sqrt(sum_k qa_mk^2)·C + b)·BOUND_MARGIN`` in fp32 (``wbound = [C, b]``). The Triton
-    kernel sums the squares in another order: its exponent can differ only when B_m lies within a few
-    fp32 ulps of a power-of-two multiple of 448."""
+    kernel sums the squares in another order and may contract ``·C + b`` into an FMA: its exponent can
+    differ only when B_m lies within a few fp32 ulps of a power-of-two multiple of 448."""
     n2 = qa.float().square().sum(dim=1, keepdim=True)
     wb = wbound.float()
     bound = (sa.float() * torch.sqrt(n2) * wb[0] + wb[1]) * BOUND_MARGIN

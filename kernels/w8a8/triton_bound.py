@@ -77,7 +77,7 @@ def _row_bound_kernel(
 
 def row_bound_scale_triton(qa: torch.Tensor, sa: torch.Tensor, wbound: torch.Tensor) -> torch.Tensor:
     """``s [M, 1]`` fp32, the "bound" row scales of ``ref.row_bound_scale_ref`` (exponents equal except
-    within a few ulps of a boundary: the squares are summed in another order).
+    within a few ulps of a boundary: the squares are summed in another order, ``·C + b`` may be an FMA).
 
     Args:
         qa: [M, K] int8 / float8_e4m3fn, contiguous rows (the GELU GEMM's quantized input).
@@ -87,16 +87,19 @@ def row_bound_scale_triton(qa: torch.Tensor, sa: torch.Tensor, wbound: torch.Ten
     m, k = qa.shape
     if qa.stride(1) != 1 and k > 1:
         raise ValueError("row_bound_scale_triton: qa needs contiguous rows")
-    if tuple(sa.shape) != (m, 1) or tuple(wbound.shape) != (2,):
-        raise ValueError(f"row_bound_scale_triton: sa must be [M, 1] = [{m}, 1] and wbound [2], got "
-                         f"{list(sa.shape)} and {list(wbound.shape)}")
+    if tuple(sa.shape) != (m, 1):
+        raise ValueError(f"row_bound_scale_triton: sa must be [M, 1] = [{m}, 1], got {list(sa.shape)}")
+    if tuple(wbound.shape) != (2,) or wbound.device != qa.device:
+        raise ValueError(f"row_bound_scale_triton: wbound must be the [2] [C, b] on {qa.device}, got "
+                         f"{list(wbound.shape)} on {wbound.device}")
     s = torch.empty((m, 1), dtype=torch.float32, device=qa.device)
     if m == 0:
         return s
     block_k = 256 if k > 128 else max(16, triton.next_power_of_2(max(k, 1)))
     block_m = 16 if triton_interpret() else 8
+    sa32 = sa.float()  # a copy unless fp32 already: its own stride
     _row_bound_kernel[(triton.cdiv(m, block_m),)](
-        qa, sa.float(), wbound.float().contiguous(), s, m, k, qa.stride(0), sa.stride(0),
+        qa, sa32, wbound.float().contiguous(), s, m, k, qa.stride(0), sa32.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
     )
     return s

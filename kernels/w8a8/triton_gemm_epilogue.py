@@ -421,9 +421,9 @@ def w8a8_gemm_gelu_quant_triton(
     ``out_scale``: "amax" (scale amax/qmax, ``ref.quantize_ref``) or "pow2" (FP8 only, scale
     2^ceil(log2(amax/448)), ``ref.quantize_pow2_ref``; ``amax_mode`` is then ignored): see
     :func:`_gelu_quant_pow2` for its routes. ``pow2_config``: launch override of its row kernel.
-    "bound" (FP8, per-token activations): power-of-two row scales from an upper bound of |h| known
-    before the GEMM (``ref.row_bound_scale_ref``; ``wbound`` the weight's ``[C, b]``, computed when
-    None), the epilogue storing the final codes: :func:`.triton_bound.gelu_quant_bound`.
+    "bound" (FP8, per-token activations; ``amax_mode`` ignored): power-of-two row scales from an upper
+    bound of |h| known before the GEMM (``ref.row_bound_scale_ref``; ``wbound`` the weight's ``[C, b]``,
+    computed when None), the epilogue storing the final codes: :func:`.triton_bound.gelu_quant_bound`.
     """
     if out_scale in ("pow2", "bound") and out_format != "fp8":
         raise ValueError(f"w8a8_gemm_gelu_quant_triton: out_scale '{out_scale}' needs out_format 'fp8', "

@@ -162,8 +162,45 @@ def test_bad_arguments():
         w8a8_gemm_gelu_quant_triton(*ops, "per_token", "per_channel", torch.bfloat16, "fp8", out_scale="exact")
     from turbocompile.kernels.w8a8.triton_bound import row_bound_scale_triton
 
-    with pytest.raises(ValueError, match="wbound \\[2\\]"):
+    with pytest.raises(ValueError, match="wbound must be the \\[2\\] \\[C, b\\]"):
         row_bound_scale_triton(ops[0], ops[1], torch.zeros(3, device=ops[0].device))
+    with pytest.raises(ValueError, match="sa must be \\[M, 1\\]"):
+        row_bound_scale_triton(ops[0], ops[1][:4], torch.zeros(2, device=ops[0].device))
+
+
+@triton_only
+def test_row_bound_kernel_takes_non_fp32_strided_scales():
+    """sa in fp64 with a row stride of 2: converted first, read with the converted tensor's stride."""
+    from turbocompile.kernels.w8a8.triton_bound import row_bound_scale_triton
+
+    qx, sx, qw, sw, b = _operands(33, 96, 40, seed=5)
+    wb = ref.gelu_bound_constants_ref(qw.cpu(), sw.cpu(), b.cpu(), "per_channel").to(qx.device)
+    sx64 = torch.zeros(33, 2, dtype=torch.float64, device=qx.device)
+    sx64[:, 0] = sx[:, 0].double()
+    s = row_bound_scale_triton(qx, sx64[:, :1], wb)
+    assert torch.equal(s.cpu(), ref.row_bound_scale_ref(qx.cpu(), sx.cpu(), wb.cpu()))
+
+
+@pytest.mark.parametrize("k", [64, 1536])
+def test_tight_bound_rows_stay_within_448(k):
+    """The case the margin exists for: input rows parallel to the largest weight row with positive
+    entries, so Cauchy-Schwarz is tight and |h| comes within BOUND_MARGIN of 448·s. The rounded h,
+    divided by the scale, stays <= 448 before the clamp (torch reference; the GPU GEMM's FP8 accumulation
+    truncates toward zero, which only lowers |y|)."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.rand(48, k, generator=g) * 0.05
+    w[7] = torch.rand(k, generator=g) * 0.2 + 0.1  # the largest-norm row, all positive
+    x = w[7].repeat(5, 1) * torch.tensor([[0.5], [1.0], [3.0], [20.0], [300.0]])
+    qx, sx = ref.quantize_ref(x, "fp8", "per_token")
+    qw, sw = quantize_weight(w, "fp8", "per_channel")
+    b = torch.zeros(48)
+    b[7] = 0.25
+    wb = ref.gelu_bound_constants_ref(qw, sw, b, "per_channel")
+    s = ref.row_bound_scale_ref(qx, sx, wb)
+    h = ref.w8a8_gemm_gelu_ref(qx, sx, qw, sw, b, "per_token", "per_channel", torch.bfloat16).float()
+    ratio = (h.abs().amax(1, keepdim=True) / (448.0 * s)).flatten()
+    assert ratio.max() <= 1.0 and ratio.max() > 0.5 / ref.BOUND_MARGIN  # tight (up to the pow2 rounding)
+    assert (h / s).abs().max() <= 448.0
 
 
 # ------------------------------------------------------------------- sm90 build (no GPU needed)

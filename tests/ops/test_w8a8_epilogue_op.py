@@ -204,3 +204,5 @@ def test_bound_errors_are_one_line_and_name_the_choices():
         W.w8a8_linear_gelu_quant(*args, "fp8", "torch", out_scale="pow2", wbound=torch.zeros(2))
     with pytest.raises(ValueError, match=r"wbound is the \[2\] fp32"):
         W.w8a8_linear_gelu_quant(*args, "fp8", "torch", out_scale="bound", wbound=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"wbound is on meta, qx on cpu; both must share one device"):
+        W.w8a8_linear_gelu_quant(*args, "fp8", "torch", out_scale="bound", wbound=torch.zeros(2, device="meta"))

@@ -365,7 +365,7 @@ def _w8a8_linear_gelu_quant_op(
     op = "turbocompile::w8a8_linear_gelu_quant"
     _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
                      out_dtype, backend)
-    _check_out_quant(op, out_format, out_scale, act_granularity, wbound)
+    _check_out_quant(op, out_format, out_scale, act_granularity, wbound, qx.device)
     if resolve_backend(backend, qx.device, op) == "triton":
         from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_quant_triton
 
@@ -376,7 +376,7 @@ def _w8a8_linear_gelu_quant_op(
 
 
 def _check_out_quant(op: str, out_format: str, out_scale: str, act_granularity: str = "per_token",
-                     wbound: torch.Tensor | None = None) -> None:
+                     wbound: torch.Tensor | None = None, device: torch.device | None = None) -> None:
     _check_choice("output format", out_format, FORMATS, op)
     _check_choice("output scale", out_scale, OUT_SCALES, op)
     if out_scale in ("pow2", "bound") and out_format != "fp8":
@@ -390,6 +390,8 @@ def _check_out_quant(op: str, out_format: str, out_scale: str, act_granularity: 
         raise ValueError(f"{op}: wbound is the [2] fp32 [C, b] of output scale 'bound' "
                          f"(ref.gelu_bound_constants_ref), got {wbound.dtype} {list(wbound.shape)} with "
                          f"output scale '{out_scale}'")
+    if wbound is not None and device is not None and wbound.device != device:
+        raise ValueError(f"{op}: wbound is on {wbound.device}, qx on {device}; both must share one device")
 
 
 @_w8a8_linear_gelu_quant_op.register_fake
@@ -397,7 +399,7 @@ def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granula
       backend, out_scale="amax", wbound=None):
     op = "turbocompile::w8a8_linear_gelu_quant"
     _check_modes(op, format, act_granularity, weight_granularity, backend)
-    _check_out_quant(op, out_format, out_scale, act_granularity, wbound)
+    _check_out_quant(op, out_format, out_scale, act_granularity, wbound, qx.device)
     m, n = qx.shape[0], qweight.shape[0]
     return (qx.new_empty((m, n), dtype=ref.quant_dtype(out_format)),
             qx.new_empty((m, 1), dtype=torch.float32))
