@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .gluon_attn import DEFAULT_STAGES, gluon_supported, launch_gluon
+from .linear_fold import fold_linear
 from .triton_prep import INTERPRET, dot_acc, feature_map, permute_keys, prepare, round_e4m3
 
 LOG2E = 1.4426950408889634
@@ -317,13 +318,6 @@ def _linear_out_kernel(
                  o.to(o_ptr.dtype.element_ty), mask=row_ok)
 
 
-def fold_proj(kv: torch.Tensor, proj_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """KVW = KV·Wᵀ [B*H, D, D] in ``dtype``: proj_l folded into the linear branch's state, since
-    proj_l(φ(q)·KV / den) = φ(q)·(KV·Wᵀ) / den. KV and W are rounded to ``dtype`` first (TD keeps
-    both in the model dtype); the product is taken in fp32 and rounded once."""
-    return torch.matmul(kv.to(dtype).float(), proj_weight.to(dtype).float().t()).to(dtype)
-
-
 def linear_out_grid(L: int, BH: int, block_m: int, sms: int, waves: int = 4) -> tuple[int, int]:
     """(programs per head, tiles per program) for `_linear_out_kernel`: about `waves` programs per
     SM in all, each walking consecutive row tiles of one head."""
@@ -436,14 +430,14 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
         kq, vq = k, v
         kstr = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
         vstr = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
-    if linear:
-        kvw, ksum = fold_proj(prep["kv"], proj_weight, q.dtype), prep["ksum"]
-    else:
-        kvw = ksum = prep["vscale"]
-    bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
     lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
     if lc["where"] not in ("auto", "kernel", "prologue", "epilogue"):
         raise ValueError(f"linear_cfg where={lc['where']!r}; valid: 'auto', 'kernel', 'prologue', 'epilogue'")
+    if linear:
+        kvw, _, ksum = fold_linear(prep, proj_weight, q.dtype)
+    else:
+        kvw = ksum = prep["vscale"]
+    bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
     if use_gluon:
         # The linear branch (+ bias) runs in the Gluon kernel's epilogue, or (where="kernel", or
         # "auto" in dense mode) in `_linear_out_kernel` first, the Gluon kernel adding to its rows.

@@ -469,8 +469,11 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # glue: key means, V scales and block scores in one kernel (`key_means`) instead of torch ops + bmm.
 # H200 session 8: the statistics kernel accumulating vᵀφ(k) (lin_vt, vᵀ loaded as the dot's A tile)
 # 0.154 -> 0.149 ms at 1.3B, 0.737 -> 0.700 ms at 14B, same kv; at 8 warps (no spills) 0.19 / 1.31 ms.
+# H100 session 14 (statistics kernel alone): 528 programs 0.135 vs 0.153 ms (1024) at 1.3B, 0.669 vs 0.714 ms
+# at 14B; 264 programs with 3 stages 0.120 at 1.3B but 0.84 at 14B. Fewer programs also leave fewer
+# partials for `linear_fold` to sum.
 DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
-                "stages_a": 2, "stages_b": 1, "progs_l": 1024, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
+                "stages_a": 2, "stages_b": 1, "progs_l": 528, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
                 "lin_kt": 0, "lin_vt": 1, "lin_vmax": 0, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
                 "v_perm": 1, "glue": 1}
 
@@ -479,8 +482,8 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     """Run passes A and B. q, k, v [B, L, H, D]. Returns a dict of kernel operands.
 
     Keys: dense (every key block kept: no LUT), lut [B*H, Qb, T] int32 ascending (None when
-    dense), T, kq, kscale, vq, vscale, v_perm (vq's keys in `permute_keys` order), kv [B*H, D, D],
-    ksum [B*H, D].
+    dense), T, kq, kscale, vq, vscale, v_perm (vq's keys in `permute_keys` order); with ``linear``
+    kv_parts [B*H, NC, D, D] and ks_parts [B*H, NC, D], per-chunk partials of φ(k)ᵀv and Σφ(k).
 
     ``pooled``: (qpool [B*H, Qb, D] or None, kblk [B*H, Kb, D], vmax [B*H, NC, D]), fp32, pass A's
     outputs computed elsewhere (q means per query block, k sums per key block, |v| channel maxima
@@ -581,7 +584,6 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         )
     out = {"lut": lut, "T": T, "Qb": Qb, "Kb": Kb, "Lpad": Lpad, "quant": qnt, "dense": dense,
            "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale, "v_perm": v_perm}
-    if linear:
-        out["kv"] = kvp.sum(1) if kvp.shape[1] > 1 else kvp[:, 0]
-        out["ksum"] = ksp.sum(1) if ksp.shape[1] > 1 else ksp[:, 0]
+    if linear:  # summed (and proj_l folded in) by `linear_fold.fold_linear`; `linear_state` sums them alone
+        out["kv_parts"], out["ks_parts"] = kvp, ksp
     return out

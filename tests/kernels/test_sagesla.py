@@ -306,6 +306,7 @@ def test_linear_statistics_placements_agree(L, D):
     """φ(k)ᵀv and Σφ(k) are the same wherever they are computed: pass A, pass B, their own kernel
     (row-major or transposed k tiles, the transposed product vᵀφ(k), several rows per step and
     programs per head), and vs fp64."""
+    from turbocompile.kernels.sagesla.linear_fold import linear_state
     from turbocompile.kernels.sagesla.triton_prep import prepare
 
     q, k, v = rand(2, L, 2, D)
@@ -322,11 +323,42 @@ def test_linear_statistics_placements_agree(L, D):
         for key in ("vscale", "kq", "kscale", "lut"):  # V maxima from pass A or the statistics kernel: exact
             assert (p[key] is None and base[key] is None) or torch.equal(p[key], base[key]), (tune, key)
         assert torch.equal(p["vq"].view(torch.int8), base["vq"].view(torch.int8)), tune
-        kv_rel = ((p["kv"].double() - kv_ref).norm() / kv_ref.norm()).item()
-        ks_rel = ((p["ksum"].double() - ks_ref).norm() / ks_ref.norm()).item()
+        kv, ks = linear_state(p)
+        kv_rel = ((kv.double() - kv_ref).norm() / kv_ref.norm()).item()
+        ks_rel = ((ks.double() - ks_ref).norm() / ks_ref.norm()).item()
         assert kv_rel < 8e-3 and ks_rel < 1e-5, (tune, kv_rel, ks_rel)  # φ(k) is rounded to bf16 for the dot
     with pytest.raises(ValueError, match="valid: 'a', 'b', 'c'"):
         prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=dict(linear_in="x"))
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("D,dtype,nc", [(64, torch.bfloat16, 1), (128, torch.bfloat16, 3), (64, torch.float16, 5)])
+def test_linear_fold_kernel_matches_torch(D, dtype, nc):
+    """One launch sums the statistics partials, rounds KV and W to the model dtype and folds proj_l
+    (KVW = KV·Wᵀ) into KVW and/or its transpose: equal to the torch ops up to the last bit of a
+    near-tie (a different fp32 summation order), for a transposed (strided) W and outlier rows."""
+    from turbocompile.kernels.sagesla.linear_fold import fold_linear, fold_proj, linear_state
+
+    g = torch.Generator().manual_seed(D + nc)
+    kvp = torch.randn(3, nc, D, D, generator=g) * 4
+    kvp[1, :, 5] *= 300.0  # an outlier row of KV
+    ksp = torch.rand(3, nc, D, generator=g) * 50
+    w = (torch.randn(D, D, generator=g) / math.sqrt(D)).t()  # strided view, as a transposed weight
+    prep = {"kv_parts": kvp, "ks_parts": ksp}
+    kv, ks = linear_state(prep)
+    ref = fold_proj(kv, w, dtype)
+    kvw, kvwt, ksum = fold_linear(prep, w, dtype, row=True, col=True)
+    assert kvw.dtype == dtype and kvwt.dtype == dtype and kvwt.is_contiguous()
+    assert torch.equal(kvwt, kvw.transpose(1, 2))
+    torch.testing.assert_close(ksum, ks, rtol=1e-6, atol=1e-5)
+    diff = (kvw.float() - ref.float()).abs()
+    ulp = ref.float().abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10) + 1e-6
+    assert bool((diff <= ulp).all()), diff.max()  # at most one step of the model dtype
+    assert (diff > 0).float().mean() < 0.01  # and only at near-ties
+    only_t = fold_linear(prep, w, dtype, row=False, col=True)
+    assert only_t[0] is None and torch.equal(only_t[1], kvwt)
+    with pytest.raises(ValueError, match=r"proj_weight \(64, 32\) must be \[D, D\]"):
+        fold_linear({"kv_parts": kvp[..., :64, :64], "ks_parts": ksp[..., :64]}, torch.zeros(64, 32), dtype)
 
 
 @pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
@@ -482,6 +514,7 @@ def test_precomputed_pooling_equals_pass_a(monkeypatch, backend, B, topk, quant,
 def test_prepare_with_precomputed_pooling():
     """prepare(pooled=...): the same operands as pass A's (the V maxima also when the statistics kernel would
     take them, lin_vmax); linear_in 'a' (statistics inside pass A) and a missing sparse q_pool are errors."""
+    from turbocompile.kernels.sagesla.linear_fold import linear_state
     from turbocompile.kernels.sagesla.triton_prep import prepare
 
     q, k, v = rand(1, 100, 2, 64)
@@ -491,7 +524,7 @@ def test_prepare_with_precomputed_pooling():
         p = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=tune, pooled=pooled)
         for key in ("vscale", "kq", "kscale", "lut"):
             assert torch.equal(p[key], base[key]), (tune, key)
-        assert torch.allclose(p["kv"], base["kv"], rtol=1e-5, atol=1e-6), tune
+        assert torch.allclose(linear_state(p)[0], linear_state(base)[0], rtol=1e-5, atol=1e-6), tune
     with pytest.raises(ValueError, match="linear_in='a'.*valid with pooled: 'b', 'c'"):
         prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=dict(linear_in="a"), pooled=pooled)
     with pytest.raises(ValueError, match="qpool is needed unless every key block is kept"):

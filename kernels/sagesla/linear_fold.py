@@ -1,0 +1,102 @@
+"""The linear branch's state, folded with proj_l, in one small kernel.
+
+The statistics kernel (`triton_prep._linear_stats_kernel`) leaves per-chunk partials of
+KV = Σ φ(k)ᵀv ([B*H, NC, D, D] fp32) and of Σφ(k) ([B*H, NC, D]). The attention epilogue needs
+KVW = round(round(KV)·round(W)ᵀ) (proj_l folded in, since proj_l(φ(q)·KV / den) = φ(q)·(KV·Wᵀ) / den;
+TD keeps KV and W in the model dtype) and Σφ(k). Done with torch ops that is about ten launches
+(two sums, four casts, a batched matmul);
+`_linear_fold_kernel` does all of it in one: program (bh, row block) sums its rows of the
+partials, rounds them, multiplies by Wᵀ on the tensor cores and stores KVW and/or KVWᵀ (rows of KVW
+depend only on the same rows of KV, so row blocks are independent).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..norms.triton_rounding import round_to
+from .triton_prep import INTERPRET, dot_acc
+
+__all__ = ["fold_proj", "fold_linear", "linear_state"]
+
+
+def fold_proj(kv: torch.Tensor, proj_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reference of the fold: KVW = KV·Wᵀ [B*H, D, D] in ``dtype``; KV and W are rounded to
+    ``dtype`` first, the product is taken in fp32 and rounded once."""
+    return torch.matmul(kv.to(dtype).float(), proj_weight.to(dtype).float().t()).to(dtype)
+
+
+def linear_state(prep: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KV [B*H, D, D], Σφ(k) [B*H, D]) in fp32: the statistics partials of `prepare` summed."""
+    return prep["kv_parts"].sum(1), prep["ks_parts"].sum(1)
+
+
+@triton.jit
+def _linear_fold_kernel(
+    kv_ptr,  # [BH, NC, D, D] fp32 partials of φ(k)ᵀv
+    ks_ptr,  # [BH, NC, D] fp32 partials of Σφ(k)
+    w_ptr,  # [D, D] proj_l weight (out, in), any float dtype
+    kvw_ptr,  # [BH, D, D] out: KVW (ROW)
+    kvwt_ptr,  # [BH, D, D] out: KVWᵀ (COL)
+    ksum_ptr,  # [BH, D] fp32 out
+    NC, stride_wo, stride_wi,
+    HEAD_D: tl.constexpr, BR: tl.constexpr, NCB: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
+    F32: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    rb = tl.program_id(1)
+    dt = kvw_ptr.dtype.element_ty
+    rows = rb * BR + tl.arange(0, BR)
+    cols = tl.arange(0, HEAD_D)
+    base = bh.to(tl.int64) * NC
+    # NCB partials per step, loaded together: one step's latency covers NCB loads (a loop of
+    # single [BR, D] loads waits a full memory latency per partial: 0.059 ms at 74 partials on the
+    # H100; 4 per step: 0.034 ms at 43)
+    cs = tl.arange(0, NCB)
+    offs = (cs[:, None, None] * HEAD_D + rows[None, :, None]) * HEAD_D + cols[None, None, :]
+    acc3 = tl.zeros([NCB, BR, HEAD_D], dtype=tl.float32)
+    for c0 in range(0, NC, NCB):
+        ok = (c0 + cs < NC)[:, None, None]
+        acc3 += tl.load(kv_ptr + (base + c0) * HEAD_D * HEAD_D + offs, mask=ok, other=0.0)
+    acc = tl.sum(acc3, axis=0)
+    kvr = round_to(acc, dt).to(dt)
+    # B operand Wᵀ [in, out]: element (i, o) = W[o, i]
+    wt = tl.load(w_ptr + cols[None, :] * stride_wo + cols[:, None] * stride_wi).to(tl.float32)
+    res = dot_acc(kvr, round_to(wt, dt).to(dt), tl.zeros([BR, HEAD_D], dtype=tl.float32), F32)
+    res = round_to(res, dt).to(dt)
+    if ROW:
+        tl.store(kvw_ptr + (bh.to(tl.int64) * HEAD_D + rows[:, None]) * HEAD_D + cols[None, :], res)
+    if COL:  # KVWᵀ[o, r] = KVW[r, o]
+        tl.store(kvwt_ptr + (bh.to(tl.int64) * HEAD_D + cols[None, :]) * HEAD_D + rows[:, None], res)
+    if rb == 0:
+        ks2 = tl.zeros([NCB, HEAD_D], dtype=tl.float32)
+        for c0 in range(0, NC, NCB):
+            ks2 += tl.load(ks_ptr + (base + c0 + cs[:, None]) * HEAD_D + cols[None, :],
+                           mask=(c0 + cs < NC)[:, None], other=0.0)
+        tl.store(ksum_ptr + bh * HEAD_D + cols, tl.sum(ks2, axis=0))
+
+
+def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, row: bool = True,
+                col: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(KVW, KVWᵀ, Σφ(k)) from `prepare`'s statistics partials, in one launch. ``row``/``col``
+    say which of KVW ([B*H, D, D], what the attention kernels read) and KVWᵀ (contiguous, a
+    K-major operand) to produce; the other is None. Same values as :func:`fold_proj` of
+    :func:`linear_state` up to the order of the fp32 sums."""
+    kvp, ksp = prep["kv_parts"], prep["ks_parts"]
+    BH, NC, D, _ = kvp.shape
+    if tuple(proj_weight.shape) != (D, D):
+        raise ValueError(f"proj_weight {tuple(proj_weight.shape)} must be [D, D] = [{D}, {D}]")
+    dev = kvp.device
+    kvw = torch.empty(BH, D, D, device=dev, dtype=dtype) if row else None
+    kvwt = torch.empty(BH, D, D, device=dev, dtype=dtype) if col else None
+    ksum = torch.empty(BH, D, device=dev, dtype=torch.float32)
+    dummy = kvw if kvw is not None else kvwt if kvwt is not None else torch.empty(1, device=dev, dtype=dtype)
+    br = 16
+    _linear_fold_kernel[(BH, D // br)](
+        kvp, ksp, proj_weight, kvw if kvw is not None else dummy, kvwt if kvwt is not None else dummy, ksum,
+        NC, proj_weight.stride(0), proj_weight.stride(1),
+        HEAD_D=D, BR=br, NCB=8, ROW=row, COL=col, F32=INTERPRET, num_warps=8,
+    )
+    return kvw, kvwt, ksum
