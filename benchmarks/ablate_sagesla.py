@@ -89,6 +89,12 @@ PREP_TUNES = [
     ("linear kernel: 528 progs stages 3", dict(progs_l=528, lin_stages=3)),
     ("linear kernel: 528 progs", dict(progs_l=528)),
     ("linear kernel: 264 progs 128 rows", dict(progs_l=264, lin_block=128)),
+    ("linear kernel: 32 rows", dict(lin_block=32)),
+    ("linear kernel: 32 rows stages 3", dict(lin_block=32, lin_stages=3)),
+    ("linear kernel: 32 rows 264 progs", dict(lin_block=32, progs_l=264)),
+    ("linear kernel: 32 rows 2 warps", dict(lin_block=32, lin_warps=2)),
+    ("linear kernel: 16 rows", dict(lin_block=16)),
+    ("linear kernel: 16 rows stages 4", dict(lin_block=16, lin_stages=4)),
     # Session 9: key means, V scales and block scores in one kernel (glue, default) vs torch ops + bmm
     ("glue off: torch ops + cuBLAS TF32 bmm (session 8)", dict(glue=0)),
 ]
