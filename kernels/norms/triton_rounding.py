@@ -18,7 +18,8 @@ def round_to(v, dt: tl.constexpr):
     if dt == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        # a NaN whose payload carries into the sign (0x7FFFFFFF, what NVIDIA's fp32 units produce) stays NaN
+        return tl.where(v != v, v, ((bits >> 16) << 16).to(tl.float32, bitcast=True))
     elif dt == tl.float16:
         return v.to(tl.float16).to(tl.float32)
     else:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..norms.triton_rounding import round_to
+from ..norms.triton_rounding import to_dt
 from .triton_prep import INTERPRET, dot_acc
 
 __all__ = ["fold_proj", "fold_linear", "linear_state"]
@@ -43,7 +43,7 @@ def _linear_fold_kernel(
     ksum_ptr,  # [BH, D] fp32 out
     NC, stride_wo, stride_wi,
     HEAD_D: tl.constexpr, BR: tl.constexpr, NCB: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
-    F32: tl.constexpr,
+    F32: tl.constexpr, NATIVE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     rb = tl.program_id(1)
@@ -61,11 +61,13 @@ def _linear_fold_kernel(
         ok = (c0 + cs < NC)[:, None, None]
         acc3 += tl.load(kv_ptr + (base + c0) * HEAD_D * HEAD_D + offs, mask=ok, other=0.0)
     acc = tl.sum(acc3, axis=0)
-    kvr = round_to(acc, dt).to(dt)
+    # RNE casts: the hardware's on the GPU (NaN and inf kept as torch keeps them), exact bit
+    # rounding under the interpreter (whose own bf16 cast truncates)
+    kvr = to_dt(acc, dt, NATIVE)
     # B operand Wᵀ [in, out]: element (i, o) = W[o, i]
     wt = tl.load(w_ptr + cols[None, :] * stride_wo + cols[:, None] * stride_wi).to(tl.float32)
-    res = dot_acc(kvr, round_to(wt, dt).to(dt), tl.zeros([BR, HEAD_D], dtype=tl.float32), F32)
-    res = round_to(res, dt).to(dt)
+    res = dot_acc(kvr, to_dt(wt, dt, NATIVE), tl.zeros([BR, HEAD_D], dtype=tl.float32), F32)
+    res = to_dt(res, dt, NATIVE)
     if ROW:
         tl.store(kvw_ptr + (bh.to(tl.int64) * HEAD_D + rows[:, None]) * HEAD_D + cols[None, :], res)
     if COL:  # KVWᵀ[o, r] = KVW[r, o]
@@ -88,6 +90,17 @@ def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, row: 
     BH, NC, D, _ = kvp.shape
     if tuple(proj_weight.shape) != (D, D):
         raise ValueError(f"proj_weight {tuple(proj_weight.shape)} must be [D, D] = [{D}, {D}]")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fold dtype {dtype}; valid: torch.bfloat16, torch.float16 (the model dtype)")
+    if D < 16 or D & (D - 1) or kvp.shape != (BH, NC, D, D) or ksp.shape != (BH, NC, D):
+        raise ValueError(f"kv_parts {tuple(kvp.shape)} / ks_parts {tuple(ksp.shape)}: need [B*H, NC, D, D] / "
+                         f"[B*H, NC, D] with D a power of two >= 16")
+    if kvp.dtype != torch.float32 or ksp.dtype != torch.float32:
+        raise ValueError(f"kv_parts {kvp.dtype} / ks_parts {ksp.dtype}; valid: torch.float32")
+    if not (kvp.device == ksp.device == proj_weight.device):
+        raise ValueError(f"kv_parts on {kvp.device}, ks_parts on {ksp.device}, proj_weight on "
+                         f"{proj_weight.device}: all must be on one device")
+    kvp, ksp = kvp.contiguous(), ksp.contiguous()  # the kernel indexes them densely
     dev = kvp.device
     kvw = torch.empty(BH, D, D, device=dev, dtype=dtype) if row else None
     kvwt = torch.empty(BH, D, D, device=dev, dtype=dtype) if col else None
@@ -97,6 +110,6 @@ def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, row: 
     _linear_fold_kernel[(BH, D // br)](
         kvp, ksp, proj_weight, kvw if kvw is not None else dummy, kvwt if kvwt is not None else dummy, ksum,
         NC, proj_weight.stride(0), proj_weight.stride(1),
-        HEAD_D=D, BR=br, NCB=8, ROW=row, COL=col, F32=INTERPRET, num_warps=8,
+        HEAD_D=D, BR=br, NCB=8, ROW=row, COL=col, F32=INTERPRET, NATIVE=not INTERPRET, num_warps=8,
     )
     return kvw, kvwt, ksum
