@@ -90,6 +90,9 @@ def timing(res, name, B, L, H, D, topk=0.1):
     row["fold_torch_ms"] = ms_of(torch_fold)
     kvw = fold_linear(prep, w, q.dtype)[0]
     row["fold_max_abs_diff"] = (kvw.float() - torch_fold()[0].float()).abs().max().item()
+    for ncb, warps in ((1, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8)):
+        row[f"fold kernel, {ncb} partials per step, {warps} warps"] = ms_of(
+            lambda ncb=ncb, warps=warps: fold_linear(prep, w, q.dtype, ncb=ncb, num_warps=warps))
     row["fold_partials"] = list(prep["kv_parts"].shape)
     # the statistics kernel's grid (programs in all) with the fold that follows it
     for progs in (264, 528, 1024):

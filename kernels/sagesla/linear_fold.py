@@ -53,7 +53,7 @@ def _linear_fold_kernel(
     base = bh.to(tl.int64) * NC
     # NCB partials per step, loaded together: one step's latency covers NCB loads (a loop of
     # single [BR, D] loads waits a full memory latency per partial: 0.059 ms at 74 partials on the
-    # H100; 4 per step: 0.034 ms at 43)
+    # H100; 4 per step, 4 warps: 0.034 ms at 43; on the H200 8 per step with 8 warps was slower)
     cs = tl.arange(0, NCB)
     offs = (cs[:, None, None] * HEAD_D + rows[None, :, None]) * HEAD_D + cols[None, None, :]
     acc3 = tl.zeros([NCB, BR, HEAD_D], dtype=tl.float32)
@@ -81,11 +81,13 @@ def _linear_fold_kernel(
 
 
 def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, row: bool = True,
-                col: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+                col: bool = False, ncb: int = 4, num_warps: int = 4,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(KVW, KVWᵀ, Σφ(k)) from `prepare`'s statistics partials, in one launch. ``row``/``col``
     say which of KVW ([B*H, D, D], what the attention kernels read) and KVWᵀ (contiguous, a
     K-major operand) to produce; the other is None. Same values as :func:`fold_proj` of
-    :func:`linear_state` up to the order of the fp32 sums."""
+    :func:`linear_state` up to the order of the fp32 sums. ``ncb`` (partials per load step) and
+    ``num_warps`` are launch knobs for the benchmarks."""
     kvp, ksp = prep["kv_parts"], prep["ks_parts"]
     BH, NC, D, _ = kvp.shape
     if tuple(proj_weight.shape) != (D, D):
@@ -110,6 +112,6 @@ def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, row: 
     _linear_fold_kernel[(BH, D // br)](
         kvp, ksp, proj_weight, kvw if kvw is not None else dummy, kvwt if kvwt is not None else dummy, ksum,
         NC, proj_weight.stride(0), proj_weight.stride(1),
-        HEAD_D=D, BR=br, NCB=8, ROW=row, COL=col, F32=INTERPRET, NATIVE=not INTERPRET, num_warps=8,
+        HEAD_D=D, BR=br, NCB=ncb, ROW=row, COL=col, F32=INTERPRET, NATIVE=not INTERPRET, num_warps=num_warps,
     )
     return kvw, kvwt, ksum
