@@ -6,8 +6,8 @@ KVW = round(round(KV)·round(W)ᵀ) (proj_l folded in, since proj_l(φ(q)·KV / 
 TD keeps KV and W in the model dtype) and Σφ(k). Done with torch ops that is about ten launches
 (two sums, four casts, a batched matmul);
 `_linear_fold_kernel` does all of it in one: program (bh, row block) sums its rows of the
-partials, rounds them, multiplies by Wᵀ on the tensor cores and stores KVW and/or KVWᵀ (rows of KVW
-depend only on the same rows of KV, so row blocks are independent).
+partials, rounds them, multiplies by Wᵀ on the tensor cores and stores those rows of KVW (rows of
+KVW depend only on the same rows of KV, so row blocks are independent).
 """
 
 from __future__ import annotations
@@ -38,12 +38,10 @@ def _linear_fold_kernel(
     kv_ptr,  # [BH, NC, D, D] fp32 partials of φ(k)ᵀv
     ks_ptr,  # [BH, NC, D] fp32 partials of Σφ(k)
     w_ptr,  # [D, D] proj_l weight (out, in), any float dtype
-    kvw_ptr,  # [BH, D, D] out: KVW (ROW)
-    kvwt_ptr,  # [BH, D, D] out: KVWᵀ (COL)
+    kvw_ptr,  # [BH, D, D] out: KVW in the model dtype
     ksum_ptr,  # [BH, D] fp32 out
     NC, stride_wo, stride_wi,
-    HEAD_D: tl.constexpr, BR: tl.constexpr, NCB: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
-    F32: tl.constexpr, NATIVE: tl.constexpr,
+    HEAD_D: tl.constexpr, BR: tl.constexpr, NCB: tl.constexpr, F32: tl.constexpr, NATIVE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     rb = tl.program_id(1)
@@ -68,10 +66,7 @@ def _linear_fold_kernel(
     wt = tl.load(w_ptr + cols[None, :] * stride_wo + cols[:, None] * stride_wi).to(tl.float32)
     res = dot_acc(kvr, to_dt(wt, dt, NATIVE), tl.zeros([BR, HEAD_D], dtype=tl.float32), F32)
     res = to_dt(res, dt, NATIVE)
-    if ROW:
-        tl.store(kvw_ptr + (bh.to(tl.int64) * HEAD_D + rows[:, None]) * HEAD_D + cols[None, :], res)
-    if COL:  # KVWᵀ[o, r] = KVW[r, o]
-        tl.store(kvwt_ptr + (bh.to(tl.int64) * HEAD_D + cols[None, :]) * HEAD_D + rows[:, None], res)
+    tl.store(kvw_ptr + (bh.to(tl.int64) * HEAD_D + rows[:, None]) * HEAD_D + cols[None, :], res)
     if rb == 0:
         ks2 = tl.zeros([NCB, HEAD_D], dtype=tl.float32)
         for c0 in range(0, NC, NCB):
@@ -80,14 +75,11 @@ def _linear_fold_kernel(
         tl.store(ksum_ptr + bh * HEAD_D + cols, tl.sum(ks2, axis=0))
 
 
-def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, row: bool = True,
-                col: bool = False, ncb: int = 4, num_warps: int = 4,
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """(KVW, KVWᵀ, Σφ(k)) from `prepare`'s statistics partials, in one launch. ``row``/``col``
-    say which of KVW ([B*H, D, D], what the attention kernels read) and KVWᵀ (contiguous, a
-    K-major operand) to produce; the other is None. Same values as :func:`fold_proj` of
-    :func:`linear_state` up to the order of the fp32 sums. ``ncb`` (partials per load step) and
-    ``num_warps`` are launch knobs for the benchmarks."""
+def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, ncb: int = 4,
+                num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KVW [B*H, D, D] in ``dtype``, Σφ(k) [B*H, D] fp32) from `prepare`'s statistics partials, in
+    one launch. Same values as :func:`fold_proj` of :func:`linear_state` up to the order of the fp32
+    sums. ``ncb`` (partials per load step) and ``num_warps`` are launch knobs for the benchmarks."""
     kvp, ksp = prep["kv_parts"], prep["ks_parts"]
     BH, NC, D, _ = kvp.shape
     if tuple(proj_weight.shape) != (D, D):
@@ -104,14 +96,11 @@ def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, row: 
                          f"{proj_weight.device}: all must be on one device")
     kvp, ksp = kvp.contiguous(), ksp.contiguous()  # the kernel indexes them densely
     dev = kvp.device
-    kvw = torch.empty(BH, D, D, device=dev, dtype=dtype) if row else None
-    kvwt = torch.empty(BH, D, D, device=dev, dtype=dtype) if col else None
+    kvw = torch.empty(BH, D, D, device=dev, dtype=dtype)
     ksum = torch.empty(BH, D, device=dev, dtype=torch.float32)
-    dummy = kvw if kvw is not None else kvwt if kvwt is not None else torch.empty(1, device=dev, dtype=dtype)
     br = 16
     _linear_fold_kernel[(BH, D // br)](
-        kvp, ksp, proj_weight, kvw if kvw is not None else dummy, kvwt if kvwt is not None else dummy, ksum,
-        NC, proj_weight.stride(0), proj_weight.stride(1),
-        HEAD_D=D, BR=br, NCB=ncb, ROW=row, COL=col, F32=INTERPRET, NATIVE=not INTERPRET, num_warps=num_warps,
+        kvp, ksp, proj_weight, kvw, ksum, NC, proj_weight.stride(0), proj_weight.stride(1),
+        HEAD_D=D, BR=br, NCB=ncb, F32=INTERPRET, NATIVE=not INTERPRET, num_warps=num_warps,
     )
-    return kvw, kvwt, ksum
+    return kvw, ksum

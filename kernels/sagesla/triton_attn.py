@@ -434,7 +434,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     if lc["where"] not in ("auto", "kernel", "prologue", "epilogue"):
         raise ValueError(f"linear_cfg where={lc['where']!r}; valid: 'auto', 'kernel', 'prologue', 'epilogue'")
     if linear:
-        kvw, _, ksum = fold_linear(prep, proj_weight, q.dtype)
+        kvw, ksum = fold_linear(prep, proj_weight, q.dtype)
     else:
         kvw = ksum = prep["vscale"]
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
