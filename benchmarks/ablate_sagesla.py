@@ -89,6 +89,11 @@ PREP_TUNES = [
     ("linear kernel: 528 progs stages 3", dict(progs_l=528, lin_stages=3)),
     ("linear kernel: 528 progs", dict(progs_l=528)),
     ("linear kernel: 264 progs 128 rows", dict(progs_l=264, lin_block=128)),
+    ("linear kernel: ks8", dict(lin_ks8=1)),
+    ("linear kernel: ks8 264 progs", dict(lin_ks8=1, progs_l=264)),
+    ("linear kernel: ks8 264 progs stages 3", dict(lin_ks8=1, progs_l=264, lin_stages=3)),
+    ("linear kernel: ks8 1024 progs", dict(lin_ks8=1, progs_l=1024)),
+    ("linear kernel: ks8 8 warps", dict(lin_ks8=1, lin_warps=8)),
     ("linear kernel: 32 rows", dict(lin_block=32)),
     ("linear kernel: 32 rows stages 3", dict(lin_block=32, lin_stages=3)),
     ("linear kernel: 32 rows 264 progs", dict(lin_block=32, progs_l=264)),
@@ -204,15 +209,16 @@ def prep_sweep(name, B, L, H, D, topk):
             out = fn()
             same = all(torch.equal(out[key], ref[key]) for key in ("lut", "kq", "kscale"))
             same = same and torch.equal(key_order_v(out).view(torch.int8), key_order_v(ref).view(torch.int8))
-            kv_o, kv_r = linear_state(out)[0], linear_state(ref)[0]
+            (kv_o, ks_o), (kv_r, ks_r) = linear_state(out), linear_state(ref)
             kv_rel = ((kv_o - kv_r).norm() / kv_r.norm()).item()
+            ks_rel = ((ks_o - ks_r).norm() / ks_r.norm()).item()
             t = ms_of(fn)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 fn()
                 torch.cuda.synchronize()
             ker = {ev.key[:28]: round((getattr(ev, "device_time_total", 0) or 0) / 1e3, 3)
                    for ev in prof.key_averages() if (getattr(ev, "device_time_total", 0) or 0) > 20}
-            row = dict(shape=name, tune=tname, ms=t, identical_quant=same, kv_rel=kv_rel, kernels=ker)
+            row = dict(shape=name, tune=tname, ms=t, identical_quant=same, kv_rel=kv_rel, ks_rel=ks_rel, kernels=ker)
         except Exception as e:
             row = dict(shape=name, tune=tname, error=repr(e)[:300])
         print(row, flush=True)

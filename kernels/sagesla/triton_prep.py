@@ -239,6 +239,7 @@ def _linear_stats_kernel(
     stride_vb, stride_vl, stride_vh, stride_vd,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HEAD_D: tl.constexpr, KT: tl.constexpr,
     EXACT_FP8: tl.constexpr, STAGES: tl.constexpr, VMAX: tl.constexpr, VT: tl.constexpr = False,
+    KS8: tl.constexpr = False,
 ):
     """The linear branch's statistics alone (`linear_in="c"`): a pipelined loop over the rows
     of one chunk that keeps only the [D, D] accumulator live, so the quantization pass stays
@@ -247,12 +248,15 @@ def _linear_stats_kernel(
     FP8 V scales), so pass A need not read v at all. VT: accumulate the transpose, vᵀφ(k), with
     vᵀ loaded as a [D, BLOCK] tile (the dot's A operand straight from the pipelined load, no
     register transpose) and φ(k) computed row-wise as the B operand; stored transposed back (VT
-    takes precedence over KT)."""
+    takes precedence over KT). KS8 (VT only): Σφ(k) accumulated as 8 row-interleaved partial sums
+    ([8, D]: rows 8a + b add into partial b, thread-local in the blocked row layouts) and reduced
+    across warps once at the end, instead of a cross-warp reduction in every iteration."""
     c, bh, row0, kbase, vbase = _chunk_program(k_ptr, v_ptr, H, CHUNK, stride_kb, stride_kh, stride_vb, stride_vh)
     offs_d = tl.arange(0, HEAD_D)
     offs_r = tl.arange(0, BLOCK)
     kv = tl.zeros([HEAD_D, HEAD_D], dtype=tl.float32)
     ks = tl.zeros([HEAD_D], dtype=tl.float32)
+    ks8 = tl.zeros([8, HEAD_D], dtype=tl.float32)
     vmax = tl.zeros([HEAD_D], dtype=tl.float32)
     nt = tl.cdiv(tl.minimum(L - row0, CHUNK), BLOCK)
     for j in tl.range(nt, num_stages=STAGES):
@@ -266,7 +270,10 @@ def _linear_stats_kernel(
             kx = tl.load(kbase + rows[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
                          mask=ok[:, None], other=0.0)
             phi = tl.where(ok[:, None], feature_map(kx.to(tl.float32), 1), 0.0)  # [BLOCK, D]
-            ks += tl.sum(phi, axis=0)
+            if KS8:
+                ks8 += tl.sum(tl.reshape(phi, [BLOCK // 8, 8, HEAD_D]), axis=0)
+            else:
+                ks += tl.sum(phi, axis=0)
             kv = dot_acc(vxt, phi.to(vxt.dtype), kv, EXACT_FP8)  # kv[dv, dk]
         else:
             vx = tl.load(vbase + rows[:, None].to(tl.int64) * stride_vl + offs_d[None, :] * stride_vd,
@@ -286,6 +293,8 @@ def _linear_stats_kernel(
                 ks += tl.sum(phi, axis=0)
                 kv = dot_acc(tl.trans(phi.to(vx.dtype)), vx, kv, EXACT_FP8)
     base = (bh * NC + c).to(tl.int64)
+    if KS8:
+        ks = tl.sum(ks8, axis=0)
     tl.store(ks_ptr + base * HEAD_D + offs_d, ks)
     if VT:  # kv holds the transpose: kv[dv, dk] goes to (dk, dv)
         tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[None, :] * HEAD_D + offs_d[:, None], kv)
@@ -471,10 +480,12 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # 0.154 -> 0.149 ms at 1.3B, 0.737 -> 0.700 ms at 14B, same kv; at 8 warps (no spills) 0.19 / 1.31 ms.
 # H100 session 14 (statistics kernel alone): 528 programs 0.135 vs 0.153 ms (1024) at 1.3B, 0.669 vs 0.714 ms
 # at 14B; 264 programs with 3 stages 0.120 at 1.3B but 0.84 at 14B. Fewer programs also leave fewer
-# partials for `linear_fold` to sum.
+# partials for `linear_fold` to sum. H200 session 14: Σφ(k) as 8 thread-local partial sums (lin_ks8; ncu had
+# 40% of the stalls on the per-iteration cross-warp reduction) 0.135 -> 0.107 ms at 1.3B, 0.666 -> 0.465 ms at
+# 14B (with 264 programs and 3 stages 0.087 / 0.608).
 DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
                 "stages_a": 2, "stages_b": 1, "progs_l": 528, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
-                "lin_kt": 0, "lin_vt": 1, "lin_vmax": 0, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
+                "lin_kt": 0, "lin_vt": 1, "lin_ks8": 1, "lin_vmax": 0, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
                 "v_perm": 1, "glue": 1}
 
 
@@ -542,7 +553,8 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         _linear_stats_kernel[(NCL, BH)](
             k, v, kvp, ksp, vmax, H, L, NCL, *k.stride(), *v.stride(),
             CHUNK=chunk_l, BLOCK=tn["lin_block"], HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
-            STAGES=tn["lin_stages"], VMAX=vmax_in_c, VT=bool(tn["lin_vt"]), num_warps=tn["lin_warps"],
+            STAGES=tn["lin_stages"], VMAX=vmax_in_c, VT=bool(tn["lin_vt"]),
+            KS8=bool(tn["lin_ks8"]) and bool(tn["lin_vt"]) and tn["lin_block"] % 8 == 0, num_warps=tn["lin_warps"],
         )
     if tn["glue"]:  # key means, V scales and block scores in one kernel
         km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, None if dense else tn["scores"])

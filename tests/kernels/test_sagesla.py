@@ -316,7 +316,8 @@ def test_linear_statistics_placements_agree(L, D):
     tunes = [dict(linear_in="a"), dict(linear_in="b"), dict(linear_in="c"), dict(linear_in="c", lin_kt=1),
              dict(linear_in="c", lin_block=32, progs_l=16, lin_stages=1), dict(linear_in="c", lin_kt=1, lin_block=16),
              dict(linear_in="c", lin_vmax=0), dict(linear_in="c", lin_vt=0),
-             dict(linear_in="c", lin_vt=1, lin_vmax=1, lin_block=16, progs_l=16)]
+             dict(linear_in="c", lin_vt=1, lin_vmax=1, lin_block=16, progs_l=16),
+             dict(linear_in="c", lin_vt=1, lin_ks8=0), dict(linear_in="c", lin_vt=1, lin_ks8=1, lin_block=16, progs_l=16)]
     base = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", False)  # no linear branch: pass A takes the V maxima
     for tune in tunes:
         p = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune=tune)
