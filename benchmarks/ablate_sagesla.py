@@ -100,6 +100,13 @@ PREP_TUNES = [
     ("linear kernel: 32 rows 2 warps", dict(lin_block=32, lin_warps=2)),
     ("linear kernel: 16 rows", dict(lin_block=16)),
     ("linear kernel: 16 rows stages 4", dict(lin_block=16, lin_stages=4)),
+    # Session 15: pass A's outputs (q means, k block sums, V maxima) inside the statistics kernel (lin_pool 1)
+    ("linear kernel: pass A separate (lin_pool 0, session-14 default)", dict(lin_pool=0)),
+    ("linear kernel: pool 8 warps", dict(lin_warps=8)),
+    ("linear kernel: pool 8 warps 32 rows", dict(lin_warps=8, lin_block=32)),
+    ("linear kernel: pool 32 rows", dict(lin_block=32)),
+    ("linear kernel: pool 264 progs stages 3", dict(progs_l=264, lin_stages=3)),
+    ("linear kernel: pool 1024 progs", dict(progs_l=1024)),
     # Session 9: key means, V scales and block scores in one kernel (glue, default) vs torch ops + bmm
     ("glue off: torch ops + cuBLAS TF32 bmm (session 8)", dict(glue=0)),
 ]

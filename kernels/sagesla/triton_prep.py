@@ -67,6 +67,16 @@ def dot_acc(a, b, acc, F32: tl.constexpr):
 
 
 @triton.jit
+def col_sums(sel, x, acc, F32: tl.constexpr):
+    """acc + sel @ x on the tensor cores, sel a 0/1 tile: exact products, fp32 sums. F32 (interpreter
+    only): upcast first and multiply in ieee fp32 (the interpreter's default rounds to tf32)."""
+    if F32:
+        return tl.dot(sel.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(sel.to(x.dtype), x, acc)
+
+
+@triton.jit
 def _chunk_program(k_ptr, v_ptr, H, CHUNK: tl.constexpr, stride_kb, stride_kh, stride_vb, stride_vh):
     """Program (chunk c, head bh) of a grid (chunks, B*H): (c, bh, first row, k and v bases)."""
     c = tl.program_id(0)
@@ -240,6 +250,11 @@ def _linear_stats_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HEAD_D: tl.constexpr, KT: tl.constexpr,
     EXACT_FP8: tl.constexpr, STAGES: tl.constexpr, VMAX: tl.constexpr, VT: tl.constexpr = False,
     KS8: tl.constexpr = False,
+    # POOL (VT and KS8 only): pass A's outputs too, so that pass A is not launched
+    q_ptr=None, qpool_ptr=None, kblk_ptr=None, Qb=1, Kb=1,
+    stride_qb=0, stride_ql=0, stride_qh=0, stride_qd=0,
+    POOL: tl.constexpr = False, POOL_Q: tl.constexpr = False, BLOCK_Q: tl.constexpr = 64,
+    BLOCK_K: tl.constexpr = 128,
 ):
     """The linear branch's statistics alone (`linear_in="c"`): a pipelined loop over the rows
     of one chunk that keeps only the [D, D] accumulator live, so the quantization pass stays
@@ -250,7 +265,12 @@ def _linear_stats_kernel(
     register transpose) and φ(k) computed row-wise as the B operand; stored transposed back (VT
     takes precedence over KT). KS8 (VT only): Σφ(k) accumulated as 8 row-interleaved partial sums
     ([8, D]: rows 8a + b add into partial b, thread-local in the blocked row layouts) and reduced
-    across warps once at the end, instead of a cross-warp reduction in every iteration."""
+    across warps once at the end, instead of a cross-warp reduction in every iteration.
+    POOL (VT, KS8; CHUNK a multiple of BLOCK_Q and BLOCK_K, both multiples of BLOCK): also pass A's
+    outputs, the k sums per key block, the q means per query block (POOL_Q) and the V maxima (VMAX, as
+    8 row-interleaved partial maxima), so pass A is not launched and q, k, v are read once here. The
+    block sums are column sums on the tensor cores (a ones row times the tile: exact products, fp32
+    sums), which keeps the per-step cross-warp reductions out of the loop."""
     c, bh, row0, kbase, vbase = _chunk_program(k_ptr, v_ptr, H, CHUNK, stride_kb, stride_kh, stride_vb, stride_vh)
     offs_d = tl.arange(0, HEAD_D)
     offs_r = tl.arange(0, BLOCK)
@@ -258,6 +278,13 @@ def _linear_stats_kernel(
     ks = tl.zeros([HEAD_D], dtype=tl.float32)
     ks8 = tl.zeros([8, HEAD_D], dtype=tl.float32)
     vmax = tl.zeros([HEAD_D], dtype=tl.float32)
+    vmax8 = tl.zeros([HEAD_D, 8], dtype=tl.float32)  # maxima of |v| are >= 0
+    # POOL: a [16, BLOCK] tile whose first row is ones (the dot's smallest M); its products are column sums
+    sel = (tl.arange(0, 16)[:, None] == 0) & (offs_r[None, :] >= 0)
+    ksum = tl.zeros([16, HEAD_D], dtype=tl.float32)
+    qsum = tl.zeros([16, HEAD_D], dtype=tl.float32)
+    if POOL_Q:
+        qbase = q_ptr + (bh // H).to(tl.int64) * stride_qb + (bh % H) * stride_qh
     nt = tl.cdiv(tl.minimum(L - row0, CHUNK), BLOCK)
     for j in tl.range(nt, num_stages=STAGES):
         rows = row0 + j * BLOCK + offs_r
@@ -266,9 +293,30 @@ def _linear_stats_kernel(
             vxt = tl.load(vbase + rows[None, :].to(tl.int64) * stride_vl + offs_d[:, None] * stride_vd,
                           mask=ok[None, :], other=0.0)  # [D, BLOCK]
             if VMAX:
-                vmax = tl.maximum(vmax, tl.max(tl.abs(vxt.to(tl.float32)), axis=1))
+                if POOL:  # rows 8a + b into partial b: thread-local in the [D, BLOCK] load layout
+                    vmax8 = tl.maximum(vmax8, tl.max(tl.reshape(tl.abs(vxt.to(tl.float32)), [HEAD_D, BLOCK // 8, 8]),
+                                                     axis=1))
+                else:
+                    vmax = tl.maximum(vmax, tl.max(tl.abs(vxt.to(tl.float32)), axis=1))
             kx = tl.load(kbase + rows[:, None].to(tl.int64) * stride_kl + offs_d[None, :] * stride_kd,
                          mask=ok[:, None], other=0.0)
+            if POOL:
+                r0 = row0 + j * BLOCK  # first row of this step; blocks end where the next step starts a block
+                last = (j == nt - 1)
+                ksum = col_sums(sel, kx, ksum, EXACT_FP8)
+                if ((r0 + BLOCK) % BLOCK_K == 0) | last:
+                    tl.store(kblk_ptr + (bh * Kb + r0 // BLOCK_K).to(tl.int64) * HEAD_D + offs_d, tl.sum(ksum, axis=0))
+                    ksum = tl.zeros([16, HEAD_D], dtype=tl.float32)
+                if POOL_Q:
+                    qx = tl.load(qbase + rows[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd,
+                                 mask=ok[:, None], other=0.0)
+                    qsum = col_sums(sel, qx, qsum, EXACT_FP8)
+                    if ((r0 + BLOCK) % BLOCK_Q == 0) | last:
+                        qb0 = r0 // BLOCK_Q * BLOCK_Q
+                        cnt = tl.minimum(L - qb0, BLOCK_Q).to(tl.float32)
+                        tl.store(qpool_ptr + (bh * Qb + r0 // BLOCK_Q).to(tl.int64) * HEAD_D + offs_d,
+                                 tl.sum(qsum, axis=0) / cnt)
+                        qsum = tl.zeros([16, HEAD_D], dtype=tl.float32)
             phi = tl.where(ok[:, None], feature_map(kx.to(tl.float32), 1), 0.0)  # [BLOCK, D]
             if KS8:
                 ks8 += tl.sum(tl.reshape(phi, [BLOCK // 8, 8, HEAD_D]), axis=0)
@@ -301,6 +349,8 @@ def _linear_stats_kernel(
     else:
         tl.store(kv_ptr + base * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :], kv)
     if VMAX:
+        if POOL:
+            vmax = tl.max(vmax8, axis=1)
         tl.store(vmax_ptr + base * HEAD_D + offs_d, vmax)
 
 
@@ -485,7 +535,7 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # 14B (with 264 programs and 3 stages 0.087 / 0.608).
 DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
                 "stages_a": 2, "stages_b": 1, "progs_l": 528, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
-                "lin_kt": 0, "lin_vt": 1, "lin_ks8": 1, "lin_vmax": 0, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
+                "lin_kt": 0, "lin_vt": 1, "lin_ks8": 1, "lin_vmax": 0, "lin_pool": 1, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
                 "v_perm": 1, "glue": 1}
 
 
@@ -516,9 +566,18 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     lin_b = linear and tn["linear_in"] == "b"
     lin_c = linear and tn["linear_in"] == "c"
     vmax_in_c = lin_c and bool(tn["lin_vmax"])
+    lb = tn["lin_block"]
+    ks8 = bool(tn["lin_ks8"]) and bool(tn["lin_vt"]) and lb % 8 == 0
+    # The statistics kernel also computes pass A's outputs (pass A is then not launched).
+    pool_in_c = (lin_c and pooled is None and bool(tn["lin_pool"]) and ks8 and lb >= 16
+                 and block_q % lb == 0 and block_k % lb == 0)
     dev = q.device
     f32 = torch.float32
-    if pooled is not None:  # pass A's outputs were computed elsewhere (the q/k norm kernels)
+    if pool_in_c:  # outputs of pass A, filled by the statistics kernel below
+        qpool = torch.empty(BH, Qb, D, device=dev, dtype=f32) if not dense else torch.empty(1, device=dev)
+        kblk = torch.empty(BH, Kb, D, device=dev, dtype=f32)
+        vmax_in_c = True
+    elif pooled is not None:  # pass A's outputs were computed elsewhere (the q/k norm kernels)
         if lin_a:
             raise ValueError("linear_in='a' computes the linear statistics in pass A, which precomputed pooling "
                              "skips; valid with pooled: 'b', 'c'")
@@ -544,17 +603,23 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             LINEAR=lin_a, EXACT_FP8=INTERPRET, STAGES=tn["stages_a"], READ_V=not vmax_in_c, num_warps=tn["warps_a"],
         )
     if lin_c:  # before pass B, which needs the V scales when the maxima come from here
-        chunk_l = _chunk_rows(L, BH, tn["lin_block"], tn["progs_l"])
+        # with pass A's outputs here, chunks hold whole query and key blocks (block sizes: powers of two)
+        chunk_l = _chunk_rows(L, BH, max(lb, block_q, block_k) if pool_in_c else lb, tn["progs_l"])
         NCL = math.ceil(L / chunk_l)
         kvp = torch.empty(BH, NCL, D, D, device=dev, dtype=f32)
         ksp = torch.empty(BH, NCL, D, device=dev, dtype=f32)
         if vmax_in_c:
             vmax = torch.empty(BH, NCL, D, device=dev, dtype=f32)
+        pool_args = {}
+        if pool_in_c:
+            pool_args = dict(q_ptr=q, qpool_ptr=qpool, kblk_ptr=kblk, Qb=Qb, Kb=Kb, stride_qb=q.stride(0),
+                             stride_ql=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3), POOL=True,
+                             POOL_Q=not dense, BLOCK_Q=block_q, BLOCK_K=block_k)
         _linear_stats_kernel[(NCL, BH)](
             k, v, kvp, ksp, vmax, H, L, NCL, *k.stride(), *v.stride(),
-            CHUNK=chunk_l, BLOCK=tn["lin_block"], HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
-            STAGES=tn["lin_stages"], VMAX=vmax_in_c, VT=bool(tn["lin_vt"]),
-            KS8=bool(tn["lin_ks8"]) and bool(tn["lin_vt"]) and tn["lin_block"] % 8 == 0, num_warps=tn["lin_warps"],
+            CHUNK=chunk_l, BLOCK=lb, HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
+            STAGES=tn["lin_stages"], VMAX=vmax_in_c, VT=bool(tn["lin_vt"]), KS8=ks8, num_warps=tn["lin_warps"],
+            **pool_args,
         )
     if tn["glue"]:  # key means, V scales and block scores in one kernel
         km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, None if dense else tn["scores"])

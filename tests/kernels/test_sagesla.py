@@ -333,6 +333,39 @@ def test_linear_statistics_placements_agree(L, D):
 
 
 @pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("L,bq,bk,lb,topk,dtype", [
+    (1, 64, 128, 64, 0.1, torch.bfloat16), (203, 32, 64, 16, 0.3, torch.float16), (300, 64, 16, 16, 0.2, torch.bfloat16),
+    (129, 16, 32, 16, 1.0, torch.bfloat16), (257, 128, 64, 32, 0.5, torch.float16)])
+def test_statistics_kernel_takes_over_pass_a(monkeypatch, L, bq, bk, lb, topk, dtype):
+    """With lin_pool the linear statistics kernel also computes pass A's outputs (q block means, k block
+    sums, V maxima: column sums on the tensor cores, partial maxima), pass A is not launched, and every
+    operand equals the one made with pass A (sparse and dense, odd L, query blocks smaller or larger than
+    key blocks, strided q)."""
+    from turbocompile.kernels.sagesla import triton_prep
+    from turbocompile.kernels.sagesla.linear_fold import linear_state
+
+    q, k, v = rand(1, L, 3, 64, dtype=dtype, scale=2.0)
+    q = torch.cat([q, q], dim=-1)[..., ::2]  # a strided q (stride 2 along D): same values
+    tune = dict(lin_block=lb, progs_l=7)
+    seen = []  # pass A's outputs as the glue kernel receives them: q means, k sums, V maxima (reduced)
+    key_means = triton_prep.key_means
+    monkeypatch.setattr(triton_prep, "key_means", lambda qp, kb, vm, *a: seen.append((qp, kb, vm.amax(1))) or
+                        key_means(qp, kb, vm, *a))
+    base = triton_prep.prepare(q, k, v, topk, bq, bk, "int8-fp8", True, tune=dict(tune, lin_pool=0))
+    monkeypatch.setattr(triton_prep, "_pool_kernel", _NoPassA())
+    fused = triton_prep.prepare(q, k, v, topk, bq, bk, "int8-fp8", True, tune=dict(tune, lin_pool=1))
+    (qp0, kb0, vm0), (qp1, kb1, vm1) = seen
+    if topk < 1.0:
+        assert torch.allclose(qp1, qp0, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(kb1, kb0, rtol=1e-6, atol=1e-6) and torch.equal(vm1, vm0)
+    for key in ("vscale", "kq", "kscale", "lut"):
+        assert (fused[key] is None and base[key] is None) or torch.equal(fused[key], base[key]), key
+    assert torch.equal(fused["vq"].view(torch.int8), base["vq"].view(torch.int8))
+    for a, b in zip(linear_state(fused), linear_state(base)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
 @pytest.mark.parametrize("D,dtype,nc,wform", [(64, torch.bfloat16, 1, "t"), (128, torch.bfloat16, 9, "plain"),
                                               (64, torch.float16, 17, "bf16"), (128, torch.float16, 8, "step"),
                                               (64, torch.bfloat16, 44, "plain")])
