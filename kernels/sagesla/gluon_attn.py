@@ -221,8 +221,8 @@ if HAS_GLUON:
         offs_mo = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         offs_do = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
         vs = gl.load(vscale_ptr + bh * HEAD_D + offs_do)
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        o = acc * gl.expand_dims(vs, 0) / gl.expand_dims(l_o, 1)
+        inv_l = gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))  # one reciprocal per row
+        o = acc * gl.expand_dims(vs, 0) * gl.expand_dims(inv_l, 1)
         if LINEAR:
             # Linear branch, proj_l folded into KVW: φ(q)·KVW / (1e-5 + φ(q)·Σφ(k)) (+ bias), φ =
             # softmax over the head dim of the unquantized q tile (re-read, L2-hot). KVW goes
@@ -245,12 +245,13 @@ if HAS_GLUON:
             qptrs2 = (q_ptr + b.to(gl.int64) * stride_qb + h * stride_qh
                       + gl.expand_dims(offs_m2.to(gl.int64) * stride_ql, 1) + gl.expand_dims(offs_d * stride_qd, 0))
             qf2 = gl.load(qptrs2, mask=gl.expand_dims(offs_m2 < L, 1), other=0.0, volatile=True).to(gl.float32)
-            e = gl.exp2((qf2 - gl.expand_dims(gl.max(qf2, axis=1), 1)) * LOG2E_C)
-            phi = e * gl.expand_dims(1.0 / gl.sum(e, axis=1), 1)
+            # φ(q) = e / Σe: the 1/Σe cancels (as in the Triton kernel), so e goes into the product
+            # and den = 1e-5·Σe + e·Σφ(k)
+            e = gl.exp2(qf2 * LOG2E_C - gl.expand_dims(gl.max(qf2, axis=1) * LOG2E_C, 1))
             ks = gl.load(ksum_ptr + bh * HEAD_D + offs_d)
-            den = 1e-5 + gl.sum(phi * gl.expand_dims(ks, 0), axis=1)
+            den = 1e-5 * gl.sum(e, axis=1) + gl.sum(e * gl.expand_dims(ks, 0), axis=1)
             a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=lin_layout, k_width=2)
-            phi_a = gl.convert_layout(phi.to(q_ptr.dtype.element_ty), a_op)
+            phi_a = gl.convert_layout(e.to(q_ptr.dtype.element_ty), a_op)
             num = warpgroup_mma(phi_a, w_smem, gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=lin_layout),
                                 use_acc=False)
             num = num * gl.expand_dims(gl.convert_layout(1.0 / den, gl.SliceLayout(1, lin_layout)), 1)

@@ -76,10 +76,12 @@ def _linear_fold_kernel(
 
 
 def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, ncb: int = 4,
-                num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                num_warps: int = 4, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(KVW [B*H, D, D] in ``dtype``, Σφ(k) [B*H, D] fp32) from `prepare`'s statistics partials, in
     one launch. Same values as :func:`fold_proj` of :func:`linear_state` up to the order of the fp32
-    sums. ``ncb`` (partials per load step) and ``num_warps`` are launch knobs for the benchmarks."""
+    sums. ``ncb`` (partials per load step) and ``num_warps`` are launch knobs for the benchmarks;
+    ``out``: (kvw, ksum) to write into (contiguous, of those shapes and dtypes)."""
     kvp, ksp = prep["kv_parts"], prep["ks_parts"]
     BH, NC, D, _ = kvp.shape
     if tuple(proj_weight.shape) != (D, D):
@@ -96,11 +98,38 @@ def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, ncb: 
                          f"{proj_weight.device}: all must be on one device")
     kvp, ksp = kvp.contiguous(), ksp.contiguous()  # the kernel indexes them densely
     dev = kvp.device
-    kvw = torch.empty(BH, D, D, device=dev, dtype=dtype)
-    ksum = torch.empty(BH, D, device=dev, dtype=torch.float32)
+    kvw, ksum = out if out is not None else (torch.empty(BH, D, D, device=dev, dtype=dtype),
+                                             torch.empty(BH, D, device=dev, dtype=torch.float32))
     br = 16
     _linear_fold_kernel[(BH, D // br)](
         kvp, ksp, proj_weight, kvw, ksum, NC, proj_weight.stride(0), proj_weight.stride(1),
         HEAD_D=D, BR=br, NCB=ncb, F32=INTERPRET, NATIVE=not INTERPRET, num_warps=num_warps,
     )
     return kvw, ksum
+
+
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def fold_linear_beside(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype):
+    """:func:`fold_linear` launched on a side CUDA stream, so that it runs beside the rest of the
+    preparation (block scores, top-k, quantization), which does not need it. Returns (kvw, ksum,
+    event); the attention kernel's stream must wait on ``event`` before reading them (None where the
+    fold ran in order: off CUDA, under the interpreter). The outputs are allocated on the calling
+    stream before the fork, and the inputs outlive the join, so no memory crosses streams unguarded;
+    under CUDA-graph capture the fork and join are captured as two branches."""
+    kvp = prep["kv_parts"]
+    dev = kvp.device
+    if dev.type != "cuda" or INTERPRET:
+        return (*fold_linear(prep, proj_weight, dtype), None)
+    BH, _, D, _ = kvp.shape
+    out = (torch.empty(BH, D, D, device=dev, dtype=dtype), torch.empty(BH, D, device=dev, dtype=torch.float32))
+    side = _SIDE_STREAMS.get(dev)
+    if side is None:
+        side = _SIDE_STREAMS.setdefault(dev, torch.cuda.Stream(dev))
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        fold_linear(prep, proj_weight, dtype, out=out)
+        done = torch.cuda.Event()
+        done.record(side)
+    return (*out, done)

@@ -251,21 +251,24 @@ def _sagesla_fwd_kernel(
         BLOCK_N, QUANT, True, EXACT_FP8, CVT, EXPM, P8, NOPV,
         kdesc, vdesc, bh * Lpad, bh * HEAD_D, TMA, VPERM)
 
+    inv_l = 1.0 / l_i  # one reciprocal per row, then products
     if QUANT == 1:
         vs = tl.load(vscale_ptr + bh * HEAD_D + offs_d)
-        o = acc * vs[None, :] / l_i[:, None]  # P̃ and l both carry the 448
+        o = acc * vs[None, :] * inv_l[:, None]  # P̃ and l both carry the 448
     else:
-        o = acc / l_i[:, None]
+        o = acc * inv_l[:, None]
 
     if LINEAR:
-        # φ(q) = softmax over the head dim of the (unquantized) q tile; proj_l is folded into
-        # KVW = KV·Wᵀ, so o_l·Wᵀ = φ(q)·KVW / den is one product.
+        # φ(q) = e / Σe with e = exp(q - max q) over the head dim of the (unquantized) q tile; proj_l is
+        # folded into KVW = KV·Wᵀ, so o_l·Wᵀ = φ(q)·KVW / (1e-5 + φ(q)·Σφ(k)) is one product. The 1/Σe
+        # cancels: e·KVW / (1e-5·Σe + e·Σφ(k)), so φ(q) is never normalized (e, not φ, is rounded to the
+        # model dtype for the product: the same relative rounding).
         qf2 = tl.load(qptrs, mask=row_ok, other=0.0).to(tl.float32)
-        phi = feature_map(qf2, 1)
+        e = tl.exp2(qf2 * 1.4426950408889634 - (tl.max(qf2, axis=1) * 1.4426950408889634)[:, None])
         kvw = tl.load(kvw_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
         ks = tl.load(ksum_ptr + bh * HEAD_D + offs_d)
-        num = dot_acc(phi.to(qx.dtype), kvw, tl.zeros(o.shape, dtype=tl.float32), EXACT_FP8)
-        den = 1e-5 + tl.sum(phi * ks[None, :], axis=1)
+        num = dot_acc(e.to(qx.dtype), kvw, tl.zeros(o.shape, dtype=tl.float32), EXACT_FP8)
+        den = 1e-5 * tl.sum(e, axis=1) + tl.sum(e * ks[None, :], axis=1)
         o += num * (1.0 / den)[:, None]
     if HAS_BIAS and not LIN_PRO:
         o += tl.load(bias_ptr + offs_d)[None, :]
@@ -336,7 +339,8 @@ def sagesla_triton(
     """Prep passes + sparse forward. q, k, v [B, L, H, D] with any strides (passed to the
     kernels, never copied). ``pooled``: precomputed pass-A statistics (q_pool or None when dense,
     k_blocksum, v_absmax), see :func:`prepare`. Inputs are assumed validated by the op."""
-    prep = prepare(q, k, v, topk, block_q, block_k, quant, proj_weight is not None, pooled=pooled)
+    prep = prepare(q, k, v, topk, block_q, block_k, quant, proj_weight is not None, pooled=pooled,
+                   fold=(proj_weight, q.dtype) if proj_weight is not None else None)
     return launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps, num_stages)
 
 
@@ -433,7 +437,12 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     lc = dict(DEFAULT_LINEAR_OUT, **(linear_cfg or {}))
     if lc["where"] not in ("auto", "kernel", "prologue", "epilogue"):
         raise ValueError(f"linear_cfg where={lc['where']!r}; valid: 'auto', 'kernel', 'prologue', 'epilogue'")
-    if linear:
+    folded = prep.get("folded")
+    if linear and folded is not None and folded[0] is proj_weight:  # folded beside the preparation
+        _, kvw, ksum, done = folded
+        if done is not None:
+            torch.cuda.current_stream(q.device).wait_event(done)
+    elif linear:
         kvw, ksum = fold_linear(prep, proj_weight, q.dtype)
     else:
         kvw = ksum = prep["vscale"]

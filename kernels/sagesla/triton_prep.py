@@ -539,7 +539,8 @@ DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "w
                 "v_perm": 1, "glue": 1}
 
 
-def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None, pooled=None):
+def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None, pooled=None,
+            fold=None):
     """Run passes A and B. q, k, v [B, L, H, D]. Returns a dict of kernel operands.
 
     Keys: dense (every key block kept: no LUT), lut [B*H, Qb, T] int32 ascending (None when
@@ -551,6 +552,10 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     over any NC >= 1 row chunks): pass A is not launched and these are used in its place (qpool may
     be None only when dense; the linear statistics kernel then leaves the V maxima alone). Not
     with ``linear_in="a"``, which computes the linear statistics inside pass A.
+
+    ``fold``: (proj_weight, dtype) with ``linear``: proj_l is folded into the statistics as soon as they
+    exist, on a side stream beside the rest of this preparation (`linear_fold.fold_linear_beside`);
+    the result is ``folded`` = (proj_weight, kvw, ksum, event), which `launch_attn` uses.
     """
     tn = dict(DEFAULT_TUNE, **(tune or {}))
     B, L, H, D = q.shape
@@ -621,6 +626,9 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             STAGES=tn["lin_stages"], VMAX=vmax_in_c, VT=bool(tn["lin_vt"]), KS8=ks8, num_warps=tn["lin_warps"],
             **pool_args,
         )
+    folded = None
+    if linear and fold is not None and lin_c:  # the fold overlaps the rest of the preparation
+        folded = _fold_beside(kvp, ksp, fold)
     if tn["glue"]:  # key means, V scales and block scores in one kernel
         km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, None if dense else tn["scores"])
     else:  # the same with torch ops (session-8 path, kept for the ablation benchmark)
@@ -663,4 +671,13 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
            "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale, "v_perm": v_perm}
     if linear:  # summed (and proj_l folded in) by `linear_fold.fold_linear`; `linear_state` sums them alone
         out["kv_parts"], out["ks_parts"] = kvp, ksp
+        if fold is not None:
+            out["folded"] = folded if folded is not None else _fold_beside(kvp, ksp, fold)
     return out
+
+
+def _fold_beside(kvp, ksp, fold):
+    from .linear_fold import fold_linear_beside  # linear_fold imports this module
+
+    weight, dtype = fold
+    return (weight, *fold_linear_beside({"kv_parts": kvp, "ks_parts": ksp}, weight, dtype))

@@ -366,6 +366,29 @@ def test_statistics_kernel_takes_over_pass_a(monkeypatch, L, bq, bk, lb, topk, d
 
 
 @pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+def test_prepare_folds_proj_l_for_the_attention_kernel():
+    """prepare(fold=...) folds proj_l as soon as the statistics exist (beside the rest of the preparation on
+    CUDA) and launch_attn uses that fold; the same output as folding inside launch_attn, and another weight
+    than the folded one is folded afresh."""
+    from turbocompile.kernels.sagesla.linear_fold import fold_linear
+    from turbocompile.kernels.sagesla.triton_attn import launch_attn
+    from turbocompile.kernels.sagesla.triton_prep import prepare
+
+    q, k, v = rand(1, 300, 2, 64)
+    w = (torch.randn(64, 64) * 0.1).to(DEV)
+    plain = prepare(q, k, v, 0.3, 64, 128, "int8-fp8", True)
+    pre = prepare(q, k, v, 0.3, 64, 128, "int8-fp8", True, fold=(w, q.dtype))
+    weight, kvw, ksum, done = pre["folded"]
+    assert weight is w and (done is None) == (DEV == "cpu")
+    kvw0, ksum0 = fold_linear(plain, w, q.dtype)
+    assert torch.equal(kvw, kvw0) and torch.equal(ksum, ksum0)
+    out = launch_attn(q, k, v, pre, w, None, 64, 128)
+    assert torch.equal(out, launch_attn(q, k, v, plain, w, None, 64, 128))
+    w2 = w * 2
+    assert torch.equal(launch_attn(q, k, v, pre, w2, None, 64, 128), launch_attn(q, k, v, plain, w2, None, 64, 128))
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
 @pytest.mark.parametrize("D,dtype,nc,wform", [(64, torch.bfloat16, 1, "t"), (128, torch.bfloat16, 9, "plain"),
                                               (64, torch.float16, 17, "bf16"), (128, torch.float16, 8, "step"),
                                               (64, torch.bfloat16, 44, "plain")])
