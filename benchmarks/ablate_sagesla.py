@@ -61,6 +61,9 @@ VARIANTS = [
     ("triton", dict(kernel="triton")),
     ("gluon, session-6 layout (no v_perm)", dict(kernel="gluon", prep_tune=dict(v_perm=0))),
     ("triton, session-6 layout (no v_perm)", dict(kernel="triton", prep_tune=dict(v_perm=0))),
+    # Session 15: P's row sums as a second, n16 product P·ones on the tensor cores (rowsum)
+    ("gluon rowsum", dict(kernel="gluon", rowsum=True)),
+    ("gluon no rowsum", dict(kernel="gluon", rowsum=False)),
 ]
 PREP_TUNES = [
     ("default", {}),
@@ -129,6 +132,12 @@ def ms_of(fn):
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+def _variants():
+    """VARIANTS, or those whose names start with one of the comma-separated prefixes in $VARIANT_ONLY."""
+    only = [x for x in os.environ.get("VARIANT_ONLY", "").split(",") if x]
+    return [(n, v) for n, v in VARIANTS if not only or n == "base" or any(n.startswith(x) for x in only)]
+
+
 def correctness():
     print("== correctness: variants vs default kernel and vs fp32 SDPA (dense) ==", flush=True)
     for (B, L, H, D) in [(1, 4096, 4, 128), (2, 3001, 3, 64)]:
@@ -138,7 +147,11 @@ def correctness():
             for topk in (0.1, 1.0):
                 prep = prepare(q, k, v, topk, 64, 128, quant, False)
                 base = launch_attn(q, k, v, prep, None, None, 64, 128)
-                for name, var in VARIANTS:
+                w = torch.randn(D, D, device=DEV) / math.sqrt(D) * 0.5
+                bias = torch.randn(D, device=DEV) * 0.02
+                prep_l = prepare(q, k, v, topk, 64, 128, quant, True)
+                base_l = launch_attn(q, k, v, prep_l, w, bias, 64, 128)
+                for name, var in _variants():
                     if name.startswith("ABL") or (quant == "int8-fp16" and ("p8" in var or "kernel" in var)):
                         continue
                     if "block_m" in var and not topk == 1.0:
@@ -151,6 +164,11 @@ def correctness():
                         o = launch_attn(q, k, v, pp, None, None, 64, 128, **var)
                         row["vs_default"] = metrics(o, base)
                         row["finite"] = bool(torch.isfinite(o).all())
+                        row["deterministic"] = torch.equal(o, launch_attn(q, k, v, pp, None, None, 64, 128, **var))
+                        if "rowsum" in name:  # also with the linear branch (+ proj_l, bias) in the epilogue
+                            ol = launch_attn(q, k, v, prep_l, w, bias, 64, 128, **var)
+                            row["linear_vs_default"] = metrics(ol, base_l)
+                            row["linear_finite"] = bool(torch.isfinite(ol).all())
                         if topk == 1.0:
                             row["vs_sdpa_fp32"] = metrics(o, sd)
                     except Exception as e:
@@ -168,10 +186,10 @@ def kernel_timings(name, B, L, H, D, topks):
         dens = prep["T"] / prep["Kb"]
         flops = 4.0 * B * H * L * L * D * dens
         print(f"== kernel alone {name} topk {topk} (density {dens:.4f}) ==", flush=True)
-        for vname, var in VARIANTS:
+        for vname, var in _variants():
             if "block_m" in var and topk != 1.0:
                 continue
-            for lin in ((False, True) if vname == "base" else (False,)):
+            for lin in ((False, True) if vname == "base" or "rowsum" in vname else (False,)):
                 try:
                     var = dict(var)
                     tune = var.pop("prep_tune", None)
