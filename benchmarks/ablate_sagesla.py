@@ -9,6 +9,9 @@ breakdown of the pre-processing, on the GPU.
 3. torch.profiler CUDA time per kernel of one whole op (prep passes, glue, top-k, attention).
 JSON to $OUT/ablate_sagesla.json. Variants: cvt (0 I2F, 1 add/sub trick, 2 trick folded into the
 exponent FMA), expm (0 MUFU ex2, 1 FMA polynomial, 2 half/half, 9 none), p8 (0 cvt, 1 int bits).
+$VARIANT_ONLY (comma-separated name prefixes) limits the variants; names containing "+lin" are also
+checked and timed with the linear branch (+ proj_l, bias) in the epilogue. Correctness rows also say
+whether two launches give the same bits.
 """
 
 from __future__ import annotations
@@ -61,9 +64,6 @@ VARIANTS = [
     ("triton", dict(kernel="triton")),
     ("gluon, session-6 layout (no v_perm)", dict(kernel="gluon", prep_tune=dict(v_perm=0))),
     ("triton, session-6 layout (no v_perm)", dict(kernel="triton", prep_tune=dict(v_perm=0))),
-    # Session 15: P's row sums as a second, n16 product P·ones on the tensor cores (rowsum)
-    ("gluon rowsum", dict(kernel="gluon", rowsum=True)),
-    ("gluon no rowsum", dict(kernel="gluon", rowsum=False)),
 ]
 PREP_TUNES = [
     ("default", {}),
@@ -165,7 +165,7 @@ def correctness():
                         row["vs_default"] = metrics(o, base)
                         row["finite"] = bool(torch.isfinite(o).all())
                         row["deterministic"] = torch.equal(o, launch_attn(q, k, v, pp, None, None, 64, 128, **var))
-                        if "rowsum" in name:  # also with the linear branch (+ proj_l, bias) in the epilogue
+                        if "+lin" in name:  # also with the linear branch (+ proj_l, bias) in the epilogue
                             ol = launch_attn(q, k, v, prep_l, w, bias, 64, 128, **var)
                             row["linear_vs_default"] = metrics(ol, base_l)
                             row["linear_finite"] = bool(torch.isfinite(ol).all())
@@ -189,7 +189,7 @@ def kernel_timings(name, B, L, H, D, topks):
         for vname, var in _variants():
             if "block_m" in var and topk != 1.0:
                 continue
-            for lin in ((False, True) if vname == "base" or "rowsum" in vname else (False,)):
+            for lin in ((False, True) if vname == "base" or "+lin" in vname else (False,)):
                 try:
                     var = dict(var)
                     tune = var.pop("prep_tune", None)

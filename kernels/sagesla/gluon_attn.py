@@ -68,9 +68,6 @@ if HAS_GLUON:
 # Shared-memory ring depth (K and V^T tiles per slot: 2 · BLOCK_N · D bytes). H200: 3 beats 2 by
 # 3-4%; 4 leaves room for one program per SM only and is 25-35% slower.
 DEFAULT_STAGES = 3
-# P's row sums from a second, n16 product P·ones on the tensor cores instead of 64 FADDs per thread
-# and block (their FP8 products are exact, the sum is the MMA's, of the FP8-rounded P̃).
-DEFAULT_ROWSUM = False
 
 if HAS_GLUON:
 
@@ -85,13 +82,10 @@ if HAS_GLUON:
 
     @gluon.jit
     def _softmax_pv(s_i32, m_i, l_i, acc, c, cols, L, vbuf, p_layout: gl.constexpr, TAIL: gl.constexpr,
-                    VPERM: gl.constexpr, ROWSUM: gl.constexpr, ones, rs_zero):
+                    VPERM: gl.constexpr):
         """One key block's online-softmax update from its INT8 scores (already waited):
-        returns (pv token issued asynchronously, row-sum token or None, alpha, m_new, l_new). `c` is
-        the scalar q_scale·k_scale·log2e/√D of this block (one q quantization group per program).
-        With ROWSUM, P's row sums come from a second small product P·`ones` (a [16, BLOCK_N] FP8 tile
-        of ones in shared memory: every column of the product is the row sum; `rs_zero` its zero
-        accumulator) and l_new still lacks them; otherwise l_new = l·alpha + Σ p here."""
+        returns (pv token issued asynchronously, alpha, m_new, l_new). `c` is the scalar
+        q_scale·k_scale·log2e/√D of this block (one q quantization group per program)."""
         s = (s_i32 + MAGIC_BITS).to(gl.float32, bitcast=True)  # = MAGIC + s exactly (cvt 2)
         off = MAGIC * c
         if TAIL:
@@ -100,10 +94,7 @@ if HAS_GLUON:
         alpha = gl.exp2(m_i - m_new)
         bias = off + m_new - LOG2_448
         p = gl.exp2(s * c - gl.expand_dims(bias, 1))
-        if ROWSUM:
-            l_new = l_i * alpha
-        else:
-            l_new = l_i * alpha + gl.sum(p, axis=1)
+        l_new = l_i * alpha + gl.sum(p, axis=1)
         # V's keys are in `permute_keys` order: the same digit swap on P's columns makes the
         # accumulator layout the wgmma A-operand layout (the convert is then register packing only).
         p8 = p.to(gl.float8e4nv)
@@ -113,10 +104,7 @@ if HAS_GLUON:
             p8 = gl.reshape(gl.permute(gl.reshape(p8, [M, N // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5)), [M, N])
         p8 = gl.convert_layout(p8, p_layout)
         pv = warpgroup_mma(p8, vbuf.permute((1, 0)), gl.zeros_like(acc), use_acc=False, is_async=True)
-        rs = rs_zero
-        if ROWSUM:
-            rs = warpgroup_mma(p8, ones.permute((1, 0)), rs_zero, use_acc=False, is_async=True)
-        return pv, rs, alpha, m_new, l_new
+        return pv, alpha, m_new, l_new
 
     @gluon.jit
     def _sagesla_fwd_gluon(
@@ -126,7 +114,7 @@ if HAS_GLUON:
         stride_ob, stride_ol, stride_oh, stride_od,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, DENSE: gl.constexpr,
         LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, ADD_OUT: gl.constexpr,
-        ROWSUM: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         i = gl.program_id(0)
         bh = gl.program_id(1)
@@ -152,18 +140,6 @@ if HAS_GLUON:
         bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(NS):
             mbarrier.init(bars.index(s), count=1)
-        ones = kbufs  # placeholders unless ROWSUM
-        rs_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
-        if ROWSUM:  # P's row sums as P·ones on the tensor cores (n16: the smallest shared-memory B tile)
-            rs_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                                instr_shape=[16, 16, 32])
-            ones_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8],
-                                                         warps_per_cta=[num_warps, 1], order=[1, 0])
-            ones = gl.allocate_shared_memory(vdesc.dtype, [16, BLOCK_N],
-                                             gl.NVMMASharedLayout.get_default_for([16, BLOCK_N], vdesc.dtype),
-                                             gl.full([16, BLOCK_N], 1.0, gl.float32, layout=ones_layout).to(vdesc.dtype))
-            fence_async_shared()
-            rs_zero = gl.zeros([BLOCK_M, 16], gl.float32, layout=rs_layout)
         if DENSE:
             n_blk = Kb
         else:
@@ -215,13 +191,8 @@ if HAS_GLUON:
             c = c_q * gl.load(kscale_base + j)
             mbarrier.wait(bars.index(nslot), ((t + 1) // NS) & 1)
             s_next = warpgroup_mma(q8, kbufs.index(nslot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            pv, rs, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, cols0, L, vbufs.index(slot), p_op, False,
-                                                  VPERM, ROWSUM, ones, rs_zero)
-            if ROWSUM:
-                s_next, pv, rs = warpgroup_mma_wait(0, deps=(s_next, pv, rs))
-                l_i += gl.convert_layout(gl.max(rs, axis=1), gl.SliceLayout(1, s_layout))
-            else:
-                s_next, pv = warpgroup_mma_wait(0, deps=(s_next, pv))
+            pv, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, cols0, L, vbufs.index(slot), p_op, False, VPERM)
+            s_next, pv = warpgroup_mma_wait(0, deps=(s_next, pv))
             alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
             acc = acc * gl.expand_dims(alpha_o, 1) + pv
             # Both products that read `slot` are done in every warp: refill it with block t+NS.
@@ -238,14 +209,9 @@ if HAS_GLUON:
         # ---- last block (the only one that may be partial: blocks are ascending) ----
         t = n_blk - 1
         c = c_q * gl.load(kscale_base + j)
-        pv, rs, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, j * BLOCK_N + cols0, L,
-                                              vbufs.index(t % NS), p_op, True, VPERM, ROWSUM, ones,
-                                              rs_zero)
-        if ROWSUM:
-            pv, rs = warpgroup_mma_wait(0, deps=(pv, rs))
-            l_i += gl.convert_layout(gl.max(rs, axis=1), gl.SliceLayout(1, s_layout))
-        else:
-            pv = warpgroup_mma_wait(0, deps=(pv,))
+        pv, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, j * BLOCK_N + cols0, L,
+                                          vbufs.index(t % NS), p_op, True, VPERM)
+        pv = warpgroup_mma_wait(0, deps=(pv,))
         alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
         acc = acc * gl.expand_dims(alpha_o, 1) + pv
         for s in gl.static_range(NS):
@@ -320,7 +286,7 @@ def make_descriptors(kq: torch.Tensor, vq: torch.Tensor, block_k: int):
 
 def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, block_k: int,
                  kvw: torch.Tensor | None, ksum: torch.Tensor | None, bias: torch.Tensor | None,
-                 stages: int = DEFAULT_STAGES, add_out: bool = False, rowsum: bool | None = None):
+                 stages: int = DEFAULT_STAGES, add_out: bool = False):
     """Run the Gluon sparse forward on operands made by `prepare` (int8-fp8) into `out`; with
     `kvw` (= (φ(k)ᵀv)·proj_lᵀ, q dtype) and `ksum` the linear branch (+ `bias`) is added in the
     epilogue; with `add_out` the output rows already hold it (parked by `_linear_out_kernel`) and
@@ -335,6 +301,5 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
         bias if bias is not None else dummy,
         H, L, prep["Qb"], prep["Kb"], prep["T"], prep["Lpad"], LOG2E / D ** 0.5, *q.stride(), *out.stride(),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D, DENSE=prep["dense"], LINEAR=kvw is not None,
-        HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), ADD_OUT=add_out,
-        ROWSUM=DEFAULT_ROWSUM if rowsum is None else rowsum, num_warps=4,
+        HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), ADD_OUT=add_out, num_warps=4,
     )

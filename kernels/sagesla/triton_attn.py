@@ -380,8 +380,7 @@ def _launch_linear_out(q, kvw, ksum, bias, out, has_bias: bool, lc: dict):
 
 def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps=None, num_stages=None,
                 block_m=None, magic_cvt=False, warp_specialize=False, split_linear=True, return_kernel=False,
-                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None, kernel=None, stages=None,
-                rowsum=None):
+                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None, kernel=None, stages=None):
     """The sparse forward alone, on the operands made by :func:`prepare`.
 
     Inner-loop variants (benchmark knobs; defaults in DEFAULT_VARIANT): ``cvt`` int32 -> fp32 of the
@@ -457,7 +456,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
         kern = launch_gluon(q, out, prep, block_q, block_k, kvw if linear and not own else None,
                             ksum if linear and not own else None,
                             bias if proj_bias is not None and not own else None, stages or DEFAULT_STAGES,
-                            add_out=own, rowsum=rowsum)
+                            add_out=own)
         return (out, kern) if return_kernel else out
     split = linear and split_linear and lc["where"] != "epilogue"  # "epilogue": fused in this kernel
     pro = split and (lc["where"] == "prologue" or (lc["where"] == "auto" and not dense))

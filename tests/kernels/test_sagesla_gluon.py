@@ -23,7 +23,7 @@ needs_gluon = pytest.mark.skipif(not gluon_attn.HAS_GLUON, reason="this Triton h
 
 
 def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_attn.DEFAULT_STAGES,
-                  vperm: bool = True, rowsum: bool = gluon_attn.DEFAULT_ROWSUM):
+                  vperm: bool = True):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -37,7 +37,7 @@ def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_at
                kscale_ptr="*fp32", vscale_ptr="*fp32", lut_ptr="*i32", kvw_ptr="*bf16", ksum_ptr="*fp32",
                bias_ptr="*fp32", qk_scale="fp32")
     const = dict(BLOCK_M=64, BLOCK_N=128, HEAD_D=head_d, DENSE=dense, LINEAR=linear, HAS_BIAS=linear,
-                 NS=stages, VPERM=vperm, ADD_OUT=False, ROWSUM=rowsum, num_warps=4)
+                 NS=stages, VPERM=vperm, ADD_OUT=False, num_warps=4)
     sig.update({key: "constexpr" for key in const})
     src = GluonASTSource(fn, sig, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
