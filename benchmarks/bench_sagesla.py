@@ -63,6 +63,27 @@ def proj(D):
     return torch.randn(D, D, device=DEV) / math.sqrt(D) * 0.5, torch.randn(D, device=DEV) * 0.02
 
 
+def stream_join_checks(q, k, v, topk, w, b, out):
+    """(a second eager call gives the same bits, a CUDA-graph replay gives the eager bits). The graph
+    is replayed after proj_l changed in place: an attention kernel that did not wait for the
+    side-stream fold would read the previous replay's KVW."""
+    w2 = w.clone()
+    fn = lambda: sagesla(q, k, v, topk=topk, proj_weight=w2, proj_bias=b, quant="int8-fp8", backend="triton")  # noqa: E731
+    repeat = torch.equal(fn(), out)
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = fn()
+    same = True
+    for scale in (1.0, -1.5, 0.25):
+        w2.copy_(w * scale)
+        g.replay()
+        torch.cuda.synchronize()
+        same = same and torch.equal(captured, fn())
+    return repeat, same
+
+
 def check_correctness():
     print("== correctness (GPU) ==")
     for (B, L, H, D) in [(1, 4096, 4, 128), (2, 3001, 3, 64)]:
@@ -76,6 +97,8 @@ def check_correctness():
                     r = sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=b, quant=quant, backend="torch")
                     row["vs_ref"] = metrics(out, r)
                     row["finite"] = bool(torch.isfinite(out).all())
+                    if quant == "int8-fp8":  # proj_l is folded on a side stream: the join must hold
+                        row["repeat_equal"], row["graph_equal"] = stream_join_checks(q, k, v, topk, w, b, out)
                     if topk == 1.0:  # dense: vs fp32 SDPA (no linear branch)
                         o2 = sagesla(q, k, v, topk=1.0, quant=quant, backend="triton")
                         sd = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
