@@ -4,7 +4,9 @@ Pass A (`_pool_kernel`, grid (chunks, B*H)): per chunk of rows, pooled q means p
 raw k sums per key block (the smoothing mean and the pooled smoothed k follow from them) and,
 when no linear-statistics kernel runs, the per-chunk |v| channel maxima. Reads q and k (and v).
 Its outputs may instead be given (`prepare`'s ``pooled``): the q/k RMSNorm+RoPE kernels compute
-them while writing q and k (`turbocompile::rmsnorm_rope_pool`), and pass A is not launched.
+them while writing q and k (`turbocompile::rmsnorm_rope_pool`), and pass A is not launched. When the
+linear branch runs and nothing was given, the linear statistics kernel computes them (``lin_pool``)
+and pass A is not launched either.
 
 Between the passes: km = mean_L(k), pooled k̄ - km, the block scores q̄ k̄ᵀ (torch bmm), then
 `_topk_lut_kernel` (Triton bisection top-k writing the ascending LUT; 0.69 ms vs 1.50 ms for
@@ -532,7 +534,8 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # at 14B; 264 programs with 3 stages 0.120 at 1.3B but 0.84 at 14B. Fewer programs also leave fewer
 # partials for `linear_fold` to sum. H200 session 14: Σφ(k) as 8 thread-local partial sums (lin_ks8; ncu had
 # 40% of the stalls on the per-iteration cross-warp reduction) 0.135 -> 0.107 ms at 1.3B, 0.666 -> 0.465 ms at
-# 14B (with 264 programs and 3 stages 0.087 / 0.608).
+# 14B (with 264 programs and 3 stages 0.087 / 0.608). H200 session 15: pass A's outputs inside the statistics
+# kernel (lin_pool): prep 0.347 -> 0.294 ms at 1.3B, 2.334 -> 2.156 ms at 14B (32 rows per step: 0.309 / 2.107).
 DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
                 "stages_a": 2, "stages_b": 1, "progs_l": 528, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
                 "lin_kt": 0, "lin_vt": 1, "lin_ks8": 1, "lin_vmax": 0, "lin_pool": 1, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
