@@ -1,6 +1,6 @@
 """The linear branch's state, folded with proj_l, in one small kernel.
 
-The statistics kernel (`triton_prep._linear_stats_kernel`) leaves per-chunk partials of
+The statistics kernel (`linear_stats._linear_stats_kernel`) leaves per-chunk partials of
 KV = Σ φ(k)ᵀv ([B*H, NC, D, D] fp32) and of Σφ(k) ([B*H, NC, D]). The attention epilogue needs
 KVW = round(round(KV)·round(W)ᵀ) (proj_l folded in, since proj_l(φ(q)·KV / den) = φ(q)·(KV·Wᵀ) / den;
 TD keeps KV and W in the model dtype) and Σφ(k). Done with torch ops that is about ten launches
