@@ -39,6 +39,7 @@ from .linear_fold import fold_linear
 from .triton_prep import INTERPRET, dot_acc, feature_map, permute_keys, prepare, round_e4m3
 
 LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)  # the same, usable inside kernels
 LOG2_448 = tl.constexpr(8.807354922057604)  # log2(448): P̃ = 448·p = exp2(s − m + log2 448)
 
 
@@ -264,7 +265,7 @@ def _sagesla_fwd_kernel(
         # cancels: e·KVW / (1e-5·Σe + e·Σφ(k)), so φ(q) is never normalized (e, not φ, is rounded to the
         # model dtype for the product: the same relative rounding).
         qf2 = tl.load(qptrs, mask=row_ok, other=0.0).to(tl.float32)
-        e = tl.exp2(qf2 * 1.4426950408889634 - (tl.max(qf2, axis=1) * 1.4426950408889634)[:, None])
+        e = tl.exp2(qf2 * LOG2E_C - (tl.max(qf2, axis=1) * LOG2E_C)[:, None])
         kvw = tl.load(kvw_ptr + bh.to(tl.int64) * HEAD_D * HEAD_D + offs_d[:, None] * HEAD_D + offs_d[None, :])
         ks = tl.load(ksum_ptr + bh * HEAD_D + offs_d)
         num = dot_acc(e.to(qx.dtype), kvw, tl.zeros(o.shape, dtype=tl.float32), EXACT_FP8)
