@@ -53,6 +53,8 @@ VARIANTS = {
     "w8a8_int8+norms": [{"name": "w8a8_linear", "options": {"format": "int8"}}, "fuse_norms"],
     "w8a8_int8+norms+sagesla": [{"name": "w8a8_linear", "options": {"format": "int8"}}, "fuse_norms",
                                 {"name": "sagesla_attention", "options": {"topk": 0.1}}],
+    "w8a8_fp8": [{"name": "w8a8_linear", "options": {"format": "fp8"}}],
+    "w8a8_fp8+norms": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms"],
     "w8a8_fp8+norms+sagesla": [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms",
                                {"name": "sagesla_attention", "options": {"topk": 0.1}}],
     # the whole 4-step rCM sampler baked into one graph (4 forwards + updates), timed per call
