@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..norms.triton_rounding import to_dt
+from .side_streams import beside
 from .triton_prep import INTERPRET, dot_acc
 
 __all__ = ["fold_proj", "fold_linear", "linear_state"]
@@ -108,28 +109,18 @@ def fold_linear(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype, ncb: 
     return kvw, ksum
 
 
-_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
-
-
 def fold_linear_beside(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype):
-    """:func:`fold_linear` launched on a side CUDA stream, so that it runs beside the rest of the
-    preparation (block scores, top-k, quantization), which does not need it. Returns (kvw, ksum,
-    event); the attention kernel's stream must wait on ``event`` before reading them (None where the
-    fold ran in order: off CUDA, under the interpreter). The outputs are allocated on the calling
-    stream before the fork, and the inputs outlive the join, so no memory crosses streams unguarded;
-    under CUDA-graph capture the fork and join are captured as two branches."""
+    """:func:`fold_linear` launched on a side CUDA stream (`side_streams.beside`, lane 0), so that it runs
+    beside the rest of the preparation (block scores, top-k, quantization), which does not need it.
+    Returns (kvw, ksum, event); the attention kernel's stream must wait on ``event`` before reading them
+    (None where the fold ran in order: off CUDA, under the interpreter). The outputs are allocated on
+    the calling stream before the fork."""
     kvp = prep["kv_parts"]
     dev = kvp.device
     if dev.type != "cuda" or INTERPRET:
         return (*fold_linear(prep, proj_weight, dtype), None)
     BH, _, D, _ = kvp.shape
     out = (torch.empty(BH, D, D, device=dev, dtype=dtype), torch.empty(BH, D, device=dev, dtype=torch.float32))
-    side = _SIDE_STREAMS.get(dev)
-    if side is None:
-        side = _SIDE_STREAMS.setdefault(dev, torch.cuda.Stream(dev))
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        fold_linear(prep, proj_weight, dtype, out=out)
-        done = torch.cuda.Event()
-        done.record(side)
+    _, done = beside(dev, 0, lambda: fold_linear(prep, proj_weight, dtype, out=out),
+                     uses=(kvp, prep["ks_parts"], proj_weight, *out))
     return (*out, done)

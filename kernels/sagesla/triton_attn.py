@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .gluon_attn import DEFAULT_STAGES, gluon_supported, launch_gluon
 from .linear_fold import fold_linear
+from .side_streams import join
 from .triton_prep import INTERPRET, dot_acc, feature_map, permute_keys, prepare, round_e4m3
 
 LOG2E = 1.4426950408889634
@@ -400,6 +401,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
             var[key] = val
     B, L, H, D = q.shape
     linear = proj_weight is not None
+    join(q.device, prep.get("side_events", ()))  # the fold of proj_l may come from a side stream
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
     qnt = prep["quant"]
     dense = prep["dense"]
@@ -440,9 +442,7 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
         raise ValueError(f"linear_cfg where={lc['where']!r}; valid: 'auto', 'kernel', 'prologue', 'epilogue'")
     folded = prep.get("folded")
     if linear and folded is not None and folded[0] is proj_weight:  # folded beside the preparation
-        _, kvw, ksum, done = folded
-        if done is not None:
-            torch.cuda.current_stream(q.device).wait_event(done)
+        _, kvw, ksum, _ = folded  # its event is among the side events joined above
     elif linear:
         kvw, ksum = fold_linear(prep, proj_weight, q.dtype)
     else:

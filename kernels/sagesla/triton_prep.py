@@ -434,6 +434,9 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     ``fold``: (proj_weight, dtype) with ``linear``: proj_l is folded into the statistics as soon as they
     exist, on a side stream beside the rest of this preparation (`linear_fold.fold_linear_beside`);
     the result is ``folded`` = (proj_weight, kvw, ksum, event), which `launch_attn` uses.
+
+    ``side_events``: events of work queued on side streams (`side_streams`; today the fold); a consumer's
+    stream must wait on them (`side_streams.join`, as `launch_attn` does) before it reads ``folded``.
     """
     tn = dict(DEFAULT_TUNE, **(tune or {}))
     B, L, H, D = q.shape
@@ -548,11 +551,12 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             num_warps=tn["warps_b"] if lin_b else tn["warps_bq"],
         )
     out = {"lut": lut, "T": T, "Qb": Qb, "Kb": Kb, "Lpad": Lpad, "quant": qnt, "dense": dense,
-           "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale, "v_perm": v_perm}
+           "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale, "v_perm": v_perm, "side_events": []}
     if linear:  # summed (and proj_l folded in) by `linear_fold.fold_linear`; `linear_state` sums them alone
         out["kv_parts"], out["ks_parts"] = kvp, ksp
         if fold is not None:
             out["folded"] = folded if folded is not None else _fold_beside(kvp, ksp, fold)
+            out["side_events"].append(out["folded"][3])
     return out
 
 

@@ -379,7 +379,7 @@ def test_prepare_folds_proj_l_for_the_attention_kernel():
     plain = prepare(q, k, v, 0.3, 64, 128, "int8-fp8", True)
     pre = prepare(q, k, v, 0.3, 64, 128, "int8-fp8", True, fold=(w, q.dtype))
     weight, kvw, ksum, done = pre["folded"]
-    assert weight is w and (done is None) == (DEV == "cpu")
+    assert weight is w and (done is None) == (DEV == "cpu") and pre["side_events"] == [done]
     kvw0, ksum0 = fold_linear(plain, w, q.dtype)
     assert torch.equal(kvw, kvw0) and torch.equal(ksum, ksum0)
     out = launch_attn(q, k, v, pre, w, None, 64, 128)
