@@ -113,12 +113,10 @@ def fold_linear_beside(prep: dict, proj_weight: torch.Tensor, dtype: torch.dtype
     """:func:`fold_linear` launched on a side CUDA stream (`side_streams.beside`, lane 0), so that it runs
     beside the rest of the preparation (block scores, top-k, quantization), which does not need it.
     Returns (kvw, ksum, event); the attention kernel's stream must wait on ``event`` before reading them
-    (None where the fold ran in order: off CUDA, under the interpreter). The outputs are allocated on
-    the calling stream before the fork."""
+    (None where the fold ran in order: off CUDA). The outputs are allocated on the calling stream
+    before the fork."""
     kvp = prep["kv_parts"]
     dev = kvp.device
-    if dev.type != "cuda" or INTERPRET:
-        return (*fold_linear(prep, proj_weight, dtype), None)
     BH, _, D, _ = kvp.shape
     out = (torch.empty(BH, D, D, device=dev, dtype=dtype), torch.empty(BH, D, device=dev, dtype=torch.float32))
     _, done = beside(dev, 0, lambda: fold_linear(prep, proj_weight, dtype, out=out),
