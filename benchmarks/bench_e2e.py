@@ -147,8 +147,18 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--td-proj-l", action="store_true",
                     help="optimize from a TurboDiffusion checkpoint with random SLA proj_l (linear branch on)")
+    ap.add_argument("--sagesla-tune", default=None,
+                    help='JSON overrides of SageSLA\'s preparation knobs (triton_prep.DEFAULT_TUNE), e.g. \'{"lin_gluon": 0}\'')
     args = ap.parse_args(argv)
     dev = args.device
+    if args.sagesla_tune:
+        from turbocompile.kernels.sagesla.triton_prep import DEFAULT_TUNE
+
+        overrides = json.loads(args.sagesla_tune)
+        unknown = sorted(set(overrides) - set(DEFAULT_TUNE))
+        if unknown:
+            raise SystemExit(f"--sagesla-tune: unknown knobs {unknown}; valid: {', '.join(sorted(DEFAULT_TUNE))}")
+        DEFAULT_TUNE.update(overrides)
     cfg = get_preset(args.model)
     size = tuple(int(v) for v in args.size.split("x")) if args.size else None
     shape = cfg.video_shape(frames=args.frames, size=size)
@@ -164,7 +174,8 @@ def main(argv=None):
     results = {"model": cfg.name, "weights": "random" + (", TurboDiffusion layout + random proj_l" if args.td_proj_l
                                                          else ""), "video": shape.to_dict(), "torch": torch.__version__,
                "triton": turbocompile.api._version("triton"),
-               "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "variants": {}}
+               "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "variants": {},
+               "sagesla_tune": json.loads(args.sagesla_tune) if args.sagesla_tune else {}}
     ref_out = None
     eager_ms = None
     for label in args.variants.split(","):

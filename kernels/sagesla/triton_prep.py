@@ -22,7 +22,9 @@ passes (`linear_stats._linear_stats_kernel`, which can also take the |v| channel
 [D, D] accumulator and the transpose of φ(k) made the quantization loop register-bound (H200:
 pass B 0.79 ms quant-only vs 1.99 ms with the statistics at B1 H40 L75600). With the linear branch
 that kernel also takes over pass A (``lin_pool``): q read once, k and v twice. Without it: q read
-once (pass A), k and v twice. K/V written once at 1 byte (fp8) per element.
+once (pass A), k and v twice. K/V written once at 1 byte (fp8) per element. On Hopper the statistics
+run in the Gluon kernel `gluon_stats` where it covers the inputs (``lin_gluon``; same outputs, a TMA
+ring and one program per SM: 0.173 -> 0.123 ms at Wan-1.3B on an H100), elsewhere in the Triton one.
 """
 
 from __future__ import annotations
@@ -411,10 +413,12 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # 40% of the stalls on the per-iteration cross-warp reduction) 0.135 -> 0.107 ms at 1.3B, 0.666 -> 0.465 ms at
 # 14B (with 264 programs and 3 stages 0.087 / 0.608). H200 session 15: pass A's outputs inside the statistics
 # kernel (lin_pool): prep 0.347 -> 0.294 ms at 1.3B, 2.334 -> 2.156 ms at 14B (32 rows per step: 0.309 / 2.107).
+# H100 session 17: the Gluon statistics kernel (lin_gluon, ring depth lin_gstages) with pooling 0.173 -> 0.123 ms
+# at 1.3B and 1.03 -> 0.855 ms at 14B; without pooling (the e2e path) 0.117 -> 0.085 and 0.571 -> 0.567 ms.
 DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
                 "stages_a": 2, "stages_b": 1, "progs_l": 528, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
                 "lin_kt": 0, "lin_vt": 1, "lin_ks8": 1, "lin_vmax": 0, "lin_pool": 1, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
-                "v_perm": 1, "glue": 1}
+                "v_perm": 1, "glue": 1, "lin_gluon": 1, "lin_gstages": 3}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None, pooled=None,
@@ -489,26 +493,41 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             LINEAR=lin_a, EXACT_FP8=INTERPRET, STAGES=tn["stages_a"], READ_V=not vmax_in_c, num_warps=tn["warps_a"],
         )
     if lin_c:  # before pass B, which needs the V scales when the maxima come from here
+        from . import gluon_stats  # it imports this module's helpers
+        from .linear_stats import _linear_stats_kernel
+
+        # Hopper: the Gluon kernel (TMA ring, one program per SM) where it covers the inputs, and the
+        # V maxima come with the pooling or not at all (lin_vmax alone is a Triton-only ablation)
+        use_gluon = (bool(tn["lin_gluon"]) and (pool_in_c or not vmax_in_c)
+                     and gluon_stats.stats_supported(q, k, v, block_q, block_k))
         # with pass A's outputs here, chunks hold whole query and key blocks (block sizes: powers of two)
-        chunk_l = _chunk_rows(L, BH, max(lb, block_q, block_k) if pool_in_c else lb, tn["progs_l"])
+        if use_gluon:
+            sms = gluon_stats.sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+            chunk_l = gluon_stats.chunk_rows(L, BH, max(gluon_stats.ROWS, block_q, block_k), sms)
+        else:
+            chunk_l = _chunk_rows(L, BH, max(lb, block_q, block_k) if pool_in_c else lb, tn["progs_l"])
         NCL = math.ceil(L / chunk_l)
         kvp = torch.empty(BH, NCL, D, D, device=dev, dtype=f32)
         ksp = torch.empty(BH, NCL, D, device=dev, dtype=f32)
         if vmax_in_c:
             vmax = torch.empty(BH, NCL, D, device=dev, dtype=f32)
-        pool_args = {}
-        if pool_in_c:
-            pool_args = dict(q_ptr=q, qpool_ptr=qpool, kblk_ptr=kblk, Qb=Qb, Kb=Kb, stride_qb=q.stride(0),
-                             stride_ql=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3), POOL=True,
-                             POOL_Q=not dense, BLOCK_Q=block_q, BLOCK_K=block_k)
-        from .linear_stats import _linear_stats_kernel  # it imports this module's helpers
-
-        _linear_stats_kernel[(NCL, BH)](
-            k, v, kvp, ksp, vmax, H, L, NCL, *k.stride(), *v.stride(),
-            CHUNK=chunk_l, BLOCK=lb, HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
-            STAGES=tn["lin_stages"], VMAX=vmax_in_c, VT=bool(tn["lin_vt"]), KS8=ks8, num_warps=tn["lin_warps"],
-            **pool_args,
-        )
+        if use_gluon:
+            unused = ksp  # POOL / POOL_Q off: the kernel never touches these arguments
+            gluon_stats.launch_stats(q, k, v, kvp, ksp, vmax if pool_in_c else unused, qpool if pool_in_c else unused,
+                                     kblk if pool_in_c else unused, chunk_l, Qb, Kb, block_q, block_k, pool_in_c,
+                                     pool_in_c and not dense, tn["lin_gstages"])
+        else:
+            pool_args = {}
+            if pool_in_c:
+                pool_args = dict(q_ptr=q, qpool_ptr=qpool, kblk_ptr=kblk, Qb=Qb, Kb=Kb, stride_qb=q.stride(0),
+                                 stride_ql=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3), POOL=True,
+                                 POOL_Q=not dense, BLOCK_Q=block_q, BLOCK_K=block_k)
+            _linear_stats_kernel[(NCL, BH)](
+                k, v, kvp, ksp, vmax, H, L, NCL, *k.stride(), *v.stride(),
+                CHUNK=chunk_l, BLOCK=lb, HEAD_D=D, KT=bool(tn["lin_kt"]), EXACT_FP8=INTERPRET,
+                STAGES=tn["lin_stages"], VMAX=vmax_in_c, VT=bool(tn["lin_vt"]), KS8=ks8, num_warps=tn["lin_warps"],
+                **pool_args,
+            )
     folded = None
     if linear and fold is not None and lin_c:  # the fold overlaps the rest of the preparation
         folded = _fold_beside(kvp, ksp, fold)
