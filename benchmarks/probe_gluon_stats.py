@@ -256,6 +256,22 @@ def host_overhead():
     tp.DEFAULT_TUNE["lin_gluon"] = 1
     print("host µs per call (B1 L4096 H4):", rows)
     RES["host_us"] = rows
+    import cProfile
+    import io
+    import pstats
+
+    op = lambda: sagesla(q, k, v, topk=0.1, proj_weight=w, quant="int8-fp8", backend="triton")  # noqa: E731
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(50):
+        op()
+    pr.disable()
+    torch.cuda.synchronize()
+    for key in ("cumulative", "tottime"):
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(45)
+        print(buf.getvalue()[:9000])
+        RES[f"op_cprofile_{key}"] = buf.getvalue()[:12000]
 
 
 def kernel_profile(B, L, H, D, reps=5):
