@@ -18,8 +18,9 @@ changes is the schedule:
     times the landed tile: exact products, fp32 sums), as in the Triton kernel.
 
 The Triton kernel spends about 1500 instructions per warp on a 64-row step (sm90 compile: shuffle
-reductions across 16 threads per row, cp.async address arithmetic, spills) and runs at about 40% of
-the memory bandwidth; this one is meant to be bound by the memory (benchmarks/RESULTS.md).
+reductions across 16 threads per row, cp.async address arithmetic, spills) and reads q, k, v at 44-59%
+of a device copy's bandwidth; this one takes 549 and reads them at 72-83% (H200, H100; RESULTS.md,
+session 17).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ if HAS_GLUON:
         dtype: gl.constexpr = kdesc.dtype
 
         # Layouts. phi: a thread owns 32 consecutive columns of one row (4 threads per row, 8 rows per
-        # warp, 8 warps: one [64, 128] tile; D = 64 gives 16 columns). acc: the [D, D] wgmma accumulator,
+        # warp, 8 warps: one [64, 128] tile). acc: the [D, D] wgmma accumulator,
         # one 64-row half of vᵀ per warpgroup. sums: mma.sync [16, D] tiles of column sums.
         TPR: gl.constexpr = 4
         phi_l: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, HEAD_D // TPR], threads_per_warp=[32 // TPR, TPR],
@@ -224,6 +225,7 @@ def launch_stats(q, k, v, kvp, ksp, vmax, qpool, kblk, chunk: int, Qb: int, Kb: 
     `_linear_stats_kernel`; vmax, qpool, kblk are only written with ``pool`` / ``pool_q``)."""
     B, L, H, D = k.shape
     NC = math.ceil(L / chunk)
+    pool_q = pool and pool_q  # the q means are part of the pooling
     lay = _tile_layout(k.dtype, D)
     descs = [GluonTensorDescriptor(t, list(t.shape), list(t.stride()), [1, ROWS, 1, D], lay) for t in (q, k, v)]
     _linear_stats_gluon[(NC, B * H)](
