@@ -5,16 +5,11 @@ reference by `benchmarks/ablate_sagesla.py` and `benchmarks/bench_sagesla.py` (R
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import triton
 
+from tests.kernels.sm90_child import facts_in_child
 from turbocompile.kernels.sagesla import gluon_attn
 from turbocompile.kernels.sagesla.triton_attn import launch_attn
 from turbocompile.kernels.sagesla.triton_prep import prepare
@@ -44,8 +39,7 @@ def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_at
 
 
 def _sm90_facts(dense: bool, linear: bool, head_d: int, vperm: bool = True) -> dict:
-    """What the compiled kernel contains (run in a child process: under TRITON_INTERPRET, which the
-    test session sets, Triton's library functions are interpreter objects Gluon cannot compile)."""
+    """What the compiled kernel contains (run in a child process: `sm90_child`)."""
     compiled = _compile_sm90(dense, linear, head_d, vperm=vperm)
     ptx = compiled.asm["ptx"]
     return {"cubin": bool(compiled.asm.get("cubin")), "shared": compiled.metadata.shared,
@@ -59,13 +53,7 @@ def _sm90_facts(dense: bool, linear: bool, head_d: int, vperm: bool = True) -> d
 @needs_gluon
 @pytest.mark.parametrize("dense,linear,head_d", [(False, True, 128), (True, False, 128), (False, False, 64)])
 def test_gluon_kernel_compiles_for_sm90(dense, linear, head_d):
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    code = ("import json; from tests.kernels.test_sagesla_gluon import _sm90_facts; "
-            f"print(json.dumps(_sm90_facts({dense}, {linear}, {head_d})))")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[2])
-    assert run.returncode == 0, run.stderr[-2000:]
-    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    facts = facts_in_child("tests.kernels.test_sagesla_gluon", "_sm90_facts", dense, linear, head_d)
     assert facts["cubin"]
     # INT8 QK and FP8 PV on the tensor cores (wgmma), K/V through TMA with mbarriers
     assert facts["qk_int8"] and facts["pv_fp8"] and facts["tma"]
@@ -78,15 +66,10 @@ def test_gluon_kernel_compiles_for_sm90(dense, linear, head_d):
 def test_gluon_p_needs_no_shuffles_with_key_permuted_v():
     """With V's keys in `permute_keys` order, P goes from the QK accumulator layout to the PV wgmma
     A operand with no shuffles (the point of the permutation); with V in key order it needs them."""
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     counts = {}
     for vperm in (True, False):
-        code = ("import json; from tests.kernels.test_sagesla_gluon import _sm90_facts; "
-                f"print(json.dumps(_sm90_facts(True, False, 128, vperm={vperm})))")
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                             cwd=Path(__file__).resolve().parents[2])
-        assert run.returncode == 0, run.stderr[-2000:]
-        counts[vperm] = json.loads(run.stdout.strip().splitlines()[-1])["shfl_idx"]
+        counts[vperm] = facts_in_child("tests.kernels.test_sagesla_gluon", "_sm90_facts", True, False, 128,
+                                       vperm=vperm)["shfl_idx"]
     assert counts[True] == 0 and counts[False] > 0, counts
 
 

@@ -5,17 +5,13 @@ are checked on the GPU against an fp64 reference and the Triton kernel by `bench
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import triton
 
+from tests.kernels.sm90_child import facts_in_child
 from turbocompile.kernels.sagesla import gluon_stats
 from turbocompile.kernels.sagesla.linear_fold import linear_state
 from turbocompile.kernels.sagesla.triton_prep import prepare
@@ -24,7 +20,7 @@ needs_gluon = pytest.mark.skipif(not gluon_stats.HAS_GLUON, reason="this Triton 
 
 
 def _sm90_facts(pool: bool, pool_q: bool, stages: int) -> dict:
-    """What the kernel compiled for sm90 contains (run in a child process: see test_sagesla_gluon)."""
+    """What the kernel compiled for sm90 contains (run in a child process: `sm90_child`)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -52,13 +48,7 @@ def _sm90_facts(pool: bool, pool_q: bool, stages: int) -> dict:
 @needs_gluon
 @pytest.mark.parametrize("pool,pool_q,stages", [(True, True, 3), (True, False, 3), (False, False, 4)])
 def test_gluon_stats_compiles_for_sm90(pool, pool_q, stages):
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    code = ("import json; from tests.kernels.test_sagesla_gluon_stats import _sm90_facts; "
-            f"print(json.dumps(_sm90_facts({pool}, {pool_q}, {stages})))")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[2])
-    assert run.returncode == 0, run.stderr[-2000:]
-    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    facts = facts_in_child("tests.kernels.test_sagesla_gluon_stats", "_sm90_facts", pool, pool_q, stages)
     # k and v (and q) by 4-d TMA straight from [B, L, H, D]: the prologue's NS steps and the loop's refill
     assert facts["tma4d"] >= (stages + 1) * (3 if pool_q else 2)
     assert facts["wgmma_bf16"]  # vᵀ·φ(k) on the tensor cores
