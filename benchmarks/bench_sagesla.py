@@ -86,7 +86,7 @@ def stream_join_checks(q, k, v, topk, w, b, out):
 
 def check_correctness():
     print("== correctness (GPU) ==")
-    for (B, L, H, D) in [(1, 4096, 4, 128), (2, 3001, 3, 64)]:
+    for (B, L, H, D) in [(1, 4096, 4, 128), (2, 3001, 3, 64), (1, 130, 1, 128), (1, 77, 2, 64)]:
         q, k, v = qkv(B, L, H, D)
         w, b = proj(D)
         for quant in ("int8-fp8", "int8-fp16", "none"):

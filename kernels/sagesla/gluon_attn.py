@@ -1,35 +1,37 @@
 """SageSLA sparse forward (int8-fp8) for Hopper, written in Gluon with explicit async wgmma.
 
-Same semantics and the same arithmetic as `_sagesla_fwd_kernel` (QUANT 1, cvt 2, MUFU exp2,
-hardware e4m3 cast, two-level PV accumulation); on the H200 its outputs are bit-identical to the
-Triton kernel's (RESULTS.md, session 6). What Gluon adds is the schedule, which Triton 3.6 does
-not give that kernel:
+Same semantics and arithmetic as `_sagesla_fwd_kernel` (QUANT 1, cvt 2, MUFU exp2, hardware e4m3
+cast, two-level PV accumulation); the outputs agree to a few 1e-4 (the linear branch and the q
+rounding are computed in a different order). What Gluon adds is the schedule:
 
   * K and V^T tiles arrive by TMA into an NS-deep shared-memory ring (one mbarrier per slot),
     issued NS blocks ahead of use; a slot is refilled as soon as both products that read it
     have completed;
-  * the INT8 product S_{t+1} = q·K_{t+1}ᵀ is issued asynchronously *before* the softmax of
-    block t, so the tensor cores work on block t+1 while the warps do exp2/max/sum of block t;
-  * q stays in registers (wgmma A operand from registers) for the whole loop; P goes from the
-    accumulator layout to the A-operand layout without shuffles, because `prepare` stores V's keys
-    in `permute_keys` order (VPERM; the same digit swap on P's columns is a pure relabeling);
-  * PV for block t goes into a fresh tile (use_acc=False) and is folded into the fp32
-    accumulator by an FMA, as in the Triton kernel (the sm90 fp8 MMA accumulates at reduced
-    precision, so the running sum stays in fp32);
-  * the linear branch (φ(q)·KVW / (1e-5 + φ(q)·Σφ(k)), proj_l folded into KVW, + bias) runs in
-    the epilogue: KVW goes through the idle K ring into a bf16 wgmma, no extra kernel and no
-    round trip of the output rows.
+  * one key block at a time: S = q·Kᵀ (INT8 wgmma, q from shared memory), the online softmax,
+    P·V (FP8 wgmma, P from registers), the fold. The program needs 168 registers, so three share an
+    SM and overlap each other's waits. Session 18 measured this against the previous schedule (QK of
+    block t+1 issued before block t's softmax, 255 registers, two programs per SM): 4-7% faster
+    (RESULTS.md);
+  * P goes from the accumulator layout to the A-operand layout without shuffles, because `prepare`
+    stores V's keys in `permute_keys` order (VPERM; the same digit swap on P's columns is a pure
+    relabeling);
+  * PV for block t goes into a fresh tile (use_acc=False) and is folded into the fp32 accumulator
+    by an FMA (the sm90 fp8 MMA accumulates at reduced precision, so the running sum stays fp32);
+  * the LUT row and the K scales of the selected blocks are staged in shared memory in the
+    prologue: the loop has no global load whose latency it would wait for;
+  * the linear branch (φ(q)·KVW / (1e-5 + φ(q)·Σφ(k)), proj_l folded into KVW, + bias) runs in the
+    epilogue: KVW goes through the idle K ring into a bf16 wgmma whose accumulator starts from the
+    attention output, no extra kernel and no round trip of the output rows.
 
 One warpgroup (4 warps) owns a 64-row query block (= block_q, one row of the block map, one q
-quantization group); two programs share an SM (255 registers, ~104 KB of shared memory at NS 3).
-Measured and dropped (session 6): a deeper pipeline with PV_t in flight under the next softmax
-(64-key sub-steps to fit the registers): ptxas serialized its wgmmas, 25-30% slower. Session 7:
-two consumer warpgroups + TMA producer warps in one CTA, with or without a ping-pong token
-(branch exp/gluon-ws): correct but 2-20% slower; row sums of P as a wgmma against a ones tile:
-wrong results on the H200 (cause not found), reverted. With ADD_OUT the epilogue adds the rows
-that `_linear_out_kernel` parked (the dense-mode placement of the linear branch).
-Gluon kernels do not run under TRITON_INTERPRET: on CPU the Triton kernel is what the tests run,
-and `tests/kernels/test_sagesla_gluon.py` compiles this one for sm90 and checks its instructions.
+quantization group). Measured and dropped: session 6, a deeper pipeline with PV_t in flight under
+the next softmax: ptxas serialized its wgmmas, 25-30% slower; session 7, two consumer warpgroups +
+TMA producer warps in one CTA, with or without a ping-pong token: 2-20% slower; row sums of P as a
+wgmma against a ones tile: wrong results on the H200 (cause not found); session 18, tree-shaped row
+max / row sum: no gain. With ADD_OUT the epilogue adds the rows that `_linear_out_kernel` parked
+(the dense-mode placement of the linear branch). Gluon kernels do not run under TRITON_INTERPRET:
+on CPU the Triton kernel is what the tests run, and `tests/kernels/test_sagesla_gluon.py` compiles
+this one for sm90 and checks its instructions and resources.
 """
 
 from __future__ import annotations
@@ -65,9 +67,12 @@ if HAS_GLUON:
     MAGIC_BITS = gl.constexpr(0x4B400000)
     LOG2E_C = gl.constexpr(LOG2E)
 
-# Shared-memory ring depth (K and V^T tiles per slot: 2 · BLOCK_N · D bytes). H200: 3 beats 2 by
-# 3-4%; 4 leaves room for one program per SM only and is 25-35% slower.
-DEFAULT_STAGES = 3
+# Three programs per SM: registers capped at 168 (65536 / (3 · 128)) and a shared-memory ring of two
+# slots (K and V^T tiles, 2 · BLOCK_N · D bytes per slot) + the INT8 q tile: about 74 KB per program at
+# D = 128. A third slot, or a staged LUT row of more than 256 entries, would leave room for two.
+DEFAULT_STAGES = 2
+MAX_REGS = 168
+MAX_LUT_SMEM = 256
 
 if HAS_GLUON:
 
@@ -79,6 +84,13 @@ if HAS_GLUON:
         mbarrier.expect(bar, kdesc.block_type.nbytes + vdesc.block_type.nbytes, pred=pred)
         _tma_load(kdesc, [krow0 + j * BLOCK_N, 0], bar, kbufs.index(slot), pred=pred)
         _tma_load(vdesc, [vrow0, j * BLOCK_N], bar, vbufs.index(slot), pred=pred)
+
+    @gluon.jit
+    def _smem_scalar(buf, idx, num_warps: gl.constexpr):
+        """Element `idx` of a [N, 1, 1] shared-memory vector as a scalar (a broadcast shared load)."""
+        one: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                             warps_per_cta=[num_warps, 1], order=[1, 0])
+        return gl.max(gl.max(buf.index(idx).load(one), axis=1), axis=0)
 
     @gluon.jit
     def _softmax_pv(s_i32, m_i, l_i, acc, c, cols, L, vbuf, p_layout: gl.constexpr, TAIL: gl.constexpr,
@@ -107,6 +119,19 @@ if HAS_GLUON:
         return pv, alpha, m_new, l_new
 
     @gluon.jit
+    def _block_step(q8, kbufs, vbufs, bars, t, c, m_i, l_i, acc, s_zero, cols, L, p_op: gl.constexpr,
+                    o_layout: gl.constexpr, NS: gl.constexpr, TAIL: gl.constexpr, VPERM: gl.constexpr):
+        """Key block t (ring slot t % NS): wait for its tiles, S = q·Kᵀ, online softmax, PV, fold."""
+        slot = t % NS
+        mbarrier.wait(bars.index(slot), (t // NS) & 1)
+        s = warpgroup_mma(q8, kbufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        pv, alpha, m_i, l_i = _softmax_pv(s, m_i, l_i, acc, c, cols, L, vbufs.index(slot), p_op, TAIL, VPERM)
+        pv = warpgroup_mma_wait(0, deps=(pv,))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + pv
+        return m_i, l_i, acc
+
+    @gluon.jit
     def _sagesla_fwd_gluon(
         q_ptr, o_ptr, kdesc, vdesc, kscale_ptr, vscale_ptr, lut_ptr, kvw_ptr, ksum_ptr, bias_ptr,
         H, L, Qb, Kb, T, Lpad, qk_scale,
@@ -114,7 +139,7 @@ if HAS_GLUON:
         stride_ob, stride_ol, stride_oh, stride_od,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, DENSE: gl.constexpr,
         LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, ADD_OUT: gl.constexpr,
-        num_warps: gl.constexpr,
+        LUT_PAD: gl.constexpr, num_warps: gl.constexpr,
     ):
         i = gl.program_id(0)
         bh = gl.program_id(1)
@@ -124,12 +149,11 @@ if HAS_GLUON:
         vrow0 = bh * HEAD_D
 
         # Layouts: S = q·Kᵀ [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_D] wgmma accumulators
-        # (m64 per warpgroup, k32 for 8-bit operands); q and P as register A operands.
+        # (m64 per warpgroup, k32 for 8-bit operands); P as a register A operand.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 32])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, HEAD_D, 32])
-        q_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4)
         p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
                                                    warps_per_cta=[num_warps, 1], order=[1, 0])
@@ -152,7 +176,10 @@ if HAS_GLUON:
                 j0 = gl.load(lut_base + gl.minimum(s, n_blk - 1))
             _issue_kv(kdesc, vdesc, kbufs, vbufs, bars, s, j0, krow0, vrow0, BLOCK_N, s < n_blk)
 
-        # ---- q tile: load from [B, L, H, D], per-tile INT8 (one scale: BLOCK_M == block_q) ----
+        # ---- q tile: load from [B, L, H, D], per-tile INT8 (one scale: BLOCK_M == block_q) into shared
+        # memory, the QK wgmma's A operand. q/scale is rounded by the 1.5·2^23 trick: the low byte of
+        # bits(y + MAGIC) is round(y) as a two's-complement int8 for |y| <= 127 (no F2I, which shares
+        # the MUFU pipe) ----
         offs_m = i * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
         offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, ld_layout))
         row_ok = gl.expand_dims(offs_m < L, 1)
@@ -160,8 +187,11 @@ if HAS_GLUON:
                  + gl.expand_dims(offs_m.to(gl.int64) * stride_ql, 1) + gl.expand_dims(offs_d * stride_qd, 0))
         qf = gl.load(qptrs, mask=row_ok, other=0.0).to(gl.float32)
         q_scale = gl.max(gl.max(gl.abs(qf), axis=1), axis=0) / 127.0 + 1e-7
-        y = qf / q_scale
-        q8 = gl.convert_layout((y + gl.where(y >= 0, 0.5, -0.5)).to(gl.int8), q_op)
+        y = (qf * (1.0 / q_scale) + MAGIC).to(gl.int32, bitcast=True)
+        q8 = gl.allocate_shared_memory(gl.int8, [BLOCK_M, HEAD_D],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], gl.int8),
+                                       y.to(gl.int8))
+        fence_async_shared()
         c_q = qk_scale * q_scale
 
         cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -170,50 +200,59 @@ if HAS_GLUON:
         acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
 
-        # ---- block 0's scores ----
-        if DENSE:
-            j = gl.to_tensor(0)
-        else:
-            j = gl.load(lut_base)
-        mbarrier.wait(bars.index(0), 0)
-        s_cur = warpgroup_mma(q8, kbufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
+        # ---- sparse: the program's LUT row and the K scales of its key blocks, staged in shared memory
+        # (where LUT_PAD > 0), so that the loop reads them with shared loads: a global load there, whose
+        # value feeds a uniform register (TMA coordinate, softmax scale), put its latency on the critical
+        # path. Dense: block t's scale is a global load at the top of step t, hidden by the QK product ----
         kscale_base = kscale_ptr + bh * Kb
+        if LUT_PAD > 0:
+            vec_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                                        warps_per_cta=[num_warps, 1], order=[1, 0])
+            vec_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+            offs_t = gl.expand_dims(gl.arange(0, LUT_PAD, layout=gl.SliceLayout(1, vec_layout)), 1)
+            t_ok = offs_t < n_blk
+            lut_row = gl.load(lut_base + offs_t, mask=t_ok, other=0)
+            ks_smem = gl.allocate_shared_memory(gl.float32, [LUT_PAD, 1], vec_smem,
+                                                gl.load(kscale_base + lut_row, mask=t_ok, other=1.0))
+            lut_smem = gl.allocate_shared_memory(gl.int32, [LUT_PAD, 1], vec_smem, lut_row)
+            # viewed as [LUT_PAD, 1, 1] so that `.index(t)` is a [1, 1] tile in the same layout
+            ks_smem = _smem_view(ks_smem, gl.float32, [LUT_PAD, 1, 1], vec_smem)
+            lut_smem = _smem_view(lut_smem, gl.int32, [LUT_PAD, 1, 1], vec_smem)
 
-        # ---- steady state: QK of block t+1 runs on the tensor cores during block t's softmax ----
+        # ---- one key block at a time: QK, softmax, PV and the fold in order. Nothing is carried in
+        # flight from one step to the next, so the program fits in 168 registers and three programs
+        # share an SM: they hide each other's waits (faster than overlapping QK_{t+1} with softmax_t
+        # inside one program at 255 registers, two per SM: RESULTS.md, session 18) ----
         for t in range(0, n_blk - 1):
-            slot = t % NS
-            nslot = (t + 1) % NS
-            if DENSE:
-                j_next = t + 1
-            else:
-                j_next = gl.load(lut_base + t + 1)
-            c = c_q * gl.load(kscale_base + j)
-            mbarrier.wait(bars.index(nslot), ((t + 1) // NS) & 1)
-            s_next = warpgroup_mma(q8, kbufs.index(nslot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            pv, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, cols0, L, vbufs.index(slot), p_op, False, VPERM)
-            s_next, pv = warpgroup_mma_wait(0, deps=(s_next, pv))
-            alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-            acc = acc * gl.expand_dims(alpha_o, 1) + pv
-            # Both products that read `slot` are done in every warp: refill it with block t+NS.
-            _cta_barrier()
             t_fill = t + NS
             if DENSE:
                 j_fill = t_fill
+                c = c_q * gl.load(kscale_base + t)
+            elif LUT_PAD > 0:
+                j_fill = _smem_scalar(lut_smem, gl.minimum(t_fill, n_blk - 1), num_warps)
+                c = c_q * _smem_scalar(ks_smem, t, num_warps)
             else:
                 j_fill = gl.load(lut_base + gl.minimum(t_fill, n_blk - 1))
-            _issue_kv(kdesc, vdesc, kbufs, vbufs, bars, slot, j_fill, krow0, vrow0, BLOCK_N, t_fill < n_blk)
-            s_cur = s_next
-            j = j_next
+                c = c_q * gl.load(kscale_base + gl.load(lut_base + t))
+            m_i, l_i, acc = _block_step(q8, kbufs, vbufs, bars, t, c, m_i, l_i, acc, s_zero, cols0, L, p_op, o_layout,
+                                        NS, False, VPERM)
+            # every warp is past both products that read slot t % NS: refill it with block t + NS
+            _cta_barrier()
+            _issue_kv(kdesc, vdesc, kbufs, vbufs, bars, t % NS, j_fill, krow0, vrow0, BLOCK_N, t_fill < n_blk)
 
         # ---- last block (the only one that may be partial: blocks are ascending) ----
         t = n_blk - 1
-        c = c_q * gl.load(kscale_base + j)
-        pv, alpha, m_i, l_i = _softmax_pv(s_cur, m_i, l_i, acc, c, j * BLOCK_N + cols0, L,
-                                          vbufs.index(t % NS), p_op, True, VPERM)
-        pv = warpgroup_mma_wait(0, deps=(pv,))
-        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-        acc = acc * gl.expand_dims(alpha_o, 1) + pv
+        if DENSE:
+            j = t
+            c = c_q * gl.load(kscale_base + t)
+        elif LUT_PAD > 0:
+            j = _smem_scalar(lut_smem, t, num_warps)
+            c = c_q * _smem_scalar(ks_smem, t, num_warps)
+        else:
+            j = gl.load(lut_base + t)
+            c = c_q * gl.load(kscale_base + j)
+        m_i, l_i, acc = _block_step(q8, kbufs, vbufs, bars, t, c, m_i, l_i, acc, s_zero, j * BLOCK_N + cols0, L, p_op,
+                                    o_layout, NS, True, VPERM)
         for s in gl.static_range(NS):
             mbarrier.invalidate(bars.index(s))
 
@@ -222,40 +261,44 @@ if HAS_GLUON:
         offs_do = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
         vs = gl.load(vscale_ptr + bh * HEAD_D + offs_do)
         inv_l = gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))  # one reciprocal per row
-        o = acc * gl.expand_dims(vs, 0) * gl.expand_dims(inv_l, 1)
         if LINEAR:
-            # Linear branch, proj_l folded into KVW: φ(q)·KVW / (1e-5 + φ(q)·Σφ(k)) (+ bias), φ =
-            # softmax over the head dim of the unquantized q tile (re-read, L2-hot). KVW goes
-            # through the now idle K ring (every product and TMA load of the loop has retired).
+            # Linear branch, proj_l folded into KVW: φ(q)·KVW / (1e-5 + φ(q)·Σφ(k)) (+ bias), φ = softmax
+            # over the head dim of the unquantized q tile, re-read (L2-hot) straight into the register
+            # layout of the wgmma's A operand. φ = e / Σe and the 1/Σe cancels, so with
+            # den = e·(Σφ(k) + 1e-5) the output row is (acc·vs/l·den + e·KVW) / den: the attention part
+            # goes in as the wgmma's accumulator and one multiply per element finishes both. KVW goes
+            # through the idle K ring.
             lin_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                                  instr_shape=[16, HEAD_D, 16])
-            _cta_barrier()
+            a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=lin_layout, k_width=2)
+            _cta_barrier()  # every warp is past the loop
             w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HEAD_D, HEAD_D], q_ptr.dtype.element_ty)
             w_smem = _smem_view(kbufs, q_ptr.dtype.element_ty, [HEAD_D, HEAD_D], w_layout)
             offs_r = gl.arange(0, HEAD_D, layout=gl.SliceLayout(1, ld_layout))
             w = gl.load(kvw_ptr + bh.to(gl.int64) * HEAD_D * HEAD_D + gl.expand_dims(offs_r * HEAD_D, 1)
                         + gl.expand_dims(offs_d, 0))
+            # program_id(2) (always 0) keeps this address tile from being CSE'd with the prologue's, which
+            # would keep it live (spilled) across the loop; volatile keeps the load from being merged.
+            offs_ma = i * BLOCK_M + gl.program_id(2) + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_op))
+            offs_da = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, a_op))
+            qa = gl.load(q_ptr + b.to(gl.int64) * stride_qb + h * stride_qh
+                         + gl.expand_dims(offs_ma.to(gl.int64) * stride_ql, 1) + gl.expand_dims(offs_da * stride_qd, 0),
+                         mask=gl.expand_dims(offs_ma < L, 1), other=0.0, volatile=True).to(gl.float32)
+            ks1 = gl.load(ksum_ptr + bh * HEAD_D + offs_da) + 1e-5
             w_smem.store(w)
             fence_async_shared()
+            e = gl.exp2(qa * LOG2E_C - gl.expand_dims(gl.max(qa, axis=1) * LOG2E_C, 1))
+            den = gl.sum(e * gl.expand_dims(ks1, 0), axis=1)
+            row = gl.convert_layout(inv_l * gl.convert_layout(den, gl.SliceLayout(1, o_layout)),
+                                    gl.SliceLayout(1, lin_layout))
+            init = (gl.convert_layout(acc, lin_layout)
+                    * gl.expand_dims(gl.convert_layout(vs, gl.SliceLayout(0, lin_layout)), 0) * gl.expand_dims(row, 1))
             _cta_barrier()
-            # Re-read so that nothing of the prologue's q tile stays live across the loop: the volatile
-            # load is not merged with the first one, and program_id(2) (always 0) keeps the address
-            # arithmetic from being CSE'd with the prologue's 64-bit pointer tile (both spilled).
-            offs_m2 = i * BLOCK_M + gl.program_id(2) + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-            qptrs2 = (q_ptr + b.to(gl.int64) * stride_qb + h * stride_qh
-                      + gl.expand_dims(offs_m2.to(gl.int64) * stride_ql, 1) + gl.expand_dims(offs_d * stride_qd, 0))
-            qf2 = gl.load(qptrs2, mask=gl.expand_dims(offs_m2 < L, 1), other=0.0, volatile=True).to(gl.float32)
-            # φ(q) = e / Σe: the 1/Σe cancels (as in the Triton kernel), so e goes into the product
-            # and den = 1e-5·Σe + e·Σφ(k)
-            e = gl.exp2(qf2 * LOG2E_C - gl.expand_dims(gl.max(qf2, axis=1) * LOG2E_C, 1))
-            ks = gl.load(ksum_ptr + bh * HEAD_D + offs_d)
-            den = 1e-5 * gl.sum(e, axis=1) + gl.sum(e * gl.expand_dims(ks, 0), axis=1)
-            a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=lin_layout, k_width=2)
-            phi_a = gl.convert_layout(e.to(q_ptr.dtype.element_ty), a_op)
-            num = warpgroup_mma(phi_a, w_smem, gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=lin_layout),
-                                use_acc=False)
-            num = num * gl.expand_dims(gl.convert_layout(1.0 / den, gl.SliceLayout(1, lin_layout)), 1)
-            o += gl.convert_layout(num, o_layout)
+            r = warpgroup_mma(e.to(q_ptr.dtype.element_ty), w_smem, init, use_acc=True)
+            inv_den = gl.convert_layout(1.0 / den, gl.SliceLayout(1, lin_layout))
+            o = gl.convert_layout(r * gl.expand_dims(inv_den, 1), o_layout)
+        else:
+            o = acc * gl.expand_dims(vs, 0) * gl.expand_dims(inv_l, 1)
         if HAS_BIAS:
             o += gl.expand_dims(gl.load(bias_ptr + offs_do), 0)
         optrs = (o_ptr + b.to(gl.int64) * stride_ob + h * stride_oh
@@ -295,11 +338,15 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
     lut = prep["lut"] if prep["lut"] is not None else prep["kscale"]
     kdesc, vdesc = make_descriptors(prep["kq"], prep["vq"], block_k)
     dummy = prep["vscale"]
+    lut_pad = 0 if prep["dense"] else triton.next_power_of_2(prep["T"])
+    if lut_pad > MAX_LUT_SMEM:  # staged, it would leave room for two programs per SM only
+        lut_pad = 0
     return _sagesla_fwd_gluon[(triton.cdiv(L, block_q), B * H)](
         q, out, kdesc, vdesc, prep["kscale"], prep["vscale"], lut,
         kvw if kvw is not None else dummy, ksum if ksum is not None else dummy,
         bias if bias is not None else dummy,
         H, L, prep["Qb"], prep["Kb"], prep["T"], prep["Lpad"], LOG2E / D ** 0.5, *q.stride(), *out.stride(),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D, DENSE=prep["dense"], LINEAR=kvw is not None,
-        HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), ADD_OUT=add_out, num_warps=4,
+        HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), ADD_OUT=add_out, LUT_PAD=lut_pad,
+        num_warps=4, maxnreg=MAX_REGS,
     )
