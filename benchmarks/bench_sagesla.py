@@ -9,6 +9,7 @@ Run from the repo root (package installed, e.g. ``pip install --no-deps --no-bui
    + linear branch + proj_l) at Wan shapes, its two stages separately, SDPA (cuDNN / flash on
    pre-transposed [B, H, L, D] inputs: their best case) and sageattention 1.0.6;
 3. a table last; JSON to $OUT/bench_sagesla.json.
+Environment: SWEEP=0 skips the knob sweep; SAGESLA_TUNE='{"knob": value}' overrides `DEFAULT_TUNE`.
 Inputs are random bf16 (never zeros); every input is > 50 MB, larger than L2, so no rotation.
 """
 
@@ -247,7 +248,10 @@ def sweep(q, k, v, w, b, L, add):
 
 
 def main():
+    # SAGESLA_TUNE='{"key": value}' overrides preparation knobs (DEFAULT_TUNE) for the whole run
+    DEFAULT_TUNE.update(json.loads(os.environ.get("SAGESLA_TUNE", "{}")))
     print(RESULTS["device"], "torch", torch.__version__, "triton", triton.__version__, "defaults", DEFAULT_TUNE)
+    RESULTS["tune"] = dict(DEFAULT_TUNE)
     from turbocompile.kernels.sagesla.gluon_attn import gluon_supported
     from turbocompile.kernels.sagesla.triton_attn import DEFAULT_VARIANT
     probe = torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
