@@ -179,15 +179,8 @@ def _quant_kv_kernel(
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_D: tl.constexpr,
     QUANT: tl.constexpr, LINEAR: tl.constexpr, EXACT_FP8: tl.constexpr, STAGES: tl.constexpr,
     VPERM: tl.constexpr,
-    scores_ptr=None, lut_ptr=None, Qb=1, T=1, TOPK_ROWS: tl.constexpr = 0, KBP: tl.constexpr = 16,
 ):
-    """Pass B over one chunk of one head. With TOPK_ROWS > 0 the program also takes the top-T of
-    TOPK_ROWS rows of the block scores ([B*H, Qb, Kb]; rows c·TOPK_ROWS.. of head bh): the block map
-    then needs no launch of its own, and its compute hides under this pass's memory time."""
     c, bh, row0, kbase, vbase = _chunk_program(k_ptr, v_ptr, H, CHUNK, stride_kb, stride_kh, stride_vb, stride_vh)
-    if TOPK_ROWS > 0:
-        qi = c * TOPK_ROWS + tl.arange(0, TOPK_ROWS)
-        _topk_rows(scores_ptr, lut_ptr, bh * Qb + qi, qi < Qb, Kb, T, TOPK_ROWS, KBP)
     offs_d = tl.arange(0, HEAD_D)
     offs_k = tl.arange(0, BLOCK_K)
     if QUANT != 0:
@@ -241,13 +234,18 @@ def _quant_kv_kernel(
 
 
 @triton.jit
-def _topk_rows(s_ptr, lut_ptr, r, row_ok, Kb, T, ROWS: tl.constexpr, KBP: tl.constexpr):
-    """Exact top-T of score rows `r` (where `row_ok`): a 32-step bisection for the T-th largest
-    order-preserving int32 key of the fp32 scores, then a cumsum compaction that writes the kept
-    column indices in ascending order. Ties at the threshold: the lowest indices win (any choice is
-    valid)."""
+def _topk_lut_kernel(
+    s_ptr,  # [NR, Kb] fp32 block scores (NR = B*H*Qb rows)
+    lut_ptr,  # [NR, T] int32 out: the T selected key blocks of each row, ascending
+    NR, Kb, T,
+    ROWS: tl.constexpr, KBP: tl.constexpr,
+):
+    """Exact top-T per row: a 32-step bisection for the T-th largest order-preserving int32
+    key of the fp32 scores, then a cumsum compaction that writes the kept column indices in
+    ascending order. Ties at the threshold: the lowest indices win (any choice is valid)."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, KBP)
-    valid = row_ok[:, None] & (cols[None, :] < Kb)
+    valid = (r[:, None] < NR) & (cols[None, :] < Kb)
     x = tl.load(s_ptr + r[:, None].to(tl.int64) * Kb + cols[None, :], mask=valid, other=0.0)
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order == float order
@@ -257,7 +255,7 @@ def _topk_rows(s_ptr, lut_ptr, r, row_ok, Kb, T, ROWS: tl.constexpr, KBP: tl.con
     lo = tl.full([ROWS], -2147483648, dtype=tl.int64)
     hi = tl.full([ROWS], 2147483648, dtype=tl.int64)
     cnt_lo = tl.sum(valid.to(tl.int32), axis=1)
-    cnt_lo = tl.where(row_ok, cnt_lo, T)  # rows past the end are done
+    cnt_lo = tl.where(r < NR, cnt_lo, T)  # rows past the end are done
     it = 0
     while (it < 32) & (tl.sum((cnt_lo != T).to(tl.int32), axis=0) > 0):
         mid = (lo + hi) >> 1
@@ -275,18 +273,6 @@ def _topk_rows(s_ptr, lut_ptr, r, row_ok, Kb, T, ROWS: tl.constexpr, KBP: tl.con
     pos = tl.cumsum(sel.to(tl.int32), axis=1) - 1
     colv = cols[None, :] + tl.zeros([ROWS, KBP], dtype=tl.int32)
     tl.store(lut_ptr + r[:, None].to(tl.int64) * T + pos, colv, mask=sel)
-
-
-@triton.jit
-def _topk_lut_kernel(
-    s_ptr,  # [NR, Kb] fp32 block scores (NR = B*H*Qb rows)
-    lut_ptr,  # [NR, T] int32 out: the T selected key blocks of each row, ascending
-    NR, Kb, T,
-    ROWS: tl.constexpr, KBP: tl.constexpr,
-):
-    """`_topk_rows` over ROWS score rows per program."""
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    _topk_rows(s_ptr, lut_ptr, r, r < NR, Kb, T, ROWS, KBP)
 
 
 @triton.jit
@@ -429,12 +415,10 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # kernel (lin_pool): prep 0.347 -> 0.294 ms at 1.3B, 2.334 -> 2.156 ms at 14B (32 rows per step: 0.309 / 2.107).
 # H100 session 17: the Gluon statistics kernel (lin_gluon, ring depth lin_gstages) with pooling 0.173 -> 0.123 ms
 # at 1.3B and 1.03 -> 0.855 ms at 14B; without pooling (the e2e path) 0.117 -> 0.085 and 0.571 -> 0.567 ms.
-# Session 18: the top-k inside pass B (topk_in_b: each pass-B program also selects a few score rows), so it
-# needs no launch of its own and no time on the chain (0.022 ms at 1.3B on its own).
 DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
                 "stages_a": 2, "stages_b": 1, "progs_l": 528, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
                 "lin_kt": 0, "lin_vt": 1, "lin_ks8": 1, "lin_vmax": 0, "lin_pool": 1, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
-                "v_perm": 1, "glue": 1, "lin_gluon": 1, "lin_gstages": 3, "topk_in_b": 1}
+                "v_perm": 1, "glue": 1, "lin_gluon": 1, "lin_gstages": 3}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None, pooled=None,
@@ -558,16 +542,8 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             kbar = kblk / cnt[:, None] - km[:, None, :]
             scores = block_scores(qpool, kbar, tn["scores"])  # [BH, Qb, Kb]
         vscale = vmax.amax(1) / FP8_MAX + EPS_SCALE  # [BH, D]
-    chunk_b = block_k if not lin_b else _chunk_rows(L, BH, block_k, tn["progs_b"])
-    NCB = math.ceil(L / chunk_b)
-    topk_b_rows = triton.next_power_of_2(math.ceil(Qb / NCB))
-    # the top-k inside pass B (its programs take a few score rows each) where that pass runs
-    topk_in_b = (not dense and tn["topk"] == "triton" and bool(tn["topk_in_b"]) and bool(qnt or lin_b)
-                 and topk_b_rows <= 4)
     if dense:
         lut = None  # the kernel iterates every key block directly
-    elif topk_in_b:
-        lut = torch.empty(BH, Qb, T, device=dev, dtype=torch.int32)  # filled by pass B below
     elif tn["topk"] == "triton":
         lut = topk_lut(scores, T, tn["topk_rows"], tn["topk_warps"])
     else:
@@ -581,6 +557,8 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         kq = kscale = vq = vscale  # unused placeholders
     v_perm = qnt == 1 and block_k % 32 == 0 and bool(tn["v_perm"])  # FP8 V in `permute_keys` order
     if qnt or lin_b:
+        chunk_b = block_k if not lin_b else _chunk_rows(L, BH, block_k, tn["progs_b"])
+        NCB = math.ceil(L / chunk_b)
         if lin_b:
             kvp = torch.empty(BH, NCB, D, D, device=dev, dtype=f32)
             ksp = torch.empty(BH, NCB, D, device=dev, dtype=f32)
@@ -590,8 +568,6 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             CHUNK=chunk_b, BLOCK_K=block_k, HEAD_D=D, QUANT=qnt, LINEAR=lin_b, EXACT_FP8=INTERPRET, STAGES=tn["stages_b"],
             VPERM=v_perm,
             num_warps=tn["warps_b"] if lin_b else tn["warps_bq"],
-            **(dict(scores_ptr=scores, lut_ptr=lut, Qb=Qb, T=T, TOPK_ROWS=topk_b_rows,
-                    KBP=max(16, triton.next_power_of_2(Kb))) if topk_in_b else {}),
         )
     out = {"lut": lut, "T": T, "Qb": Qb, "Kb": Kb, "Lpad": Lpad, "quant": qnt, "dense": dense,
            "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale, "v_perm": v_perm, "side_events": []}

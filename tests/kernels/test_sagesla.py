@@ -203,25 +203,6 @@ def test_block_map_matches_torch(L, bq, bk, topk):
     assert (worst_kept >= best_dropped - 1e-4).all()  # a valid top-k (ties either way)
 
 
-@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
-@pytest.mark.parametrize("B,L,bq,bk,topk,quant", [(2, 300, 32, 32, 0.3, "int8-fp8"), (1, 130, 64, 128, 0.5, "int8-fp8"),
-                                                  (1, 1000, 64, 128, 0.1, "int8-fp16"), (2, 77, 16, 64, 0.4, "none")])
-def test_topk_inside_pass_b_gives_the_same_lut(B, L, bq, bk, topk, quant, monkeypatch):
-    """Pass B taking a few score rows per program (`topk_in_b`, the default where pass B runs) selects
-    exactly what the top-k kernel of its own selects; without pass B ("none") the kernel runs."""
-    from turbocompile.kernels.sagesla import triton_prep
-
-    q, k, v = rand(B, L, 2, 64)
-    alone = triton_prep.prepare(q, k, v, topk, bq, bk, quant, False, tune=dict(topk_in_b=0))
-    launches = []
-    real = triton_prep.topk_lut
-    monkeypatch.setattr(triton_prep, "topk_lut", lambda *a, **kw: launches.append(1) or real(*a, **kw))
-    fused = triton_prep.prepare(q, k, v, topk, bq, bk, quant, False, tune=dict(topk_in_b=1))
-    assert len(launches) == (1 if quant == "none" else 0)
-    assert not fused["dense"] and torch.equal(fused["lut"], alone["lut"])
-    assert (fused["lut"][..., 1:] > fused["lut"][..., :-1]).all()
-
-
 # ----------------------------------------------------------------------------- dtype / layout
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dtype_layout_and_strided_inputs(backend):
@@ -528,12 +509,12 @@ def test_exp2_polynomial_accuracy():
 def test_block_score_precisions_and_topk_launches(precision):
     """The block scores at TF32 (a no-op on CPU) or TurboDiffusion's bf16 rounding stay a valid
     top-k of the fp32 scores up to that rounding; the top-k kernel's launch shape (rows per
-    program, warps) does not change the LUT, nor does taking the top-k inside pass B (the default)."""
+    program, warps) does not change the LUT."""
     from turbocompile.kernels.sagesla.triton_prep import block_scores, prepare
 
     q, k, v = rand(1, 600, 2, 64)
     base = prepare(q, k, v, 0.2, 32, 32, "int8-fp8", False)
-    for tune in (dict(topk_rows=1, topk_in_b=0), dict(topk_rows=8, topk_warps=8, topk_in_b=0)):
+    for tune in (dict(topk_rows=1), dict(topk_rows=8, topk_warps=8)):
         assert torch.equal(prepare(q, k, v, 0.2, 32, 32, "int8-fp8", False, tune=tune)["lut"], base["lut"])
     p = prepare(q, k, v, 0.2, 32, 32, "int8-fp8", False, tune=dict(scores=precision))
     scores, keep = oracle_lut(q, k, 0.2, 32, 32)
