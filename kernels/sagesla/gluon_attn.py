@@ -69,10 +69,10 @@ if HAS_GLUON:
 
 # Three programs per SM: registers capped at 168 (65536 / (3 · 128)) and a shared-memory ring of two
 # slots (K and V^T tiles, 2 · BLOCK_N · D bytes per slot) + the INT8 q tile: about 74 KB per program at
-# D = 128. A third slot, or a staged LUT row of more than 256 entries, would leave room for two.
+# D = 128. A third slot, or a staged LUT row of more than 256 entries (top-k above ~0.4 at Wan-14B),
+# leaves room for two.
 DEFAULT_STAGES = 2
 MAX_REGS = 168
-MAX_LUT_SMEM = 256
 
 if HAS_GLUON:
 
@@ -200,12 +200,12 @@ if HAS_GLUON:
         acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
 
-        # ---- sparse: the program's LUT row and the K scales of its key blocks, staged in shared memory
-        # (where LUT_PAD > 0), so that the loop reads them with shared loads: a global load there, whose
-        # value feeds a uniform register (TMA coordinate, softmax scale), put its latency on the critical
-        # path. Dense: block t's scale is a global load at the top of step t, hidden by the QK product ----
+        # ---- sparse: the program's LUT row and the K scales of its key blocks, staged in shared memory,
+        # so that the loop reads them with shared loads: a global load there, whose value feeds a uniform
+        # register (TMA coordinate, softmax scale), put its latency on the critical path. Dense: block t's
+        # scale is a global load at the top of step t, hidden by the QK product ----
         kscale_base = kscale_ptr + bh * Kb
-        if LUT_PAD > 0:
+        if not DENSE:
             vec_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
                                                         warps_per_cta=[num_warps, 1], order=[1, 0])
             vec_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
@@ -228,12 +228,9 @@ if HAS_GLUON:
             if DENSE:
                 j_fill = t_fill
                 c = c_q * gl.load(kscale_base + t)
-            elif LUT_PAD > 0:
+            else:
                 j_fill = _smem_scalar(lut_smem, gl.minimum(t_fill, n_blk - 1), num_warps)
                 c = c_q * _smem_scalar(ks_smem, t, num_warps)
-            else:
-                j_fill = gl.load(lut_base + gl.minimum(t_fill, n_blk - 1))
-                c = c_q * gl.load(kscale_base + gl.load(lut_base + t))
             m_i, l_i, acc = _block_step(q8, kbufs, vbufs, bars, t, c, m_i, l_i, acc, s_zero, cols0, L, p_op, o_layout,
                                         NS, False, VPERM)
             # every warp is past both products that read slot t % NS: refill it with block t + NS
@@ -245,12 +242,9 @@ if HAS_GLUON:
         if DENSE:
             j = t
             c = c_q * gl.load(kscale_base + t)
-        elif LUT_PAD > 0:
+        else:
             j = _smem_scalar(lut_smem, t, num_warps)
             c = c_q * _smem_scalar(ks_smem, t, num_warps)
-        else:
-            j = gl.load(lut_base + t)
-            c = c_q * gl.load(kscale_base + j)
         m_i, l_i, acc = _block_step(q8, kbufs, vbufs, bars, t, c, m_i, l_i, acc, s_zero, j * BLOCK_N + cols0, L, p_op,
                                     o_layout, NS, True, VPERM)
         for s in gl.static_range(NS):
@@ -338,9 +332,7 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
     lut = prep["lut"] if prep["lut"] is not None else prep["kscale"]
     kdesc, vdesc = make_descriptors(prep["kq"], prep["vq"], block_k)
     dummy = prep["vscale"]
-    lut_pad = 0 if prep["dense"] else triton.next_power_of_2(prep["T"])
-    if lut_pad > MAX_LUT_SMEM:  # staged, it would leave room for two programs per SM only
-        lut_pad = 0
+    lut_pad = 1 if prep["dense"] else triton.next_power_of_2(prep["T"])  # entries staged (sparse)
     return _sagesla_fwd_gluon[(triton.cdiv(L, block_q), B * H)](
         q, out, kdesc, vdesc, prep["kscale"], prep["vscale"], lut,
         kvw if kvw is not None else dummy, ksum if ksum is not None else dummy,
