@@ -8,10 +8,11 @@ them while writing q and k (`turbocompile::rmsnorm_rope_pool`), and pass A is no
 linear branch runs and nothing was given, the linear statistics kernel computes them (``lin_pool``)
 and pass A is not launched either.
 
-Between the passes: km = mean_L(k), pooled k̄ - km, the block scores q̄ k̄ᵀ (torch bmm), then
-`_topk_lut_kernel` (Triton bisection top-k writing the ascending LUT; 0.69 ms vs 1.50 ms for
-torch topk+sort at B1 H40 L75600), the V channel scales. Dense mode (topk 1.0): no q pooling,
-no scores, no LUT (the attention kernel iterates every key block).
+Between the passes: km = mean_L(k), pooled k̄ - km, the block scores q̄ k̄ᵀ and the V channel scales
+(`_key_means_kernel`, one launch), then `_topk_lut_kernel` (Triton bisection top-k writing the
+ascending LUT; 0.69 ms vs 1.50 ms for torch topk+sort at B1 H40 L75600). With ``topk="fused"`` all of
+it is one launch (`block_map`). Dense mode (topk 1.0): no q pooling, no scores, no LUT (the
+attention kernel iterates every key block).
 
 Pass B (`_quant_kv_kernel`, grid (chunks, B*H)): reads k and v once more and writes INT8 K of
 (k - km) per key block [B*H, Lpad, D] with its scales, V (FP8 e4m3 or fp16) D-major
@@ -35,6 +36,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .block_map import block_map, topk_select
 
 FP8_MAX = 448.0
 EPS_SCALE = 1e-7
@@ -240,37 +243,12 @@ def _topk_lut_kernel(
     NR, Kb, T,
     ROWS: tl.constexpr, KBP: tl.constexpr,
 ):
-    """Exact top-T per row: a 32-step bisection for the T-th largest order-preserving int32
-    key of the fp32 scores, then a cumsum compaction that writes the kept column indices in
-    ascending order. Ties at the threshold: the lowest indices win (any choice is valid)."""
+    """Exact top-T per row (`block_map.topk_select`), written as ascending column indices."""
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, KBP)
     valid = (r[:, None] < NR) & (cols[None, :] < Kb)
     x = tl.load(s_ptr + r[:, None].to(tl.int64) * Kb + cols[None, :], mask=valid, other=0.0)
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order == float order
-    # Invariant: count(key >= lo) >= T > count(key >= hi); int64 bounds, int32 compares.
-    # Stops early once every row has count(key >= lo) == T exactly (then key >= lo is the
-    # selection; typically ~17 of the 32 steps for Wan-size rows).
-    lo = tl.full([ROWS], -2147483648, dtype=tl.int64)
-    hi = tl.full([ROWS], 2147483648, dtype=tl.int64)
-    cnt_lo = tl.sum(valid.to(tl.int32), axis=1)
-    cnt_lo = tl.where(r < NR, cnt_lo, T)  # rows past the end are done
-    it = 0
-    while (it < 32) & (tl.sum((cnt_lo != T).to(tl.int32), axis=0) > 0):
-        mid = (lo + hi) >> 1
-        cnt = tl.sum((valid & (key >= mid.to(tl.int32)[:, None])).to(tl.int32), axis=1)
-        ok = cnt >= T
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-        cnt_lo = tl.where(ok, cnt, cnt_lo)
-        it += 1
-    thr = lo.to(tl.int32)[:, None]
-    gt = valid & (key > thr)
-    eq = valid & (key == thr)
-    need = T - tl.sum(gt.to(tl.int32), axis=1)
-    sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=1) <= need[:, None]))
-    pos = tl.cumsum(sel.to(tl.int32), axis=1) - 1
+    sel, pos = topk_select(x, valid, r < NR, T, ROWS, KBP)
     colv = cols[None, :] + tl.zeros([ROWS, KBP], dtype=tl.int32)
     tl.store(lut_ptr + r[:, None].to(tl.int64) * T + pos, colv, mask=sel)
 
@@ -280,7 +258,7 @@ def _key_means_kernel(
     qpool_ptr, kblk_ptr, vmax_ptr, km_ptr, vscale_ptr, scores_ptr,
     L, Qb, Kb, NC, block_k, eps,
     HEAD_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
-    SCORES: tl.constexpr, PREC: tl.constexpr,
+    SCORES: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Between passes A and B, per head (program (i, bh)): the key mean km = Σ kblk / L, the V scale
     max_c vmax / 448 + eps (program i = 0 stores both), and with SCORES the block scores
@@ -292,7 +270,7 @@ def _key_means_kernel(
     offs_d = tl.arange(0, HEAD_D)
     kbase = kblk_ptr + bh.to(tl.int64) * Kb * HEAD_D
     acc = tl.zeros([BK, HEAD_D], tl.float32)
-    for j0 in range(0, Kb, BK):
+    for j0 in tl.range(0, Kb, BK, num_stages=STAGES):  # STAGES > 1: the loads are software-pipelined
         rows = j0 + tl.arange(0, BK)
         acc += tl.load(kbase + rows[:, None] * HEAD_D + offs_d[None, :], mask=(rows < Kb)[:, None], other=0.0)
     km = tl.sum(acc, axis=0) / L
@@ -328,9 +306,10 @@ def _key_means_kernel(
 
 
 def key_means(qpool: torch.Tensor, kblk: torch.Tensor, vmax: torch.Tensor, L: int, block_k: int,
-              scores: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              scores: str | None, stages: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(km [BH, D], vscale [BH, D], block scores [BH, Qb, Kb] or None) from pass A's outputs in one
-    launch (`_key_means_kernel`); ``scores``: None (dense: no block map) or a `block_scores` precision."""
+    launch (`_key_means_kernel`); ``scores``: None (dense: no block map) or a `block_scores` precision;
+    ``stages``: software-pipelining depth of the key-mean loop (1: none)."""
     BH, Kb, D = kblk.shape
     NC = vmax.shape[1]
     dev = kblk.device
@@ -348,7 +327,7 @@ def key_means(qpool: torch.Tensor, kblk: torch.Tensor, vmax: torch.Tensor, L: in
     grid = (triton.cdiv(Qb, BQ) if scores is not None else 1, BH)
     _key_means_kernel[grid](qpool if scores is not None else km, kblk, vmax, km, vscale, out, L, Qb, Kb, NC, block_k,
                             EPS_SCALE, HEAD_D=D, BQ=BQ, BK=BK, BC=16, SCORES=scores is not None,
-                            PREC=prec[scores], num_warps=4)
+                            PREC=prec[scores], STAGES=stages, num_warps=4)
     return km, vscale, (out if scores is not None else None)
 
 
@@ -404,7 +383,9 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # H200 session 4, B1 H40 L75600 (prep total): statistics kernel at 4 warps 0.75 ms (8 warps 1.35 ms;
 # inside pass B they cost 1.2 ms of its 2.0 ms); the V maxima there slow it to 1.25 ms while pass A
 # saves only 0.23 ms (3.41 vs 3.14 ms in all), so they stay in pass A (at 1.3B: 0.50 vs 0.55 ms).
-# glue: key means, V scales and block scores in one kernel (`key_means`) instead of torch ops + bmm.
+# glue: key means, V scales and block scores in one kernel (`key_means`) instead of torch ops + bmm;
+# km_stages: its key-mean loop software-pipelined. topk "fused": `block_map.block_map` instead of
+# `key_means` + `topk_lut` (one launch; map_rows query blocks per program, map_warps, map_stages).
 # H200 session 8: the statistics kernel accumulating vᵀφ(k) (lin_vt, vᵀ loaded as the dot's A tile)
 # 0.154 -> 0.149 ms at 1.3B, 0.737 -> 0.700 ms at 14B, same kv; at 8 warps (no spills) 0.19 / 1.31 ms.
 # H100 session 14 (statistics kernel alone): 528 programs 0.135 vs 0.153 ms (1024) at 1.3B, 0.669 vs 0.714 ms
@@ -418,7 +399,8 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "warps_bq": 4, "linear_in": "c", "topk": "triton",
                 "stages_a": 2, "stages_b": 1, "progs_l": 528, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
                 "lin_kt": 0, "lin_vt": 1, "lin_ks8": 1, "lin_vmax": 0, "lin_pool": 1, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
-                "v_perm": 1, "glue": 1, "lin_gluon": 1, "lin_gstages": 3}
+                "v_perm": 1, "glue": 1, "lin_gluon": 1, "lin_gstages": 3, "km_stages": 1, "map_rows": 16, "map_warps": 4,
+                "map_stages": 2}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None, pooled=None,
@@ -452,6 +434,11 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     qnt = {"none": 0, "int8-fp8": 1, "int8-fp16": 2}[quant]
     if tn["linear_in"] not in ("a", "b", "c"):
         raise ValueError(f"linear_in={tn['linear_in']!r}; valid: 'a', 'b', 'c'")
+    if tn["topk"] not in ("triton", "torch", "fused"):
+        raise ValueError(f"topk={tn['topk']!r}; valid: 'triton', 'torch', 'fused'")
+    if tn["topk"] == "fused" and (not tn["glue"] or tn["scores"] == "bf16"):
+        raise ValueError("topk='fused' (`block_map`) is one kernel with scores centred on the first key block; "
+                         "glue=0 and scores='bf16' (TurboDiffusion's km-centred rounding) need topk 'triton' or 'torch'")
     lin_a = linear and tn["linear_in"] == "a"
     lin_b = linear and tn["linear_in"] == "b"
     lin_c = linear and tn["linear_in"] == "c"
@@ -531,8 +518,12 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     folded = None
     if linear and fold is not None and lin_c:  # the fold overlaps the rest of the preparation
         folded = _fold_beside(kvp, ksp, fold)
-    if tn["glue"]:  # key means, V scales and block scores in one kernel
-        km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, None if dense else tn["scores"])
+    fused = tn["topk"] == "fused" and not dense
+    if fused:  # key means, V scales, block scores and the top-k LUT in one launch
+        km, vscale, lut = block_map(qpool, kblk, vmax, L, block_k, T, EPS_SCALE, tn["scores"], tn["map_rows"],
+                                    tn["map_warps"], tn["map_stages"])
+    elif tn["glue"]:  # key means, V scales and block scores in one kernel
+        km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, None if dense else tn["scores"], tn["km_stages"])
     else:  # the same with torch ops (session-8 path, kept for the ablation benchmark)
         km = kblk.sum(1) / L  # [BH, D]
         scores = None
@@ -544,6 +535,8 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
         vscale = vmax.amax(1) / FP8_MAX + EPS_SCALE  # [BH, D]
     if dense:
         lut = None  # the kernel iterates every key block directly
+    elif fused:
+        pass  # the LUT came with the key means
     elif tn["topk"] == "triton":
         lut = topk_lut(scores, T, tn["topk_rows"], tn["topk_warps"])
     else:
