@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enter, pdl_launch_kwargs
+
 
 @triton.jit
 def topk_select(x, valid, row_ok, T, ROWS: tl.constexpr, KBP: tl.constexpr):
@@ -69,8 +71,9 @@ def _block_map_kernel(
     lut_ptr,  # [BH, Qb, T] int32 out: kept key blocks per query block, ascending
     L, Qb, Kb, NC, T, block_k, eps,
     HEAD_D: tl.constexpr, ROWS: tl.constexpr, TOPK_ROWS: tl.constexpr, BK: tl.constexpr, KBP: tl.constexpr,
-    BC: tl.constexpr, TF32: tl.constexpr, STAGES: tl.constexpr,
+    BC: tl.constexpr, TF32: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     i = tl.program_id(0)
     bh = tl.program_id(1)
     offs_d = tl.arange(0, HEAD_D)
@@ -120,13 +123,14 @@ def _block_map_kernel(
 
 
 def block_map(qpool: torch.Tensor, kblk: torch.Tensor, vmax: torch.Tensor, L: int, block_k: int, T: int,
-              eps: float, precision: str = "tf32", rows: int = 16, num_warps: int = 4, stages: int = 2):
+              eps: float, precision: str = "tf32", rows: int = 16, num_warps: int = 4, stages: int = 2,
+              pdl: bool = False):
     """(km [BH, D], vscale [BH, D], lut [BH, Qb, T] int32 ascending) from pass A's outputs in one
     launch (`_block_map_kernel`). ``precision``: the block scores' products, "fp32" or "tf32" (see
     `triton_prep.block_scores`; TurboDiffusion's "bf16" rounding needs the km-centred scores of
     `key_means`). ``rows``: query blocks per program, whose top-T is taken a few rows at a time (at
     most 4096 scores per step); ``stages``: software-pipelining depth of the loops over the key
-    blocks."""
+    blocks; ``pdl``: launch as a chained kernel (`pdl`)."""
     if precision not in ("fp32", "tf32"):
         raise ValueError(f"block_map scores precision {precision!r}; valid: 'fp32', 'tf32'")
     BH, Kb, D = kblk.shape
@@ -142,5 +146,6 @@ def block_map(qpool: torch.Tensor, kblk: torch.Tensor, vmax: torch.Tensor, L: in
     grid = (triton.cdiv(Qb, rows) + 1, BH)
     _block_map_kernel[grid](qpool, kblk, vmax, km, vscale, scores, lut, L, Qb, Kb, NC, T, block_k, eps, HEAD_D=D,
                             ROWS=rows, TOPK_ROWS=max(1, min(rows, 4096 // KBP)), BK=BK, KBP=KBP, BC=16,
-                            TF32=precision == "tf32", STAGES=stages, num_warps=num_warps)
+                            TF32=precision == "tf32", STAGES=stages, PDL=pdl, num_warps=num_warps,
+                            **pdl_launch_kwargs(pdl))
     return km, vscale, lut

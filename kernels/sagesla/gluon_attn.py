@@ -21,7 +21,9 @@ rounding are computed in a different order). What Gluon adds is the schedule:
     prologue: the loop has no global load whose latency it would wait for;
   * the linear branch (φ(q)·KVW / (1e-5 + φ(q)·Σφ(k)), proj_l folded into KVW, + bias) runs in the
     epilogue: KVW goes through the idle K ring into a bf16 wgmma whose accumulator starts from the
-    attention output, no extra kernel and no round trip of the output rows.
+    attention output, no extra kernel and no round trip of the output rows;
+  * with PDL (`pdl`, when `prepare` chained its kernels) the q tile is loaded and quantized before the
+    grid-dependency wait, i.e. while the quantization pass finishes; the LUT and the K/V copies after it.
 
 One warpgroup (4 warps) owns a 64-row query block (= block_q, one row of the block map, one q
 quantization group). Measured and dropped: session 6, a deeper pipeline with PV_t in flight under
@@ -93,6 +95,29 @@ if HAS_GLUON:
         return gl.max(gl.max(buf.index(idx).load(one), axis=1), axis=0)
 
     @gluon.jit
+    def _gdc_wait():
+        """griddepcontrol.wait: the previous kernel of the stream has completed, its writes are visible
+        (`pdl`; a no-op for a launch without PDL)."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _gdc_launch_dependents():
+        """griddepcontrol.launch_dependents: the next kernel's programs may launch (`pdl`)."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _start_ring(kdesc, vdesc, kbufs, vbufs, bars, lut_base, n_blk, krow0, vrow0, BLOCK_N: gl.constexpr,
+                    NS: gl.constexpr, DENSE: gl.constexpr):
+        """TMA of the first NS key blocks (LUT entries 0..NS-1 when sparse) into the ring."""
+        for s in gl.static_range(NS):
+            if DENSE:
+                j0 = s
+            else:
+                j0 = gl.load(lut_base + gl.minimum(s, n_blk - 1))
+            _issue_kv(kdesc, vdesc, kbufs, vbufs, bars, s, j0, krow0, vrow0, BLOCK_N, s < n_blk)
+
+    @gluon.jit
     def _softmax_pv(s_i32, m_i, l_i, acc, c, cols, L, vbuf, p_layout: gl.constexpr, TAIL: gl.constexpr,
                     VPERM: gl.constexpr):
         """One key block's online-softmax update from its INT8 scores (already waited):
@@ -139,7 +164,7 @@ if HAS_GLUON:
         stride_ob, stride_ol, stride_oh, stride_od,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, DENSE: gl.constexpr,
         LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, ADD_OUT: gl.constexpr,
-        LUT_PAD: gl.constexpr, num_warps: gl.constexpr,
+        LUT_PAD: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
     ):
         i = gl.program_id(0)
         bh = gl.program_id(1)
@@ -169,12 +194,8 @@ if HAS_GLUON:
         else:
             n_blk = T
         lut_base = lut_ptr + (bh * Qb + i).to(gl.int64) * T
-        for s in gl.static_range(NS):
-            if DENSE:
-                j0 = s
-            else:
-                j0 = gl.load(lut_base + gl.minimum(s, n_blk - 1))
-            _issue_kv(kdesc, vdesc, kbufs, vbufs, bars, s, j0, krow0, vrow0, BLOCK_N, s < n_blk)
+        if not PDL:
+            _start_ring(kdesc, vdesc, kbufs, vbufs, bars, lut_base, n_blk, krow0, vrow0, BLOCK_N, NS, DENSE)
 
         # ---- q tile: load from [B, L, H, D], per-tile INT8 (one scale: BLOCK_M == block_q) into shared
         # memory, the QK wgmma's A operand. q/scale is rounded by the 1.5·2^23 trick: the low byte of
@@ -193,6 +214,9 @@ if HAS_GLUON:
                                        y.to(gl.int8))
         fence_async_shared()
         c_q = qk_scale * q_scale
+        if PDL:  # chained launch (`pdl`): the q tile above is the op's input; the LUT and K/V are not
+            _gdc_wait()
+            _start_ring(kdesc, vdesc, kbufs, vbufs, bars, lut_base, n_blk, krow0, vrow0, BLOCK_N, NS, DENSE)
 
         cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -329,6 +353,7 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
     epilogue; with `add_out` the output rows already hold it (parked by `_linear_out_kernel`) and
     are added to. Returns the compiled kernel."""
     B, L, H, D = q.shape
+    pdl = bool(prep.get("pdl"))  # `prepare` launched its chain with PDL: this kernel joins it
     lut = prep["lut"] if prep["lut"] is not None else prep["kscale"]
     kdesc, vdesc = make_descriptors(prep["kq"], prep["vq"], block_k)
     dummy = prep["vscale"]
@@ -340,5 +365,5 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
         H, L, prep["Qb"], prep["Kb"], prep["T"], prep["Lpad"], LOG2E / D ** 0.5, *q.stride(), *out.stride(),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D, DENSE=prep["dense"], LINEAR=kvw is not None,
         HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), ADD_OUT=add_out, LUT_PAD=lut_pad,
-        num_warps=4, maxnreg=MAX_REGS,
+        PDL=pdl, num_warps=4, maxnreg=MAX_REGS, **({"launch_pdl": True} if pdl else {}),
     )

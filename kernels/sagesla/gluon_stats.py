@@ -41,7 +41,7 @@ if HAS_GLUON:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 
-    from .gluon_attn import _cta_barrier, _smem_view, _tma_load
+    from .gluon_attn import _cta_barrier, _gdc_launch_dependents, _gdc_wait, _smem_view, _tma_load
 
     LOG2E_C = gl.constexpr(1.4426950408889634)
 
@@ -75,8 +75,11 @@ if HAS_GLUON:
         H, L, NC, Qb, Kb,
         CHUNK: gl.constexpr, ROWS: gl.constexpr, HEAD_D: gl.constexpr, NS: gl.constexpr,
         POOL: gl.constexpr, POOL_Q: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_K: gl.constexpr,
-        num_warps: gl.constexpr,
+        PDL: gl.constexpr, num_warps: gl.constexpr,
     ):
+        if PDL:  # chained launch (`pdl`): wait for the previous kernel, then let the next one launch
+            _gdc_wait()
+            _gdc_launch_dependents()
         c = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // H
@@ -220,9 +223,10 @@ def _tile_layout(dtype: torch.dtype, D: int):
 
 
 def launch_stats(q, k, v, kvp, ksp, vmax, qpool, kblk, chunk: int, Qb: int, Kb: int, block_q: int, block_k: int,
-                 pool: bool, pool_q: bool, stages: int = DEFAULT_STAGES):
+                 pool: bool, pool_q: bool, stages: int = DEFAULT_STAGES, pdl: bool = False):
     """Run the Gluon statistics kernel over [B, L, H, D] inputs into the partial buffers (shapes as for
-    `_linear_stats_kernel`; vmax, qpool, kblk are only written with ``pool`` / ``pool_q``)."""
+    `_linear_stats_kernel`; vmax, qpool, kblk are only written with ``pool`` / ``pool_q``); ``pdl``:
+    launch as a chained kernel (`pdl`)."""
     B, L, H, D = k.shape
     NC = math.ceil(L / chunk)
     pool_q = pool and pool_q  # the q means are part of the pooling
@@ -231,5 +235,5 @@ def launch_stats(q, k, v, kvp, ksp, vmax, qpool, kblk, chunk: int, Qb: int, Kb: 
     _linear_stats_gluon[(NC, B * H)](
         descs[0] if pool_q else descs[1], descs[1], descs[2], kvp, ksp, vmax, qpool, kblk, H, L, NC, Qb, Kb,
         CHUNK=chunk, ROWS=ROWS, HEAD_D=D, NS=stages, POOL=pool, POOL_Q=pool_q, BLOCK_Q=block_q, BLOCK_K=block_k,
-        num_warps=WARPS,
+        PDL=pdl, num_warps=WARPS, **({"launch_pdl": True} if pdl else {}),
     )

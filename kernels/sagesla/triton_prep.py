@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .block_map import block_map, topk_select
+from .pdl import pdl_active, pdl_enter, pdl_launch_kwargs
 
 FP8_MAX = 448.0
 EPS_SCALE = 1e-7
@@ -181,8 +182,9 @@ def _quant_kv_kernel(
     stride_vb, stride_vl, stride_vh, stride_vd,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_D: tl.constexpr,
     QUANT: tl.constexpr, LINEAR: tl.constexpr, EXACT_FP8: tl.constexpr, STAGES: tl.constexpr,
-    VPERM: tl.constexpr,
+    VPERM: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     c, bh, row0, kbase, vbase = _chunk_program(k_ptr, v_ptr, H, CHUNK, stride_kb, stride_kh, stride_vb, stride_vh)
     offs_d = tl.arange(0, HEAD_D)
     offs_k = tl.arange(0, BLOCK_K)
@@ -241,9 +243,10 @@ def _topk_lut_kernel(
     s_ptr,  # [NR, Kb] fp32 block scores (NR = B*H*Qb rows)
     lut_ptr,  # [NR, T] int32 out: the T selected key blocks of each row, ascending
     NR, Kb, T,
-    ROWS: tl.constexpr, KBP: tl.constexpr,
+    ROWS: tl.constexpr, KBP: tl.constexpr, PDL: tl.constexpr,
 ):
     """Exact top-T per row (`block_map.topk_select`), written as ascending column indices."""
+    pdl_enter(PDL)
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, KBP)
     valid = (r[:, None] < NR) & (cols[None, :] < Kb)
@@ -258,13 +261,14 @@ def _key_means_kernel(
     qpool_ptr, kblk_ptr, vmax_ptr, km_ptr, vscale_ptr, scores_ptr,
     L, Qb, Kb, NC, block_k, eps,
     HEAD_D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
-    SCORES: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+    SCORES: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Between passes A and B, per head (program (i, bh)): the key mean km = Σ kblk / L, the V scale
     max_c vmax / 448 + eps (program i = 0 stores both), and with SCORES the block scores
     q̄ k̄ᵀ of query blocks i·BQ.. against every key block, k̄ = kblk / rows(block) - km computed on the
     fly (PREC 0 fp32, 1 TF32, 2 bf16 operands: see `block_scores`). One launch instead of about ten
     small torch ops and a cuBLAS bmm."""
+    pdl_enter(PDL)
     i = tl.program_id(0)
     bh = tl.program_id(1)
     offs_d = tl.arange(0, HEAD_D)
@@ -306,10 +310,12 @@ def _key_means_kernel(
 
 
 def key_means(qpool: torch.Tensor, kblk: torch.Tensor, vmax: torch.Tensor, L: int, block_k: int,
-              scores: str | None, stages: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              scores: str | None, stages: int = 1, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor | None]:
     """(km [BH, D], vscale [BH, D], block scores [BH, Qb, Kb] or None) from pass A's outputs in one
     launch (`_key_means_kernel`); ``scores``: None (dense: no block map) or a `block_scores` precision;
-    ``stages``: software-pipelining depth of the key-mean loop (1: none)."""
+    ``stages``: software-pipelining depth of the key-mean loop (1: none); ``pdl``: launch as a chained
+    kernel (`pdl`)."""
     BH, Kb, D = kblk.shape
     NC = vmax.shape[1]
     dev = kblk.device
@@ -327,20 +333,22 @@ def key_means(qpool: torch.Tensor, kblk: torch.Tensor, vmax: torch.Tensor, L: in
     grid = (triton.cdiv(Qb, BQ) if scores is not None else 1, BH)
     _key_means_kernel[grid](qpool if scores is not None else km, kblk, vmax, km, vscale, out, L, Qb, Kb, NC, block_k,
                             EPS_SCALE, HEAD_D=D, BQ=BQ, BK=BK, BC=16, SCORES=scores is not None,
-                            PREC=prec[scores], STAGES=stages, num_warps=4)
+                            PREC=prec[scores], STAGES=stages, PDL=pdl, num_warps=4, **pdl_launch_kwargs(pdl))
     return km, vscale, (out if scores is not None else None)
 
 
-def topk_lut(scores: torch.Tensor, T: int, rows: int = 0, num_warps: int = 4) -> torch.Tensor:
+def topk_lut(scores: torch.Tensor, T: int, rows: int = 0, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
     """[..., Kb] fp32 scores -> [..., T] int32 ascending column indices of a top-T (Triton).
-    rows: score rows per program (0: as many as fit 4096 lanes, at most 16)."""
+    rows: score rows per program (0: as many as fit 4096 lanes, at most 16); pdl: launch as a chained
+    kernel (`pdl`)."""
     Kb = scores.shape[-1]
     s2 = scores.reshape(-1, Kb).contiguous()
     NR = s2.shape[0]
     lut = torch.empty(NR, T, device=scores.device, dtype=torch.int32)
     KBP = max(16, triton.next_power_of_2(Kb))
     ROWS = rows or max(1, min(16, 4096 // KBP))
-    _topk_lut_kernel[(triton.cdiv(NR, ROWS),)](s2, lut, NR, Kb, T, ROWS=ROWS, KBP=KBP, num_warps=num_warps)
+    _topk_lut_kernel[(triton.cdiv(NR, ROWS),)](s2, lut, NR, Kb, T, ROWS=ROWS, KBP=KBP, PDL=pdl, num_warps=num_warps,
+                                               **pdl_launch_kwargs(pdl))
     return lut.view(*scores.shape[:-1], T)
 
 
@@ -386,6 +394,8 @@ def _chunk_rows(L: int, BH: int, blk: int, target_programs: int = 1024) -> int:
 # glue: key means, V scales and block scores in one kernel (`key_means`) instead of torch ops + bmm;
 # km_stages: its key-mean loop software-pipelined. topk "fused": `block_map.block_map` instead of
 # `key_means` + `topk_lut` (one launch; map_rows query blocks per program, map_warps, map_stages).
+# pdl: the chain from the statistics kernel to the attention kernel launched with programmatic dependent
+# launch (`pdl`; sm90+ CUDA only).
 # H200 session 8: the statistics kernel accumulating vᵀφ(k) (lin_vt, vᵀ loaded as the dot's A tile)
 # 0.154 -> 0.149 ms at 1.3B, 0.737 -> 0.700 ms at 14B, same kv; at 8 warps (no spills) 0.19 / 1.31 ms.
 # H100 session 14 (statistics kernel alone): 528 programs 0.135 vs 0.153 ms (1024) at 1.3B, 0.669 vs 0.714 ms
@@ -400,7 +410,7 @@ DEFAULT_TUNE = {"progs_a": 2048, "progs_b": 1024, "warps_a": 4, "warps_b": 8, "w
                 "stages_a": 2, "stages_b": 1, "progs_l": 528, "lin_block": 64, "lin_warps": 4, "lin_stages": 2,
                 "lin_kt": 0, "lin_vt": 1, "lin_ks8": 1, "lin_vmax": 0, "lin_pool": 1, "scores": "tf32", "topk_rows": 1, "topk_warps": 4,
                 "v_perm": 1, "glue": 1, "lin_gluon": 1, "lin_gstages": 3, "km_stages": 1, "map_rows": 16, "map_warps": 4,
-                "map_stages": 2}
+                "map_stages": 2, "pdl": 0}
 
 
 def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear: bool, tune=None, pooled=None,
@@ -450,6 +460,7 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
                  and block_q % lb == 0 and block_k % lb == 0)
     dev = q.device
     f32 = torch.float32
+    pdl = pdl_active(tn["pdl"], q)  # chained launches (`pdl`): each kernel's start overlaps the previous one's end
     if pool_in_c:  # outputs of pass A, filled by the statistics kernel below
         qpool = torch.empty(BH, Qb, D, device=dev, dtype=f32) if not dense else torch.empty(1, device=dev)
         kblk = torch.empty(BH, Kb, D, device=dev, dtype=f32)
@@ -502,7 +513,7 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             unused = ksp  # POOL / POOL_Q off: the kernel never touches these arguments
             gluon_stats.launch_stats(q, k, v, kvp, ksp, vmax if pool_in_c else unused, qpool if pool_in_c else unused,
                                      kblk if pool_in_c else unused, chunk_l, Qb, Kb, block_q, block_k, pool_in_c,
-                                     pool_in_c and not dense, tn["lin_gstages"])
+                                     pool_in_c and not dense, tn["lin_gstages"], pdl)
         else:
             pool_args = {}
             if pool_in_c:
@@ -521,9 +532,10 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     fused = tn["topk"] == "fused" and not dense
     if fused:  # key means, V scales, block scores and the top-k LUT in one launch
         km, vscale, lut = block_map(qpool, kblk, vmax, L, block_k, T, EPS_SCALE, tn["scores"], tn["map_rows"],
-                                    tn["map_warps"], tn["map_stages"])
+                                    tn["map_warps"], tn["map_stages"], pdl)
     elif tn["glue"]:  # key means, V scales and block scores in one kernel
-        km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, None if dense else tn["scores"], tn["km_stages"])
+        km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, None if dense else tn["scores"], tn["km_stages"],
+                                       pdl)
     else:  # the same with torch ops (session-8 path, kept for the ablation benchmark)
         km = kblk.sum(1) / L  # [BH, D]
         scores = None
@@ -538,7 +550,7 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
     elif fused:
         pass  # the LUT came with the key means
     elif tn["topk"] == "triton":
-        lut = topk_lut(scores, T, tn["topk_rows"], tn["topk_warps"])
+        lut = topk_lut(scores, T, tn["topk_rows"], tn["topk_warps"], pdl)
     else:
         idx = torch.topk(scores, T, dim=-1, sorted=False).indices
         lut = torch.sort(idx.to(torch.int32), dim=-1).values.contiguous()
@@ -559,11 +571,11 @@ def prepare(q, k, v, topk: float, block_q: int, block_k: int, quant: str, linear
             k, v, km, vscale, kq, kscale, vq, kvp, ksp, H, L, Lpad, Kb, NCB,
             *k.stride(), *v.stride(),
             CHUNK=chunk_b, BLOCK_K=block_k, HEAD_D=D, QUANT=qnt, LINEAR=lin_b, EXACT_FP8=INTERPRET, STAGES=tn["stages_b"],
-            VPERM=v_perm,
-            num_warps=tn["warps_b"] if lin_b else tn["warps_bq"],
+            VPERM=v_perm, PDL=pdl,
+            num_warps=tn["warps_b"] if lin_b else tn["warps_bq"], **pdl_launch_kwargs(pdl),
         )
     out = {"lut": lut, "T": T, "Qb": Qb, "Kb": Kb, "Lpad": Lpad, "quant": qnt, "dense": dense,
-           "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale, "v_perm": v_perm, "side_events": []}
+           "kq": kq, "kscale": kscale, "vq": vq, "vscale": vscale, "v_perm": v_perm, "side_events": [], "pdl": pdl}
     if linear:  # summed (and proj_l folded in) by `linear_fold.fold_linear`; `linear_state` sums them alone
         out["kv_parts"], out["ks_parts"] = kvp, ksp
         if fold is not None:

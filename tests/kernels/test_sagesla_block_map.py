@@ -105,3 +105,73 @@ def test_block_map_rejects_bf16_scores():
     qpool, kblk, vmax, _ = _inputs(100, 32, 64, 1, 2, 1, seed=0)
     with pytest.raises(ValueError, match="valid: 'fp32', 'tf32'"):
         block_map(qpool, kblk, vmax, 100, 32, 1, 1e-7, "bf16")
+
+
+def _pdl_ptx_facts() -> dict:
+    """Each chained Triton kernel of `prepare`, compiled for sm90 with PDL: (waits, releases, wait before
+    release and before the first global access). Run in a child process (`sm90_child`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from turbocompile.kernels.sagesla import block_map, triton_prep
+
+    f32 = "*fp32"
+    kernels = {
+        "block_map": (block_map._block_map_kernel,
+                      dict(qpool_ptr=f32, kblk_ptr=f32, vmax_ptr=f32, km_ptr=f32, vscale_ptr=f32, scores_ptr=f32,
+                           lut_ptr="*i32", eps="fp32"),
+                      dict(HEAD_D=128, ROWS=16, TOPK_ROWS=16, BK=32, KBP=256, BC=16, TF32=True, STAGES=2)),
+        "key_means": (triton_prep._key_means_kernel,
+                      dict(qpool_ptr=f32, kblk_ptr=f32, vmax_ptr=f32, km_ptr=f32, vscale_ptr=f32, scores_ptr=f32,
+                           eps="fp32"),
+                      dict(HEAD_D=128, BQ=64, BK=32, BC=16, SCORES=True, PREC=1, STAGES=1)),
+        "topk": (triton_prep._topk_lut_kernel, dict(s_ptr=f32, lut_ptr="*i32"), dict(ROWS=1, KBP=256)),
+        "quant": (triton_prep._quant_kv_kernel,
+                  dict(k_ptr="*bf16", v_ptr="*bf16", km_ptr=f32, vscale_ptr=f32, kq_ptr="*i8", kscale_ptr=f32,
+                       vq_ptr="*fp8e4nv", kv_ptr=f32, ks_ptr=f32),
+                  dict(CHUNK=128, BLOCK_K=128, HEAD_D=128, QUANT=1, LINEAR=False, EXACT_FP8=False, STAGES=1,
+                       VPERM=True)),
+    }
+    facts = {}
+    for name, (fn, ptrs, const) in kernels.items():
+        const = dict(const, PDL=True)
+        sig = {arg: "i32" for arg in fn.arg_names}
+        sig.update(ptrs)
+        sig.update({key: "constexpr" for key in const})
+        ptx = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": 4, "launch_pdl": True}).asm["ptx"]
+        body = ptx[ptx.index(".entry"):]
+        wait, release = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
+        first_access = min(i for i in (body.find("ld.global"), body.find("st.global"), body.find("cp.async"))
+                           if i >= 0)
+        facts[name] = [body.count("griddepcontrol.wait"), body.count("griddepcontrol.launch_dependents"),
+                       0 <= wait < release < first_access]
+    return facts
+
+
+def test_chained_kernels_wait_before_they_read():
+    """Programmatic dependent launch (`pdl`): every chained Triton kernel waits for the previous kernel
+    and only then releases the next one, before its first global memory access (the order that makes any
+    mix of chained and plain launches safe)."""
+    from tests.kernels.sm90_child import facts_in_child
+
+    facts = facts_in_child("tests.kernels.test_sagesla_block_map", "_pdl_ptx_facts")
+    assert facts == {name: [1, 1, True] for name in ("block_map", "key_means", "topk", "quant")}, facts
+
+
+def test_pdl_knob_is_inert_off_hopper():
+    """``pdl`` asks for chained launches; where they cannot run (CPU, the interpreter) `prepare` launches as
+    usual and returns the same operands, and says so in ``pdl``."""
+    from turbocompile.kernels.sagesla.pdl import pdl_active, pdl_launch_kwargs
+    from turbocompile.kernels.sagesla.triton_prep import prepare
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 300, 2, 64, generator=g).to(DEV) for _ in range(3))
+    base = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True)
+    chained = prepare(q, k, v, 0.3, 32, 32, "int8-fp8", True, tune={"pdl": 1})
+    assert base["pdl"] is False and chained["pdl"] is pdl_active(1, q)
+    if not q.is_cuda:
+        assert chained["pdl"] is False and pdl_launch_kwargs(False) == {}
+    for key in ("lut", "kq", "kscale", "vq", "vscale", "kv_parts", "ks_parts"):
+        assert torch.equal(chained[key], base[key]), key

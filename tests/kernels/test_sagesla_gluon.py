@@ -18,7 +18,7 @@ needs_gluon = pytest.mark.skipif(not gluon_attn.HAS_GLUON, reason="this Triton h
 
 
 def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_attn.DEFAULT_STAGES,
-                  vperm: bool = True):
+                  vperm: bool = True, pdl: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -32,23 +32,29 @@ def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_at
                kscale_ptr="*fp32", vscale_ptr="*fp32", lut_ptr="*i32", kvw_ptr="*bf16", ksum_ptr="*fp32",
                bias_ptr="*fp32", qk_scale="fp32")
     const = dict(BLOCK_M=64, BLOCK_N=128, HEAD_D=head_d, DENSE=dense, LINEAR=linear, HAS_BIAS=linear,
-                 NS=stages, VPERM=vperm, ADD_OUT=False, LUT_PAD=256, num_warps=4)
+                 NS=stages, VPERM=vperm, ADD_OUT=False, LUT_PAD=256, PDL=pdl, num_warps=4)
     sig.update({key: "constexpr" for key in const})
     src = GluonASTSource(fn, sig, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "maxnreg": gluon_attn.MAX_REGS})
 
 
-def _sm90_facts(dense: bool, linear: bool, head_d: int, vperm: bool = True) -> dict:
+def _sm90_facts(dense: bool, linear: bool, head_d: int, vperm: bool = True, pdl: bool = False) -> dict:
     """What the compiled kernel contains (run in a child process: `sm90_child`)."""
-    compiled = _compile_sm90(dense, linear, head_d, vperm=vperm)
+    compiled = _compile_sm90(dense, linear, head_d, vperm=vperm, pdl=pdl)
     ptx = compiled.asm["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    first_tma = body.index("cp.async.bulk.tensor.2d")
     return {"cubin": bool(compiled.asm.get("cubin")), "shared": compiled.metadata.shared,
             "qk_int8": "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx,
             "pv_fp8": f"wgmma.mma_async.sync.aligned.m64n{head_d}k32.f32.e4m3.e4m3" in ptx,
             "tma": "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait.parity" in ptx,
             "linear_bf16": f"m64n{head_d}k16.f32.bf16.bf16" in ptx,
-            "shfl_idx": ptx.count("shfl.sync.idx"), "maxnreg": f".maxnreg {gluon_attn.MAX_REGS}" in ptx}
+            "shfl_idx": ptx.count("shfl.sync.idx"), "maxnreg": f".maxnreg {gluon_attn.MAX_REGS}" in ptx,
+            "gdc_wait": body.count("griddepcontrol.wait"), "gdc_release": body.count("griddepcontrol.launch_dependents"),
+            # the wait sits after the q tile's global loads (the op's input) and before the first TMA
+            "wait_after_q_before_tma": ("griddepcontrol.wait" in body
+                                        and body.index("ld.global") < body.index("griddepcontrol.wait") < first_tma)}
 
 
 @needs_gluon
@@ -63,6 +69,18 @@ def test_gluon_kernel_compiles_for_sm90(dense, linear, head_d):
     # 1 KB each program reserves (with a staged LUT row of 256 entries: top-k 0.1 up to L ≈ 327 000)
     assert facts["maxnreg"]
     assert facts["shared"] <= 228 * 1024 // 3 - 1024
+
+
+@needs_gluon
+@pytest.mark.parametrize("dense", [False, True])
+def test_gluon_kernel_joins_a_pdl_chain(dense):
+    """With PDL the kernel quantizes its q tile first, then waits for the preparation kernels before it
+    reads the LUT or starts a K/V copy; it releases no successor (the next op's kernels are not chained)."""
+    on = facts_in_child("tests.kernels.test_sagesla_gluon", "_sm90_facts", dense, not dense, 128, pdl=True)
+    off = facts_in_child("tests.kernels.test_sagesla_gluon", "_sm90_facts", dense, not dense, 128)
+    assert on["gdc_wait"] == 1 and on["gdc_release"] == 0 and on["wait_after_q_before_tma"]
+    assert off["gdc_wait"] == 0 and off["gdc_release"] == 0
+    assert on["maxnreg"] and on["shared"] == off["shared"]
 
 
 @needs_gluon

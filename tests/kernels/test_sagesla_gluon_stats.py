@@ -19,7 +19,7 @@ from turbocompile.kernels.sagesla.triton_prep import prepare
 needs_gluon = pytest.mark.skipif(not gluon_stats.HAS_GLUON, reason="this Triton has no Gluon")
 
 
-def _sm90_facts(pool: bool, pool_q: bool, stages: int) -> dict:
+def _sm90_facts(pool: bool, pool_q: bool, stages: int, pdl: bool = False) -> dict:
     """What the kernel compiled for sm90 contains (run in a child process: `sm90_child`)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -35,20 +35,23 @@ def _sm90_facts(pool: bool, pool_q: bool, stages: int) -> dict:
     sig.update(qdesc=mangle_type(desc), kdesc=mangle_type(desc), vdesc=mangle_type(desc), kv_ptr="*fp32",
                ks_ptr="*fp32", vmax_ptr="*fp32", qpool_ptr="*fp32", kblk_ptr="*fp32")
     const = dict(CHUNK=384, ROWS=gluon_stats.ROWS, HEAD_D=128, NS=stages, POOL=pool, POOL_Q=pool_q, BLOCK_Q=64,
-                 BLOCK_K=128, num_warps=gluon_stats.WARPS)
+                 BLOCK_K=128, PDL=pdl, num_warps=gluon_stats.WARPS)
     sig.update({key: "constexpr" for key in const})
     compiled = triton.compile(GluonASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": gluon_stats.WARPS})
     ptx = compiled.asm["ptx"]
     return {"shared": compiled.metadata.shared, "tma4d": ptx.count("cp.async.bulk.tensor.4d"),
             "wgmma_bf16": "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx,
-            "mma_sync": ptx.count("mma.sync.aligned"), "local": ".local" in ptx}
+            "mma_sync": ptx.count("mma.sync.aligned"), "local": ".local" in ptx,
+            "gdc": [ptx.count("griddepcontrol.wait"), ptx.count("griddepcontrol.launch_dependents")]}
 
 
 @needs_gluon
-@pytest.mark.parametrize("pool,pool_q,stages", [(True, True, 3), (True, False, 3), (False, False, 4)])
-def test_gluon_stats_compiles_for_sm90(pool, pool_q, stages):
-    facts = facts_in_child("tests.kernels.test_sagesla_gluon_stats", "_sm90_facts", pool, pool_q, stages)
+@pytest.mark.parametrize("pool,pool_q,stages,pdl", [(True, True, 3, False), (True, False, 3, True), (False, False, 4, False)])
+def test_gluon_stats_compiles_for_sm90(pool, pool_q, stages, pdl):
+    facts = facts_in_child("tests.kernels.test_sagesla_gluon_stats", "_sm90_facts", pool, pool_q, stages, pdl)
+    # a chained launch (`pdl`) waits for the previous kernel and releases the next one, once each
+    assert facts["gdc"] == ([1, 1] if pdl else [0, 0])
     # k and v (and q) by 4-d TMA straight from [B, L, H, D]: the prologue's NS steps and the loop's refill
     assert facts["tma4d"] >= (stages + 1) * (3 if pool_q else 2)
     assert facts["wgmma_bf16"]  # vᵀ·φ(k) on the tensor cores
