@@ -1,9 +1,10 @@
-"""SageSLA's preparation chain on the GPU: the block map in one launch, chained launches (PDL) and top-k
-launch shapes, A/B in one process against the default, whole op with proj_l (issue 4's measurement).
+"""SageSLA's preparation chain on the GPU: the block map in one launch, chained launches (PDL), top-k
+launch shapes and the attention epilogue's KVW by TMA, A/B in one process against the default, whole op
+with proj_l (issue 4's measurement).
 
     source benchmarks/gpu_env.sh; PYTHONUNBUFFERED=1 python3 benchmarks/probe_prep_chain.py --out $OUT
 
-For each variant (a set of `DEFAULT_TUNE` overrides) and shape:
+For each variant (a set of `DEFAULT_TUNE` overrides; ``kvw_tma`` sets `gluon_attn.KVW_TMA`) and shape:
 1. correctness: every LUT row a valid top-T of the exact (fp64, key-mean centred) block scores up to
    TF32 rounding, the share of rows that differ from the default's LUT (near-ties), the op's output vs
    the default's (cos, rel-L2), finite, the same bits from a second eager call, and a CUDA-graph replay
@@ -30,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from _cuda_graph import graphed  # benchmarks/ is the script's directory (sys.path[0])
 from bench_sagesla import bench, metrics, proj, qkv, stream_join_checks
+from turbocompile.kernels.sagesla import gluon_attn
 from turbocompile.kernels.sagesla.triton_prep import DEFAULT_TUNE, prepare
 from turbocompile.ops.attention import sagesla
 
@@ -46,6 +48,8 @@ VARIANTS = {
     "pdl": dict(pdl=1),
     "pdl + top-k 1 warp": dict(pdl=1, topk_warps=1),
     "pdl + block map fused": dict(pdl=1, topk="fused"),
+    "kvw by tma": dict(kvw_tma=1),
+    "pdl + block map fused + kvw by tma": dict(pdl=1, topk="fused", kvw_tma=1),
 }
 TOPK = 0.1
 BASE_TUNE = dict(DEFAULT_TUNE)
@@ -76,6 +80,8 @@ def lut_checks(lut, ref_lut, scores):
 
 
 def set_tune(tune):
+    tune = dict(tune)
+    gluon_attn.KVW_TMA = bool(tune.pop("kvw_tma", False))
     DEFAULT_TUNE.clear()
     DEFAULT_TUNE.update(BASE_TUNE, **tune)
 

@@ -75,6 +75,10 @@ if HAS_GLUON:
 # leaves room for two.
 DEFAULT_STAGES = 2
 MAX_REGS = 168
+# The epilogue's KVW tile by one TMA copy into the idle K ring, instead of global loads through 64
+# registers per thread and shared-memory stores (which spill around the epilogue at 168 registers).
+# Module-level so that a benchmark can compare the two; off until a GPU run shows it pays.
+KVW_TMA = False
 
 if HAS_GLUON:
 
@@ -158,13 +162,13 @@ if HAS_GLUON:
 
     @gluon.jit
     def _sagesla_fwd_gluon(
-        q_ptr, o_ptr, kdesc, vdesc, kscale_ptr, vscale_ptr, lut_ptr, kvw_ptr, ksum_ptr, bias_ptr,
+        q_ptr, o_ptr, kdesc, vdesc, wdesc, kscale_ptr, vscale_ptr, lut_ptr, kvw_ptr, ksum_ptr, bias_ptr,
         H, L, Qb, Kb, T, Lpad, qk_scale,
         stride_qb, stride_ql, stride_qh, stride_qd,
         stride_ob, stride_ol, stride_oh, stride_od,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, DENSE: gl.constexpr,
         LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, ADD_OUT: gl.constexpr,
-        LUT_PAD: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
+        LUT_PAD: gl.constexpr, PDL: gl.constexpr, KVW_TMA: gl.constexpr, num_warps: gl.constexpr,
     ):
         i = gl.program_id(0)
         bh = gl.program_id(1)
@@ -189,6 +193,9 @@ if HAS_GLUON:
         bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(NS):
             mbarrier.init(bars.index(s), count=1)
+        if LINEAR and KVW_TMA:  # the epilogue's KVW copy
+            wbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(wbar, count=1)
         if DENSE:
             n_blk = Kb
         else:
@@ -292,9 +299,13 @@ if HAS_GLUON:
             _cta_barrier()  # every warp is past the loop
             w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HEAD_D, HEAD_D], q_ptr.dtype.element_ty)
             w_smem = _smem_view(kbufs, q_ptr.dtype.element_ty, [HEAD_D, HEAD_D], w_layout)
-            offs_r = gl.arange(0, HEAD_D, layout=gl.SliceLayout(1, ld_layout))
-            w = gl.load(kvw_ptr + bh.to(gl.int64) * HEAD_D * HEAD_D + gl.expand_dims(offs_r * HEAD_D, 1)
-                        + gl.expand_dims(offs_d, 0))
+            if KVW_TMA:  # every product that read the ring has completed (waited in the loop)
+                mbarrier.expect(wbar, wdesc.block_type.nbytes)
+                _tma_load(wdesc, [bh * HEAD_D, 0], wbar, w_smem)
+            else:
+                offs_r = gl.arange(0, HEAD_D, layout=gl.SliceLayout(1, ld_layout))
+                w = gl.load(kvw_ptr + bh.to(gl.int64) * HEAD_D * HEAD_D + gl.expand_dims(offs_r * HEAD_D, 1)
+                            + gl.expand_dims(offs_d, 0))
             # program_id(2) (always 0) keeps this address tile from being CSE'd with the prologue's, which
             # would keep it live (spilled) across the loop; volatile keeps the load from being merged.
             offs_ma = i * BLOCK_M + gl.program_id(2) + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_op))
@@ -303,15 +314,20 @@ if HAS_GLUON:
                          + gl.expand_dims(offs_ma.to(gl.int64) * stride_ql, 1) + gl.expand_dims(offs_da * stride_qd, 0),
                          mask=gl.expand_dims(offs_ma < L, 1), other=0.0, volatile=True).to(gl.float32)
             ks1 = gl.load(ksum_ptr + bh * HEAD_D + offs_da) + 1e-5
-            w_smem.store(w)
-            fence_async_shared()
+            if not KVW_TMA:
+                w_smem.store(w)
+                fence_async_shared()
             e = gl.exp2(qa * LOG2E_C - gl.expand_dims(gl.max(qa, axis=1) * LOG2E_C, 1))
             den = gl.sum(e * gl.expand_dims(ks1, 0), axis=1)
             row = gl.convert_layout(inv_l * gl.convert_layout(den, gl.SliceLayout(1, o_layout)),
                                     gl.SliceLayout(1, lin_layout))
             init = (gl.convert_layout(acc, lin_layout)
                     * gl.expand_dims(gl.convert_layout(vs, gl.SliceLayout(0, lin_layout)), 0) * gl.expand_dims(row, 1))
-            _cta_barrier()
+            if KVW_TMA:
+                mbarrier.wait(wbar, 0)
+                mbarrier.invalidate(wbar)
+            else:
+                _cta_barrier()  # every warp's part of KVW is in shared memory
             r = warpgroup_mma(e.to(q_ptr.dtype.element_ty), w_smem, init, use_acc=True)
             inv_den = gl.convert_layout(1.0 / den, gl.SliceLayout(1, lin_layout))
             o = gl.convert_layout(r * gl.expand_dims(inv_den, 1), o_layout)
@@ -345,6 +361,14 @@ def make_descriptors(kq: torch.Tensor, vq: torch.Tensor, block_k: int):
     return kdesc, vdesc
 
 
+def kvw_descriptor(kvw: torch.Tensor):
+    """Host TMA descriptor over KVW [B*H, D, D] (q dtype, contiguous), one [D, D] box per head."""
+    BH, D, _ = kvw.shape
+    w2 = kvw.contiguous().view(BH * D, D)
+    lay = gl.NVMMASharedLayout.get_default_for([D, D], gl.bfloat16 if kvw.dtype == torch.bfloat16 else gl.float16)
+    return GluonTensorDescriptor(w2, list(w2.shape), list(w2.stride()), [D, D], lay)
+
+
 def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, block_k: int,
                  kvw: torch.Tensor | None, ksum: torch.Tensor | None, bias: torch.Tensor | None,
                  stages: int = DEFAULT_STAGES, add_out: bool = False):
@@ -356,14 +380,16 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
     pdl = bool(prep.get("pdl"))  # `prepare` launched its chain with PDL: this kernel joins it
     lut = prep["lut"] if prep["lut"] is not None else prep["kscale"]
     kdesc, vdesc = make_descriptors(prep["kq"], prep["vq"], block_k)
+    kvw_tma = KVW_TMA and kvw is not None
+    wdesc = kvw_descriptor(kvw) if kvw_tma else kdesc  # kdesc: a placeholder the kernel never reads
     dummy = prep["vscale"]
     lut_pad = 1 if prep["dense"] else triton.next_power_of_2(prep["T"])  # entries staged (sparse)
     return _sagesla_fwd_gluon[(triton.cdiv(L, block_q), B * H)](
-        q, out, kdesc, vdesc, prep["kscale"], prep["vscale"], lut,
+        q, out, kdesc, vdesc, wdesc, prep["kscale"], prep["vscale"], lut,
         kvw if kvw is not None else dummy, ksum if ksum is not None else dummy,
         bias if bias is not None else dummy,
         H, L, prep["Qb"], prep["Kb"], prep["T"], prep["Lpad"], LOG2E / D ** 0.5, *q.stride(), *out.stride(),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D, DENSE=prep["dense"], LINEAR=kvw is not None,
         HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), ADD_OUT=add_out, LUT_PAD=lut_pad,
-        PDL=pdl, num_warps=4, maxnreg=MAX_REGS, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, KVW_TMA=kvw_tma, num_warps=4, maxnreg=MAX_REGS, **({"launch_pdl": True} if pdl else {}),
     )

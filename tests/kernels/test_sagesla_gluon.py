@@ -18,7 +18,7 @@ needs_gluon = pytest.mark.skipif(not gluon_attn.HAS_GLUON, reason="this Triton h
 
 
 def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_attn.DEFAULT_STAGES,
-                  vperm: bool = True, pdl: bool = False):
+                  vperm: bool = True, pdl: bool = False, kvw_tma: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -26,22 +26,24 @@ def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_at
     kq = torch.zeros(2, 256, head_d, dtype=torch.int8)
     vq = torch.zeros(2, head_d, 256, dtype=torch.float8_e4m3fn)
     kdesc, vdesc = gluon_attn.make_descriptors(kq, vq, 128)
+    wdesc = gluon_attn.kvw_descriptor(torch.zeros(2, head_d, head_d, dtype=torch.bfloat16)) if kvw_tma else kdesc
     fn = gluon_attn._sagesla_fwd_gluon
     sig = {name: "i32" for name in fn.arg_names}
-    sig.update(q_ptr="*bf16", o_ptr="*bf16", kdesc=mangle_type(kdesc), vdesc=mangle_type(vdesc),
+    sig.update(q_ptr="*bf16", o_ptr="*bf16", kdesc=mangle_type(kdesc), vdesc=mangle_type(vdesc), wdesc=mangle_type(wdesc),
                kscale_ptr="*fp32", vscale_ptr="*fp32", lut_ptr="*i32", kvw_ptr="*bf16", ksum_ptr="*fp32",
                bias_ptr="*fp32", qk_scale="fp32")
     const = dict(BLOCK_M=64, BLOCK_N=128, HEAD_D=head_d, DENSE=dense, LINEAR=linear, HAS_BIAS=linear,
-                 NS=stages, VPERM=vperm, ADD_OUT=False, LUT_PAD=256, PDL=pdl, num_warps=4)
+                 NS=stages, VPERM=vperm, ADD_OUT=False, LUT_PAD=256, PDL=pdl, KVW_TMA=kvw_tma, num_warps=4)
     sig.update({key: "constexpr" for key in const})
     src = GluonASTSource(fn, sig, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "maxnreg": gluon_attn.MAX_REGS})
 
 
-def _sm90_facts(dense: bool, linear: bool, head_d: int, vperm: bool = True, pdl: bool = False) -> dict:
+def _sm90_facts(dense: bool, linear: bool, head_d: int, vperm: bool = True, pdl: bool = False,
+                kvw_tma: bool = False) -> dict:
     """What the compiled kernel contains (run in a child process: `sm90_child`)."""
-    compiled = _compile_sm90(dense, linear, head_d, vperm=vperm, pdl=pdl)
+    compiled = _compile_sm90(dense, linear, head_d, vperm=vperm, pdl=pdl, kvw_tma=kvw_tma)
     ptx = compiled.asm["ptx"]
     body = ptx[ptx.index(".entry"):]
     first_tma = body.index("cp.async.bulk.tensor.2d")
@@ -49,6 +51,8 @@ def _sm90_facts(dense: bool, linear: bool, head_d: int, vperm: bool = True, pdl:
             "qk_int8": "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx,
             "pv_fp8": f"wgmma.mma_async.sync.aligned.m64n{head_d}k32.f32.e4m3.e4m3" in ptx,
             "tma": "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait.parity" in ptx,
+            "tma_copies": ptx.count("cp.async.bulk.tensor.2d"), "local": ".local" in ptx,
+            "ld_global": ptx.count("ld.global"),
             "linear_bf16": f"m64n{head_d}k16.f32.bf16.bf16" in ptx,
             "shfl_idx": ptx.count("shfl.sync.idx"), "maxnreg": f".maxnreg {gluon_attn.MAX_REGS}" in ptx,
             "gdc_wait": body.count("griddepcontrol.wait"), "gdc_release": body.count("griddepcontrol.launch_dependents"),
@@ -81,6 +85,18 @@ def test_gluon_kernel_joins_a_pdl_chain(dense):
     assert on["gdc_wait"] == 1 and on["gdc_release"] == 0 and on["wait_after_q_before_tma"]
     assert off["gdc_wait"] == 0 and off["gdc_release"] == 0
     assert on["maxnreg"] and on["shared"] == off["shared"]
+
+
+@needs_gluon
+def test_gluon_kvw_by_tma():
+    """KVW_TMA: the linear epilogue's [D, D] KVW tile arrives by one more TMA copy instead of global
+    loads (16 x 16 bytes per thread, issued as 16 fewer global loads) and shared stores; same shared memory
+    but for its barrier."""
+    on = facts_in_child("tests.kernels.test_sagesla_gluon", "_sm90_facts", False, True, 128, kvw_tma=True)
+    off = facts_in_child("tests.kernels.test_sagesla_gluon", "_sm90_facts", False, True, 128)
+    assert on["tma_copies"] == off["tma_copies"] + 1
+    assert on["ld_global"] <= off["ld_global"] - 16
+    assert on["linear_bf16"] and on["maxnreg"] and on["shared"] <= off["shared"] + 16
 
 
 @needs_gluon
