@@ -17,6 +17,9 @@ every k̄_j changes the scores of query block i by the constant q̄_i·(km − c
 and with it the selection, is that of q̄·(k̄ − km) (up to rounding at near-ties, as with TF32). c only
 has to be a typical block mean, so that the products are rounded relative to the spread of the block
 means, as with km; and the scores no longer wait for km.
+
+`prepare` uses it with ``tune={"topk": "fused"}``; it is not the default until a GPU run shows that it
+pays (`benchmarks/probe_prep_chain.py`).
 """
 
 from __future__ import annotations
