@@ -41,6 +41,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from .pdl import pdl_launch_kwargs
+
 try:  # Gluon ships with Triton >= 3.5; two builtins used here were renamed after 3.6
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -391,5 +393,5 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
         H, L, prep["Qb"], prep["Kb"], prep["T"], prep["Lpad"], LOG2E / D ** 0.5, *q.stride(), *out.stride(),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D, DENSE=prep["dense"], LINEAR=kvw is not None,
         HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), ADD_OUT=add_out, LUT_PAD=lut_pad,
-        PDL=pdl, KVW_TMA=kvw_tma, num_warps=4, maxnreg=MAX_REGS, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, KVW_TMA=kvw_tma, num_warps=4, maxnreg=MAX_REGS, **pdl_launch_kwargs(pdl),
     )

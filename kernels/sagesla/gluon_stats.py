@@ -32,6 +32,7 @@ import torch
 import triton
 
 from .gluon_attn import HAS_GLUON
+from .pdl import pdl_launch_kwargs
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -235,5 +236,5 @@ def launch_stats(q, k, v, kvp, ksp, vmax, qpool, kblk, chunk: int, Qb: int, Kb: 
     _linear_stats_gluon[(NC, B * H)](
         descs[0] if pool_q else descs[1], descs[1], descs[2], kvp, ksp, vmax, qpool, kblk, H, L, NC, Qb, Kb,
         CHUNK=chunk, ROWS=ROWS, HEAD_D=D, NS=stages, POOL=pool, POOL_Q=pool_q, BLOCK_Q=block_q, BLOCK_K=block_k,
-        PDL=pdl, num_warps=WARPS, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, num_warps=WARPS, **pdl_launch_kwargs(pdl),
     )
