@@ -65,6 +65,30 @@ def topk_select(x, valid, row_ok, T, ROWS: tl.constexpr, KBP: tl.constexpr):
 
 
 @triton.jit
+def key_mean(kbase, Kb, L, HEAD_D: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    """km [HEAD_D] = Σ of a head's Kb key-block sums (rows of HEAD_D at ``kbase``) / L; STAGES > 1
+    software-pipelines the loads."""
+    offs_d = tl.arange(0, HEAD_D)
+    acc = tl.zeros([BK, HEAD_D], tl.float32)
+    for j0 in tl.range(0, Kb, BK, num_stages=STAGES):
+        rows = j0 + tl.arange(0, BK)
+        acc += tl.load(kbase + rows[:, None] * HEAD_D + offs_d[None, :], mask=(rows < Kb)[:, None], other=0.0)
+    return tl.sum(acc, axis=0) / L
+
+
+@triton.jit
+def v_scale(vmax_ptr, bh, NC, eps, HEAD_D: tl.constexpr, BC: tl.constexpr):
+    """Head bh's FP8 V scale [HEAD_D]: the max over its NC chunk maxima of |v| / 448 + eps."""
+    offs_d = tl.arange(0, HEAD_D)
+    vm = tl.zeros([BC, HEAD_D], tl.float32)  # maxima of |v| are >= 0
+    for c0 in range(0, NC, BC):
+        c = c0 + tl.arange(0, BC)
+        vm = tl.maximum(vm, tl.load(vmax_ptr + (bh * NC + c)[:, None].to(tl.int64) * HEAD_D + offs_d[None, :],
+                                    mask=(c < NC)[:, None], other=0.0))
+    return tl.math.div_rn(tl.max(vm, axis=0), tl.full([HEAD_D], 448.0, tl.float32)) + eps
+
+
+@triton.jit
 def _block_map_kernel(
     qpool_ptr,  # [BH, Qb, D] fp32 q means per query block
     kblk_ptr,  # [BH, Kb, D] fp32 k sums per key block
@@ -82,18 +106,8 @@ def _block_map_kernel(
     offs_d = tl.arange(0, HEAD_D)
     kbase = kblk_ptr + bh.to(tl.int64) * Kb * HEAD_D
     if i == tl.num_programs(0) - 1:  # km and the V scale of head bh
-        acc = tl.zeros([BK, HEAD_D], tl.float32)
-        for j0 in tl.range(0, Kb, BK, num_stages=STAGES):
-            rows = j0 + tl.arange(0, BK)
-            acc += tl.load(kbase + rows[:, None] * HEAD_D + offs_d[None, :], mask=(rows < Kb)[:, None], other=0.0)
-        tl.store(km_ptr + bh * HEAD_D + offs_d, tl.sum(acc, axis=0) / L)
-        vm = tl.zeros([BC, HEAD_D], tl.float32)  # maxima of |v| are >= 0
-        for c0 in range(0, NC, BC):
-            c = c0 + tl.arange(0, BC)
-            vm = tl.maximum(vm, tl.load(vmax_ptr + (bh * NC + c)[:, None].to(tl.int64) * HEAD_D + offs_d[None, :],
-                                        mask=(c < NC)[:, None], other=0.0))
-        tl.store(vscale_ptr + bh * HEAD_D + offs_d,
-                 tl.math.div_rn(tl.max(vm, axis=0), tl.full([HEAD_D], 448.0, tl.float32)) + eps)
+        tl.store(km_ptr + bh * HEAD_D + offs_d, key_mean(kbase, Kb, L, HEAD_D, BK, STAGES))
+        tl.store(vscale_ptr + bh * HEAD_D + offs_d, v_scale(vmax_ptr, bh, NC, eps, HEAD_D, BC))
     else:  # ROWS query blocks: scores against every key block, then their top-T
         qrows = i * ROWS + tl.arange(0, ROWS)
         qmask = qrows < Qb

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_map import block_map, topk_select
+from .block_map import block_map, key_mean, topk_select, v_scale
 from .pdl import pdl_active, pdl_enter, pdl_launch_kwargs
 
 FP8_MAX = 448.0
@@ -273,20 +273,10 @@ def _key_means_kernel(
     bh = tl.program_id(1)
     offs_d = tl.arange(0, HEAD_D)
     kbase = kblk_ptr + bh.to(tl.int64) * Kb * HEAD_D
-    acc = tl.zeros([BK, HEAD_D], tl.float32)
-    for j0 in tl.range(0, Kb, BK, num_stages=STAGES):  # STAGES > 1: the loads are software-pipelined
-        rows = j0 + tl.arange(0, BK)
-        acc += tl.load(kbase + rows[:, None] * HEAD_D + offs_d[None, :], mask=(rows < Kb)[:, None], other=0.0)
-    km = tl.sum(acc, axis=0) / L
+    km = key_mean(kbase, Kb, L, HEAD_D, BK, STAGES)
     if i == 0:
         tl.store(km_ptr + bh * HEAD_D + offs_d, km)
-        vm = tl.zeros([BC, HEAD_D], tl.float32)  # maxima of |v| are >= 0
-        for c0 in range(0, NC, BC):
-            c = c0 + tl.arange(0, BC)
-            vm = tl.maximum(vm, tl.load(vmax_ptr + (bh * NC + c)[:, None].to(tl.int64) * HEAD_D + offs_d[None, :],
-                                        mask=(c < NC)[:, None], other=0.0))
-        tl.store(vscale_ptr + bh * HEAD_D + offs_d, tl.math.div_rn(tl.max(vm, axis=0), tl.full([HEAD_D], 448.0,
-                                                                                                  tl.float32)) + eps)
+        tl.store(vscale_ptr + bh * HEAD_D + offs_d, v_scale(vmax_ptr, bh, NC, eps, HEAD_D, BC))
     if SCORES:
         qrows = i * BQ + tl.arange(0, BQ)
         qmask = qrows < Qb
