@@ -136,6 +136,16 @@ class BakeRCMSampler(Pass):
         mode: str = choice("sde", ("sde", "ode"), "sde (TurboDiffusion default) or ode (Euler)")
         boundary: float = number(0.9, min=0.0, max=1.0, doc="Wan2.2 expert switch on RF t (t >= boundary: high)")
 
+        def __post_init__(self):
+            """The schedule is checked here, in the recipe, not after capture (σ_max = null: both defaults)."""
+            from turbocompile.sampling.schedules import rcm_schedule
+
+            for sigma_max in ([self.sigma_max] if self.sigma_max is not None else [80.0, 200.0]):
+                try:
+                    rcm_schedule(self.steps, sigma_max, self.mid_times)
+                except TurboCompileError as exc:
+                    raise ValueError(str(exc)) from None
+
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         from turbocompile.sampling.schedules import rcm_expert_plan, rcm_schedule, rcm_timesteps_bf16
 

@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from turbocompile.errors import RecipeError
 from turbocompile.options import choice
 from turbocompile.passbase import Pass, PassResult, register_pass
 from turbocompile.passes._graph import mark
@@ -213,7 +212,7 @@ class FuseNorms(Pass):
         def __post_init__(self):
             bad = [g for g in self.quant_granularities if g not in ("per_token", "block128")]
             if bad:
-                raise RecipeError(f"fuse_norms.quant_granularities: unknown {bad[0]!r}; valid: per_token, block128")
+                raise ValueError(f"quant_granularities: unknown {bad[0]!r}; valid: per_token, block128")
         backend: str = choice("auto", ("auto", "triton", "torch"), "kernel backend")
 
     # -- helpers -----------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(art, "save_file", boom)
     out = tmp_path / "x"
-    with pytest.raises(OSError):
+    with pytest.raises(ArtifactError, match=f"cannot write '{out}': disk full"):  # one line, exit 2 in the CLI
         turbocompile.optimize("wan-tiny", "baseline", out, dtype="float32")
     assert list(tmp_path.iterdir()) == []
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from turbocompile.artifact import check_output_dir, load_graph_module, read_manifest, save_artifact
 from turbocompile.capture import capture, example_inputs, input_specs, propagate_shapes
-from turbocompile.errors import ArtifactError, InputError, ModelConfigError, TurboCompileError
+from turbocompile.errors import ArtifactError, InputError, ModelConfigError, PipelineError, TurboCompileError
 from turbocompile.model.config import PRESETS, VideoShape, WanConfig, get_preset
 from turbocompile.model.wan import WanModel, init_random_
 from turbocompile.passbase import PassContext
@@ -31,6 +31,7 @@ from turbocompile.recipe import DEVICES, DTYPES, Recipe, load_recipe
 __all__ = ["optimize", "load", "OptimizeResult", "CompiledArtifact", "CompiledWan", "resolve_model", "DTYPE_MAP"]
 
 DTYPE_MAP = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_SEED = 2**63 - 2  # a two-expert model seeds its second expert with seed + 1 (an int64)
 
 
 def _version(pkg: str) -> str | None:
@@ -68,20 +69,49 @@ class OptimizeResult:
         return CUDAGraphRunner(self.graph_module, inputs, warmup=warmup, names=[i["name"] for i in sig["inputs"]])
 
 
-def _pick_device(name: str | None) -> torch.device:
+def _pick_device(name: "str | torch.device | None") -> torch.device:
+    """``cpu`` / ``cuda`` / ``cuda:N`` or a torch.device (None: cuda when available); one-line errors."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in DEVICES:
-        raise ModelConfigError(f"device '{name}' is not valid; choose one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelConfigError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICES:
+        raise ModelConfigError(f"device '{name}' is not valid; choose one of {', '.join(DEVICES)} (or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError(f"device '{name}' requested but no CUDA GPU is available; use --device cpu")
+    return dev
 
 
-def _pick_dtype(name: str | None) -> torch.dtype:
-    if name not in DTYPE_MAP:
-        raise ModelConfigError(f"dtype '{name}' is not valid; choose one of {', '.join(DTYPES)}")
-    return DTYPE_MAP[name]
+def _pick_dtype(name: "str | torch.dtype | None") -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` or the torch.dtype itself; one-line error otherwise."""
+    if isinstance(name, torch.dtype) and name in DTYPE_MAP.values():
+        return name
+    if isinstance(name, str) and name in DTYPE_MAP:
+        return DTYPE_MAP[name]
+    raise ModelConfigError(f"dtype '{name}' is not valid; choose one of {', '.join(DTYPES)}")
+
+
+def _check_call_options(rec: Recipe, *, seed, disable, expert) -> tuple[str, ...]:
+    """Validate optimize's plain options before any work; returns the pass names to disable."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        raise ModelConfigError(f"seed {seed!r} is not valid; choose an integer from 0 to {_MAX_SEED}")
+    if expert not in (None, "high", "low"):
+        raise ModelConfigError(f"expert {expert!r} is not valid; choose one of high, low")
+    if disable is None:
+        disable = ()
+    elif isinstance(disable, str):  # one name, not its letters
+        disable = (disable,)
+    elif not all(isinstance(d, str) for d in disable):
+        raise ModelConfigError(f"disable: expected pass names, got {disable!r}")
+    disabled = tuple(disable) + disabled_from_env()
+    known = [p.name for p in rec.passes]
+    for name in disabled:
+        if name not in known:
+            raise PipelineError(f"cannot disable '{name}': not in this pipeline (passes: "
+                                f"{', '.join(sorted(known)) or 'none'})")
+    return disabled
 
 
 def resolve_model(model: Any, *, dtype: torch.dtype | None, device: torch.device, seed: int = 0,
@@ -211,13 +241,13 @@ def optimize(
     """
     t_start = time.perf_counter()
     rec = load_recipe(recipe)
-    if out is not None:
-        check_output_dir(out, overwrite)  # before any work: nothing is lost, nothing is wasted
+    disabled = _check_call_options(rec, seed=seed, disable=disable, expert=expert)
     dt = _pick_dtype(dtype or rec.model.dtype or "bfloat16")
     dev = _pick_device(device or rec.model.device)
+    if out is not None:
+        check_output_dir(out, overwrite)  # before any work: nothing is lost, nothing is wasted
     needs_int8 = any(p.name == "w8a8_linear" for p in rec.passes)
     bakes = any(p.name == "bake_rcm_sampler" for p in rec.passes)
-    disabled = tuple(disable) + disabled_from_env()
     low_gm = None
     if bakes and _num_experts(model) == 2 and "bake_rcm_sampler" not in disabled:
         # Wan2.2 A14B: the baked sampler switches experts mid-schedule, so both experts are
@@ -402,6 +432,10 @@ def _retarget_dtype(gm: fx.GraphModule, src: torch.dtype, dst: torch.dtype) -> N
     gm.recompile()
 
 
+def _has_sagesla(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and "turbocompile.sagesla" in str(n.target) for n in gm.graph.nodes)
+
+
 def load(path: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          verify_checksums: bool = True, cuda_graph: bool = False) -> CompiledWan:
     """Load an artifact written by :func:`optimize` (or ``turbocompile optimize``).
@@ -420,20 +454,8 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
         >>> m = load("out/wan-tiny")  # doctest: +SKIP
         >>> v = m(x, t, ctx)           # doctest: +SKIP
     """
-    dst = None
-    if dtype is not None:
-        dst = dtype if isinstance(dtype, torch.dtype) else DTYPE_MAP.get(str(dtype))
-        if dst not in DTYPE_MAP.values():
-            raise ArtifactError(f"dtype '{dtype}' is not valid; choose one of {', '.join(DTYPES)}")
-    try:
-        requested = torch.device(device) if device is not None else None
-    except (RuntimeError, TypeError):
-        requested = None
-        device = str(device)
-    if device is not None and (requested is None or requested.type not in DEVICES):
-        raise ModelConfigError(f"device '{device}' is not valid; choose one of {', '.join(DEVICES)}")
-    _pick_device(None if requested is None else requested.type)  # one-line error for cuda without a GPU
-    device = str(requested) if requested is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    dst = None if dtype is None else _pick_dtype(dtype)
+    device = str(_pick_device(device))
     manifest = read_manifest(path, verify_checksums=verify_checksums)
     if cuda_graph:
         from turbocompile.cuda_graph import require_cuda
@@ -457,6 +479,9 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
         raise ArtifactError(f"artifact manifest lacks or has a malformed entry: {exc}") from None
     if dst is not None:
         src = module.activation_dtype
+        if dst == torch.float32 and src != dst and _has_sagesla(gm):
+            raise ArtifactError(f"{path}: its SageSLA attention takes bfloat16 or float16 inputs; load it with dtype "
+                                f"bfloat16 or float16, or re-optimize with dtype float32 (which casts around the op)")
         if dst != src:
             _retarget_dtype(gm, src, dst)
             module.manifest = dict(manifest, signature=dict(manifest["signature"], activation_dtype=_dtype_name(dst)))

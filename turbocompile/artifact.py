@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from turbocompile.errors import ArtifactError
 from turbocompile.graph_io import graph_from_json, graph_to_json
+from turbocompile.output_paths import check_writable, write_failure
 
 __all__ = ["save_artifact", "check_output_dir", "read_manifest", "load_graph_module", "FORMAT_NAME", "FORMAT_VERSION",
            "graph_tensors"]
@@ -84,19 +86,19 @@ def _shards(tensors: dict[str, torch.Tensor], limit_bytes: int) -> list[dict[str
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an artifact output that would lose data (one-line :class:`ArtifactError`).
+    """Refuse an artifact output that would lose data or cannot be written (one-line :class:`ArtifactError`).
 
-    A new path is fine. An existing path is replaced only with ``overwrite`` and only when it is
-    a previous turbocompile artifact (a directory with an artifact manifest) — never an arbitrary
-    directory or file, never the current directory or one of its parents.
+    A new path is fine if its location can be written. An existing path is replaced only with
+    ``overwrite`` and only when it is a previous turbocompile artifact (a directory with an artifact
+    manifest) holding nothing but the files its manifest lists: never an arbitrary directory or file,
+    never one into which other files were put, never the current directory or one of its parents.
     """
     out = Path(out)
     resolved = out.resolve()
     if resolved == Path(resolved.anchor) or Path.cwd().resolve().is_relative_to(resolved):
         raise ArtifactError(f"output '{out}' is the current directory, one of its parents or the root; "
                             "choose a new directory for the artifact")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ArtifactError(f"cannot write '{out}': '{out.parent}' is not a directory")
+    check_writable(out, ArtifactError)
     if not out.exists():
         return out
     if not overwrite:
@@ -104,13 +106,31 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     if not out.is_dir():
         raise ArtifactError(f"output '{out}' exists and is not a directory; --overwrite only replaces artifacts")
     try:
-        is_artifact = json.loads((out / MANIFEST).read_text()).get("format") == FORMAT_NAME
-    except (OSError, ValueError, AttributeError):
-        is_artifact = False
-    if not is_artifact:
+        manifest = json.loads((out / MANIFEST).read_text())
+        listed = set(manifest["files"]) | {MANIFEST} if manifest.get("format") == FORMAT_NAME else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        listed = None
+    if listed is None:
         raise ArtifactError(f"output '{out}' exists and is not a turbocompile artifact; --overwrite only replaces "
                             "artifacts (nothing was deleted)")
+    extra = sorted(p.name for p in out.iterdir() if p.name not in listed)
+    if extra:
+        raise ArtifactError(f"output '{out}' is an artifact but also holds files it does not list ({', '.join(extra[:3])}"
+                            f"{', ...' if len(extra) > 3 else ''}); move them away or choose another path (nothing "
+                            "was deleted)")
     return out
+
+
+def _json_safe(obj):
+    """``obj`` with non-finite floats as the strings "inf", "-inf", "nan" (JSON has no such numbers:
+    an exact pass's SQNR is +inf)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def save_artifact(gm: fx.GraphModule, out: str | Path, manifest: dict, *, shard_size_mb: int = 4096,
@@ -137,7 +157,7 @@ def save_artifact(gm: fx.GraphModule, out: str | Path, manifest: dict, *, shard_
             "# Readable code of the optimized graph (informational; the loader reads graph.json).\n"
             + gm.code
         )
-        manifest = dict(manifest)
+        manifest = _json_safe(dict(manifest))
         manifest["format"] = FORMAT_NAME
         manifest["format_version"] = FORMAT_VERSION
         manifest["tensors"] = _tensor_summary(tensors)
@@ -146,7 +166,7 @@ def save_artifact(gm: fx.GraphModule, out: str | Path, manifest: dict, *, shard_
             for p in sorted(tmp.iterdir())
         }
         manifest["manifest_sha256"] = _manifest_digest(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False))
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
@@ -157,8 +177,11 @@ def save_artifact(gm: fx.GraphModule, out: str | Path, manifest: dict, *, shard_
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(out, exc, ArtifactError)
+        if failure is not None:
+            raise failure from None
         raise
     return out
 

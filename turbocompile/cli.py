@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -36,6 +37,9 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`turbocompile recipes | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except Exception as exc:  # noqa: BLE001 - the internal-error boundary
             if os.environ.get("TURBOCOMPILE_DEBUG"):
                 traceback.print_exc()
@@ -58,7 +62,8 @@ def cli():
               help="Activation/weight dtype (default: the recipe's, else bfloat16).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Device to optimize on (default: the recipe's, else cuda when available).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of built-in random weights.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 2), default=0, show_default=True,
+              help="Seed of built-in random weights.")
 @click.option("--verify", is_flag=True, help="Check each pass numerically against the graph before it.")
 @click.option("--disable-pass", "disable", multiple=True, help="Skip a pass by name (repeatable).")
 @click.option("--expert", type=click.Choice(["high", "low"]), default=None,
@@ -150,13 +155,26 @@ def _describe(artifact, m: dict) -> list[str]:
 
 
 @cli.command()
-def recipes():
-    """List the built-in recipes."""
+@click.argument("recipe", nargs=-1)
+def recipes(recipe):
+    """List the built-in recipes, or validate and show RECIPE (a YAML file or a built-in name).
+
+    A recipe given here is checked as `optimize` checks it (keys, pass names, option types and
+    ranges), without loading a model.
+    """
+    import yaml
+
     from turbocompile.recipe import builtin_recipes, load_recipe
 
-    for name, path in builtin_recipes().items():
-        r = load_recipe(path)
-        click.echo(f"{name:<20} {r.description}")
+    if not recipe:
+        for name, path in builtin_recipes().items():
+            r = load_recipe(path)
+            click.echo(f"{name:<20} {r.description}")
+        return
+    for text in recipe:
+        r = load_recipe(text)
+        click.echo(f"# {text}: valid")
+        click.echo(yaml.safe_dump(r.to_dict(), sort_keys=False, default_flow_style=None).rstrip())
 
 
 @cli.command()
@@ -199,8 +217,15 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _terminated(signum, frame):
+    """SIGTERM as an exception, so that the writers' cleanup (temporary files and directories) runs."""
+    click.echo("terminated", err=True)
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(args=argv, prog_name="turbocompile", standalone_mode=True)
     except SystemExit as exc:

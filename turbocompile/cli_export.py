@@ -29,7 +29,8 @@ def _run(artifact, fmt, out, attention, opset, overwrite, quiet):
 
 @click.argument("artifact", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["onnx", "pt2"]), required=True,
-              help="onnx: standard ONNX ops (onnxruntime); pt2: torch.export.save (load after import turbocompile).")
+              help="onnx: standard ONNX ops (onnxruntime; its CPU provider needs a float32 artifact); "
+                   "pt2: torch.export.save (load after import turbocompile).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="File to write (atomically).")
 @click.option("--attention", type=click.Choice(["standard", "custom"]), default="standard", show_default=True,
               help="ONNX: sagesla as standard ops (same function as the op) or as turbocompile.SageSLA nodes.")

@@ -14,17 +14,20 @@ from pathlib import Path
 import click
 
 from turbocompile.errors import InputError
+from turbocompile.output_paths import check_writable, refuse_input, write_failure
 
 __all__ = ["run", "write_latents"]
 
 
-def check_latents_path(path: str | Path, overwrite: bool) -> Path:
-    """One-line :class:`InputError` unless latents can be written to ``path`` without losing data."""
+def check_latents_path(path: str | Path, overwrite: bool, *, inputs: dict | None = None) -> Path:
+    """One-line :class:`InputError` unless latents can be written to ``path`` without losing data:
+    not a directory, a writable location, not one of ``inputs`` (name -> path: the context file, or
+    inside the artifact), an existing file only with ``overwrite``."""
     path = Path(path)
     if path.exists() and path.is_dir():
         raise InputError(f"output '{path}' is a directory; give a .safetensors file name")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise InputError(f"cannot write '{path}': '{path.parent}' is not a directory")
+    refuse_input(path, inputs or {}, InputError)
+    check_writable(path, InputError)
     if path.exists() and not overwrite:
         raise InputError(f"output '{path}' already exists; choose another path or pass --overwrite")
     return path
@@ -42,9 +45,11 @@ def write_latents(path: str | Path, latents, metadata: dict[str, str], *, overwr
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        failure = write_failure(path, exc, InputError)
+        if failure is not None:
+            raise failure from None
         raise
     return path
 
@@ -89,7 +94,8 @@ def run(artifact, context, seed, steps, frames, size, teacher, guidance, shift, 
     """
     from turbocompile.sampling.compiled import generate
 
-    check_latents_path(out, overwrite)  # before sampling: nothing is lost, nothing is wasted
+    # before sampling: nothing is lost (not even the inputs), nothing is wasted
+    check_latents_path(out, overwrite, inputs={"context file": context, "artifact": artifact})
     res = generate(artifact, context, seed=seed, steps=steps, frames=frames, size=_parse_size(size),
                    teacher=teacher, guidance=guidance, shift=shift, mode=mode, device=device,
                    progress=not quiet)

@@ -9,6 +9,7 @@ with the YAML path for unknown keys, wrong types and out-of-range values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -56,6 +57,8 @@ def _coerce(value, tp, path: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .nan slips through every range check (nan < lo is False)
+            raise RecipeError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

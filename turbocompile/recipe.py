@@ -181,12 +181,42 @@ def builtin_recipes() -> dict[str, Path]:
     return dict(sorted(out.items()))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise RecipeError(f"'{key}' is given twice in one mapping (line {key_node.start_mark.line + 1}); "
+                                  "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except RecipeError as exc:
+        raise RecipeError(f"recipe {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe {path}: invalid YAML{where}") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise RecipeError(f"recipe {path}: cannot be read as UTF-8 text ({type(exc).__name__})") from None
+
+
 def load_recipe(recipe: "str | Path | Recipe | dict") -> Recipe:
     """Load a recipe from a YAML file path, a built-in recipe name, a dict, or a Recipe."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
         return parse_recipe(recipe)
+    if not isinstance(recipe, (str, Path)):
+        raise RecipeError(f"recipe: expected a built-in name, a YAML path, a dict or a Recipe, got "
+                          f"{type(recipe).__name__}; built-in recipes: {', '.join(builtin_recipes())}")
     text_path = Path(recipe)
     text = str(recipe)
     if text_path.is_file():
@@ -202,12 +232,4 @@ def load_recipe(recipe: "str | Path | Recipe | dict") -> Recipe:
             raise RecipeError(f"no recipe file or built-in recipe named '{recipe}'; built-in recipes: "
                               f"{', '.join(shipped)}")
         path = shipped[key]
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"recipe {path}: invalid YAML{where}") from None
-    except (UnicodeDecodeError, OSError) as exc:
-        raise RecipeError(f"recipe {path}: cannot be read as UTF-8 text ({type(exc).__name__})") from None
-    return parse_recipe(data, source=str(path))
+    return parse_recipe(_parse_yaml(path), source=str(path))

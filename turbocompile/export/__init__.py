@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from turbocompile.errors import TurboCompileError
+from turbocompile.output_paths import check_writable, refuse_input, write_failure
 
 __all__ = ["export_artifact", "ExportError", "FORMATS", "ATTENTION_MODES", "DEFAULT_OPSET"]
 
@@ -33,13 +34,15 @@ class ExportError(TurboCompileError):
     """An artifact cannot be exported in the requested format (names the reason and the choices)."""
 
 
-def check_output_file(out: str | Path, overwrite: bool) -> Path:
-    """One-line :class:`ExportError` unless ``out`` can be written without losing data."""
+def check_output_file(out: str | Path, overwrite: bool, *, artifact: str | Path | None = None) -> Path:
+    """One-line :class:`ExportError` unless ``out`` can be written without losing data: not a
+    directory, a writable location, not inside the ``artifact`` being exported, an existing file
+    only with ``overwrite``."""
     out = Path(out)
     if out.exists() and out.is_dir():
         raise ExportError(f"output '{out}' is a directory; give a file path")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ExportError(f"cannot write '{out}': '{out.parent}' is not a directory")
+    refuse_input(out, {"artifact": artifact}, ExportError)
+    check_writable(out, ExportError)
     if out.exists() and not overwrite:
         raise ExportError(f"output '{out}' already exists; choose another path or pass --overwrite")
     return out
@@ -55,8 +58,11 @@ def atomic_write(out: str | Path, write: Callable[[Path], None], *, overwrite: b
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        failure = write_failure(out, exc, ExportError)
+        if failure is not None:
+            raise failure from None
         raise
     return out
 
@@ -98,7 +104,7 @@ def export_artifact(path: str | Path, format: str, out: str | Path, *, attention
             newest = DEFAULT_OPSET
         if type(opset) is not int or not DEFAULT_OPSET <= opset <= newest:
             raise ExportError(f"opset {opset} is not supported; choose {DEFAULT_OPSET} to {newest}")
-    check_output_file(out, overwrite)  # before the (slow) export: nothing is lost, nothing is wasted
+    check_output_file(out, overwrite, artifact=path)  # before the (slow) export: nothing is lost or wasted
     from turbocompile.export.pt2 import export_program, save_pt2
 
     prog = export_program(path, dynamic_batch=dynamic_batch, log=log)

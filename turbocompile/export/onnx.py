@@ -546,6 +546,9 @@ def save_onnx(prog, out, *, attention: str = "standard", opset: int | None = Non
         raise ExportError(f"FP8 (float8 e4m3) W8A8 ops need ONNX opset >= {FP8_MIN_OPSET} (got {opset}); "
                           "INT8 recipes export at any supported opset")
     notes = list(prog.notes)
+    if prog.manifest["signature"].get("activation_dtype") == "bfloat16":
+        notes.append("bfloat16 graph: onnxruntime's CPU provider has no bfloat16 MatMul; for CPU inference export "
+                     "an artifact optimized with --dtype float32")
     n_sla = sum(1 for name, _ in ops if name == "sagesla")
     if n_sla:
         if attention == "custom":

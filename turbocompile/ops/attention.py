@@ -163,6 +163,16 @@ def sagesla(
     Example:
         >>> out = sagesla(q, k, v, topk=0.1, proj_weight=w, proj_bias=b)
     """
+    # Python-level types first: the op schema would coerce (0.1 from "0.1", 64 from 64.5) or fail deep inside
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"sagesla: {name} must be a tensor [B, L, H, D], got {type(t).__name__}")
+    if isinstance(topk, bool) or not isinstance(topk, (int, float)):
+        raise ValueError(f"sagesla: topk must be a number with 0 < topk <= 1, got {topk!r}")
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(blk, bool) or not isinstance(blk, int):
+            raise ValueError(f"sagesla: {name} must be an integer, one of {', '.join(map(str, BLOCK_SIZES))}; "
+                             f"got {blk!r}")
     out = torch.ops.turbocompile.sagesla(q, k, v, float(topk), proj_weight, proj_bias,
                                          int(block_q), int(block_k), quant, backend, q_pool, k_blocksum, v_absmax)
     if return_density:

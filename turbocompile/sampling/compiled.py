@@ -198,6 +198,7 @@ def generate(artifact, conditioning: "dict | str | Path", *, seed: int = 0, step
     cond = read_conditioning(conditioning) if not isinstance(conditioning, dict) else dict(conditioning)
     if "context" not in cond:
         raise InputError("conditioning has no 'context' tensor")
+    _check_conditioning(cond)
     vs = manifest["model"]["video_shape"]
     if frames is not None and frames != vs["frames"]:
         raise InputError(f"--frames {frames} does not match the artifact, which is specialised for {vs['frames']} "
@@ -265,6 +266,20 @@ def generate(artifact, conditioning: "dict | str | Path", *, seed: int = 0, step
     except SamplingError as exc:
         raise InputError(str(exc)) from None
     return GenerateResult(latents.float().cpu(), meta)
+
+
+def _check_conditioning(cond: dict) -> None:
+    """One-line errors for conditioning that would only show up as NaN latents or as a confusing
+    shape error from the wrong forward: non-finite values, a negative prompt shaped unlike the prompt."""
+    for name, t in cond.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"conditioning tensor '{name}' has NaN or inf values")
+    neg, ctx = cond.get("negative_context"), cond["context"]
+    if isinstance(ctx, torch.Tensor) and ctx.dim() != 3:
+        raise InputError(f"context has shape {list(ctx.shape)}; expected [B, Lc, text_dim]")
+    if isinstance(neg, torch.Tensor) and isinstance(ctx, torch.Tensor) and neg.shape != ctx.shape:
+        raise InputError(f"negative_context has shape {list(neg.shape)}; it must match context's "
+                         f"{list(ctx.shape)}")
 
 
 def _module_device(module: nn.Module) -> torch.device:

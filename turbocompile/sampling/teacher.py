@@ -9,7 +9,9 @@ UniPC lives in :mod:`turbocompile.sampling.unipc`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
 import torch
 
 from turbocompile.sampling._common import (call_denoiser, check_noise, net_timestep, resolve_experts,
@@ -82,6 +84,8 @@ def teacher_plan(steps: int, shift: float, sigma_max: float, guidance, *, n_expe
         per_step = [g_high if e == 0 else g_low for e in experts]
     else:
         per_step = [float(guidance)] * steps
+    if not all(math.isfinite(g) for g in per_step):
+        raise SamplingError(f"guidance must be a finite number, got {guidance!r}")
     return TeacherPlan(sigmas, timesteps, experts, per_step)
 
 
