@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test suite on the lent GPU: every kernel test runs its compiled kernel on CUDA (natively, not in
+# Triton's interpreter), including the GPU-only branches (hardware e4m3 casts, cvt.rni rounding, the
+# Gluon kernels on sm90) that CI on CPU cannot reach.
+#
+#   source benchmarks/gpu_env.sh; bash benchmarks/gpu_tests.sh [TEST PATHS...]   (default: tests/kernels tests/ops)
+#
+# pytest, pytest-xdist and pytest-timeout are in the GPU image. Workers compile in parallel (one GPU is
+# shared); each test has a 300 s limit, the whole run stops at 540 s so that one device call returns its
+# log. Writes $OUT/pytest_gpu.log and $OUT/pytest_gpu.xml (JUnit) when OUT is set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp}
+paths=("$@")
+[ ${#paths[@]} -eq 0 ] && paths=(tests/kernels tests/ops)
+workers=${GPU_TEST_WORKERS:-8}
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 2
+timeout "${GPU_TEST_BUDGET_S:-540}" python3 -m pytest -q -p no:cacheprovider -n "$workers" --timeout 300 \
+  -rfEs --junitxml="$out/pytest_gpu.xml" "${paths[@]}" 2>&1 | tee "$out/pytest_gpu.log"
