@@ -50,10 +50,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 @triton.jit
 def round_e4m3(x):
-    """Round fp32 to the e4m3 grid (round half up in magnitude, saturate at 448)."""
+    """Round fp32 to the e4m3 grid (round half to even, as the GPU cast and torch; saturate at 448)."""
     ax = tl.abs(x)
     step = tl.maximum(tl.exp2(tl.floor(tl.log2(tl.maximum(ax, 1e-30))) - 3.0), 0.001953125)  # 2^-9: subnormal step
-    r = tl.minimum(tl.floor(ax / step + 0.5) * step, 448.0)
+    y = ax / step  # exact (a power of two), < 16
+    r = tl.minimum(((y + 12582912.0) - 12582912.0) * step, 448.0)  # 1.5·2^23 trick: rint, ties to even
     return tl.where(x < 0, -r, r)
 
 

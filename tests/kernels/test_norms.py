@@ -95,8 +95,12 @@ def _rope_tables(L, d):
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("D,H,rows", [(64, 2, 33), (200, 5, 7), (256, 4, 1), (1536, 12, 7)])
 @pytest.mark.parametrize("rope", [True, False])
-def test_rmsnorm_rope_kernel(dt, D, H, rows, rope):
-    z = (torch.randn(1, rows, D) * 4).to(dt).to(DEV)
+@pytest.mark.parametrize("amp", [4.0, 1e-3])
+def test_rmsnorm_rope_kernel(dt, D, H, rows, rope, amp):
+    """amp 1e-3: mean(z²) ≈ 1e-6 = eps, so rsqrt(mean(z²) + eps) depends on eps as much as on z (an eps
+    10x off changes the output by ~2x; at amp 4 it is invisible). D=200 with RoPE is the element kernel,
+    the rest the pair-word kernel."""
+    z = (torch.randn(1, rows, D) * amp).to(dt).to(DEV)
     w = (torch.rand(D) + 0.5).to(dt).to(DEV)
     cos, sin = _rope_tables(rows, D // H) if rope else (None, None)
     out = norms.rmsnorm_rope(z, w, cos, sin, H, backend="triton")
@@ -290,6 +294,34 @@ def test_one_pass_statistics_offset_rows(D):
     assert rel(one, expect) <= 1e-4 and rel(two, expect) <= 1e-4, (rel(one, expect), rel(two, expect))
 
 
+@pytest.mark.parametrize("stats", [0, 1])
+@pytest.mark.parametrize("D", [200, 1536])
+def test_ln_eps_small_variance_rows(stats, D):
+    """fp32 rows whose variance (1e-6) equals eps: rstd = rsqrt(var + eps) then depends on eps as much as
+    on the row (an eps 10x off changes h by ~57%; the var ~9 rows above cannot see it). Both statistics
+    paths, one (masked) and two column tiles, LN + modulate, the gated residual form and the per-token
+    quantizer epilogue (same statistics code) against F.layer_norm with that eps. The mean is 2e-3, not
+    large: at a mean of 5 the fp32 rounding of x - mean alone would cost ~1e-4 of agreement."""
+    from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton, residual_ln_modulate_triton
+
+    eps, cfg, f32 = 1e-6, dict(stats=stats), torch.float32
+    x = (torch.randn(1, 7, D, device=DEV) + 2.0) * 1e-3
+    y = torch.randn_like(x) * 1e-3
+    gate = torch.rand(1, 1, D, device=DEV)
+    sh, sc = torch.randn(1, 1, D, device=DEV) * 0.1, torch.randn(1, 1, D, device=DEV) * 0.5
+    h = ln_modulate_triton(x, None, None, sh, sc, eps, f32, config=cfg)
+    assert rel(h, ref.layer_norm_modulate_ref(x, None, None, sh, sc, eps, f32)) <= 1e-6
+    plain = ln_modulate_triton(x, None, None, None, None, eps, f32, config=cfg)
+    assert rel(plain, ref.layer_norm_modulate_ref(x, None, None, None, None, eps, f32)) <= 1e-6
+    xn, hr = residual_ln_modulate_triton(x, y, gate, None, None, sh, sc, eps, f32, config=cfg)
+    xn_ref, hr_ref = ref.residual_ln_modulate_ref(x, y, gate, None, None, sh, sc, eps, f32)
+    assert torch.equal(xn, xn_ref) and rel(hr, hr_ref) <= 1e-6
+    q, s = ln_modulate_triton(x, None, None, None, None, eps, f32, quant=("int8", "per_token"), config=cfg)
+    q_ref, s_ref = ref.quantize_ref(ref.layer_norm_modulate_ref(x, None, None, None, None, eps, f32)[0], "int8",
+                                    "per_token")
+    assert rel(s, s_ref) <= 1e-6 and (q.int() - q_ref.int()).abs().max() <= 1
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("res", [False, True])
 def test_lean_quantizer_same_codes(fmt, res):
@@ -361,6 +393,8 @@ def _check_pool(z, w, cos, sin, H, rows, mean, v=None, config=None):
     nb = -(-L // rows)
     assert out.is_contiguous() and out.dtype == z.dtype
     assert torch.equal(out, rmsnorm_rope_triton(z, w, cos, sin, H, 1e-6))
+    # and vs the reference, not only vs the other kernel (an eps error shared by both must show)
+    assert rel(out, ref.rmsnorm_rope_ref(z.contiguous(), w, cos, sin, H, 1e-6)) <= TOL.get(z.dtype, 4e-3)
     assert pooled.shape == (B * H, nb, D // H) and pooled.dtype == torch.float32
     sums = ref.pool_heads_ref(out.double(), H, rows, "sum").double()
     bound = _pool_bound(out.float(), H, rows)
@@ -375,6 +409,7 @@ def _check_pool(z, w, cos, sin, H, rows, mean, v=None, config=None):
     return out, pooled, vmax
 
 
+@pytest.mark.parametrize("amp", [4.0, 1e-3])  # 1e-3: mean(z²) ≈ eps, the output depends on eps
 @pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
 @pytest.mark.parametrize("B,L,D,H,rows,rope,with_v,strided,dt", [
     (1, 1, 256, 2, 64, True, True, False, torch.bfloat16),  # L = 1
@@ -384,8 +419,8 @@ def _check_pool(z, w, cos, sin, H, rows, mean, v=None, config=None):
     (1, 70, 128, 2, 16, True, True, False, torch.float16),
     (2, 33, 128, 1, 32, True, False, False, torch.float32),  # int64 pair-words
 ])
-def test_rmsnorm_rope_pool_kernel(B, L, D, H, rows, rope, with_v, strided, dt, mean):
-    qkv = (torch.randn(B, L, 3 * D) * 4 + 0.5).to(dt).to(DEV)
+def test_rmsnorm_rope_pool_kernel(B, L, D, H, rows, rope, with_v, strided, dt, mean, amp):
+    qkv = ((torch.randn(B, L, 3 * D) + 0.125) * amp).to(dt).to(DEV)
     z, v = (qkv[..., D:2 * D], qkv[..., 2 * D:]) if strided else (qkv[..., :D].contiguous(), qkv[..., 2 * D:].contiguous())
     w = (torch.rand(D) + 0.5).to(dt).to(DEV)
     cos, sin = _rope_tables(L, D // H) if rope else (None, None)

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from tests._env import kernel_device, triton_runs_here
 from turbocompile.kernels.sagesla.triton_attn import exp2_fma
+from turbocompile.kernels.sagesla.triton_prep import round_e4m3
 from turbocompile.ops.attention import sagesla
 
 DEV = kernel_device()
@@ -60,6 +61,17 @@ def oracle(q, k, v, topk, bq, bk, w=None, bias=None, lut=None):
     if bias is not None:
         out = out + bias.double()
     return out
+
+
+def assert_valid_topk(lut, scores, keep, tol=1e-4):
+    """lut [B,H,Qb,T] (on any device) is a strictly ascending top-``keep`` of the oracle's block scores:
+    no dropped block scores above a kept one (beyond ``tol``; ties may be broken either way)."""
+    lut, scores = lut.long().cpu(), scores.cpu()
+    assert lut.shape[-1] == keep
+    assert (lut[..., 1:] > lut[..., :-1]).all(), "LUT must be strictly ascending"
+    worst_kept = scores.gather(-1, lut).amin(-1)
+    best_dropped = scores.scatter(-1, lut, -math.inf).amax(-1)
+    assert (worst_kept >= best_dropped - tol).all(), (worst_kept - best_dropped).min()
 
 
 def metrics(out, ref):
@@ -141,7 +153,11 @@ def test_sparse_matches_semantics(backend, L, D, bq, bk, topk, quant):
     assert dens == pytest.approx(int(topk * kb) / kb)
     ref = oracle(q, k, v, topk, bq, bk, w, bias)
     cos, l1 = metrics(out, ref)
-    assert cos >= 0.995, (cos, l1)
+    # rel-L1 (cosine cannot see a scale error). Observed over seeds 0-2, both backends: int8-fp8 0.029-0.030
+    # (zero-mean V, e4m3 P and V: the floor test_dense_matches_sdpa documents; bound as there), int8-fp16
+    # 0.010-0.011, none 0.0014 (torch) / 0.006 (Triton: P rounded to bf16 for the PV product).
+    l1_max = {"int8-fp8": 0.045, "int8-fp16": 0.02, "none": 0.003 if backend == "torch" else 0.012}[quant]
+    assert cos >= 0.995 and l1 <= l1_max, (cos, l1)
     # a sparse result must differ from dense attention (the selection is really applied)
     dense = oracle(q, k, v, 1.0, bq, bk, w, bias)
     assert metrics(ref, dense)[0] < 0.99
@@ -153,7 +169,8 @@ def test_single_block_kept(backend):
     out, dens = sagesla(q, k, v, topk=1e-3, block_q=32, block_k=32, backend=backend, return_density=True)
     assert dens == pytest.approx(1 / 10)
     ref = oracle(q, k, v, 1e-3, 32, 32)
-    assert metrics(out, ref)[0] >= 0.995
+    cos, l1 = metrics(out, ref)
+    assert cos >= 0.995 and l1 <= 0.045, (cos, l1)  # int8-fp8, zero-mean V: l1 0.033-0.034 observed
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -175,9 +192,14 @@ def test_awkward_inputs_finite_and_close(backend, case):
     out = sagesla(q, k, v, topk=0.5, proj_weight=w, block_q=32, block_k=32, backend=backend)
     assert torch.isfinite(out).all()
     lut = _kernel_lut(q, k, 0.5, 32, 32, backend)  # constant inputs tie every score: score the same pick
+    scores, keep = oracle_lut(q, k, 0.5, 32, 32)
+    # the pick is a valid top-k of the fp64 block scores (zero / constant blocks tie; the rest must rank)
+    assert_valid_topk(lut, scores, keep, tol=1e-4 * max(1.0, scores.abs().max().item()))
     ref = oracle(q, k, v, 0.5, 32, 32, w, lut=lut)
     cos, l1 = metrics(out, ref)
-    assert cos >= 0.995, (cos, l1)
+    # rel-L1 observed over seeds 0-2, both backends: zero_blocks 0.029-0.031, constant_rows 0.020-0.028,
+    # huge 0.037-0.046 (a one-hot softmax: the output is single V rows with their e4m3 rounding error)
+    assert cos >= 0.995 and l1 <= (0.07 if case == "huge" else 0.045), (cos, l1)
 
 
 # ----------------------------------------------------------------------------- block map
@@ -194,13 +216,8 @@ def test_block_map_matches_torch(L, bq, bk, topk):
         assert p["lut"] is None and keep == p["Kb"]
         lut = torch.arange(p["Kb"]).expand(2, 2, p["Qb"], p["Kb"])
     else:
-        lut = p["lut"].view(2, 2, -1, p["T"]).long().cpu()
-    assert (lut[..., 1:] > lut[..., :-1]).all(), "LUT must be strictly ascending"
-    chosen = scores.cpu().gather(-1, lut)
-    mask = torch.ones_like(scores, dtype=torch.bool).cpu().scatter_(-1, lut, False)
-    worst_kept = chosen.amin(-1)
-    best_dropped = scores.cpu().masked_fill(~mask, -math.inf).amax(-1)
-    assert (worst_kept >= best_dropped - 1e-4).all()  # a valid top-k (ties either way)
+        lut = p["lut"].view(2, 2, -1, p["T"])
+    assert_valid_topk(lut, scores, keep)  # a valid top-k (ties either way)
 
 
 # ----------------------------------------------------------------------------- dtype / layout
@@ -215,17 +232,31 @@ def test_dtype_layout_and_strided_inputs(backend):
     ref = sagesla(q.contiguous(), k.contiguous(), v.contiguous(), topk=0.5, proj_weight=w,
                   block_q=32, block_k=32, backend=backend)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
-    assert metrics(out, oracle(q, k, v, 0.5, 32, 32, w))[0] >= 0.995
+    cos, l1 = metrics(out, oracle(q, k, v, 0.5, 32, 32, w))
+    assert cos >= 0.995 and l1 <= 0.045, (cos, l1)  # int8-fp8, zero-mean V: l1 0.031-0.033 observed
 
 
 @pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("shape", ["small_blocks", "default_blocks"])
 @pytest.mark.parametrize("quant", ["int8-fp8", "int8-fp16", "none"])
-def test_triton_matches_reference_closely(quant):
-    """Same quantization recipe in both: the kernel tracks the fake-quant reference tightly."""
-    q, k, v = rand(1, 150, 2, 128)
-    w = torch.randn(128, 128, device=DEV) * 0.05
-    b = torch.randn(128, device=DEV) * 0.05
-    kw = dict(topk=0.4, proj_weight=w, proj_bias=b, block_q=32, block_k=32, quant=quant)
+def test_triton_matches_reference_closely(quant, shape):
+    """Same quantization recipe in both: the kernel tracks the fake-quant reference tightly.
+    default_blocks: the production block_q=64 / block_k=128 tiles, B=2, D=64, L=1000 (8 key blocks, the
+    last one partial: 104 rows), T=2 blocks per query block, and a V channel with x50 outliers (its own
+    FP8 scale)."""
+    if shape == "small_blocks":
+        q, k, v = rand(1, 150, 2, 128)
+        kw = dict(topk=0.4, block_q=32, block_k=32)
+    else:
+        q, k, v = rand(2, 1000, 1, 64)
+        v[..., 7] *= 50
+        kw = dict(topk=0.3)
+        lut = _kernel_lut(q, k, 0.3, 64, 128, "triton")
+        assert lut.shape[-1] == 2 and (lut == 7).any()  # the partial tail block is attended
+    D = q.shape[-1]
+    w = torch.randn(D, D, device=DEV) * 0.05
+    b = torch.randn(D, device=DEV) * 0.05
+    kw.update(proj_weight=w, proj_bias=b, quant=quant)
     t = sagesla(q, k, v, backend="triton", **kw)
     r = sagesla(q, k, v, backend="torch", **kw)
     cos, l1 = metrics(t, r)
@@ -482,6 +513,66 @@ def test_linear_out_tiling_covers_every_row(L):
         assert per_head * tiles >= n and (per_head - 1) * tiles < n
 
 
+def _linear_inputs(L, dtype=torch.float32):
+    """q, k, v [B=2, H=2, L, D=64] (head 1: q and k peaked on different channels, so φ(q)·Σφ(k) ≈ 1e-5 at
+    small L and the 1e-5 in the denominator weighs as much as the keys), proj_l weight and bias."""
+    q, k, v = (torch.randn(2, 2, L, 64) for _ in range(3))
+    q[:, 1, :, 0] += 12.0
+    k[:, 1, :, 1] += 12.0
+    return [t.to(dtype).to(DEV) for t in (q, k, v)] + [(torch.randn(64, 64) / 8).to(DEV), torch.randn(64).to(DEV)]
+
+
+def _linear_fp64(q, k, v, w, bias):
+    """The linear branch + proj_l written out in fp64 ([B, H, L, D]), φ = softmax over D:
+    o = Σ_m (φ(q)·φ(k_m)) v_m / (1e-5 + Σ_m φ(q)·φ(k_m)) (associated unlike the reference's φ(q)(φ(k)ᵀv))."""
+    def phi(x):
+        e = torch.exp(x - x.amax(-1, keepdim=True))
+        return e / e.sum(-1, keepdim=True)
+
+    a = phi(q.double()) @ phi(k.double()).transpose(-1, -2)  # [B, H, L, L]
+    return (a @ v.double()) / (1e-5 + a.sum(-1, keepdim=True)) @ w.double().T + bias.double()
+
+
+def _rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 300])
+def test_linear_branch_ref_matches_fp64_formula(L):
+    """The reference's linear branch (fp32) equals the fp64 formula to rel-L2 1e-5 (observed <= 2e-7), so its
+    1e-5 is exactly that: at small L (Σφ(k) small) and on the peaked head an eps of 1e-3 moves the output by
+    30-60%, at L=300 by ~1%. rel-L2, not cosine: a wrong eps mostly rescales rows."""
+    from turbocompile.kernels.sagesla.ref import linear_branch_ref
+
+    q, k, v, w, bias = _linear_inputs(L)
+    assert _rel_l2(linear_branch_ref(q, k, v, w, bias), _linear_fp64(q, k, v, w, bias)) <= 1e-5
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_triton_linear_branch_tiny_L(L):
+    """The Triton linear branch (+ proj_l folded into KVW, + bias) vs the fp64 formula at L = 1..3, where
+    the 1e-5 matters: the split kernel alone, and each placement (own kernel, attention prologue and
+    epilogue) as the attention output minus the sparse branch alone. fp16: φ and KVW rounded to fp16 for
+    the product, observed rel-L2 <= 9e-4 (an eps of 1e-3 would give ~0.3)."""
+    from turbocompile.kernels.sagesla.linear_fold import fold_linear
+    from turbocompile.kernels.sagesla.triton_attn import DEFAULT_LINEAR_OUT, _launch_linear_out, launch_attn
+    from turbocompile.kernels.sagesla.triton_prep import prepare
+
+    q, k, v, w, bias = _linear_inputs(L, torch.float16)
+    want = _linear_fp64(q, k, v, w, bias).transpose(1, 2)  # [B, L, H, D]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, L, H, D] views
+    p = prepare(q, k, v, 1.0, 64, 64, "int8-fp16", linear=True)
+    kvw, ksum = fold_linear(p, w, q.dtype)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=DEV)
+    _launch_linear_out(q, kvw, ksum, bias.float().contiguous(), out, True, DEFAULT_LINEAR_OUT)
+    assert _rel_l2(out, want) <= 2e-3
+    sparse = launch_attn(q, k, v, p, None, None, 64, 64).float()
+    for where in ("kernel", "prologue", "epilogue"):
+        o = launch_attn(q, k, v, p, w, bias, 64, 64, linear_cfg=dict(where=where)).float()
+        assert _rel_l2(o - sparse, want) <= 2e-3, where
+
+
 @triton.jit
 def _exp2_fma_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -502,6 +593,37 @@ def test_exp2_polynomial_accuracy():
     rel = ((y.double() - ref).abs() / ref)[fin]
     assert rel.max().item() <= 1.1e-4, rel.max().item()
     assert torch.isfinite(y).all() and (y[~fin] < 1e-37).all()
+
+
+@triton.jit
+def _round_e4m3_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + o, round_e4m3(tl.load(x_ptr + o, mask=o < N, other=0.0)), mask=o < N)
+
+
+def test_round_e4m3_is_the_reference_rounding():
+    """round_e4m3 (the interpreter's stand-in for the GPU's RNE e4m3 cast of P and V) equals the
+    reference's quant_fp8 (clamp to ±448, torch's RNE cast) on every e4m3 value, every exact tie between
+    neighbours (normal binades and subnormals: half to even, not half up), one fp32 ulp either side of
+    each tie, both signs, zero, and values past 448 (saturation); and on random values over 2^-12..2^9."""
+    from turbocompile.kernels.sagesla.ref import quant_fp8
+    from turbocompile.kernels.sagesla.triton_prep import INTERPRET
+
+    if not INTERPRET:  # the GPU casts natively (EXACT_FP8 is off there); the helper's log2/exp2 are approximate
+        pytest.skip("round_e4m3 is the interpreter's helper")
+
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448 (0x7f is NaN)
+    ties = (grid[:-1] + grid[1:]) / 2
+    near = torch.cat([torch.nextafter(ties, torch.zeros(())), torch.nextafter(ties, torch.full((), 1e3))])
+    past = torch.tensor([448.5, 463.9, 464.0, 464.1, 480.0, 1000.0, 1e30])
+    rnd = torch.randn(4096) * 2.0 ** torch.randint(-12, 10, (4096,)).float()
+    x = torch.cat([grid, ties, near, past, rnd])
+    x = torch.cat([x, -x]).to(DEV)
+    y = torch.empty_like(x)
+    _round_e4m3_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    want = quant_fp8(x)
+    bad = (y != want).nonzero().flatten()[:8]
+    assert bad.numel() == 0, list(zip(x[bad].tolist(), y[bad].tolist(), want[bad].tolist()))
 
 
 @pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")

@@ -54,12 +54,14 @@ def test_quantizer_bit_exact(fmt, gran, m, k):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cfg", [dict(kernel="rows"), dict(kernel="rows", split=False),
-                                 dict(kernel="rows", block_m=1, num_warps=4)])
+                                 dict(kernel="rows", block_m=1, num_warps=4), dict(kernel="loop")])
 @pytest.mark.parametrize("m,k", [(1, 16), (7, 200), (11, 384), (9, 1536), (3, 5120)])
 def test_quantizer_rows_kernel_bit_exact(fmt, cfg, m, k):
     """The one/two-tile per-token kernel with the lean quantizer (one clamp; int8 code from the low
     byte of bits(v + 1.5·2^23)) gives the reference's codes and scales: outliers of either sign
-    (codes -128 / +127), an all-zero row, ties (exact halves after scaling)."""
+    (codes -128 / +127), an all-zero row, ties (exact halves after scaling). kernel="loop" is the
+    original per-token kernel, here (K <= 16384) on its ONE_PASS branch (rows kept in registers),
+    which the default config never runs."""
     x = (torch.randn(m, k) * 3).to(torch.bfloat16)
     x[0, 0] = -50.0
     if m > 2:
@@ -147,9 +149,12 @@ def test_int8_accumulation_is_exact(ag, wg, m, k, n):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("ag,wg", [("block128", "block128"), ("per_token", "per_channel"), ("per_token", "block128")])
+@pytest.mark.parametrize("ag,wg", [("block128", "block128"), ("per_token", "per_channel"), ("per_token", "block128"),
+                                   ("block128", "per_channel")])
 @pytest.mark.parametrize("m,k,n", [(1, 128, 200), (121, 200, 96), (300, 96, 256)])
 def test_gemm_vs_fp64_reference(fmt, ag, wg, m, k, n):
+    """k=200: two K blocks with their own activation scales (block128 activations), so a scale taken
+    from the wrong K block shows; unit-scale exactness is test_int8_accumulation_is_exact's."""
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     w = torch.randn(n, k, device=DEV) * 0.05
     bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)

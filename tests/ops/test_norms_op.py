@@ -54,6 +54,27 @@ def test_opcheck_triton_backend(i):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.skipif(not triton_runs_here(), reason="Triton cannot run here")
+@pytest.mark.parametrize("eps", [1e-6, 1e-4])
+def test_eps_reaches_both_backends(eps):
+    """fp32 rows of variance / mean square 1e-6 (about eps: the result depends on eps as much as on x): every
+    norm op applies the eps it is given, on both backends (triton vs torch within fp32 rounding; the
+    torch LayerNorm vs F.layer_norm with that eps). Ops dropping or scaling eps on the way would differ."""
+    dev = "cuda" if has_cuda() else "cpu"
+    x = ((torch.randn(B, L, D) + 2.0) * 1e-3).to(dev)
+    z = (torch.randn(B, L, D) * 1e-3).to(dev)
+    w = (torch.rand(D) + 0.5).to(dev)
+    ops = [lambda be: norms.ln_modulate(x, eps=eps, backend=be),
+           lambda be: norms.residual_ln_modulate(x, z, eps=eps, backend=be)[1],
+           lambda be: norms.ln_modulate_quant(x, eps=eps, format="int8", granularity="per_token", backend=be)[1],
+           lambda be: norms.rmsnorm_rope(z, w, num_heads=H, eps=eps, backend=be),
+           lambda be: norms.rmsnorm_rope_pool(z, w, num_heads=H, eps=eps, pool_rows=2, mean=True, backend=be)[1]]
+    for i, op in enumerate(ops):
+        t, r = op("triton").double(), op("torch").double()
+        assert ((t - r).norm() / r.norm()).item() <= 1e-6, i
+    torch.testing.assert_close(ops[0]("torch"), torch.nn.functional.layer_norm(x, (D,), eps=eps), rtol=0, atol=0)
+
+
 def test_fake_shapes_under_meta():
     x = torch.empty(B, 300, 200, dtype=torch.bfloat16, device="meta")
     q, s = norms.ln_modulate_quant(x, format="fp8", granularity="block128")
