@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from turbocompile.errors import PassError, TurboCompileError
+from turbocompile.errors import TurboCompileError
 from turbocompile.options import choice, globs
 from turbocompile.passbase import Pass, PassResult, register_pass
 from turbocompile.passes._graph import (attr_target, del_attr_if_unused, get_attr_value, is_linear, mark,
@@ -52,7 +52,8 @@ class W8A8Linear(Pass):
         if td_int8 and (o.format, o.weight_granularity) != ("int8", "block128"):
             raise TurboCompileError(
                 f"the checkpoint holds TurboDiffusion int8 weights ({len(td_int8)} linears); they can only be used "
-                f"with format int8 and weight_granularity block128 (got {o.format}, {o.weight_granularity})"
+                f"with format int8 and weight_granularity block128 (got {o.format}, {o.weight_granularity}): use recipe "
+                f"turbo-int8-td (or w8a8-int8-td), or those options in your recipe"
             )
         stats = {"quantized": 0, "from_checkpoint": 0, "skipped": 0, "float_bytes": 0, "quant_bytes": 0}
         skipped: list[str] = []
@@ -102,8 +103,8 @@ class W8A8Linear(Pass):
             stats["float_bytes"] += w.numel() * w.element_size()
             stats["quant_bytes"] += q.numel() * q.element_size() + s.numel() * s.element_size()
         if td_int8:
-            raise PassError(self.name, [], f"{len(td_int8)} TurboDiffusion int8 linears have no matching linear "
-                                           f"in the graph, e.g. '{next(iter(td_int8))}'")
+            raise TurboCompileError(f"{len(td_int8)} TurboDiffusion int8 linears were left unused (not in the graph, "
+                                    f"or excluded by include/skip), e.g. '{next(iter(td_int8))}'")
         if stats["quant_bytes"]:
             stats["size_reduction"] = round(stats["float_bytes"] / stats["quant_bytes"], 3)
         notes = [f"kept in float: {len(skipped)} linears outside include/skip (e.g. {skipped[0]})"] if skipped else []

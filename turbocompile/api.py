@@ -11,6 +11,7 @@ import copy
 import datetime
 import importlib.metadata
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -175,8 +176,10 @@ def _num_experts(model: Any) -> int:
     if isinstance(model, (str, Path)):
         if str(model) in PRESETS:
             return PRESETS[str(model)].num_experts
+        from turbocompile.checkpoints.io import expert_dirs
+
         p = Path(model)
-        if p.is_dir() and (p / "high_noise_model").is_dir() and (p / "low_noise_model").is_dir():
+        if p.is_dir() and expert_dirs(p):  # original (high/low_noise_model) or diffusers (transformer, _2)
             return 2
     return 1
 
@@ -202,6 +205,12 @@ def _capture_and_run(wan: WanModel, rec: Recipe, dt, dev, extras, passes, *, str
         verify_inputs = example_inputs(cfg, shape, seed=seed, device=dev, dtype=dt)
     gm, records = run_pipeline(gm, passes, ctx, input_specs=specs, verify_inputs=verify_inputs,
                                disabled=disabled, log=log)
+    if extras.get("proj_l") and not any(r.name == "sagesla_attention" and r.status == "ran" for r in records):
+        msg = (f"the checkpoint's SLA proj_l weights ({len(extras['proj_l'])} blocks) are not used: only the "
+               "sagesla_attention pass runs the linear branch they belong to (add it to the recipe)")
+        warnings.warn(msg, stacklevel=3)
+        if log:
+            log(f"warning: {msg}")
     return gm, records, ctx
 
 

@@ -150,6 +150,8 @@ def run_pipeline(
             if ctx.input_specs:
                 input_specs = ctx.input_specs
             propagate_shapes(gm, input_specs)
+        except PassError:  # already names the pass: not wrapped twice
+            raise
         except TurboCompileError as exc:
             raise PassError(p.name, done, str(exc)) from exc
         except Exception as exc:  # wrap with the pass name and what ran before

@@ -81,7 +81,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # a legacy (non-zip) torch.save file cannot be memory-mapped
+            if "_use_new_zipfile_serialization" not in str(exc):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read torch checkpoint '{path}' (weights_only): {first}") from None
@@ -108,9 +113,7 @@ def _read_index(path: Path) -> dict[str, torch.Tensor]:
     if missing:
         raise CheckpointError(f"index '{path}' names shard files that do not exist: {', '.join(missing[:5])}"
                               + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
-    out: dict[str, torch.Tensor] = {}
-    for shard in _progress(shards, desc=f"loading {path.parent.name or path.name}"):
-        out.update(read_file(path.parent / shard))
+    out = _merge_shards([path.parent / s for s in shards], f"loading {path.parent.name or path.name}")
     absent = sorted(set(weight_map) - set(out))
     if absent:
         raise CheckpointError(f"index '{path}' lists {len(absent)} keys its shards do not hold: "
@@ -184,7 +187,20 @@ def load_state_dict(source) -> dict[str, torch.Tensor]:
     files = checkpoint_files(path)  # raises for a two-expert directory
     if len(files) == 1:
         return read_file(files[0])
+    return _merge_shards(files, f"loading {path.name}")
+
+
+def _merge_shards(files: list[Path], desc: str) -> dict[str, torch.Tensor]:
+    """The union of shard files' tensors. Shards partition the keys: a key held by two files means they
+    are separate checkpoints side by side (two experts, an fp16 copy), never merged silently."""
     out: dict[str, torch.Tensor] = {}
-    for f in _progress(files, desc=f"loading {path.name}"):
-        out.update(read_file(f))
+    owner: dict[str, Path] = {}
+    for f in _progress(files, desc=desc):
+        part = read_file(f)
+        both = sorted(k for k in part if k in owner)
+        if both:
+            raise CheckpointError(f"'{owner[both[0]].name}' and '{f.name}' both hold {len(both)} of the same keys "
+                                  f"({', '.join(both[:3])}): separate checkpoints, not shards; pass the file to load")
+        out.update(part)
+        owner.update(dict.fromkeys(part, f))
     return out

@@ -208,6 +208,7 @@ def load_model(source, config: WanConfig | str | None = None, *, expert: str | N
         except ValueError as exc:
             raise CheckpointError(f"int8 linear '{path_}': {exc}") from None
 
+    _check_proj_l(extras["proj_l"], config)
     with torch.device("meta"):
         model = WanModel(config)
     _check_strict(sd, model, config, layout)
@@ -224,3 +225,17 @@ def load_model(source, config: WanConfig | str | None = None, *, expert: str | N
     }
     info = LoadInfo(layout=layout, source=desc, config=config, extras=moved, expert=expert, dtype=target)
     return model, info
+
+
+def _check_proj_l(proj_l: dict, config) -> None:
+    """SLA ``proj_l`` weights must fit the model: a block that exists, [head_dim, head_dim] and [head_dim]
+    (checked here, naming the key, rather than inside the attention op after capture)."""
+    hd = config.dim // config.num_heads
+    for i, (w, b) in sorted(proj_l.items()):
+        key = f"blocks.{i}.self_attn.attn_op.local_attn.proj_l"
+        if not 0 <= i < config.num_layers:
+            raise CheckpointError(f"'{key}.weight': block {i} does not exist ({config.name} has "
+                                  f"{config.num_layers} blocks)")
+        if tuple(w.shape) != (hd, hd) or tuple(b.shape) != (hd,):
+            raise CheckpointError(f"'{key}': weight {tuple(w.shape)} and bias {tuple(b.shape)} do not fit head dim "
+                                  f"{hd}; expected ({hd}, {hd}) and ({hd},)")
