@@ -162,8 +162,9 @@ class BakeRCMSampler(Pass):
         if n_exp == 2:
             if "low" not in experts:
                 raise TurboCompileError(
-                    f"{cfg.name} has two experts (high/low noise) but only one was given; optimize must put the "
-                    "low-noise expert's optimized graph in ctx.extras['experts']['low']")
+                    f"{cfg.name} has two experts (high/low noise) and a baked sampler needs both: give the directory "
+                    "holding both (high_noise_model/ + low_noise_model/, transformer/ + transformer_2/, or "
+                    "TurboDiffusion's -high/-low .pth pair), not one expert")
             graphs = {"high": experts.get("high", gm), "low": experts["low"]}
             plan = rcm_expert_plan(ts, o.boundary)
             names = ["high", "low"]

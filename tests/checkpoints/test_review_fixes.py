@@ -26,6 +26,19 @@ def test_two_expert_bake_uses_both_experts_of_a_non_preset_checkpoint(tmp_path):
     assert {"high", "low"} <= sampler_attrs
 
 
+def test_turbodiffusion_release_pair_is_a_two_expert_checkpoint(tmp_path):
+    """TD ships A14B as two .pth files side by side, named alike but for high / low."""
+    d = tmp_path / "td"
+    save_turbodiffusion(tiny_model(seed=1), d / "TurboWan2.2-I2V-A14B-high-720P.pth")
+    save_turbodiffusion(tiny_model(seed=2), d / "TurboWan2.2-I2V-A14B-low-720P.pth")
+    hi, _ = load_model(d, expert="high")
+    lo, _ = load_model(d, expert="low")
+    assert torch.equal(hi.state_dict()["head.head.weight"], tiny_model(seed=1).state_dict()["head.head.weight"])
+    assert torch.equal(lo.state_dict()["head.head.weight"], tiny_model(seed=2).state_dict()["head.head.weight"])
+    res = turbocompile.optimize(d, "rcm-4step", dtype="float32")
+    assert next(r for r in res.records if r.name == "bake_rcm_sampler").stats["expert_plan"] == "HHLL"
+
+
 def test_separate_checkpoints_in_one_directory_are_not_merged(tmp_path):
     save_original(tiny_model(seed=1), tmp_path / "d" / "wan2.2_t2v_high_noise_14B_fp16.safetensors")
     save_original(tiny_model(seed=2), tmp_path / "d" / "wan2.2_t2v_low_noise_14B_fp16.safetensors")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -35,10 +36,19 @@ DIFFUSERS_EXPERT_DIRS = {"high": "transformer", "low": "transformer_2"}
 
 
 def expert_dirs(directory: Path) -> dict[str, Path] | None:
-    """{"high": dir, "low": dir} when ``directory`` is a two-expert (Wan2.2 A14B) checkpoint."""
+    """{"high": path, "low": path} when ``directory`` is a two-expert (Wan2.2 A14B) checkpoint: original
+    (``high_noise_model/``, ``low_noise_model/``) or diffusers (``transformer/``, ``transformer_2/``)
+    subdirectories, or TurboDiffusion's release pair, two files named alike but for ``high`` / ``low``
+    (``TurboWan2.2-I2V-A14B-high-720P.pth``, ``...-low-720P.pth``)."""
     for names in (EXPERT_DIRS, DIFFUSERS_EXPERT_DIRS):
         if all((directory / n).is_dir() for n in names.values()):
             return {k: directory / n for k, n in names.items()}
+    files = [p for p in directory.iterdir() if p.is_file() and p.name.lower().endswith((".pth", ".pt"))]
+    if len(files) == 2:
+        a, b = sorted(files, key=lambda p: p.name.lower().find("high") < 0)  # the "high" one first
+        parts = re.split(r"(?i)(high)", a.name)
+        if len(parts) == 3 and parts[0] + ("low" if parts[1].islower() else "LOW") + parts[2] == b.name:
+            return {"high": a, "low": b}
     return None
 
 

@@ -62,10 +62,10 @@ def _select_expert(path: Path, expert: str | None) -> Path:
     if experts:
         if expert not in experts:
             raise two_expert_error(path, "no expert was given" if expert is None else f"expert={expert!r} was given")
-        return resolve_directory(experts[expert])
+        return resolve_directory(experts[expert]) if experts[expert].is_dir() else experts[expert]
     if expert is not None:
         raise CheckpointError(f"expert={expert!r} given but '{path}' is not a Wan2.2 A14B checkpoint "
-                              "(no high_noise_model/low_noise_model or transformer/transformer_2 subdirectories)")
+                              "(no high_noise_model/low_noise_model or transformer/transformer_2 subdirectories, no -high/-low .pth pair)")
     return resolve_directory(path) if path.is_dir() else path
 
 
