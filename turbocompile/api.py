@@ -179,7 +179,7 @@ def _num_experts(model: Any) -> int:
         from turbocompile.checkpoints.io import expert_dirs
 
         p = Path(model)
-        if p.is_dir() and expert_dirs(p):  # original (high/low_noise_model) or diffusers (transformer, _2)
+        if p.is_dir() and expert_dirs(p):  # original, diffusers or TurboDiffusion two-expert layouts
             return 2
     return 1
 
