@@ -22,11 +22,11 @@ from torch import nn
 
 from turbocompile.artifact import check_output_dir, load_graph_module, read_manifest, save_artifact
 from turbocompile.capture import capture, example_inputs, input_specs, propagate_shapes
-from turbocompile.errors import ArtifactError, InputError, ModelConfigError, PipelineError, TurboCompileError
+from turbocompile.errors import ArtifactError, InputError, ModelConfigError, TurboCompileError
 from turbocompile.model.config import PRESETS, VideoShape, WanConfig, get_preset
 from turbocompile.model.wan import WanModel, init_random_
 from turbocompile.passbase import PassContext
-from turbocompile.pipeline import PassRecord, disabled_from_env, run_pipeline
+from turbocompile.pipeline import PassRecord, check_disabled, disabled_from_env, run_pipeline
 from turbocompile.recipe import DEVICES, DTYPES, Recipe, load_recipe
 
 __all__ = ["optimize", "load", "OptimizeResult", "CompiledArtifact", "CompiledWan", "resolve_model", "DTYPE_MAP"]
@@ -107,11 +107,7 @@ def _check_call_options(rec: Recipe, *, seed, disable, expert) -> tuple[str, ...
     elif not all(isinstance(d, str) for d in disable):
         raise ModelConfigError(f"disable: expected pass names, got {disable!r}")
     disabled = tuple(disable) + disabled_from_env()
-    known = [p.name for p in rec.passes]
-    for name in disabled:
-        if name not in known:
-            raise PipelineError(f"cannot disable '{name}': not in this pipeline (passes: "
-                                f"{', '.join(sorted(known)) or 'none'})")
+    check_disabled(disabled, [p.name for p in rec.passes])
     return disabled
 
 

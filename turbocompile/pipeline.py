@@ -52,6 +52,14 @@ def disabled_from_env() -> tuple[str, ...]:
     return tuple(p.strip() for p in raw.split(",") if p.strip())
 
 
+def check_disabled(disabled: Sequence[str], known: Sequence[str]) -> None:
+    """One-line :class:`PipelineError` for a pass name to disable that is not in the pipeline."""
+    for name in disabled:
+        if name not in known:
+            raise PipelineError(
+                f"cannot disable '{name}': not in this pipeline (passes: {', '.join(sorted(known)) or 'none'})")
+
+
 def order_passes(passes: Sequence[Pass]) -> list[Pass]:
     """Return ``passes`` in an order that satisfies every dependency (recipe order breaks ties)."""
     names = [p.name for p in passes]
@@ -118,12 +126,7 @@ def run_pipeline(
         log: optional callable taking a line of progress text.
     """
     ordered = order_passes(passes)
-    known = {p.name for p in ordered}
-    for name in disabled:
-        if name not in known:
-            raise PipelineError(
-                f"cannot disable '{name}': not in this pipeline (passes: {', '.join(sorted(known)) or 'none'})"
-            )
+    check_disabled(disabled, [p.name for p in ordered])
     records: list[PassRecord] = []
     done: list[str] = []
     before_out = None
