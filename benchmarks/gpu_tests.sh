@@ -15,5 +15,14 @@ paths=("$@")
 [ ${#paths[@]} -eq 0 ] && paths=(tests/kernels tests/ops)
 workers=${GPU_TEST_WORKERS:-8}
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 2
+# pytest imports ./turbocompile from the repo root, which lacks kernels/, passes/ and recipes/ unless an
+# editable install maps them; where gpu_env.sh fell back to its source mirror, link them for this run only.
+links=()
+if ! python3 -c "import turbocompile.kernels, turbocompile.passes" 2>/dev/null; then
+  for p in kernels passes recipes; do
+    [ -e "turbocompile/$p" ] || { ln -s "../$p" "turbocompile/$p" && links+=("turbocompile/$p"); }
+  done
+  trap 'rm -f "${links[@]}"' EXIT
+fi
 timeout "${GPU_TEST_BUDGET_S:-540}" python3 -m pytest -q -p no:cacheprovider -n "$workers" --timeout 300 \
   -rfEs --junitxml="$out/pytest_gpu.xml" "${paths[@]}" 2>&1 | tee "$out/pytest_gpu.log"

@@ -218,7 +218,8 @@ def _ln_block(
             if BLOCK_D2 > 0:
                 db = tl.where(mask2, db, 0.0)
     else:
-        mean = total / D
+        # IEEE division (a compiled `/` is approximate): a constant row's mean is then exact, its LN exactly 0
+        mean = tl.math.div_rn(total, tl.zeros_like(total) + D)
         if EVEN:  # masked rows are zeros: their (unused) statistics stay finite without selects
             da = xa - mean[:, None]
         else:

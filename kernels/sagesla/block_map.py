@@ -67,13 +67,14 @@ def topk_select(x, valid, row_ok, T, ROWS: tl.constexpr, KBP: tl.constexpr):
 @triton.jit
 def key_mean(kbase, Kb, L, HEAD_D: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
     """km [HEAD_D] = Σ of a head's Kb key-block sums (rows of HEAD_D at ``kbase``) / L; STAGES > 1
-    software-pipelines the loads."""
+    software-pipelines the loads. The division is IEEE-rounded (`div_rn`; a compiled `/` is approximate to
+    a few ulps), as are the fused block map's block means: blocks with equal means then tie exactly."""
     offs_d = tl.arange(0, HEAD_D)
     acc = tl.zeros([BK, HEAD_D], tl.float32)
     for j0 in tl.range(0, Kb, BK, num_stages=STAGES):
         rows = j0 + tl.arange(0, BK)
         acc += tl.load(kbase + rows[:, None] * HEAD_D + offs_d[None, :], mask=(rows < Kb)[:, None], other=0.0)
-    return tl.sum(acc, axis=0) / L
+    return tl.math.div_rn(tl.sum(acc, axis=0), tl.zeros([HEAD_D], tl.float32) + L)
 
 
 @triton.jit
@@ -114,13 +115,14 @@ def _block_map_kernel(
         srow = (bh.to(tl.int64) * Qb + qrows) * Kb
         qp = tl.load(qpool_ptr + (bh.to(tl.int64) * Qb + qrows)[:, None] * HEAD_D + offs_d[None, :],
                      mask=qmask[:, None], other=0.0)
-        centre = tl.load(kbase + offs_d) / tl.minimum(L, block_k).to(tl.float32)  # the first block's mean
+        # the first block's mean
+        centre = tl.math.div_rn(tl.load(kbase + offs_d), tl.zeros([HEAD_D], tl.float32) + tl.minimum(L, block_k))
         for j0 in tl.range(0, Kb, BK, num_stages=STAGES):
             rows = j0 + tl.arange(0, BK)
             kmask = rows < Kb
             cnt = tl.where(rows == Kb - 1, L - (Kb - 1) * block_k, block_k).to(tl.float32)
             kb = tl.load(kbase + rows[:, None] * HEAD_D + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            kbar = kb / cnt[:, None] - centre[None, :]
+            kbar = tl.math.div_rn(kb, tl.broadcast_to(cnt[:, None], (BK, HEAD_D))) - centre[None, :]
             if TF32:
                 sc = tl.dot(qp, tl.trans(kbar), input_precision="tf32")
             else:

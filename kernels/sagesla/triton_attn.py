@@ -148,7 +148,10 @@ def _attn_step(
             p8 = _to_e4m3(p, P8)
             if VPERM:  # V's keys are stored in `permute_keys` order: order P's columns alike
                 p8 = permute_keys(p8)
-            pv = tl.dot(p8, vt)
+            if BLOCK_N < 32:  # an FP8 MMA needs K >= 32 on the GPU: e4m3 values are exact in fp16
+                pv = tl.dot(p8.to(tl.float16), vt.to(tl.float16))
+            else:
+                pv = tl.dot(p8, vt)
         else:
             pv = dot_acc(p.to(vt.dtype), vt, tl.zeros(acc.shape, dtype=tl.float32), EXACT_FP8)
         acc = acc * alpha[:, None] + pv

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tests._bits import COMPILED
 from tests._env import kernel_device, triton_runs_here
 from turbocompile.kernels.sagesla.triton_attn import exp2_fma
 from turbocompile.kernels.sagesla.triton_prep import round_e4m3
@@ -197,9 +198,12 @@ def test_awkward_inputs_finite_and_close(backend, case):
     assert_valid_topk(lut, scores, keep, tol=1e-4 * max(1.0, scores.abs().max().item()))
     ref = oracle(q, k, v, 0.5, 32, 32, w, lut=lut)
     cos, l1 = metrics(out, ref)
-    # rel-L1 observed over seeds 0-2, both backends: zero_blocks 0.029-0.031, constant_rows 0.020-0.028,
-    # huge 0.037-0.046 (a one-hot softmax: the output is single V rows with their e4m3 rounding error)
-    assert cos >= 0.995 and l1 <= (0.07 if case == "huge" else 0.045), (cos, l1)
+    # rel-L1 observed over seeds 0-2, both backends: zero_blocks 0.029-0.031, constant_rows 0.020-0.028.
+    # huge: scores ~1e4 make the softmax one-hot, and INT8 Q/K (steps of 1/127 of a block's max) move
+    # scores by tens, so in some rows another key wins outright; the row then is a different V row.
+    # Over seeds 0-11 (CPU) cos 0.984-0.998, rel-L1 0.030-0.053; an H100's sample (seed 0): cos 0.9949.
+    cos_min, l1_max = (0.98, 0.07) if case == "huge" else (0.995, 0.045)
+    assert cos >= cos_min and l1 <= l1_max, (cos, l1)
 
 
 # ----------------------------------------------------------------------------- block map
@@ -281,7 +285,12 @@ def test_dense_block_m_and_linear_epilogue_variants(split_linear):
     assert p["dense"] and p["lut"] is None
     o64 = launch_attn(q, k, v, p, w, b, 64, 128, block_m=64, split_linear=split_linear)
     o128 = launch_attn(q, k, v, p, w, b, 64, 128, block_m=128, split_linear=split_linear)
-    torch.testing.assert_close(o64, o128, atol=0, rtol=0)
+    if COMPILED:  # on sm90 block_m 64 is the Gluon kernel, 128 the Triton one: other MMA shapes and orders,
+        # so the fp32 accumulators differ in their last bits and some outputs round to the next bf16 step
+        cos, l1 = metrics(o64, o128)
+        assert cos >= 0.99999 and l1 <= 2e-3, (cos, l1)
+    else:
+        torch.testing.assert_close(o64, o128, atol=0, rtol=0)
     fused = launch_attn(q, k, v, p, w, b, 64, 128, split_linear=False)
     assert metrics(o64, fused)[0] >= 0.99999  # split: o_l rounded to the output dtype once more
 
@@ -437,6 +446,7 @@ def test_linear_fold_kernel_matches_torch(D, dtype, nc, wform):
     w = torch.randn(D, 3 * D, generator=g) / math.sqrt(D)
     w = {"t": w[:, :D].t(), "plain": w[:, :D].contiguous(), "bf16": w[:, :D].to(torch.bfloat16),
          "step": w[:, ::3]}[wform]
+    kvp, ksp, w = kvp.to(DEV), ksp.to(DEV), w.to(DEV)
     prep = {"kv_parts": kvp, "ks_parts": ksp}
     kv, ks = linear_state(prep)
     ref = fold_proj(kv, w, dtype)
@@ -464,20 +474,21 @@ def test_linear_fold_keeps_nan_and_rejects_bad_input():
 
     kvp = torch.randn(2, 3, 64, 64)
     kvp.view(torch.int32)[1, 2, 7, 9] = 0x7FFFFFFF
-    prep = {"kv_parts": kvp, "ks_parts": torch.rand(2, 3, 64)}
-    w = torch.randn(64, 64) / 8
+    kvp = kvp.to(DEV)
+    prep = {"kv_parts": kvp, "ks_parts": torch.rand(2, 3, 64, device=DEV)}
+    w = torch.randn(64, 64, device=DEV) / 8
     kvw = fold_linear(prep, w, torch.bfloat16)[0]
     ref = fold_proj(linear_state(prep)[0], w, torch.bfloat16)
     assert torch.equal(torch.isnan(kvw), torch.isnan(ref)) and bool(torch.isnan(kvw[1, 7]).all())
     with pytest.raises(ValueError, match=r"proj_weight \(64, 32\) must be \[D, D\]"):
-        fold_linear(prep, torch.zeros(64, 32), torch.bfloat16)
+        fold_linear(prep, torch.zeros(64, 32, device=DEV), torch.bfloat16)
     with pytest.raises(ValueError, match="valid: torch.bfloat16, torch.float16"):
         fold_linear(prep, w, torch.float32)
     with pytest.raises(ValueError, match="valid: torch.float32"):
         fold_linear({"kv_parts": kvp.double(), "ks_parts": prep["ks_parts"]}, w, torch.bfloat16)
     with pytest.raises(ValueError, match="D a power of two"):
-        fold_linear({"kv_parts": torch.zeros(2, 3, 48, 48), "ks_parts": torch.zeros(2, 3, 48)}, torch.zeros(48, 48),
-                    torch.bfloat16)
+        fold_linear({"kv_parts": torch.zeros(2, 3, 48, 48, device=DEV), "ks_parts": torch.zeros(2, 3, 48, device=DEV)},
+                    torch.zeros(48, 48, device=DEV), torch.bfloat16)
     with pytest.raises(ValueError, match="all must be on one device"):
         fold_linear(prep, w.to("meta"), torch.bfloat16)
 
@@ -669,7 +680,9 @@ def test_key_means_kernel_matches_torch(L, block_k, D, NC):
     km_ref = kblk.double().sum(1) / L
     kbar = kblk.double().cpu() / cnt[:, None].double() - km_ref.cpu()[:, None, :]
     s_ref = qpool.double().cpu() @ kbar.transpose(1, 2)
-    for prec, tol in (("fp32", 1e-5), ("tf32", 1e-5), ("bf16", 2e-2)):
+    # tf32: the interpreter multiplies in fp32; a GPU rounds both operands to 10 mantissa bits (2^-11
+    # relative each), and the mean-centred scores cancel: 7.8e-4 measured on an H100
+    for prec, tol in (("fp32", 1e-5), ("tf32", 3e-3 if COMPILED else 1e-5), ("bf16", 2e-2)):
         km, vscale, scores = key_means(qpool, kblk, vmax, L, block_k, prec)
         assert torch.allclose(km.double(), km_ref, rtol=1e-5, atol=1e-6)
         assert torch.allclose(vscale, vmax.amax(1) / FP8_MAX + EPS_SCALE, rtol=1e-6, atol=0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import triton
 
+from tests._bits import COMPILED
 from tests.kernels.sm90_child import facts_in_child
 from turbocompile.kernels.sagesla import gluon_attn
 from turbocompile.kernels.sagesla.triton_attn import launch_attn
@@ -115,6 +116,7 @@ def _qkv(L=200, H=2, D=64, seed=0):
     return [torch.randn(1, L, H, D, generator=g).to(torch.bfloat16) for _ in range(3)]
 
 
+@pytest.mark.skipif(COMPILED, reason="CPU tensors run Triton kernels only in the interpreter")
 def test_gluon_request_on_cpu_is_a_clear_error():
     q, k, v = _qkv()
     prep = prepare(q, k, v, 0.5, 64, 128, "int8-fp8", False)
@@ -124,6 +126,7 @@ def test_gluon_request_on_cpu_is_a_clear_error():
         launch_attn(q, k, v, prep, None, None, 64, 128, kernel="cuda")
 
 
+@pytest.mark.skipif(COMPILED, reason="CPU tensors run Triton kernels only in the interpreter")
 def test_auto_on_cpu_runs_the_triton_kernel():
     assert not gluon_attn.gluon_supported(torch.empty(1, 1, 1, 64, dtype=torch.bfloat16), 1, 64, 128)
     q, k, v = _qkv(L=131)

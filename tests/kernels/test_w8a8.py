@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests._bits import COMPILED
 from tests._env import kernel_device, triton_runs_here
 from turbocompile.kernels.w8a8 import ref
 
@@ -12,6 +13,21 @@ pytestmark = pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GP
 
 DEV = kernel_device()
 FORMATS = ("int8", "fp8")
+
+# fp32-output GEMMs vs the fp64 reference. INT8 partials are integers summed exactly in int32, and in the
+# interpreter e4m3 products are summed in fp32 too, so only the fp32 rounding of the scaled sums is
+# left: < 1e-6. Compiled for Hopper, Triton's FP8 tl.dot is wgmma adding the e4m3 products in the
+# tensor core's reduced-precision accumulator (about 14 mantissa bits, the limited FP8 accumulation
+# precision of the DeepSeek-V3 report; Triton's sm90 default max_num_imprecise_acc does not promote to
+# fp32 during the K loop): measured on an H100 (Triton 3.6) up to 9.6e-5 for the plain GEMMs, 1.2e-4 for
+# the block128 variants and 1.1e-4 with the fused activation quantizer; the bound is ~4x the largest.
+# INT8 stays exact (measured <= 6.4e-8 there, the fp32 rounding of the scaled sums).
+FP8_ACC_REL = 5e-4
+
+
+def _tol32(fmt: str) -> float:
+    """Relative bound of an fp32-output GEMM vs the fp64 reference (see FP8_ACC_REL)."""
+    return FP8_ACC_REL if (COMPILED and fmt == "fp8") else 1e-6
 
 
 def _quant():
@@ -163,8 +179,10 @@ def test_gemm_vs_fp64_reference(fmt, ag, wg, m, k, n):
     out = _gemm()(qa, sa, qw, sw, bias, ag, wg, torch.float32)
     want = ref.w8a8_gemm_ref(qa, sa, qw, sw, bias, ag, wg, torch.float32)
     assert not torch.isnan(out).any()
-    # fp32 accumulation of exact integer/e4m3 partials: only fp32 rounding of the scaled sums.
-    assert _rel(out, want) < 1e-6
+    # fp32 accumulation of exact integer/e4m3 partials: only fp32 rounding of the scaled sums (and on a
+    # GPU, wgmma's FP8 accumulator: FP8_ACC_REL).
+    rel = _rel(out, want)
+    assert rel < _tol32(fmt), rel
     ybf = _gemm()(qa, sa, qw, sw, bias, ag, wg, torch.bfloat16)
     assert ybf.dtype == torch.bfloat16 and _rel(ybf, want) < 8e-3  # bf16 output rounding
 
@@ -206,7 +224,8 @@ def test_block_variants_vs_fp64_reference(fmt, variant, m, k, n):
     out = _gemm()(qa, sa, qw, sw, bias, "block128", "block128", torch.float32, block_variant=variant)
     want = ref.w8a8_gemm_ref(qa, sa, qw, sw, bias, "block128", "block128", torch.float32)
     assert not torch.isnan(out).any()
-    assert _rel(out, want) < 1e-6
+    rel = _rel(out, want)
+    assert rel < _tol32(fmt), rel
     ybf = _gemm()(qa, sa, qw, sw, bias, "block128", "block128", torch.bfloat16, block_variant=variant)
     assert _rel(ybf, want) < 8e-3
 
@@ -229,7 +248,8 @@ def test_fused_activation_quant_gemm(fmt, wg):
     qw, sw = ref.quantize_ref(w, fmt, wg)
     out = _gemm()(x, None, qw, sw, None, "block128", wg, torch.float32, fuse_quant=True)
     want = ref.w8a8_linear_ref(x.float(), qw, sw, None, fmt, "block128", wg)
-    assert _rel(out, want) < 1e-6
+    rel = _rel(out, want)
+    assert rel < _tol32(fmt), rel
 
 
 def test_sqnr_report_vs_float_linear(capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests._bits import COMPILED
 from tests._env import has_cuda, kernel_device, sm_at_least, triton_runs_here
 from turbocompile.kernels.norms.ref import gated_residual_ref
 from turbocompile.kernels.w8a8 import ref
@@ -63,7 +64,16 @@ def _check(fmt, path, load, res, gate, ag="per_token", wg="per_channel", bias=Tr
     y = _y32(qa, sa, qw, sw, b, ag, wg, path).to(res.dtype).reshape(res.shape)
     want = gated_residual_ref(res, y, gate)
     assert out.shape == res.shape and out.dtype == res.dtype and out.is_contiguous()
-    assert torch.equal(_bits(out), _bits(want)), (out.float() - want.float()).abs().max()
+    if COMPILED and res.dtype == torch.float32 and gate is not None:
+        # An fp32 residual has no rounding round trip to keep (rnd is the identity for fp32), so a GPU build
+        # contracts x + y·g into one FMA: x_new = fp32(x + y·g) with the exact product, where eager rounds
+        # y·g to fp32 first (seen on an H100: max |Δ| 9.5e-7). Every element is one of the two; y·g of two
+        # fp32 values is exact in fp64, so the FMA's value is the fp64 sum rounded to fp32.
+        fma = (res.double() + y.double() * gate.to(res.dtype).double()).float()
+        ok = (_bits(out) == _bits(want)) | (_bits(out) == _bits(fma))
+        assert ok.all(), (out.float() - want.float()).abs().max()
+    else:
+        assert torch.equal(_bits(out), _bits(want)), (out.float() - want.float()).abs().max()
     return out, y
 
 

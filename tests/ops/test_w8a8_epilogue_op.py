@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._env import triton_runs_here
+from tests._env import kernel_device, triton_runs_here
 from turbocompile.errors import KernelUnavailableError
 from turbocompile.ops import w8a8 as W
 
@@ -18,6 +18,13 @@ def _operands(m=19, k=200, n=150, fmt="int8", ag="per_token", wg="per_channel", 
     b = torch.randn(n, generator=g).to(torch.bfloat16)
     qx, sx = W.quantize_activation(x, fmt, ag, "torch")
     return qx, sx, qw, sw, b
+
+
+def _on(backend, *tensors):
+    """The tensors where ``backend`` runs them: 'triton' on kernel_device() (CUDA when present; on CPU it
+    runs only in the interpreter), 'torch' on CPU. None stays None."""
+    dev = kernel_device() if backend == "triton" else "cpu"
+    return tuple(t if t is None else t.to(dev) for t in tensors)
 
 
 @pytest.mark.parametrize("fmt,ag,wg", [("int8", "per_token", "per_channel"), ("fp8", "per_token", "per_channel"),
@@ -51,7 +58,7 @@ def test_triton_backend_within_bf16_rounding_of_unfused():
 
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if triton_runs_here() else []))
 def test_opcheck(backend):
-    qx, sx, qw, sw, b = _operands(m=7, k=130, n=129)
+    qx, sx, qw, sw, b = _on(backend, *_operands(m=7, k=130, n=129))
     torch.library.opcheck(torch.ops.turbocompile.w8a8_linear_gelu.default,
                           (qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16, backend))
     torch.library.opcheck(torch.ops.turbocompile.w8a8_linear_gelu_quant.default,
@@ -111,7 +118,7 @@ def test_pow2_triton_backend_scales_equal_the_torch_backend():
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if triton_runs_here() else []))
 def test_pow2_opcheck(backend):
     # INT8 inputs (opcheck's schema test cannot multiply FP8 input tensors on CPU); the FP8 output is the point
-    qx, sx, qw, sw, _ = _operands(m=7, k=130, n=129)
+    qx, sx, qw, sw, _ = _on(backend, *_operands(m=7, k=130, n=129))
     torch.library.opcheck(torch.ops.turbocompile.w8a8_linear_gelu_quant.default,
                           (qx, sx, qw, sw, None, "int8", "per_token", "per_channel", torch.bfloat16, "fp8", backend,
                            "pow2"))
@@ -184,6 +191,7 @@ def test_bound_opcheck(backend):
 
     qx, sx, qw, sw, _ = _operands(m=7, k=130, n=129)
     wb = ref.gelu_bound_constants_ref(qw, sw, None, "per_channel")
+    qx, sx, qw, sw, wb = _on(backend, qx, sx, qw, sw, wb)
     torch.library.opcheck(torch.ops.turbocompile.w8a8_linear_gelu_quant.default,
                           (qx, sx, qw, sw, None, "int8", "per_token", "per_channel", torch.bfloat16, "fp8", backend,
                            "bound", wb))

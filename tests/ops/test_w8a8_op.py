@@ -5,12 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._env import triton_runs_here
+from tests._env import kernel_device, triton_runs_here
 from turbocompile.errors import KernelUnavailableError
 from turbocompile.kernels.w8a8 import ref
 from turbocompile.ops import w8a8 as W
 
 BACKENDS_HERE = ["torch", "auto"] + (["triton"] if triton_runs_here() else [])
+
+
+def _dev(backend: str) -> str:
+    """Where a backend's test tensors live: 'triton' on kernel_device() (CUDA when present; on CPU it runs
+    only in the interpreter), the torch and auto backends on CPU."""
+    return kernel_device() if backend == "triton" else "cpu"
 
 
 def _weights(n=96, k=200, fmt="int8", wg="block128"):
@@ -29,8 +35,10 @@ def test_w8a8_linear_3d_input_matches_reference(backend, fmt):
     w, qw, sw = _weights(fmt=fmt)
     bias = torch.randn(96, dtype=torch.bfloat16)
     x = torch.randn(2, 5, 200, dtype=torch.bfloat16)
-    y = W.w8a8_linear(x, qw, sw, bias, fmt, "block128", "block128", backend)
-    assert y.shape == (2, 5, 96) and y.dtype == torch.bfloat16
+    dev = _dev(backend)
+    y = W.w8a8_linear(x.to(dev), qw.to(dev), sw.to(dev), bias.to(dev), fmt, "block128", "block128", backend)
+    assert y.shape == (2, 5, 96) and y.dtype == torch.bfloat16 and y.device.type == dev
+    y = y.cpu()
     want = ref.w8a8_linear_ref(x.reshape(10, 200).float(), qw, sw, bias, fmt, "block128", "block128")
     rel = (y.reshape(10, 96).double() - want.double()).norm() / want.double().norm()
     assert rel < 8e-3
@@ -40,8 +48,9 @@ def test_w8a8_linear_3d_input_matches_reference(backend, fmt):
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_prequant_equals_linear(backend):
-    _, qw, sw = _weights(wg="per_channel")
-    x = torch.randn(7, 200, dtype=torch.float16)
+    dev = _dev(backend)
+    _, qw, sw = (t.to(dev) for t in _weights(wg="per_channel"))
+    x = torch.randn(7, 200, dtype=torch.float16).to(dev)
     qx, sx = W.quantize_activation(x, "int8", "per_token", backend)
     assert qx.dtype == torch.int8 and sx.shape == (7, 1)
     y1 = W.w8a8_linear_prequant(qx, sx, qw, sw, None, "int8", "per_token", "per_channel", torch.float16, backend)
@@ -118,9 +127,10 @@ def test_fake_kernels_shapes():
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_opcheck(backend):
-    _, qw, sw = _weights(n=96, k=200, fmt="int8", wg="block128")
-    x = torch.randn(7, 200, dtype=torch.bfloat16)
-    bias = torch.randn(96, dtype=torch.bfloat16)
+    dev = _dev(backend)
+    _, qw, sw = (t.to(dev) for t in _weights(n=96, k=200, fmt="int8", wg="block128"))
+    x = torch.randn(7, 200, dtype=torch.bfloat16).to(dev)
+    bias = torch.randn(96, dtype=torch.bfloat16).to(dev)
     torch.library.opcheck(torch.ops.turbocompile.quantize_activation.default, (x, "int8", "block128", backend))
     torch.library.opcheck(torch.ops.turbocompile.w8a8_linear.default,
                           (x, qw, sw, bias, "int8", "block128", "block128", backend))
