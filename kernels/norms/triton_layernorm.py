@@ -39,7 +39,8 @@ LAST_KERNEL: dict = {}  # the last compiled launch and its registers / spills (G
 def _residual(x, y, gate_ptr, xnew_ptr, g_off, g_mask, xn_off, mask,
               HAS_GATE: tl.constexpr, NATIVE: tl.constexpr):
     """x_new = x + y * gate.to(dt), rounded like the eager dt ops; stores x_new, returns it in fp32.
-    x, y: fp32 tiles (y already loaded); gate is read at g_off (a [1, N] vector or [M, N] rows)."""
+    x, y: fp32 tiles (y already loaded); gate is read at g_off (a [1, N] vector or [M, N] rows). For dt
+    fp32, `rnd` is the identity and a GPU build fuses x + y·g into one FMA (the product unrounded)."""
     dt = xnew_ptr.dtype.element_ty
     if HAS_GATE:
         g = rnd(tl.load(gate_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), dt, NATIVE)

@@ -132,6 +132,8 @@ def _gated_residual(v, x, gate_ptr, rm, rn, row0, M, N, L, stride_gb, stride_gl,
     ``x + y * gate.to(dt)``): g = DT(gate), t = DT(y·g) (y·g of two DT values is exact in fp32, so one
     rounding), x_new = DT(x + t). Same sequence here, through the bit-level round trip of :func:`rnd` (a
     plain ``.to(dt).to(fp32)`` can be folded away by the compiler). RESIDUAL 1: no gate, x_new = DT(x + y).
+    Exception: for an fp32 residual the round trip is the identity, and a GPU build contracts x + y·g into
+    one FMA (the product unrounded): each element is then eager's value or the once-rounded fp64 x + y·g.
 
     The gate is element [b, l, n] of a [B, L, N] view (strides stride_gb, stride_gl, 1; b = row // L,
     l = row % L), read per GATE_MODE: 0 one [WIDTH] vector for every row (B = 1 or one gate for all

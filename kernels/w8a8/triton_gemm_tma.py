@@ -60,6 +60,7 @@ from turbocompile.ops._backend import triton_interpret
 __all__ = [
     "ACTIVATIONS",
     "FLATTEN",
+    "FP8_PROMOTE",
     "tma_configs",
     "tma_hardware_ok",
     "tma_unsupported_reason",
@@ -70,6 +71,11 @@ __all__ = [
 # Flatten the persistent tile loop with the K loop (tl.range(..., flatten=True)). Module-level so a
 # benchmark can compare / turn it off; it is a constexpr of the kernel (changing it recompiles).
 FLATTEN = True
+# FP8 only: promote the K loop's sums to an fp32 accumulator every BLOCK_K (``max_num_imprecise_acc``).
+# Hopper's FP8 wgmma otherwise adds into a reduced-precision accumulator for the whole K loop (Triton's
+# sm90 default), whose error grows with K: 2.8e-3 relative at K = 13824 vs 1.3e-4 promoted (RESULTS.md,
+# session 21). Off until its cost is timed; a constexpr of the kernel (and of the autotune key).
+FP8_PROMOTE = False
 
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # activation name -> the kernel's ACTIVATION constexpr (0 = none)
@@ -202,6 +208,7 @@ def _w8a8_gemm_tma_kernel(
     stride_gb,
     stride_gl,
     IS_FP8: tl.constexpr,
+    FP8_PROMOTE: tl.constexpr,  # see the module constant
     HAS_BIAS: tl.constexpr,
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32 (y_desc's dtype)
     ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
@@ -242,7 +249,10 @@ def _w8a8_gemm_tma_kernel(
             a = a_desc.load([off_am, kb * BLOCK_K])
             w = w_desc.load([off_wn, kb * BLOCK_K])
             if IS_FP8:
-                acc = tl.dot(a, w.T, acc)
+                if FP8_PROMOTE:
+                    acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=BLOCK_K)
+                else:
+                    acc = tl.dot(a, w.T, acc)
             else:
                 acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
 
@@ -357,7 +367,7 @@ def _store_width(cfg: dict) -> int:
 _TUNED = None  # every config of tma_configs() (benchmarks may reset it to rebuild with a reduced list)
 _TUNED_PARTIAL = None  # partial amax: the configs whose stored width is a multiple of AMAX_GRANULE
 # M changes the best tile only through its size class: bucket it.
-_TUNE_KEY = ["M_BUCKET", "N", "K", "IS_FP8", "HAS_BIAS", "OUT_KIND", "ACTIVATION", "AMAX_MODE", "RESIDUAL", "RES_TMA",
+_TUNE_KEY = ["M_BUCKET", "N", "K", "IS_FP8", "FP8_PROMOTE", "HAS_BIAS", "OUT_KIND", "ACTIVATION", "AMAX_MODE", "RESIDUAL", "RES_TMA",
              "GATE_MODE"]
 
 
@@ -535,7 +545,8 @@ def w8a8_gemm_tma(
     # Explicit bf16 rounding under the interpreter only with an epilogue extension: the plain GEMM
     # keeps the interpreter's truncating cast, as the plain pointer kernel does (tests compare them).
     round_bf16 = triton_interpret() and out_dtype == torch.bfloat16 and (act_id != 0 or mode_id != 0)
-    meta = dict(IS_FP8=qa.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None,
+    is_fp8 = qa.dtype == torch.float8_e4m3fn
+    meta = dict(IS_FP8=is_fp8, FP8_PROMOTE=is_fp8 and FP8_PROMOTE, HAS_BIAS=bias is not None,
                 OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16, NATIVE=_em.gelu_native(triton_interpret()),
                 AMAX_MODE=mode_id, RESIDUAL=_residual_id(res), RES_TMA=r_desc is not None,
                 GATE_MODE=0 if res is None else res.gate_mode,

@@ -247,3 +247,24 @@ def test_gelu_epilogue_native_forms_on_sm90(form):
     else:
         assert n_tanh > 0 and n_ex2 == 0 and n_rcp == 0  # one MUFU op per GELU element
     assert n_div == 0
+
+
+@pytest.mark.parametrize("m,k,n", [(7, 208, 200), (130, 640, 136)])
+def test_fp8_promotion_keeps_the_result(monkeypatch, m, k, n):
+    """FP8_PROMOTE (fp32 promotion every BLOCK_K) is the same sum: in the interpreter bit-identical (it sums
+    in fp32 either way); on a GPU within wgmma's FP8 accumulation error of the unpromoted kernel and at
+    least as close to the fp64 reference. INT8 ignores it."""
+    tg, tma = _mods()
+    for fmt in FORMATS:
+        qa, sa, qw, sw, bias = _operands(m, k, n, fmt)
+        run = lambda: tg.w8a8_gemm_triton(qa, sa, qw, sw, bias, "per_token", "per_channel", torch.float32,  # noqa: E731
+                                          use_tma=True)
+        monkeypatch.setattr(tma, "FP8_PROMOTE", False)
+        plain = run()
+        monkeypatch.setattr(tma, "FP8_PROMOTE", True)
+        promoted = run()
+        want = ref.w8a8_gemm_ref(qa, sa, qw, sw, bias, "per_token", "per_channel", torch.float64)
+        if DEV == "cpu" or fmt == "int8":
+            assert torch.equal(promoted, plain), fmt
+        else:
+            assert _rel(promoted, plain) < 5e-4 and _rel(promoted, want) <= _rel(plain, want) * 1.05 + 1e-7
