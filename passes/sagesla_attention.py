@@ -68,12 +68,16 @@ class SageSLAAttention(Pass):
                 if i < 0:
                     raise ValueError(f"dense_layers must be layer indices >= 0, got {i}")
 
+    def check_config(self, cfg) -> None:
+        bad = [i for i in self.options.dense_layers if i >= cfg.num_layers]
+        if bad:
+            raise TurboCompileError(f"dense_layers {bad} out of range: the model has {cfg.num_layers} layers "
+                                    f"(valid indices 0..{cfg.num_layers - 1})")
+
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         o = self.options
         cfg = ctx.model_config
-        bad = [i for i in o.dense_layers if i >= cfg.num_layers]
-        if bad:
-            raise TurboCompileError(f"dense_layers {bad} out of range: the model has {cfg.num_layers} layers")
+        self.check_config(cfg)
         proj = dict(ctx.extras.get("proj_l", {}))
         stats = {"replaced": 0, "dense_kept": 0, "with_proj_l": 0, "unmatched": 0}
         notes = []

@@ -180,12 +180,19 @@ def _num_experts(model: Any) -> int:
     return 1
 
 
+def _check_pass_configs(passes, cfg: WanConfig) -> None:
+    """Every pass's options against the model config, before any slow work (`Pass.check_config`)."""
+    for p in passes:
+        p.check_config(cfg)
+
+
 def _capture_and_run(wan: WanModel, rec: Recipe, dt, dev, extras, passes, *, strict, progress, verify, seed,
                      disabled, log):
     """Capture ``wan`` for the recipe's geometry and run ``passes``: (graph, pass records, context)."""
     cfg, shape = _video_shape(wan.config, rec)
     if cfg is not wan.config:
         wan.config = cfg
+    _check_pass_configs(passes, cfg)
     if log:
         log(f"capturing {cfg.name} for {shape.width}x{shape.height}, {shape.frames} frames "
             f"(L={shape.seq_len}) in {_dtype_name(dt)} on {dev}")
@@ -251,6 +258,8 @@ def optimize(
     dev = _pick_device(device or rec.model.device)
     if out is not None:
         check_output_dir(out, overwrite)  # before any work: nothing is lost, nothing is wasted
+    if isinstance(model, (str, Path)) and str(model) in PRESETS:  # the config is known: check before building
+        _check_pass_configs(rec.instantiate_passes(), PRESETS[str(model)])
     needs_int8 = any(p.name == "w8a8_linear" for p in rec.passes)
     bakes = any(p.name == "bake_rcm_sampler" for p in rec.passes)
     low_gm = None

@@ -102,6 +102,11 @@ class Pass:
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_config(self, cfg) -> None:
+        """Raise if the options cannot apply to a model of WanConfig ``cfg`` (e.g. a layer index past its
+        depth). `optimize` calls it before loading weights where the config is known up front (built-in
+        models) and before capture otherwise, so a bad option fails before the slow work."""
+
     def uuid(self) -> str:
         """Hash of the pass's source file and its options (cache key)."""
         src = inspect.getsource(type(self))

@@ -111,3 +111,19 @@ def test_rcm_sample_still_runs_on_the_td_artifact(tmp_path):
     ctx = torch.randn(den.manifest["signature"]["inputs"][2]["shape"])
     lat = rcm_sample(den, noise, ctx, steps=2, generator=torch.Generator().manual_seed(0))
     assert lat.shape == noise.shape and torch.isfinite(lat).all()
+
+
+def test_diffusers_a14b_config_prefers_the_two_expert_preset(tmp_path):
+    """One expert of diffusers' Wan2.2-T2V-A14B has Wan2.1-T2V-14B's shapes: loading it as an expert
+    (expert given) names the two-expert preset, a plain directory the one-expert one."""
+    import json
+
+    from turbocompile.checkpoints.loader import _diffusers_config_json
+
+    cfg = dict(_class_name="WanTransformer3DModel", patch_size=[1, 2, 2], num_attention_heads=40,
+               attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+               ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+               image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert _diffusers_config_json(tmp_path, prefer_experts=True).name == "wan2.2-t2v-a14b"
+    assert _diffusers_config_json(tmp_path).name == "wan2.1-t2v-14b"

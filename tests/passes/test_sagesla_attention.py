@@ -39,8 +39,26 @@ def test_dense_layers_option_and_range_error():
     res = turbocompile.optimize("wan-tiny", recipe, dtype="bfloat16")
     assert res.records[0].stats == {"replaced": 1, "dense_kept": 1, "with_proj_l": 0, "unmatched": 0}
     bad = {"version": 1, "passes": [{"name": "sagesla_attention", "options": {"dense_layers": [7]}}]}
-    with pytest.raises(turbocompile.TurboCompileError, match="out of range"):
+    with pytest.raises(turbocompile.TurboCompileError, match=r"out of range: the model has 2 layers \(valid indices 0\.\.1\)"):
         turbocompile.optimize("wan-tiny", bad, dtype="bfloat16")
+
+
+def test_dense_layers_range_is_checked_before_the_slow_work(monkeypatch):
+    """A built-in model's config is known up front: no model is built; a module's is checked before capture."""
+    from turbocompile import api
+
+    bad = {"version": 1, "passes": [{"name": "sagesla_attention", "options": {"dense_layers": [0, 2]}}]}
+
+    def never(*args, **kwargs):
+        raise AssertionError("reached the slow work before checking the options")
+
+    model = init_random_(WanModel(CFG), seed=1)
+    monkeypatch.setattr(api, "capture", never)
+    with pytest.raises(turbocompile.TurboCompileError, match=r"dense_layers \[2\] out of range"):
+        turbocompile.optimize(model, bad, dtype="float32")
+    monkeypatch.setattr(api, "resolve_model", never)
+    with pytest.raises(turbocompile.TurboCompileError, match=r"dense_layers \[2\] out of range"):
+        turbocompile.optimize("wan-tiny", bad, dtype="float32")
 
 
 def test_proj_l_from_turbodiffusion_checkpoint(tmp_path):

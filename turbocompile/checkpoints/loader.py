@@ -69,12 +69,16 @@ def _select_expert(path: Path, expert: str | None) -> Path:
     return resolve_directory(path) if path.is_dir() else path
 
 
-def _preset_or(cfg: WanConfig) -> WanConfig:
+def _preset_or(cfg: WanConfig, prefer_experts: bool = False) -> WanConfig:
+    """The preset ``cfg`` matches (a two-expert one first where ``prefer_experts``: one expert of an A14B
+    pair has the shapes of a one-expert 14B model), else ``cfg`` itself."""
     names = matching_presets(cfg)
+    if prefer_experts:
+        names = sorted(names, key=lambda n: PRESETS[n].num_experts != 2)
     return PRESETS[names[0]] if names and PRESETS[names[0]].eps == cfg.eps else cfg
 
 
-def _diffusers_config_json(directory: Path) -> WanConfig | None:
+def _diffusers_config_json(directory: Path, prefer_experts: bool = False) -> WanConfig | None:
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():
         return None
@@ -84,7 +88,7 @@ def _diffusers_config_json(directory: Path) -> WanConfig | None:
         raise CheckpointError(f"'{cfg_file}' is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or "num_attention_heads" not in data:
         return None  # e.g. the original Wan config.json: the weights are authoritative
-    return _preset_or(config_from_diffusers(data))
+    return _preset_or(config_from_diffusers(data), prefer_experts)
 
 
 def _module_config(module: nn.Module) -> WanConfig | None:
@@ -177,7 +181,7 @@ def load_model(source, config: WanConfig | str | None = None, *, expert: str | N
         path = _select_expert(path, expert)
         desc = str(path)
         if path.is_dir():
-            file_cfg = _diffusers_config_json(path)
+            file_cfg = _diffusers_config_json(path, prefer_experts=expert is not None)
         raw = load_state_dict(path)
     else:
         raise CheckpointError(f"cannot load a model from a {type(source).__name__}; "
