@@ -24,6 +24,11 @@ from tests._env import kernel_device
 COMPILED = kernel_device() == "cuda"  # kernels run compiled (CUDA), not in the interpreter
 
 
+def _same_kind(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, \
+        f"{what} dtype/shape differ: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+
+
 def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a − b| in units of the last place of dtype(a) at max(|a|, |b|) (0 where both are equal, inf where
     exactly one is non-finite)."""
@@ -41,6 +46,7 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def assert_same_bits(out: torch.Tensor, ref: torch.Tensor, max_ulps: float = 4, what: str = "") -> None:
     """Bit-identical in the interpreter; on CUDA, every element within ``max_ulps`` ulps of ``ref``."""
+    _same_kind(out, ref, what)
     if not COMPILED:
         assert torch.equal(out, ref), f"{what} not bit-identical: max |Δ| {(out.double() - ref.double()).abs().max()}"
         return
@@ -61,6 +67,7 @@ def _code_steps(q: torch.Tensor) -> torch.Tensor:
 def assert_same_codes(q: torch.Tensor, q_ref: torch.Tensor, max_share: float = 0.01, what: str = "") -> None:
     """Quantization codes (int8, or fp8 e4m3): identical bits in the interpreter; on CUDA at most one code
     step apart on at most ``max_share`` of them."""
+    _same_kind(q, q_ref, what)
     a, b = _code_steps(q), _code_steps(q_ref)
     if not COMPILED:
         bits_equal = torch.equal(q.view(torch.int8), q_ref.view(torch.int8))

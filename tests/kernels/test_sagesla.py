@@ -287,8 +287,10 @@ def test_dense_block_m_and_linear_epilogue_variants(split_linear):
     o128 = launch_attn(q, k, v, p, w, b, 64, 128, block_m=128, split_linear=split_linear)
     if COMPILED:  # on sm90 block_m 64 is the Gluon kernel, 128 the Triton one: other MMA shapes and orders,
         # so the fp32 accumulators differ in their last bits and some outputs round to the next bf16 step
+        # (H100: 31.5% of elements one step apart, max |Δ| 2^-8, i.e. rel-L1 ~1.6e-3). Bound: every element
+        # one bf16 step apart at most (a step is 2^-8..2^-7 of the value: rel-L1 <= ~6e-3)
         cos, l1 = metrics(o64, o128)
-        assert cos >= 0.99999 and l1 <= 2e-3, (cos, l1)
+        assert cos >= 0.9999 and l1 <= 6e-3, (cos, l1)
     else:
         torch.testing.assert_close(o64, o128, atol=0, rtol=0)
     fused = launch_attn(q, k, v, p, w, b, 64, 128, split_linear=False)
