@@ -3,7 +3,6 @@ eager model code they replace (canonical Wan precision map)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
