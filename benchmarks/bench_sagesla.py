@@ -67,8 +67,8 @@ def proj(D):
 def stream_join_checks(q, k, v, topk, w, b, out):
     """(a second eager call gives the same bits, a CUDA-graph replay gives the eager bits). The graph
     is replayed after proj_l changed in place: an attention kernel that did not wait for the
-    side-stream fold would read the previous replay's KVW."""
-    w2 = w.clone()
+    side-stream fold would read the previous replay's KVW (without proj_l: replayed as captured)."""
+    w2 = w.clone() if w is not None else None
     fn = lambda: sagesla(q, k, v, topk=topk, proj_weight=w2, proj_bias=b, quant="int8-fp8", backend="triton")  # noqa: E731
     repeat = torch.equal(fn(), out)
     fn()
@@ -77,8 +77,9 @@ def stream_join_checks(q, k, v, topk, w, b, out):
     with torch.cuda.graph(g):
         captured = fn()
     same = True
-    for scale in (1.0, -1.5, 0.25):
-        w2.copy_(w * scale)
+    for scale in (1.0, -1.5, 0.25) if w is not None else (1.0,):
+        if w is not None:
+            w2.copy_(w * scale)
         g.replay()
         torch.cuda.synchronize()
         same = same and torch.equal(captured, fn())

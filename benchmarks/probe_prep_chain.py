@@ -1,18 +1,22 @@
-"""SageSLA's preparation chain on the GPU: the block map in one launch, chained launches (PDL), top-k
-launch shapes and the attention epilogue's KVW by TMA, A/B in one process against the default, whole op
-with proj_l (issue 4's measurement).
+"""SageSLA's preparation chain and attention-kernel knobs on the GPU: the block map in one launch, chained
+launches (PDL), top-k launch shapes and the attention epilogue's KVW through registers or by TMA, A/B in
+one process against the default, whole op (issue 4's measurement). (Session 22 also compared softmax
+exponentials partly on the FMA pipe: branch `exp/attn-exp-poly`, RESULTS.md.)
 
     source benchmarks/gpu_env.sh; PYTHONUNBUFFERED=1 python3 benchmarks/probe_prep_chain.py --out $OUT
+    ... --topk 1.0 --no-proj --variants "kvw by registers"    # dense mode, without proj_l
 
-For each variant (a set of `DEFAULT_TUNE` overrides; ``kvw_tma`` sets `gluon_attn.KVW_TMA`) and shape:
+For each variant (a set of `DEFAULT_TUNE` overrides; ``kvw_tma`` sets `gluon_attn.KVW_TMA`, default on) and
+shape:
 1. correctness: every LUT row a valid top-T of the exact (fp64, key-mean centred) block scores up to
    TF32 rounding, the share of rows that differ from the default's LUT (near-ties), the op's output vs
-   the default's (cos, rel-L2), finite, the same bits from a second eager call, and a CUDA-graph replay
-   equal to the eager call (`bench_sagesla.stream_join_checks`);
-2. time: eager and CUDA-graph replay of the whole op (top-k 0.1, proj_l + bias), rounds interleaved
-   across the variants, next to cuDNN SDPA in the same run;
+   the default's and vs the torch reference of the same semantics (cos, rel-L1, rel-L2; the reference
+   only at shapes up to `REF_MAX_L`), finite, the same bits from a second eager call, and a CUDA-graph
+   replay equal to the eager call (`bench_sagesla.stream_join_checks`);
+2. time: eager and CUDA-graph replay of the whole op (top-k 0.1 with proj_l + bias unless told
+   otherwise), rounds interleaved across the variants, next to cuDNN SDPA in the same run;
 3. CUDA time per kernel of three eager calls (torch.profiler).
-JSON: $OUT/probe_prep_chain.json.
+JSON: $OUT/probe_prep_chain.json (or the name given by --json).
 """
 
 from __future__ import annotations
@@ -48,11 +52,11 @@ VARIANTS = {
     "pdl": dict(pdl=1),
     "pdl + top-k 1 warp": dict(pdl=1, topk_warps=1),
     "pdl + block map fused": dict(pdl=1, topk="fused"),
-    "kvw by tma": dict(kvw_tma=1),
-    "pdl + block map fused + kvw by tma": dict(pdl=1, topk="fused", kvw_tma=1),
+    "kvw by registers": dict(kvw_tma=0),  # the default before session 22
 }
-TOPK = 0.1
+REF_MAX_L = 4096  # the torch reference (fp32, dense scores per head) only at the small shapes
 BASE_TUNE = dict(DEFAULT_TUNE)
+BASE_KVW_TMA = gluon_attn.KVW_TMA
 
 
 def exact_scores(q, k, block_q, block_k):
@@ -81,32 +85,39 @@ def lut_checks(lut, ref_lut, scores):
 
 def set_tune(tune):
     tune = dict(tune)
-    gluon_attn.KVW_TMA = bool(tune.pop("kvw_tma", False))
+    gluon_attn.KVW_TMA = bool(tune.pop("kvw_tma", BASE_KVW_TMA))
     DEFAULT_TUNE.clear()
     DEFAULT_TUNE.update(BASE_TUNE, **tune)
 
 
-def run_shape(name, reps, res, variants):
+def run_shape(name, reps, res, variants, topk, with_proj):
     B, L, H, D = SHAPES[name]
-    print(f"== {name}: B{B} L{L} H{H} D{D}, top-k {TOPK} + proj_l ==", flush=True)
+    print(f"== {name}: B{B} L{L} H{H} D{D}, top-k {topk}{' + proj_l' if with_proj else ''} ==", flush=True)
     q, k, v = qkv(B, L, H, D)
-    w, b = proj(D)
-    op = lambda: sagesla(q, k, v, topk=TOPK, proj_weight=w, proj_bias=b, quant="int8-fp8", backend="triton")  # noqa: E731
-    scores = exact_scores(q, k, 64, 128)
+    w, b = proj(D) if with_proj else (None, None)
+    op = lambda: sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=b, quant="int8-fp8", backend="triton")  # noqa: E731
+    dense = topk >= 1.0
+    scores = None if dense else exact_scores(q, k, 64, 128)
     set_tune({})
-    ref_out, ref_lut = op(), prepare(q, k, v, TOPK, 64, 128, "int8-fp8", True)["lut"]
+    ref_out, ref_lut = op(), prepare(q, k, v, topk, 64, 128, "int8-fp8", w is not None)["lut"]
+    torch_out = None
+    if L <= REF_MAX_L:
+        torch_out = sagesla(q, k, v, topk=topk, proj_weight=w, proj_bias=b, quant="none", backend="torch")
     calls, rows = {}, {}
     for vname in variants:
-        row = dict(shape=name, variant=vname, tune=VARIANTS[vname])
+        row = dict(shape=name, variant=vname, tune=VARIANTS[vname], topk=topk, proj_l=with_proj)
         try:
             set_tune(VARIANTS[vname])
-            prep = prepare(q, k, v, TOPK, 64, 128, "int8-fp8", True)
+            prep = prepare(q, k, v, topk, 64, 128, "int8-fp8", w is not None)
             row["pdl_active"] = prep["pdl"]
-            row["lut_violation"], row["lut_rows_differ"] = lut_checks(prep["lut"], ref_lut, scores)
+            if not dense:
+                row["lut_violation"], row["lut_rows_differ"] = lut_checks(prep["lut"], ref_lut, scores)
             out = op()
             row["finite"] = bool(torch.isfinite(out).all())
             row["vs_default"] = metrics(out, ref_out)
-            row["repeat_equal"], row["graph_equal"] = stream_join_checks(q, k, v, TOPK, w, b, out)
+            if torch_out is not None:  # cos, rel-L1, rel-L2 vs the unquantized semantics (quant="none")
+                row["vs_torch_ref"] = metrics(out, torch_out)
+            row["repeat_equal"], row["graph_equal"] = stream_join_checks(q, k, v, topk, w, b, out)
             calls[vname] = (op, graphed(op))
         except Exception as e:  # one broken variant must not hide the others
             row["error"] = repr(e)[:300]
@@ -154,6 +165,9 @@ def main():
     ap.add_argument("--shapes", default="small,13b,14b", help=f"comma-separated, of {sorted(SHAPES)}")
     ap.add_argument("--reps", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
+    ap.add_argument("--topk", type=float, default=0.1, help="1.0 = dense mode")
+    ap.add_argument("--no-proj", action="store_true", help="without proj_l (no linear branch)")
+    ap.add_argument("--json", default="probe_prep_chain.json", help="file name under --out")
     args = ap.parse_args()
     shapes = [s for s in args.shapes.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
@@ -167,10 +181,10 @@ def main():
     print(res["device"], res["torch"], "triton", res["triton"], flush=True)
     for name in shapes:
         try:
-            run_shape(name, args.reps, res, variants)
+            run_shape(name, args.reps, res, variants, args.topk, not args.no_proj)
         except Exception:
             traceback.print_exc()
-        with open(os.path.join(args.out, "probe_prep_chain.json"), "w") as f:
+        with open(os.path.join(args.out, args.json), "w") as f:
             json.dump(res, f, indent=1)
 
 

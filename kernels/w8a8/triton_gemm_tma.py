@@ -74,7 +74,9 @@ FLATTEN = True
 # FP8 only: promote the K loop's sums to an fp32 accumulator every BLOCK_K (``max_num_imprecise_acc``).
 # Hopper's FP8 wgmma otherwise adds into a reduced-precision accumulator for the whole K loop (Triton's
 # sm90 default), whose error grows with K: 2.8e-3 relative at K = 13824 vs 1.3e-4 promoted (RESULTS.md,
-# session 21). Off until its cost is timed; a constexpr of the kernel (and of the autotune key).
+# session 21). Off: on an H100 it makes the six Wan GEMM shapes 42-57% slower (session 22: every k-tile's
+# wgmma result must be waited for and added in fp32, so products no longer overlap), for an accuracy
+# gain that FP8's own quantization error (3.8e-2) hides. A constexpr of the kernel (and of the autotune key).
 FP8_PROMOTE = False
 
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
