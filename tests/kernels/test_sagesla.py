@@ -86,6 +86,35 @@ def rand(B, L, H, D, dtype=torch.bfloat16, scale=1.0):
     return [(torch.randn(B, L, H, D, device=DEV) * scale).to(dtype) for _ in range(3)]
 
 
+def e4m3_pv_floor(q, k, v):
+    """rel-L1 vs exact attention of exact attention with only P (as 448·p) and V (per-channel scale)
+    rounded to e4m3, everything else in fp64: the error that FP8 P·V alone costs, whatever the kernel."""
+    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+    s = qd @ kd.transpose(-1, -2) / qd.shape[-1] ** 0.5
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    ref = (p @ vd) / p.sum(-1, keepdim=True)
+    scale = vd.abs().amax(-2, keepdim=True) / 448 + 1e-30
+
+    def e4m3(x):
+        return x.float().to(torch.float8_e4m3fn).double()
+
+    o = (e4m3(448 * p) / 448) @ (e4m3(vd / scale) * scale) / p.sum(-1, keepdim=True)
+    return ((o - ref).abs().sum() / ref.abs().sum()).item()
+
+
+def test_e4m3_pv_floor_exceeds_the_l1_target_on_zero_mean_v():
+    """Why int8-fp8 dense mode gets its own rel-L1 bound on zero-mean random V: rounding P and V to e4m3
+    (3 mantissa bits, ~2.7% relative each) already costs more than 0.03 there, because the output is
+    itself an average of zero-mean values and the rounding errors do not cancel against it. With a
+    channel mean in V (real activations) the same rounding costs far less."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1000, 2, 128, generator=g) for _ in range(3))
+    zero_mean = e4m3_pv_floor(q, k, v)
+    with_mean = e4m3_pv_floor(q, k, v + 0.5)
+    assert 0.033 < zero_mean < 0.042, zero_mean  # 0.037 measured
+    assert with_mean < 0.01, with_mean
+
+
 # ----------------------------------------------------------------------------- dense mode
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("L,D,quant,v_mean", [
@@ -101,10 +130,14 @@ def test_dense_matches_sdpa(backend, L, D, quant, v_mean):
     cos, l1 = metrics(out, ref)
     # Zero-mean random V is the worst case for FP8 P·V: e4m3 keeps 3 mantissa bits, so P and V
     # each carry ~2-3% relative rounding error that does not average out against an output that
-    # is itself an average of zero-mean values (measured rel-L1 0.033-0.038 for L 37..1000).
+    # is itself an average of zero-mean values. The bound there is the issue's 0.03 or, where the
+    # e4m3 rounding of P and V alone already costs more (`e4m3_pv_floor`), that floor plus 15% for
+    # the INT8 Q/K (which adds ~0.013 in quadrature: 0.039 against a floor of 0.037 measured).
     # Real activations (V with a channel mean, as here with v_mean=0.5) land at 0.003-0.01.
-    l1_max = 0.045 if (quant == "int8-fp8" and v_mean == 0.0) else 0.03
-    assert cos >= 0.999 and l1 <= l1_max, (cos, l1)
+    l1_max = 0.03
+    if quant == "int8-fp8" and v_mean == 0.0:
+        l1_max = max(0.03, 1.15 * e4m3_pv_floor(q, k, v))
+    assert cos >= 0.999 and l1 <= l1_max, (cos, l1, l1_max)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
