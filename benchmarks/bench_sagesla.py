@@ -77,8 +77,8 @@ def stream_join_checks(q, k, v, topk, w, b, out):
     with torch.cuda.graph(g):
         captured = fn()
     same = True
-    for scale in (1.0, -1.5, 0.25) if w is not None else (1.0,):
-        if w is not None:
+    for scale in (1.0, -1.5, 0.25) if w is not None else (None,):
+        if scale is not None:
             w2.copy_(w * scale)
         g.replay()
         torch.cuda.synchronize()
