@@ -97,6 +97,11 @@ VARIANTS = {
     "rcm4_fp8+norms+sagesla+epi+res+pool+siblings+pow2": [*_FP8_EPI_RES_POW2, "fuse_attention_pooling",
                                                           "fuse_sibling_gemms", _RCM4],
 }
+# + the prompt padding's equal cross-attention keys merged into one (pays with --prompt-tokens < text_len)
+VARIANTS["w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+merge"] = [
+    *VARIANTS["w8a8_fp8+norms+sagesla+epi+pool+siblings+bound"], "merge_padding_keys"]
+VARIANTS["rcm4_fp8+norms+sagesla+epi+pool+siblings+bound+merge"] = [
+    *VARIANTS["w8a8_fp8+norms+sagesla+epi+pool+siblings+bound"], "merge_padding_keys", _RCM4]
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"
 # "+gelu_<form>" anywhere in a variant name: run it with that GELU epilogue form of
@@ -149,6 +154,9 @@ def main(argv=None):
                     help="optimize from a TurboDiffusion checkpoint with random SLA proj_l (linear branch on)")
     ap.add_argument("--sagesla-tune", default=None,
                     help='JSON overrides of SageSLA\'s preparation knobs (triton_prep.DEFAULT_TUNE), e.g. \'{"lin_gluon": 0}\'')
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="real prompt length: context rows from this one on are zero, as Wan pads a prompt's T5 "
+                         "embedding to text_len (default: every row random, i.e. no padding)")
     args = ap.parse_args(argv)
     dev = args.device
     if args.sagesla_tune:
@@ -169,13 +177,19 @@ def main(argv=None):
     print(f"model {cfg.name} (RANDOM weights), {shape.width}x{shape.height}x{shape.frames}, L={shape.seq_len}",
           flush=True)
     inp = example_inputs(cfg, shape, seed=0, device=dev, dtype=torch.bfloat16)
+    if args.prompt_tokens is not None:
+        if not 0 <= args.prompt_tokens <= cfg.text_len:
+            raise SystemExit(f"--prompt-tokens must be in 0..{cfg.text_len} (the model's text_len), got {args.prompt_tokens}")
+        inp["context"][:, args.prompt_tokens:] = 0
+        print(f"context: {args.prompt_tokens} prompt tokens, zero-padded to {cfg.text_len}", flush=True)
     args_in = list(inp.values())
     args.model_src = _td_checkpoint(cfg, args.out) if args.td_proj_l else args.model
     results = {"model": cfg.name, "weights": "random" + (", TurboDiffusion layout + random proj_l" if args.td_proj_l
                                                          else ""), "video": shape.to_dict(), "torch": torch.__version__,
                "triton": turbocompile.api._version("triton"),
                "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "variants": {},
-               "sagesla_tune": json.loads(args.sagesla_tune) if args.sagesla_tune else {}}
+               "sagesla_tune": json.loads(args.sagesla_tune) if args.sagesla_tune else {},
+               "prompt_tokens": args.prompt_tokens}
     ref_out = None
     eager_ms = None
     for label in args.variants.split(","):
@@ -247,6 +261,9 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
                 gen = torch.Generator(device=dev).manual_seed(0)
                 inputs = [torch.randn(i["shape"], generator=gen, device=dev)
                           for i in res.manifest["signature"]["inputs"]]
+                if args.prompt_tokens is not None:  # the same text as the forward variants
+                    names = [i["name"] for i in res.manifest["signature"]["inputs"]]
+                    inputs[names.index("context")] = args_in[2].to(inputs[names.index("context")].dtype)
             else:
                 inputs = args_in
             if name != base_name:  # warm-up (compile + autotune) and capture happen here, counted in prep
@@ -279,6 +296,7 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
         stats = {p["name"]: p["stats"] for p in passes}
         epi, sla, sib = (stats.get(n) for n in ("fuse_gemm_epilogues", "sagesla_attention", "fuse_sibling_gemms"))
         entry = {"gemm_epilogues": epi, "sagesla": sla, "sibling_gemms": sib,
+                 "merge_padding_keys": stats.get("merge_padding_keys"),
                  "residual_epilogues": stats.get("fuse_residual_epilogues"), "ms": ms, "prep_s": round(prep_s, 2),
                  "peak_gib": peak, "prep_peak_gib": prep_peak, "vs_eager_rel_err": m["rel_err"],
                  "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}

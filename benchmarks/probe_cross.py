@@ -9,6 +9,8 @@
    concatenated weights (N = 60 * dim).
 
     python benchmarks/probe_cross.py --out $OUT [--shapes 13b,14b]
+    python benchmarks/probe_cross.py --out $OUT --keys 512,256,129,65   # only the key-count sweep
+    python benchmarks/probe_cross.py --out $OUT --merged 512,256,100   # merge_padding_keys' ops vs cuDNN
 
 Writes ``probe_cross.json``.
 """
@@ -61,6 +63,70 @@ def cross_attention(L, H) -> dict:
     return row
 
 
+def key_count_sweep(L, H, counts) -> dict:
+    """The cross-attention core over fewer keys (a prompt's real tokens plus one merged pad key): SDPA
+    without a mask (cuDNN, flash) and with a float [1, 1, 1, n] bias on the keys (which a merged pad key
+    needs: its logit gains ln(#pads)), per backend that accepts it."""
+    D = 128
+    qt = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    row = {"shape": f"L{L} H{H}", "ms": {}}
+    for n in counts:
+        kt, vt = (torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        bias = torch.zeros(1, 1, 1, n, device="cuda", dtype=torch.bfloat16)
+        bias[..., -1] = math.log(512 - n + 1)
+        for name, backend, mask in (("cudnn", SDPBackend.CUDNN_ATTENTION, None),
+                                    ("flash", SDPBackend.FLASH_ATTENTION, None),
+                                    ("cudnn+bias", SDPBackend.CUDNN_ATTENTION, bias),
+                                    ("efficient+bias", SDPBackend.EFFICIENT_ATTENTION, bias)):
+            try:
+                with sdpa_kernel([backend]):
+                    ms = _bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask))
+            except RuntimeError as err:  # a backend that refuses the shape or the mask
+                ms = f"refused: {str(err).splitlines()[0][:80]}"
+            row["ms"][f"{n} keys, {name}"] = ms
+    return row
+
+
+def merged_sweep(L, H, reals) -> dict:
+    """Pass merge_padding_keys' ops against cuDNN SDPA over all 512 text keys, for a prompt of ``real``
+    tokens padded to 512 (the padding's K/V rows equal, as Wan's zero padding makes them), each replayed
+    from a CUDA graph (no host time): the tail-start kernel, the merged attention at every launch config
+    of ``attention_configs`` and at the default one, and the error of cuDNN and the merged op against fp32
+    SDPA."""
+    from turbocompile.kernels.text_attention.triton_tail_merged import attention_configs, tail_merged_attention_triton
+    from turbocompile.ops.text_attention import key_tail_start, tail_merged_attention
+
+    D = 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, L, H, D, device="cuda", generator=g).to(torch.bfloat16)
+    row = {"shape": f"L{L} H{H} x {TEXT} keys", "ms": {}, "config_ms": {}, "rel_vs_fp32": {}, "tail_start_ok": True}
+    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in attention_configs()]
+    for real in reals:
+        k = torch.randn(1, TEXT, H, D, device="cuda", generator=g).to(torch.bfloat16)
+        v = torch.randn(1, TEXT, H, D, device="cuda", generator=g).to(torch.bfloat16)
+        if real < TEXT:
+            k[:, real:] = k[:, real:real + 1].clone()
+            v[:, real:] = v[:, real:real + 1].clone()
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            base = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+            row["ms"][f"{real} real, cudnn over {TEXT}"] = _bench(graphed(lambda: F.scaled_dot_product_attention(qt, kt, vt)))
+        n = key_tail_start(k, v)
+        row["tail_start_ok"] &= bool((n == min(real, TEXT - 1)).all())
+        out = tail_merged_attention(q, k, v, n)
+        row["ms"][f"{real} real, tail start"] = _bench(graphed(lambda: key_tail_start(k, v)))
+        row["ms"][f"{real} real, merged attention (default)"] = _bench(graphed(lambda: tail_merged_attention(q, k, v, n)))
+        for cfg in configs:
+            name = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
+            row["config_ms"].setdefault(name, {})[real] = _bench(
+                graphed(lambda: tail_merged_attention_triton(q, k, v, n, config=cfg)))
+        ref = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float()).transpose(1, 2)
+        for name, o in (("cudnn", base), ("merged", out)):
+            row["rel_vs_fp32"][f"{real} real, {name}"] = ((o.float() - ref).norm() / ref.norm()).item()
+        del k, v, base, out, ref
+    return row
+
+
 def cross_kv(dim, blocks) -> dict:
     ctx = torch.randn(TEXT, dim, device="cuda", dtype=torch.bfloat16)
     ws = [quantize_weight(torch.randn(dim, dim, device="cuda") * dim ** -0.5, "fp8", "per_channel")
@@ -93,7 +159,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shapes", default="13b,14b")
+    ap.add_argument("--keys", default="", help="comma-separated key counts: time only the key-count sweep")
+    ap.add_argument("--merged", default="", help="comma-separated real prompt lengths: time only the merged-key ops")
     args = ap.parse_args()
+    if args.merged:
+        reals = [int(n) for n in args.merged.split(",")]
+        rows = [merged_sweep(*SHAPES[k][:2], reals) for k in args.shapes.split(",")]
+        for row in rows:
+            print(json.dumps(row))
+        with open(os.path.join(args.out, "probe_cross_merged.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "rows": rows}, f, indent=2)
+        return
+    if args.keys:
+        counts = [int(n) for n in args.keys.split(",")]
+        rows = [key_count_sweep(*SHAPES[k][:2], counts) for k in args.shapes.split(",")]
+        for row in rows:
+            print(json.dumps(row))
+        with open(os.path.join(args.out, "probe_cross_keys.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+        return
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "attention": [], "cross_kv": []}
     for key in args.shapes.split(","):

@@ -71,12 +71,14 @@ def main():
             torch.cuda.synchronize()
     fam = collections.Counter()
     per_kernel = collections.Counter()
+    calls = collections.Counter()  # launches per kernel name in the profiled forward
     for ev in prof.key_averages():
         t = ev.device_time_total / 1e3  # ms
         if t <= 0:
             continue
         fam[family(ev.key)] += t
         per_kernel[ev.key[:90]] += t
+        calls[ev.key[:90]] += ev.count
     total = sum(fam.values())
     gaps = _gaps(prof)
     print(f"{a.model} {a.recipe}: wall {wall_ms:.1f} ms, host launch {host_ms:.1f} ms, GPU kernels {total:.1f} ms")
@@ -84,14 +86,15 @@ def main():
         print(f"  {k:<26} {v:8.2f} ms  {100 * v / total:5.1f}%")
     print("top kernels:")
     for k, v in per_kernel.most_common(18):
-        print(f"  {v:8.2f} ms  {k}")
+        print(f"  {v:8.2f} ms  {calls[k]:4d} calls  {1e3 * v / max(calls[k], 1):8.1f} us/call  {k}")
     print("timeline:", json.dumps({k: v for k, v in gaps.items() if k != "largest"}))
     for g in gaps["largest"][:12]:
         print(f"  gap {g[0]:7.1f} us  after {g[1]}  before {g[2]}")
     tag = "_cudagraph" if a.cuda_graph else ""
     with open(os.path.join(a.out, f"profile_{a.model}_{a.recipe}{tag}.json"), "w") as f:
         json.dump({"wall_ms": wall_ms, "host_ms": host_ms, "families": dict(fam),
-                   "kernels": dict(per_kernel.most_common(60)), "timeline": gaps}, f, indent=2)
+                   "kernels": dict(per_kernel.most_common(60)),
+                   "calls": {k: calls[k] for k, _ in per_kernel.most_common(60)}, "timeline": gaps}, f, indent=2)
 
 
 def _gaps(prof) -> dict:

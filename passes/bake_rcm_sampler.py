@@ -126,7 +126,8 @@ class BakeRCMSampler(Pass):
     description = "bake the rCM few-step sampler into the graph (unroll, constant-fold, CSE)"
     requires = frozenset({"shapes"})
     provides = frozenset({"sampler"})
-    after = frozenset({"w8a8", "fused_norms", "sparse_attention", "gemm_epilogues", "sibling_gemms"})
+    after = frozenset({"w8a8", "fused_norms", "sparse_attention", "gemm_epilogues", "sibling_gemms",
+                       "merged_padding_keys"})
 
     @dataclass(frozen=True, kw_only=True)
     class Options:

@@ -259,3 +259,23 @@ def test_sagesla_custom_node(tmp_path):
     assert attrs["quant"] == b"int8-fp8" and attrs["block_q"] == 16 and attrs["block_k"] == 32
     assert abs(attrs["topk"] - 0.3) < 1e-6
     assert any(o.domain == tco.CUSTOM_DOMAIN and o.version == 1 for o in proto.opset_import)
+
+
+class _TailMerged(torch.nn.Module):
+    def forward(self, q, k, v):
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        n = OPS.key_tail_start(k, v, "torch")
+        return n, OPS.tail_merged_attention(q, k, v, n, "torch").float()
+
+
+def test_merged_padding_keys_decomposed(tmp_path):
+    """key_tail_start (per batch and head) and the merged attention as standard ops, on a padded prompt
+    whose tail starts differ per batch element (and one head with no repeated rows)."""
+    q, k, v = torch.randn(2, 13, 2, 32), torch.randn(2, 20, 2, 32), torch.randn(2, 20, 2, 32)
+    for b, n in ((0, 6), (1, 0)):
+        k[b, n:], v[b, n:] = k[b, n:n + 1].clone(), v[b, n:n + 1].clone()
+    v[1, 19, 1, 0] += 1.0  # batch 1, head 1: the last row differs -> tail of one (19)
+    path = _export_module(_TailMerged(), (q, k, v), tmp_path / "tail.onnx")
+    (n_want, want), (n_got, got) = _TailMerged()(q, k, v), _run(_session(path), (q, k, v))
+    assert n_got.dtype == np.int32 and n_got.tolist() == n_want.tolist() == [[6, 6], [0, 19]]
+    assert _rel(got, want.numpy()) < 1e-5

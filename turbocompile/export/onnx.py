@@ -22,6 +22,9 @@ Python and emits only standard ONNX ops (default domain, opset 18 unless FP8 nee
   fake-quantization emulated with Round/Floor/Log/Pow, the linear branch) — the same function
   as the op, with O(L^2) memory per head — or (``attention="custom"``) one
   ``turbocompile.SageSLA`` node of the custom domain ``turbocompile`` (see the README).
+* merged padding keys: ``key_tail_start`` as Equal / Not / position-weighted ReduceMax;
+  ``tail_merged_attention`` as dense attention over all keys with a bias row (0 before the tail
+  start, ln(multiplicity) on it, -inf after): the op's function in float32.
 """
 
 from __future__ import annotations
@@ -489,6 +492,35 @@ def sagesla_custom(q, k, v, topk: float, proj_weight, proj_bias, block_q: int, b
                        block_k=int(block_k), quant=str(quant))
 
 
+# ----------------------------------------------------------------------------- merged padding keys
+def key_tail_start(k, v, backend: str):
+    """turbocompile::key_tail_start -> int32 [B, H]: one past the last row of k or v that differs from the
+    last row (Equal over D, position-weighted ReduceMax over the keys), as ``key_tail_start_ref``."""
+    lk = int(k.shape[1])
+    last = _ints(lk - 1)
+    kf, vf = _f32(k), _f32(v)  # exact for 16-bit floats (onnxruntime has no bfloat16 Equal)
+    same = op.And(op.Equal(kf, op.Gather(kf, last, axis=1)), op.Equal(vf, op.Gather(vf, last, axis=1)))
+    # Gather with a 1-element index keeps the key axis (size 1), so the comparison broadcasts over it
+    differs = op.Cast(op.Not(same), to=INT64)  # [B, Lk, H, D]
+    row = op.ReduceMax(differs, _ints(3), keepdims=0)  # [B, Lk, H]
+    pos = op.Constant(value=onnx.helper.make_tensor("pos", INT64, [1, lk, 1], list(range(1, lk + 1))))
+    return op.Cast(op.ReduceMax(op.Mul(row, pos), _ints(1), keepdims=0), to=_T.INT32)
+
+
+def tail_merged_attention(q, k, v, tail_start, backend: str):
+    """turbocompile::tail_merged_attention -> softmax attention with keys n.. as key n, logit + ln(Lk - n),
+    in float32 (the reference's function)."""
+    lk, d = int(k.shape[1]), int(q.shape[3])
+    qf, kf, vf = (op.Transpose(_f32(t), perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, H, *, D]
+    n = op.Unsqueeze(op.Cast(tail_start, to=INT64), _ints(2, 3))  # [B, H, 1, 1]
+    j = op.Constant(value=onnx.helper.make_tensor("j", INT64, [1, 1, 1, lk], list(range(lk))))
+    mult = op.Cast(op.Max(op.Sub(_ints(lk), n), _ints(1)), to=FLOAT)
+    bias = op.Where(op.Less(j, n), _f(0.0), op.Where(op.Equal(j, n), op.Log(mult), _f(float("-inf"))))
+    s = op.Add(op.Mul(op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 3, 2])), _f(1.0 / math.sqrt(d))), bias)
+    o = op.MatMul(op.Softmax(s, axis=-1), vf)
+    return op.Cast(op.Transpose(o, perm=[0, 2, 1, 3]), to=q.dtype)
+
+
 def translation_table(attention: str = "standard") -> dict:
     """``custom_translation_table`` for ``torch.onnx.export`` covering every turbocompile op."""
     import torch
@@ -508,6 +540,8 @@ def translation_table(attention: str = "standard") -> dict:
         ops.ln_modulate_quant.default: ln_modulate_quant,
         ops.residual_ln_modulate_quant.default: residual_ln_modulate_quant,
         ops.sagesla.default: sagesla_custom if attention == "custom" else sagesla_standard,
+        ops.key_tail_start.default: key_tail_start,
+        ops.tail_merged_attention.default: tail_merged_attention,
     }
 
 

@@ -15,5 +15,6 @@ from turbocompile.ops import w8a8  # noqa: F401,E402  (registers turbocompile::w
 from turbocompile.ops import norms  # noqa: F401,E402  (registers the fused norm ops)
 from turbocompile.ops import attention  # noqa: F401,E402  (registers turbocompile::sagesla)
 from turbocompile.ops.attention import sagesla  # noqa: F401,E402  (public: turbocompile.ops.sagesla)
+from turbocompile.ops import text_attention  # noqa: F401,E402  (turbocompile::key_tail_start, ::tail_merged_attention)
 
 __all__ = ["BACKENDS", "has_triton", "resolve_backend", "sagesla"]

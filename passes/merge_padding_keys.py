@@ -1,0 +1,138 @@
+"""Pass ``merge_padding_keys``: cross-attention over the prompt's real tokens, its padding as one key.
+
+Wan pads each prompt's text embedding with zero rows up to ``text_len`` (512 tokens; original Wan,
+TurboDiffusion and diffusers all do). Every padding row then goes through the same row-wise layers
+(text embedding, K/V projections, k-RMSNorm), so the K and V rows of the padding are equal, and
+softmax attention over m equal keys is attention over one of them with its logit raised by ln(m).
+A 100-token prompt needs 101 keys instead of 512.
+
+The pass matches, in every block's cross-attention, the captured pattern
+``transpose(1,2) x3 -> scaled_dot_product_attention -> transpose(1,2)`` whose k and v depend on the
+``context`` input alone (so not Wan2.1 I2V's image keys, and not self-attention), and replaces it with
+
+* ``turbocompile::key_tail_start(k, v)``: where the trailing run of rows equal to the last row starts
+  (per batch and head; found at run time, by comparing the rows themselves), and
+* ``turbocompile::tail_merged_attention(q, k, v, tail_start)``: attention over the keys before it and
+  one key for the whole run,
+
+on the model's ``[B, L, H, D]`` layout. Nothing is assumed about the prompt: equal rows are found,
+not presumed, so a context without padding (or with padding that a non-row-wise layer made unequal,
+e.g. block-128 activation scales) gives a tail of one key and the plain attention. The result is the
+attention over all keys up to the rounding of the attention kernel. ``key_tail_start`` depends on
+the text only, so ``bake_rcm_sampler`` computes it once per sampling call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from turbocompile.errors import TurboCompileError
+from turbocompile.options import choice
+from turbocompile.passbase import Pass, PassResult, register_pass
+from turbocompile.passes._graph import mark
+
+__all__ = ["MergePaddingKeys"]
+
+_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+_CROSS_ATTN = re.compile(r"(?:^|\.)blocks\.(\d+)\.cross_attn$")
+_TEXT_INPUT = "context"
+
+
+def _is_transpose_12(node) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "transpose"
+            and tuple(node.args[1:]) in ((1, 2), (2, 1)) and not node.kwargs)
+
+
+def _cross_attn_layer(node: fx.Node) -> int | None:
+    for path in reversed(list(node.meta.get("nn_module_stack", {}))):
+        m = _CROSS_ATTN.search(path)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _input_dependencies(graph: fx.Graph) -> dict[fx.Node, frozenset[str]]:
+    """For every node, the names of the graph inputs (placeholders) its value depends on."""
+    deps: dict[fx.Node, frozenset[str]] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            deps[node] = frozenset({node.target})
+        else:
+            acc: frozenset[str] = frozenset()
+            for a in node.all_input_nodes:
+                acc = acc | deps.get(a, frozenset())
+            deps[node] = acc
+    return deps
+
+
+@register_pass
+class MergePaddingKeys(Pass):
+    """Cross-attention over the text's distinct keys: the padding's equal K/V rows become one key."""
+
+    name = "merge_padding_keys"
+    description = "cross-attention: the prompt padding's equal keys merged into one (cost follows the real length)"
+    requires = frozenset({"shapes"})
+    provides = frozenset({"merged_padding_keys"})
+    # the kernel's own rounding (fp32 softmax, P rounded to bf16 for P·V) differs from SDPA's in the last bits
+    verify_min_sqnr_db = 40.0
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        backend: str = choice("auto", ("auto", "triton", "torch"), "kernel backend")
+
+    def run(self, gm: fx.GraphModule, ctx) -> PassResult:
+        o = self.options
+        graph = gm.graph
+        if not any(n.op == "placeholder" and n.target == _TEXT_INPUT for n in graph.nodes):
+            return PassResult(False, {"replaced": 0, "unmatched": 0},
+                              [f"the graph has no '{_TEXT_INPUT}' input: nothing to merge"])
+        deps = _input_dependencies(graph)
+        text_only = frozenset({_TEXT_INPUT})
+        stats = {"replaced": 0, "unmatched": 0, "not_text": 0}
+        notes = []
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in _SDPA:
+                continue
+            layer = _cross_attn_layer(node)
+            if layer is None:
+                continue  # self-attention (or anything outside a cross-attention module)
+            qt, kt, vt = (node.args + (None, None, None))[:3]
+            users = list(node.users)
+            if (len(node.args) != 3 or node.kwargs or not all(_is_transpose_12(t) for t in (qt, kt, vt))
+                    or len(users) != 1 or not _is_transpose_12(users[0])):
+                stats["unmatched"] += 1
+                msg = f"blocks.{layer}.cross_attn: attention is not the captured transpose/SDPA pattern; left as is"
+                if ctx.strict:
+                    raise TurboCompileError(msg)
+                notes.append(msg)
+                continue
+            q, k, v = qt.args[0], kt.args[0], vt.args[0]
+            if deps[k] != text_only or deps[v] != text_only:
+                stats["not_text"] += 1  # e.g. Wan2.1 I2V's image keys (from clip_fea)
+                continue
+            out_t = users[0]
+            with graph.inserting_before(out_t):
+                half = ctx.dtype if ctx.dtype in (torch.bfloat16, torch.float16) else None
+                args = [q, k, v]
+                if half is None:  # the ops run in bf16; a float32 graph casts around them
+                    args = [mark(graph.call_method("to", (a, torch.bfloat16)), self.name) for a in args]
+                tail = mark(graph.call_function(torch.ops.turbocompile.key_tail_start.default,
+                                                (args[1], args[2], o.backend)), self.name)
+                new = mark(graph.call_function(torch.ops.turbocompile.tail_merged_attention.default,
+                                               (*args, tail, o.backend)), self.name)
+                for n in (tail, new):
+                    n.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+                result = new if half is not None else mark(graph.call_method("to", (new, ctx.dtype)), self.name)
+            out_t.replace_all_uses_with(result)
+            for dead in (out_t, node, qt, kt, vt):
+                if not dead.users:
+                    graph.erase_node(dead)
+            stats["replaced"] += 1
+        if ctx.dtype == torch.float32 and stats["replaced"]:
+            notes.append("float32 graph: q, k, v are cast to bf16 around the merged-key attention")
+        return PassResult(stats["replaced"] > 0, stats, notes)
