@@ -2,11 +2,14 @@
 turbocompile with passes added one at a time, on random weights at a real Wan config.
 
 Weights do not change speed, so random weights are used (said in the output). Every variant is timed
-in the same process against the eager baseline measured in the same run. Writes JSON (+ a PNG chart
-when matplotlib is present) to --out.
+in the same process against the eager baseline measured in the same run. Writes JSON (+ a PNG chart of
+time, speed-up and peak memory, ``charts.py``, when matplotlib is present) to --out.
 
     python benchmarks/bench_e2e.py --model wan2.1-t2v-1.3b --size 832x480 --frames 81 --out $OUT
     python benchmarks/bench_e2e.py --model wan-tiny --device cpu --variants eager,baseline   # smoke test
+
+Variant ``original`` times the original sampling run itself (50 steps × CFG = 100 eager forwards, once), so
+the sampler's speed-up needs no extrapolation where that run fits in one command (Wan-1.3B: about 67 s).
 
 With --td-proj-l the turbocompile variants are optimized from a TurboDiffusion-layout checkpoint of the
 same random weights plus random SLA ``proj_l`` layers, so SageSLA runs its linear branch as it does
@@ -48,6 +51,9 @@ _FP8_EPI_BOUND = [*_FP8_EPI[:2], {"name": "fuse_gemm_epilogues", "options": {"qu
 VARIANTS = {
     "eager": None,
     "compile": None,
+    # the original sampling run, measured: 50 steps x CFG = 100 eager forwards (cond + uncond per step) and a
+    # flow-matching Euler update in fp32 (Wan's UniPC update is as cheap: a few elementwise ops per step)
+    "original": None,
     "baseline": [],
     "w8a8_int8": [{"name": "w8a8_linear", "options": {"format": "int8"}}],
     "w8a8_int8+norms": [{"name": "w8a8_linear", "options": {"format": "int8"}}, "fuse_norms"],
@@ -219,7 +225,7 @@ def main(argv=None):
             _epilogue_math.GELU_NATIVE_FORM = gelu_form
         gc.collect()
     path = os.path.join(args.out, f"e2e_{cfg.name}.json")
-    _finish(results, path, args, cfg, shape)
+    _finish(results, path, args, cfg)
 
 
 def _td_checkpoint(cfg, out_dir):
@@ -241,6 +247,8 @@ def _td_checkpoint(cfg, out_dir):
 def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms, label):
     if True:
         t0 = time.perf_counter()
+        if name == "original":
+            return _original(args, dev, cfg, args_in, results, ref_out, eager_ms, label, t0)
         if name in ("eager", "compile"):
             with torch.device(dev):
                 model = WanModel(cfg)
@@ -307,6 +315,8 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
         with open(os.path.join(args.out, f"e2e_{cfg.name}.json"), "w") as f:  # keep partial results
             json.dump(results, f, indent=2)
         del run
+        if name == "original":
+            return _original(args, dev, cfg, args_in, results, ref_out, eager_ms, label, t0)
         if name in ("eager", "compile"):
             del model, fn_model
         else:
@@ -314,27 +324,61 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
     return ref_out, eager_ms
 
 
-def _finish(results, path, args, cfg, shape):
+ORIGINAL_STEPS, ORIGINAL_GUIDE = 50, 5.0
+
+
+def _original(args, dev, cfg, args_in, results, ref_out, eager_ms, label, t0):
+    """Time the original sampler once: 50 steps, each a conditional and an unconditional eager forward
+    (a second random context stands for the negative prompt), CFG, and an Euler step of the flow."""
+    with torch.device(dev):
+        model = WanModel(cfg)
+    init_random_(model, 0)
+    model = model.to(torch.bfloat16).eval()
+    model.init_non_persistent_buffers()
+    x0, t_in, ctx = args_in[0], args_in[1], args_in[2]
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ctx_null = torch.randn(ctx.shape, generator=g).to(device=dev, dtype=ctx.dtype)
+    sigmas = torch.linspace(1.0, 0.0, ORIGINAL_STEPS + 1, device=dev)
+
+    def sample():
+        x = x0.float()
+        for i in range(ORIGINAL_STEPS):
+            t = (sigmas[i] * 1000).expand_as(t_in)
+            xb = x.to(torch.bfloat16)
+            v_c = model(xb, t, ctx, *args_in[3:]).float()
+            v_u = model(xb, t, ctx_null, *args_in[3:]).float()
+            x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + ORIGINAL_GUIDE * (v_c - v_u))
+        return x
+
+    with torch.no_grad():
+        model(*args_in)  # warm-up forward (lazy initialization), not timed
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        prep_s = time.perf_counter() - t0
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t1 = time.perf_counter()
+        sample()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t1) * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+    entry = {"ms": ms, "forwards": 2 * ORIGINAL_STEPS, "ms_per_forward": ms / (2 * ORIGINAL_STEPS),
+             "prep_s": round(prep_s, 2), "peak_gib": peak, "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
+    results["variants"][label] = entry
+    print(f"{label:<28} {ms:9.2f} ms  ({2 * ORIGINAL_STEPS} eager forwards, {entry['ms_per_forward']:.2f} ms each, "
+          f"timed once)  peak {peak or 0:6.2f} GiB", flush=True)
+    del model
+    return ref_out, eager_ms
+
+
+def _finish(results, path, args, cfg):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
-    try:
-        import matplotlib
+    import charts  # benchmarks/ is the script's directory
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        names = [n for n in results["variants"] if "ms" in results["variants"][n]]
-        vals = [results["variants"][n]["ms"] for n in names]
-        fig, ax = plt.subplots(figsize=(9, 4))
-        ax.barh(names, vals)
-        ax.set_xlabel("DiT forward, ms (lower is better)")
-        ax.set_title(f"{cfg.name} {shape.width}x{shape.height}x{shape.frames} on {results['device']}")
-        ax.invert_yaxis()
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, f"e2e_{cfg.name}.png"), dpi=110)
-    except ImportError:
-        pass
+    charts.save(results, os.path.join(args.out, f"e2e_{cfg.name}.png"))
     print("wrote", path)
 
 

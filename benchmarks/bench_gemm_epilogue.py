@@ -202,6 +202,9 @@ def main():
     name = "gemm_epilogue.json" if fmt == "int8" else f"gemm_epilogue_{fmt}.json"
     with open(os.path.join(a.out, name), "w") as f:
         json.dump(res, f, indent=2)
+    import charts  # benchmarks/ is the script's directory
+
+    charts.save(res, os.path.join(a.out, os.path.splitext(name)[0] + ".png"))
 
 
 if __name__ == "__main__":

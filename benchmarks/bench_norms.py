@@ -398,6 +398,9 @@ RESULTS["timings"] = rows
 out_dir = os.environ.get("OUT", ".")
 with open(os.path.join(out_dir, "bench_norms.json"), "w") as fh:
     json.dump(RESULTS, fh, indent=1)
+import charts  # noqa: E402  (benchmarks/ is the script's directory)
+
+charts.save(RESULTS, os.path.join(out_dir, "bench_norms.png"))
 
 print("\n=== " + RESULTS["device"] + f" | torch {torch.__version__} | triton {triton.__version__} | copy {copy_bw:.0f} GB/s ===")
 print(f"{'site (B1 L75600 D5120 bf16)':34s} {'eager':>7s} {'r1cfg':>7s} {'dflt':>7s} {'dflt%':>6s} {'best':>10s} {'best ms':>7s} {'best%':>6s}")

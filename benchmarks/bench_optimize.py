@@ -79,35 +79,13 @@ def main(argv=None):
     stem = os.path.join(args.out, f"optimize_{cfg.name}_{args.recipe}")
     with open(stem + ".json", "w") as f:
         json.dump(out, f, indent=2)
-    _chart(out, stem + ".png")
+    import charts  # benchmarks/ is the script's directory
+
+    charts.save(out, stem + ".png")
     if not args.keep:
         shutil.rmtree(art, ignore_errors=True)
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _chart(out: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart")
-        return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    steps = {k: v for k, v in out["pass_s"].items() if v}
-    steps["load artifact"] = out["load_s"]
-    a.barh(list(steps), list(steps.values()))
-    a.invert_yaxis()
-    a.set_xlabel("seconds")
-    a.set_title(f"optimize {out['optimize_s']:.0f} s in all (write incl.)")
-    b.bar(["bf16 weights", f"{out['recipe']} artifact"], [out["bf16_weights_gib"], out["artifact_gib"]])
-    b.set_ylabel("GiB")
-    b.set_title("size on disk")
-    fig.suptitle(f"{out['model']} on {out['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -266,6 +266,9 @@ def main():
         out_dir = os.environ.get("OUT", ".")
         with open(os.path.join(out_dir, "bench_sagesla.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)
+        import charts  # benchmarks/ is the script's directory
+
+        charts.save(RESULTS, os.path.join(out_dir, "bench_sagesla.png"))
     print("\n== summary ==")
     for name in ("wan1.3b-480p", "wan14b-720p"):
         rs = [r for r in allrows if r["shape"] == name]

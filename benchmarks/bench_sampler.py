@@ -193,6 +193,9 @@ def main():
     if out:
         with open(os.path.join(out, "bench_sampler.json"), "w") as f:
             json.dump({"info": info, "results": results}, f, indent=2)
+        import charts  # benchmarks/ is the script's directory
+
+        charts.save({"info": info, "results": results}, os.path.join(out, "bench_sampler.png"))
     print("\n| recipe | frames | tokens | naive loop ms | baked ms | gain ms | gain % | rel err |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -381,9 +381,13 @@ def main():
                               min_13b=min(sp13) if sp13 else None)
     out = os.environ.get("OUT")
     if out:
+        import charts  # benchmarks/ is the script's directory
+
+        result = dict(info=info, quick=QUICK, correctness=correctness, timings_ms=timings, summary=summary,
+                      configs=CONFIGS, errors=ERRORS)
         with open(os.path.join(out, "bench_w8a8.json"), "w") as f:
-            json.dump(dict(info=info, quick=QUICK, correctness=correctness, timings_ms=timings, summary=summary,
-                           configs=CONFIGS, errors=ERRORS), f, indent=1)
+            json.dump(result, f, indent=1)
+        charts.save(result, os.path.join(out, "bench_w8a8.png"))
     print("\n== times (ms, median do_bench) and speedup vs bf16 F.linear (the faster of its two timings; `:gemm` = GEMM only) ==")
     hdr = f"{'shape MxKxN':22s} {'bf16':>7s} " + " ".join(f"{c[:17]:>17s}" for c in cols)
     print(hdr)

@@ -162,23 +162,16 @@ def main():
     ap.add_argument("--keys", default="", help="comma-separated key counts: time only the key-count sweep")
     ap.add_argument("--merged", default="", help="comma-separated real prompt lengths: time only the merged-key ops")
     args = ap.parse_args()
-    if args.merged:
-        reals = [int(n) for n in args.merged.split(",")]
-        rows = [merged_sweep(*SHAPES[k][:2], reals) for k in args.shapes.split(",")]
-        for row in rows:
-            print(json.dumps(row))
-        with open(os.path.join(args.out, "probe_cross_merged.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "rows": rows}, f, indent=2)
-        return
-    if args.keys:
-        counts = [int(n) for n in args.keys.split(",")]
-        rows = [key_count_sweep(*SHAPES[k][:2], counts) for k in args.shapes.split(",")]
-        for row in rows:
-            print(json.dumps(row))
-        with open(os.path.join(args.out, "probe_cross_keys.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
-        return
+    for flag, sweep, name in ((args.merged, merged_sweep, "merged"), (args.keys, key_count_sweep, "keys")):
+        if flag:  # one sweep only, per shape
+            counts = [int(n) for n in flag.split(",")]
+            rows = [sweep(*SHAPES[k][:2], counts) for k in args.shapes.split(",")]
+            for row in rows:
+                print(json.dumps(row))
+            with open(os.path.join(args.out, f"probe_cross_{name}.json"), "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "triton": triton.__version__, "rows": rows}, f, indent=2)
+            return
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "attention": [], "cross_kv": []}
     for key in args.shapes.split(","):

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["is_linear", "attr_target", "get_attr_value", "set_attr_value", "del_attr_if_unused", "remove_attr",
+__all__ = ["is_linear", "is_transpose_12", "captured_attention", "block_index", "attr_target", "get_attr_value", "set_attr_value", "del_attr_if_unused", "remove_attr",
            "module_path", "matches_any", "mark", "LINEAR_TARGETS"]
 
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
@@ -17,6 +17,34 @@ LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
 
 def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in LINEAR_TARGETS
+
+
+def is_transpose_12(node: Any) -> bool:
+    """A ``x.transpose(1, 2)`` method call (how the captured attention moves heads before / after SDPA)."""
+    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "transpose"
+            and tuple(node.args[1:]) in ((1, 2), (2, 1)) and not node.kwargs)
+
+
+def captured_attention(sdpa: fx.Node) -> tuple | None:
+    """``(q, k, v, out)`` of an SDPA node captured as ``transpose(1,2) x3 -> sdpa -> transpose(1,2)``:
+    q, k, v on the model's ``[B, L, H, D]`` layout and ``out``, the transpose back (its one user);
+    None when the node deviates (extra arguments, other layouts, several users)."""
+    qt, kt, vt = (tuple(sdpa.args) + (None, None, None))[:3]
+    users = list(sdpa.users)
+    if (len(sdpa.args) != 3 or sdpa.kwargs or not all(is_transpose_12(t) for t in (qt, kt, vt))
+            or len(users) != 1 or not is_transpose_12(users[0])):
+        return None
+    return qt.args[0], kt.args[0], vt.args[0], users[0]
+
+
+def block_index(node: fx.Node, module_pattern) -> int | None:
+    """The block index captured by ``module_pattern`` (a compiled regex with one group, e.g.
+    ``blocks\.(\d+)\.self_attn$``) in the innermost matching module path of ``node``, else None."""
+    for path in reversed(list(node.meta.get("nn_module_stack", {}))):
+        m = module_pattern.search(path)
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def attr_target(node: Any) -> str | None:

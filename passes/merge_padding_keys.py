@@ -34,26 +34,13 @@ import torch.nn.functional as F
 from turbocompile.errors import TurboCompileError
 from turbocompile.options import choice
 from turbocompile.passbase import Pass, PassResult, register_pass
-from turbocompile.passes._graph import mark
+from turbocompile.passes._graph import block_index, captured_attention, mark
 
 __all__ = ["MergePaddingKeys"]
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _CROSS_ATTN = re.compile(r"(?:^|\.)blocks\.(\d+)\.cross_attn$")
 _TEXT_INPUT = "context"
-
-
-def _is_transpose_12(node) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "transpose"
-            and tuple(node.args[1:]) in ((1, 2), (2, 1)) and not node.kwargs)
-
-
-def _cross_attn_layer(node: fx.Node) -> int | None:
-    for path in reversed(list(node.meta.get("nn_module_stack", {}))):
-        m = _CROSS_ATTN.search(path)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 def _input_dependencies(graph: fx.Graph) -> dict[fx.Node, frozenset[str]]:
@@ -98,24 +85,21 @@ class MergePaddingKeys(Pass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in _SDPA:
                 continue
-            layer = _cross_attn_layer(node)
+            layer = block_index(node, _CROSS_ATTN)
             if layer is None:
                 continue  # self-attention (or anything outside a cross-attention module)
-            qt, kt, vt = (node.args + (None, None, None))[:3]
-            users = list(node.users)
-            if (len(node.args) != 3 or node.kwargs or not all(_is_transpose_12(t) for t in (qt, kt, vt))
-                    or len(users) != 1 or not _is_transpose_12(users[0])):
+            matched = captured_attention(node)
+            if matched is None:
                 stats["unmatched"] += 1
                 msg = f"blocks.{layer}.cross_attn: attention is not the captured transpose/SDPA pattern; left as is"
                 if ctx.strict:
                     raise TurboCompileError(msg)
                 notes.append(msg)
                 continue
-            q, k, v = qt.args[0], kt.args[0], vt.args[0]
+            q, k, v, out_t = matched
             if deps[k] != text_only or deps[v] != text_only:
                 stats["not_text"] += 1  # e.g. Wan2.1 I2V's image keys (from clip_fea)
                 continue
-            out_t = users[0]
             with graph.inserting_before(out_t):
                 half = ctx.dtype if ctx.dtype in (torch.bfloat16, torch.float16) else None
                 args = [q, k, v]
@@ -129,7 +113,7 @@ class MergePaddingKeys(Pass):
                     n.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
                 result = new if half is not None else mark(graph.call_method("to", (new, ctx.dtype)), self.name)
             out_t.replace_all_uses_with(result)
-            for dead in (out_t, node, qt, kt, vt):
+            for dead in (out_t, node, *node.args[:3]):
                 if not dead.users:
                     graph.erase_node(dead)
             stats["replaced"] += 1

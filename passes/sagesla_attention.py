@@ -19,25 +19,12 @@ import torch.nn.functional as F
 from turbocompile.errors import TurboCompileError
 from turbocompile.options import choice, number
 from turbocompile.passbase import Pass, PassResult, register_pass
-from turbocompile.passes._graph import mark, set_attr_value
+from turbocompile.passes._graph import block_index, captured_attention, mark, set_attr_value
 
 __all__ = ["SageSLAAttention"]
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _SELF_ATTN = re.compile(r"(?:^|\.)blocks\.(\d+)\.self_attn$")
-
-
-def _is_transpose_12(node) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "transpose"
-            and tuple(node.args[1:]) in ((1, 2), (2, 1)) and not node.kwargs)
-
-
-def _self_attn_layer(node: fx.Node) -> int | None:
-    for path in reversed(list(node.meta.get("nn_module_stack", {}))):
-        m = _SELF_ATTN.search(path)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 @register_pass
@@ -84,24 +71,21 @@ class SageSLAAttention(Pass):
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in _SDPA:
                 continue
-            layer = _self_attn_layer(node)
+            layer = block_index(node, _SELF_ATTN)
             if layer is None:
                 continue  # cross-attention or anything else
             if layer in o.dense_layers:
                 stats["dense_kept"] += 1
                 continue
-            qt, kt, vt = node.args[:3]
-            users = list(node.users)
-            if (len(node.args) != 3 or node.kwargs or not all(_is_transpose_12(t) for t in (qt, kt, vt))
-                    or len(users) != 1 or not _is_transpose_12(users[0])):
+            matched = captured_attention(node)
+            if matched is None:
                 stats["unmatched"] += 1
                 msg = f"blocks.{layer}.self_attn: attention is not the captured transpose/SDPA pattern; left dense"
                 if ctx.strict:
                     raise TurboCompileError(msg)
                 notes.append(msg)
                 continue
-            out_t = users[0]
-            q, k, v = qt.args[0], kt.args[0], vt.args[0]
+            q, k, v, out_t = matched
             pw = pb = None
             with gm.graph.inserting_before(out_t):
                 if layer in proj:
@@ -124,7 +108,7 @@ class SageSLAAttention(Pass):
                 new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
                 result = new if half is not None else mark(gm.graph.call_method("to", (new, ctx.dtype)), self.name)
             out_t.replace_all_uses_with(result)
-            for dead in (out_t, node, qt, kt, vt):
+            for dead in (out_t, node, *node.args[:3]):
                 if not dead.users:
                     gm.graph.erase_node(dead)
             stats["replaced"] += 1
