@@ -118,7 +118,8 @@ def _e2e(d, plt):
     original = v.get("original", {}).get("ms") or (100 * eager if eager else None)  # measured, else 100 forwards
     fig, axes = plt.subplots(1, 3, figsize=(18, 0.4 * len(names) + 2))
     axes[0].barh(names, [v[n]["ms"] for n in names])
-    axes[0].set_xlabel("ms per call\n(forward; rcm4: the whole 4-step sampling call)")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("ms per call (log)\n(forward; rcm4: the 4-step sampling call; original: 100 forwards)")
     speed = [(original / v[n]["ms"]) if (original and n.startswith("rcm")) else (eager / v[n]["ms"] if eager else 0)
              for n in names]
     axes[1].barh(names, speed)

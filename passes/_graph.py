@@ -38,7 +38,7 @@ def captured_attention(sdpa: fx.Node) -> tuple | None:
 
 
 def block_index(node: fx.Node, module_pattern) -> int | None:
-    """The block index captured by ``module_pattern`` (a compiled regex with one group, e.g.
+    r"""The block index captured by ``module_pattern`` (a compiled regex with one group, e.g.
     ``blocks\.(\d+)\.self_attn$``) in the innermost matching module path of ``node``, else None."""
     for path in reversed(list(node.meta.get("nn_module_stack", {}))):
         m = module_pattern.search(path)
