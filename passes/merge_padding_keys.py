@@ -76,7 +76,7 @@ class MergePaddingKeys(Pass):
         o = self.options
         graph = gm.graph
         if not any(n.op == "placeholder" and n.target == _TEXT_INPUT for n in graph.nodes):
-            return PassResult(False, {"replaced": 0, "unmatched": 0},
+            return PassResult(False, {"replaced": 0, "unmatched": 0, "not_text": 0},
                               [f"the graph has no '{_TEXT_INPUT}' input: nothing to merge"])
         deps = _input_dependencies(graph)
         text_only = frozenset({_TEXT_INPUT})
