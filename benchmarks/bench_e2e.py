@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 
 import torch
@@ -195,7 +196,9 @@ def main(argv=None):
                "triton": turbocompile.api._version("triton"),
                "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "variants": {},
                "sagesla_tune": json.loads(args.sagesla_tune) if args.sagesla_tune else {},
-               "prompt_tokens": args.prompt_tokens}
+               "prompt_tokens": args.prompt_tokens,
+               "date": time.strftime("%Y-%m-%d", time.gmtime()),
+               "command": "python3 benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     ref_out = None
     eager_ms = None
     for label in args.variants.split(","):
@@ -294,9 +297,10 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
             ms = timed(lambda: torch.no_grad()(run)(), dev, reps=args.reps)
             out = run().float()
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
-        if ref_out is None:
+        if ref_out is None and "rcm" not in name:  # a sampler's output is not a forward's
             ref_out = out
-        m = compare(out, ref_out) if out.shape == ref_out.shape and "rcm" not in name else \
+            results["outputs_compared_to"] = label  # rel_err / cos of every variant are against this one
+        m = compare(out, ref_out) if ref_out is not None and out.shape == ref_out.shape and "rcm" not in name else \
             {"rel_err": float("nan"), "cosine": float("nan")}
         if name == "eager":
             eager_ms = ms
@@ -372,7 +376,26 @@ def _original(args, dev, cfg, args_in, results, ref_out, eager_ms, label, t0):
     return ref_out, eager_ms
 
 
+def _speedups(results) -> None:
+    """Speed-ups against the same run's eager forward, whatever order the variants ran in; a sampler
+    ("rcm*") against the original 50-step x CFG run: measured (variant ``original``) or 100 x eager."""
+    v = results["variants"]
+    eager = v.get("eager", {}).get("ms")
+    measured = v.get("original", {}).get("ms")
+    original = measured or (100 * eager if eager else None)
+    for label, e in v.items():
+        if "ms" not in e or label == "original":
+            continue
+        if label.startswith("rcm"):
+            e["speedup_vs_eager"] = None
+            e["speedup_vs_original"] = original / e["ms"] if original else None
+            e["original"] = "measured" if measured else "100 x eager forward (extrapolated)"
+        else:
+            e["speedup_vs_eager"] = eager / e["ms"] if eager else None
+
+
 def _finish(results, path, args, cfg):
+    _speedups(results)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f, indent=2)

@@ -116,8 +116,8 @@ def main():
     def unfused_quant():
         return quantize_triton(unfused_bf16(), fmt, "per_token")
 
-    res = {"fmt": fmt, "shape": [m, k, n], "device": torch.cuda.get_device_name(), "triton": triton.__version__,
-           "errors": []}
+    res = {"fmt": fmt, "shape": [m, k, n], "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "errors": []}
     # correctness on a row slice (fp64 reference); the pointer GELU kernel is forced (use_tma=False)
     ms = 2048
     sl = (qx[:ms], sx[:ms], qw, sw, b, "per_token", "per_channel")

@@ -92,7 +92,9 @@ def main():
         print(f"  gap {g[0]:7.1f} us  after {g[1]}  before {g[2]}")
     tag = "_cudagraph" if a.cuda_graph else ""
     with open(os.path.join(a.out, f"profile_{a.model}_{a.recipe}{tag}.json"), "w") as f:
-        json.dump({"wall_ms": wall_ms, "host_ms": host_ms, "families": dict(fam),
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": turbocompile.api._version("triton"), "model": a.model, "recipe": a.recipe,
+                   "cuda_graph": a.cuda_graph, "wall_ms": wall_ms, "host_ms": host_ms, "families": dict(fam),
                    "kernels": dict(per_kernel.most_common(60)),
                    "calls": {k: calls[k] for k, _ in per_kernel.most_common(60)}, "timeline": gaps}, f, indent=2)
 
