@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +74,8 @@ def main(argv=None):
            "triton": turbocompile.api._version("triton"), "optimize_s": round(optimize_s, 2),
            "pass_s": passes, "load_s": round(load_s, 2), "artifact_gib": size / 2**30, "artifact_files": n_files,
            "bf16_weights_gib": 2 * n_params / 2**30, "params": n_params, "gpu_peak_gib": gpu_peak,
-           "host_peak_rss_gib": host_peak}
+           "host_peak_rss_gib": host_peak, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+           "command": "python3 benchmarks/bench_optimize.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(json.dumps(out, indent=2))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"optimize_{cfg.name}_{args.recipe}")
