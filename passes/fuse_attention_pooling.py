@@ -37,8 +37,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from turbocompile.errors import TurboCompileError
-from turbocompile.passbase import Pass, PassResult, register_pass
+from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
 from turbocompile.passes._graph import mark
 
 __all__ = ["FuseAttentionPooling"]
@@ -118,11 +117,7 @@ class FuseAttentionPooling(Pass):
                 continue  # already fed with precomputed statistics
             why = self._fuse(g, node, args)
             if why is not None:
-                stats["unmatched"] += 1
-                msg = f"{node.name}: {why}; left to SageSLA's own pooling kernel"
-                if ctx.strict:
-                    raise TurboCompileError(msg)
-                notes.append(msg)
+                leave_site(ctx, stats, notes, f"{node.name}: {why}; left to SageSLA's own pooling kernel")
                 continue
             stats["fused"] += 1
             if node.args[_N_SAGESLA_ARGS] is None:

@@ -31,9 +31,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from turbocompile.errors import TurboCompileError
 from turbocompile.options import choice
-from turbocompile.passbase import Pass, PassResult, register_pass
+from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
 from turbocompile.passes._graph import block_index, captured_attention, mark
 
 __all__ = ["MergePaddingKeys"]
@@ -90,11 +89,8 @@ class MergePaddingKeys(Pass):
                 continue  # self-attention (or anything outside a cross-attention module)
             matched = captured_attention(node)
             if matched is None:
-                stats["unmatched"] += 1
-                msg = f"blocks.{layer}.cross_attn: attention is not the captured transpose/SDPA pattern; left as is"
-                if ctx.strict:
-                    raise TurboCompileError(msg)
-                notes.append(msg)
+                leave_site(ctx, stats, notes, f"blocks.{layer}.cross_attn: attention is not the captured "
+                                              "transpose/SDPA pattern; left as is")
                 continue
             q, k, v, out_t = matched
             if deps[k] != text_only or deps[v] != text_only:

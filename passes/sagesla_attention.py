@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from turbocompile.errors import TurboCompileError
 from turbocompile.options import choice, number
-from turbocompile.passbase import Pass, PassResult, register_pass
+from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
 from turbocompile.passes._graph import block_index, captured_attention, mark, set_attr_value
 
 __all__ = ["SageSLAAttention"]
@@ -79,11 +79,8 @@ class SageSLAAttention(Pass):
                 continue
             matched = captured_attention(node)
             if matched is None:
-                stats["unmatched"] += 1
-                msg = f"blocks.{layer}.self_attn: attention is not the captured transpose/SDPA pattern; left dense"
-                if ctx.strict:
-                    raise TurboCompileError(msg)
-                notes.append(msg)
+                leave_site(ctx, stats, notes, f"blocks.{layer}.self_attn: attention is not the captured "
+                                              "transpose/SDPA pattern; left dense")
                 continue
             q, k, v, out_t = matched
             pw = pb = None

@@ -30,11 +30,11 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from turbocompile.errors import RecipeError
+from turbocompile.errors import RecipeError, TurboCompileError
 from turbocompile.options import options_to_dict
 
 __all__ = ["Pass", "PassResult", "PassContext", "register_pass", "get_pass", "registered_passes",
-           "BASE_CAPABILITIES"]
+           "leave_site", "BASE_CAPABILITIES"]
 
 #: What capture establishes before any pass runs.
 BASE_CAPABILITIES = frozenset({"captured", "shapes"})
@@ -47,6 +47,15 @@ class PassResult:
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def leave_site(ctx: "PassContext", stats: dict, notes: list, msg: str) -> None:
+    """A site a pass matched but cannot rewrite: counted in ``stats["unmatched"]``; a
+    :class:`TurboCompileError` under ``--strict``, else a note in the pass report."""
+    stats["unmatched"] += 1
+    if ctx.strict:
+        raise TurboCompileError(msg)
+    notes.append(msg)
 
 
 @dataclass
