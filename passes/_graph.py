@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["is_linear", "is_transpose_12", "captured_attention", "block_index", "attr_target", "get_attr_value", "set_attr_value", "del_attr_if_unused", "remove_attr",
+__all__ = ["is_linear", "is_transpose_12", "captured_attention", "block_index", "to_half", "from_half", "attr_target", "get_attr_value", "set_attr_value", "del_attr_if_unused", "remove_attr",
            "module_path", "matches_any", "mark", "LINEAR_TARGETS"]
 
 LINEAR_TARGETS = (F.linear, torch._C._nn.linear)
@@ -35,6 +35,22 @@ def captured_attention(sdpa: fx.Node) -> tuple | None:
             or len(users) != 1 or not is_transpose_12(users[0])):
         return None
     return qt.args[0], kt.args[0], vt.args[0], users[0]
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def to_half(graph: fx.Graph, args: list, dtype: torch.dtype, pass_name: str) -> list:
+    """Inputs of an op that runs in 16-bit floats: as they are in a bf16/fp16 graph, cast to bf16 otherwise
+    (a float32 graph casts around such ops; :func:`from_half` casts the result back)."""
+    if dtype in _HALF:
+        return list(args)
+    return [mark(graph.call_method("to", (a, torch.bfloat16)), pass_name) for a in args]
+
+
+def from_half(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, pass_name: str) -> fx.Node:
+    """The result of a 16-bit op in the graph's activation dtype (see :func:`to_half`)."""
+    return node if dtype in _HALF else mark(graph.call_method("to", (node, dtype)), pass_name)
 
 
 def block_index(node: fx.Node, module_pattern) -> int | None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from turbocompile.options import choice
 from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
-from turbocompile.passes._graph import block_index, captured_attention, mark
+from turbocompile.passes._graph import block_index, captured_attention, from_half, mark, to_half
 
 __all__ = ["MergePaddingKeys"]
 
@@ -97,17 +97,14 @@ class MergePaddingKeys(Pass):
                 stats["not_text"] += 1  # e.g. Wan2.1 I2V's image keys (from clip_fea)
                 continue
             with graph.inserting_before(out_t):
-                half = ctx.dtype if ctx.dtype in (torch.bfloat16, torch.float16) else None
-                args = [q, k, v]
-                if half is None:  # the ops run in bf16; a float32 graph casts around them
-                    args = [mark(graph.call_method("to", (a, torch.bfloat16)), self.name) for a in args]
+                args = to_half(graph, [q, k, v], ctx.dtype, self.name)
                 tail = mark(graph.call_function(torch.ops.turbocompile.key_tail_start.default,
                                                 (args[1], args[2], o.backend)), self.name)
                 new = mark(graph.call_function(torch.ops.turbocompile.tail_merged_attention.default,
                                                (*args, tail, o.backend)), self.name)
                 for n in (tail, new):
                     n.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
-                result = new if half is not None else mark(graph.call_method("to", (new, ctx.dtype)), self.name)
+                result = from_half(graph, new, ctx.dtype, self.name)
             out_t.replace_all_uses_with(result)
             for dead in (out_t, node, *node.args[:3]):
                 if not dead.users:

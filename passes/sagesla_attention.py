@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from turbocompile.errors import TurboCompileError
 from turbocompile.options import choice, number
 from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
-from turbocompile.passes._graph import block_index, captured_attention, mark, set_attr_value
+from turbocompile.passes._graph import block_index, captured_attention, from_half, mark, set_attr_value, to_half
 
 __all__ = ["SageSLAAttention"]
 
@@ -93,17 +93,14 @@ class SageSLAAttention(Pass):
                     pw = mark(gm.graph.get_attr(f"{base}.weight"), self.name)
                     pb = mark(gm.graph.get_attr(f"{base}.bias"), self.name)
                     stats["with_proj_l"] += 1
-                half = ctx.dtype if ctx.dtype in (torch.bfloat16, torch.float16) else None
-                args = [q, k, v]
-                if half is None:  # the op runs in bf16; a float32 graph casts around it
-                    args = [mark(gm.graph.call_method("to", (a, torch.bfloat16)), self.name) for a in args]
+                args = to_half(gm.graph, [q, k, v], ctx.dtype, self.name)
                 new = gm.graph.call_function(
                     torch.ops.turbocompile.sagesla.default,
                     (*args, float(o.topk), pw, pb, int(o.block_q), int(o.block_k), o.quant, o.backend),
                 )
                 mark(new, self.name)
                 new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
-                result = new if half is not None else mark(gm.graph.call_method("to", (new, ctx.dtype)), self.name)
+                result = from_half(gm.graph, new, ctx.dtype, self.name)
             out_t.replace_all_uses_with(result)
             for dead in (out_t, node, *node.args[:3]):
                 if not dead.users:
