@@ -35,6 +35,7 @@ from turbocompile.kernels.w8a8.triton_quant import quantize_triton
 from turbocompile.ops.w8a8 import quantize_weight
 
 MODES = ("partial", "atomic", "none")
+SCALES = ("amax", "pow2", "bound")  # out_scale of w8a8_gemm_gelu_quant_triton (FP8)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -90,6 +91,37 @@ def check_tma(sl, full, h_ptr, truth, fmt: str) -> dict:
           and (fmt != "int8" or (r["bitequal_pointer"] and r["full_m"]["bitequal_pointer"])))
     r["ok"] = bool(ok)
     print(f"TMA gelu epilogue checks: {'OK' if ok else 'FAIL'}")
+    return r
+
+
+def check_scales(sl, full) -> dict:
+    """The three FP8 output-scale paths of the op (default kernel routing, as a graph runs them) on the
+    row slice ``sl``: codes and scales against the references at the stored GELU output h. "amax":
+    ``ref.quantize_ref``; "pow2": ``ref.quantize_pow2_ref``; "bound" (shipped in turbo-fp8): scales
+    ``ref.row_bound_scale_ref`` (may differ only within a few fp32 ulps of a power-of-two boundary) and
+    codes ``ref.quantize_at_scale_ref`` at the kernel's own scales. Also the ffn.2 input error each path
+    leaves: ‖dequant(codes) − h‖ / ‖h‖."""
+    bf16 = torch.bfloat16
+    wb = ref.gelu_bound_constants_ref(full[2], full[3], full[4], "per_channel")
+    h, _ = w8a8_gemm_gelu_triton(*sl, bf16)
+    r = {"wbound": wb}
+    for mode in SCALES:
+        q, s = w8a8_gemm_gelu_quant_triton(*sl, bf16, "fp8", out_scale=mode, wbound=wb if mode == "bound" else None)
+        if mode == "amax":
+            q_r, s_r = ref.quantize_ref(h, "fp8", "per_token")
+        elif mode == "pow2":
+            q_r, s_r = ref.quantize_pow2_ref(h)
+        else:
+            s_r = ref.row_bound_scale_ref(sl[0], sl[1], wb)
+            q_r = ref.quantize_at_scale_ref(h, s)
+        deq = q.float() * s.float()
+        c = dict(code_diffs=int((q.float() != q_r.float()).sum()), scale_diffs=int((s != s_r).sum()),
+                 input_err=_rel(deq, h), scale_over_amax_median=float(
+                     (s.float().view(-1) * 448.0 / h.float().abs().amax(dim=1).clamp_min(1e-30)).median()))
+        c["ok"] = c["code_diffs"] == 0 and (c["scale_diffs"] == 0 if mode != "bound" else c["scale_diffs"] <= 2)
+        r[mode] = c
+        print(f"op out_scale {mode}: {c}")
+    r["ok"] = all(r[m]["ok"] for m in SCALES)
     return r
 
 
@@ -169,6 +201,13 @@ def main():
         "pointer gelu + rows quant": lambda: quantize_triton(w8a8_gemm_gelu_triton(*args, use_tma=False)[0], fmt,
                                                              "per_token", config=dict(kernel="rows")),
     }
+    if fmt == "fp8":  # the op's per-token output scales, as the recipes emit them (turbo-fp8: "bound")
+        res["scale_check"] = check_scales(sl, args[:7])
+        wb = res["scale_check"]["wbound"]
+        for mode in SCALES:
+            times[f"op: out_scale {mode}"] = (lambda mode=mode: w8a8_gemm_gelu_quant_triton(
+                *args, fmt, out_scale=mode, wbound=wb if mode == "bound" else None))
+        res["scale_check"]["wbound"] = wb.tolist()
     # the rows quantizer on this h (N = 8960: tiles 8192 + 1024, masked) against the loop kernel's codes
     h_full, _ = w8a8_gemm_gelu_triton(*args, use_tma=False)
     q_loop, s_loop = quantize_triton(h_full, fmt, "per_token", config=dict(kernel="loop"))

@@ -4,10 +4,12 @@ Default: Wan2.1-T2V-1.3B (random weights, initialised on the GPU), 480p 81 frame
 4 SDE steps, same step noise for both. Variants: recipe ``baseline`` (+ bake) and, if its
 kernels run, ``turbo-int8`` (+ bake); plus the 1-frame geometry where the hoisted work is a
 larger share. For each: GPU correctness (baked vs loop: rel err / max abs), then timing with
-CUDA events (plain eager calls, no CUDA graphs), warm-up then interleaved repetitions,
-median. JSON to $OUT/bench_sampler.json.
+CUDA events, warm-up then interleaved repetitions, median: plain eager calls, or with
+``--cuda-graph`` each callable's replay of one captured call (host launch time left out, as the
+e2e benchmark times the sampler). JSON to $OUT/bench_sampler.json (and a PNG).
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_sampler.py            # GPU defaults
+    python benchmarks/bench_sampler.py --recipes baseline,turbo-fp8 --cuda-graph --reps 5
     python benchmarks/bench_sampler.py --model wan-tiny --frames 9 --size 128x128 --device cpu --reps 2
 """
 
@@ -18,6 +20,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -111,6 +114,7 @@ def main():
     ap.add_argument("--recipes", default="baseline,turbo-int8")
     ap.add_argument("--extra-frames", type=int, default=1, help="second geometry (0: none)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip further variants past this")
+    ap.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays of both (GPU only)")
     args = ap.parse_args()
 
     import triton  # noqa: F401  (version only)
@@ -123,7 +127,10 @@ def main():
     dt = getattr(torch, args.dtype)
     info = {"torch": torch.__version__, "triton": getattr(__import__("triton"), "__version__", None),
             "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "model": args.model,
-            "dtype": args.dtype, "steps": 4, "mode": "sde"}
+            "dtype": args.dtype, "steps": 4, "mode": "sde", "cuda_graph": bool(args.cuda_graph),
+            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_sampler.py " + " ".join(sys.argv[1:])}
+    if args.cuda_graph and dev != "cuda":
+        ap.error(f"--cuda-graph needs --device cuda, got '{dev}'")
     log(f"env {info}")
     model = build_model(args.model, dev, dt)
     log(f"model built on {dev}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
@@ -172,6 +179,10 @@ def main():
             rel = ((a - b).double().norm() / b.double().norm()).item()
             mx = (a - b).abs().max().item()
             log(f"{recipe}/{frames}f: baked vs loop rel_err={rel:.3e} max_abs={mx:.3e} finite={bool(a.isfinite().all())}")
+            if args.cuda_graph:  # captured after the comparison above ran both once (compiled, autotuned)
+                from _cuda_graph import graphed
+
+                loop, baked = graphed(loop), graphed(baked)
             ms_loop, ms_baked, all_loop, all_baked = time_pair(loop, baked, args.reps, dev)
             gain = ms_loop - ms_baked
             log(f"{recipe}/{frames}f: loop {ms_loop:.2f} ms, baked {ms_baked:.2f} ms, gain {gain:.2f} ms "

@@ -34,6 +34,8 @@ def kind_of(d: dict) -> str | None:
         return "optimize"
     if "info" in d and "results" in d:
         return "sampler"
+    if "families" in d and "wall_ms" in d:
+        return "profile"
     return None
 
 
@@ -172,8 +174,22 @@ def _sampler(d, plt):
     return fig
 
 
+def _profile(d, plt):
+    fams = sorted(d["families"].items(), key=lambda kv: -kv[1])
+    total = sum(v for _, v in fams) or 1.0
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(fams) + 1.6))
+    ax.barh([k for k, _ in fams], [v for _, v in fams])
+    for i, (_, v) in enumerate(fams):
+        ax.text(v, i, f" {v:.2f} ms ({100 * v / total:.1f}%)", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("GPU kernel time per forward, ms")
+    mode = {True: ", CUDA-graph replay", False: ", eager"}.get(d.get("cuda_graph"), "")  # older JSONs: unrecorded
+    ax.set_title(_title(d, f"{d.get('model', '?')}, {d.get('recipe', '?')}{mode}: {total:.1f} ms of kernels"))
+    return fig
+
+
 _DRAW = {"w8a8": _w8a8, "norms": _norms, "sagesla": _sagesla, "gemm_epilogue": _gemm_epilogue, "e2e": _e2e,
-         "optimize": _optimize, "sampler": _sampler}
+         "optimize": _optimize, "sampler": _sampler, "profile": _profile}
 
 
 def save(data: dict, png_path: str) -> str | None:

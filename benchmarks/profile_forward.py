@@ -23,6 +23,7 @@ import turbocompile
 from turbocompile.capture import example_inputs
 
 FAMILIES = [  # first match wins (kernel names, lower case)
+    ("text attention (merged)", ("_tail_merged", "_key_tail")),  # pass merge_padding_keys
     ("sagesla attention", ("_attn_fwd", "sagesla", "_sparse", "attn_kernel", "_linear_out")),
     ("sagesla prep", ("_prep", "_pool", "_topk", "_lut", "_linear_stats", "_kv_stats", "_quant_k", "_stats",
                       "_key_means", "_linear_fold")),
@@ -91,12 +92,17 @@ def main():
     for g in gaps["largest"][:12]:
         print(f"  gap {g[0]:7.1f} us  after {g[1]}  before {g[2]}")
     tag = "_cudagraph" if a.cuda_graph else ""
-    with open(os.path.join(a.out, f"profile_{a.model}_{a.recipe}{tag}.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": turbocompile.api._version("triton"), "model": a.model, "recipe": a.recipe,
-                   "cuda_graph": a.cuda_graph, "wall_ms": wall_ms, "host_ms": host_ms, "families": dict(fam),
-                   "kernels": dict(per_kernel.most_common(60)),
-                   "calls": {k: calls[k] for k, _ in per_kernel.most_common(60)}, "timeline": gaps}, f, indent=2)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": turbocompile.api._version("triton"), "model": a.model, "recipe": a.recipe,
+           "cuda_graph": a.cuda_graph, "wall_ms": wall_ms, "host_ms": host_ms, "families": dict(fam),
+           "kernels": dict(per_kernel.most_common(60)),
+           "calls": {k: calls[k] for k, _ in per_kernel.most_common(60)}, "timeline": gaps}
+    stem = os.path.join(a.out, f"profile_{a.model}_{a.recipe}{tag}")
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=2)
+    import charts  # benchmarks/ is the script's directory
+
+    charts.save(res, stem + ".png")
 
 
 def _gaps(prof) -> dict:
