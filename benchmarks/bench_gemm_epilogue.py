@@ -99,7 +99,9 @@ def check_scales(sl, full) -> dict:
     row slice ``sl``: codes and scales against the references at the stored GELU output h. "amax":
     ``ref.quantize_ref``; "pow2": ``ref.quantize_pow2_ref``; "bound" (shipped in turbo-fp8): scales
     ``ref.row_bound_scale_ref`` (may differ only within a few fp32 ulps of a power-of-two boundary) and
-    codes ``ref.quantize_at_scale_ref`` at the kernel's own scales. Also the ffn.2 input error each path
+    codes ``ref.quantize_at_scale_ref`` at the kernel's own scales. pow2's TMA route may leave a code
+    below 2^-6 one subnormal step from the reference (its requantization; counted, and allowed only
+    there). Also the ffn.2 input error each path
     leaves: ‖dequant(codes) − h‖ / ‖h‖."""
     bf16 = torch.bfloat16
     wb = ref.gelu_bound_constants_ref(full[2], full[3], full[4], "per_channel")
@@ -115,10 +117,17 @@ def check_scales(sl, full) -> dict:
             s_r = ref.row_bound_scale_ref(sl[0], sl[1], wb)
             q_r = ref.quantize_at_scale_ref(h, s)
         deq = q.float() * s.float()
-        c = dict(code_diffs=int((q.float() != q_r.float()).sum()), scale_diffs=int((s != s_r).sum()),
+        differ = q.float() != q_r.float()
+        # pow2 on the TMA route requantizes granule codes to the row scale: a code below 2^-6 (e4m3
+        # subnormal) may land one subnormal step (2^-9) from the reference's (documented route property)
+        step = (q.float() - q_r.float()).abs()[differ]
+        c = dict(code_diffs=int(differ.sum()), scale_diffs=int((s != s_r).sum()),
+                 diffs_one_subnormal_step=bool((q_r.float().abs()[differ] < 2.0 ** -6).all()
+                                               and (step <= 2.0 ** -9).all()),
                  input_err=_rel(deq, h), scale_over_amax_median=float(
                      (s.float().view(-1) * 448.0 / h.float().abs().amax(dim=1).clamp_min(1e-30)).median()))
-        c["ok"] = c["code_diffs"] == 0 and (c["scale_diffs"] == 0 if mode != "bound" else c["scale_diffs"] <= 2)
+        codes_ok = c["code_diffs"] == 0 or (mode == "pow2" and c["diffs_one_subnormal_step"])
+        c["ok"] = codes_ok and (c["scale_diffs"] == 0 if mode != "bound" else c["scale_diffs"] <= 2)
         r[mode] = c
         print(f"op out_scale {mode}: {c}")
     r["ok"] = all(r[m]["ok"] for m in SCALES)

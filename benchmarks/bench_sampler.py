@@ -103,6 +103,45 @@ def time_pair(fa, fb, reps: int, device: str):
     return statistics.median(ta), statistics.median(tb), ta, tb
 
 
+def kernel_times(fn) -> dict:
+    """GPU kernel time (ms) and launches per kernel name over one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        if ev.device_time_total > 0:
+            ms, n = out.get(ev.key[:90], (0.0, 0))
+            out[ev.key[:90]] = (ms + ev.device_time_total / 1e3, n + ev.count)
+    from profile_forward import _gaps  # benchmarks/ is the script's directory
+
+    return out, _gaps(prof)
+
+
+def kernel_diff(loop, baked, top: int = 12) -> dict:
+    """Per-kernel GPU time of one loop call and one baked call, and the kernels that differ most."""
+    (a, gaps_a), (b, gaps_b) = kernel_times(loop), kernel_times(baked)
+    for name, g in (("loop", gaps_a), ("baked", gaps_b)):
+        log(f"{name} timeline: " + json.dumps({k: v for k, v in g.items() if k != "largest"}))
+        for gap in g["largest"][:8]:
+            log(f"  gap {gap[0]:8.1f} us after {gap[1]} before {gap[2]}")
+    rows = sorted(((b.get(k, (0.0, 0))[0] - a.get(k, (0.0, 0))[0], k) for k in set(a) | set(b)),
+                  key=lambda t: -abs(t[0]))
+    diff = [{"kernel": k, "loop_ms": a.get(k, (0.0, 0))[0], "loop_calls": a.get(k, (0.0, 0))[1],
+             "baked_ms": b.get(k, (0.0, 0))[0], "baked_calls": b.get(k, (0.0, 0))[1], "delta_ms": d}
+            for d, k in rows[:top]]
+    tot_a, tot_b = sum(v[0] for v in a.values()), sum(v[0] for v in b.values())
+    log(f"kernels: loop {tot_a:.2f} ms, baked {tot_b:.2f} ms; largest differences (baked - loop):")
+    for r in diff:
+        log(f"  {r['delta_ms']:+8.3f} ms  loop {r['loop_ms']:8.3f} ({r['loop_calls']}x)  baked {r['baked_ms']:8.3f} "
+            f"({r['baked_calls']}x)  {r['kernel']}")
+    return {"loop_kernel_ms": tot_a, "baked_kernel_ms": tot_b, "largest_differences": diff,
+            "loop_timeline": gaps_a, "baked_timeline": gaps_b}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="wan2.1-t2v-1.3b")
@@ -115,6 +154,8 @@ def main():
     ap.add_argument("--extra-frames", type=int, default=1, help="second geometry (0: none)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip further variants past this")
     ap.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays of both (GPU only)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one call of each (GPU kernels by name) and report where they differ")
     args = ap.parse_args()
 
     import triton  # noqa: F401  (version only)
@@ -185,6 +226,7 @@ def main():
                 loop, baked = graphed(loop), graphed(baked)
             ms_loop, ms_baked, all_loop, all_baked = time_pair(loop, baked, args.reps, dev)
             gain = ms_loop - ms_baked
+            prof = kernel_diff(loop, baked) if args.profile and dev == "cuda" else None
             log(f"{recipe}/{frames}f: loop {ms_loop:.2f} ms, baked {ms_baked:.2f} ms, gain {gain:.2f} ms "
                 f"({100 * gain / ms_loop:.2f}%); loop reps {[round(x, 1) for x in all_loop]}, "
                 f"baked reps {[round(x, 1) for x in all_baked]}")
@@ -192,7 +234,8 @@ def main():
                 den.manifest["model"]["video_shape"]["grid"])), "loop_ms": ms_loop, "baked_ms": ms_baked,
                 "gain_ms": gain, "gain_pct": 100 * gain / ms_loop, "loop_reps": all_loop, "baked_reps": all_baked,
                 "rel_err": rel, "max_abs": mx, "optimize_s": t_den, "bake_s": t_bake,
-                "stats": {k: v for k, v in stats.items() if not isinstance(v, list)}})
+                "stats": {k: v for k, v in stats.items() if not isinstance(v, list)},
+                **({"profile": prof} if prof else {})})
             del den, gm
             if dev == "cuda":
                 torch.cuda.empty_cache()
