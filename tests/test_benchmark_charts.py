@@ -1,0 +1,58 @@
+"""benchmarks/charts.py recognises the stored benchmark JSONs (issue 8: every benchmark has a chart).
+
+The latest result of each benchmark kind must be recognised by :func:`charts.kind_of`, so that
+``python benchmarks/charts.py <json>`` redraws it; with matplotlib installed each is also drawn.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# one stored JSON per benchmark script, and the kind it must be read as
+LATEST = {
+    "e2e_wan2.1-t2v-1.3b_original_prompt100_s24c4_h100.json": "e2e",
+    "e2e_wan2.1-t2v-14b_s24c6_h100.json": "e2e",
+    "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s24c1_h100.json": "profile",
+    "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s23c1_h200.json": "profile",  # before device/versions were recorded
+    "sampler_s24c2_h100.json": "sampler",
+    "gemm_epilogue_s24c7_fp8_h100.json": "gemm_epilogue",
+    "w8a8_s24c3_h100.json": "w8a8",
+    "optimize_wan2.1-t2v-14b_turbo-fp8_s23c6_h200.json": "optimize",
+    "norms_s16c1_h100.json": "norms",
+    "sagesla_s22c5_h200.json": "sagesla",
+}
+
+
+def _charts():
+    spec = importlib.util.spec_from_file_location("charts", ROOT / "benchmarks" / "charts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name,kind", sorted(LATEST.items()))
+def test_stored_result_is_recognised(name, kind):
+    data = json.loads((RESULTS / name).read_text())
+    assert _charts().kind_of(data) == kind
+
+
+def test_unknown_json_is_not_drawn(tmp_path, capsys):
+    assert _charts().save({"something": 1}, str(tmp_path / "x.png")) is None
+    assert "unknown benchmark JSON" in capsys.readouterr().out
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name", sorted(LATEST))
+def test_stored_result_is_drawn(name, tmp_path):
+    pytest.importorskip("matplotlib")
+    data = json.loads((RESULTS / name).read_text())
+    png = tmp_path / "chart.png"
+    assert _charts().save(data, str(png)) == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
