@@ -101,8 +101,7 @@ def check_scales(sl, full) -> dict:
     ``ref.row_bound_scale_ref`` (may differ only within a few fp32 ulps of a power-of-two boundary) and
     codes ``ref.quantize_at_scale_ref`` at the kernel's own scales. pow2's TMA route may leave a code
     below 2^-6 one subnormal step from the reference (its requantization; counted, and allowed only
-    there). Also the ffn.2 input error each path
-    leaves: ‖dequant(codes) − h‖ / ‖h‖."""
+    there). Also the ffn.2 input error each path leaves: ‖dequant(codes) − h‖ / ‖h‖."""
     bf16 = torch.bfloat16
     wb = ref.gelu_bound_constants_ref(full[2], full[3], full[4], "per_channel")
     h, _ = w8a8_gemm_gelu_triton(*sl, bf16)

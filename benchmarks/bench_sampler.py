@@ -103,8 +103,9 @@ def time_pair(fa, fb, reps: int, device: str):
     return statistics.median(ta), statistics.median(tb), ta, tb
 
 
-def kernel_times(fn) -> dict:
-    """GPU kernel time (ms) and launches per kernel name over one call of ``fn`` (torch.profiler)."""
+def kernel_times(fn) -> tuple[dict, dict]:
+    """Over one call of ``fn`` (torch.profiler): ``{kernel name: (GPU ms, launches)}`` and the kernel
+    timeline (span, busy and idle time, largest gaps: ``profile_forward._gaps``)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
