@@ -279,6 +279,8 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
                 inputs = args_in
             if name != base_name:  # warm-up (compile + autotune) and capture happen here, counted in prep
                 gm = res.cuda_graph(inputs)
+            else:  # eager: the graph as loaded artifacts run it (ops called without the dispatcher)
+                gm = res.eager_runner()
             run = lambda: gm(*inputs)  # noqa: E731
             prep_s = time.perf_counter() - t0
         prep_peak = None

@@ -67,7 +67,17 @@ class OptimizeResult:
         require_cuda(dev)
         sig = self.manifest["signature"]
         inputs = example_inputs if example_inputs is not None else signature_example_inputs(sig, dev)
-        return CUDAGraphRunner(self.graph_module, inputs, warmup=warmup, names=[i["name"] for i in sig["inputs"]])
+        return CUDAGraphRunner(self.graph_module, inputs, warmup=warmup, names=[i["name"] for i in sig["inputs"]],
+                               fn=self.eager_runner())
+
+    def eager_runner(self):
+        """The graph as a plain callable for eager (no CUDA graph) runs: same call and outputs as
+        ``graph_module(...)``, but each turbocompile op is called without the dispatcher
+        (:func:`turbocompile.eager.bind`), which saves host time on every op call. Built once and
+        cached; ``graph_module`` itself is not changed."""
+        from turbocompile.eager import cached_bind
+
+        return cached_bind(self.__dict__, self.graph_module)
 
 
 def _pick_device(name: "str | torch.device | None") -> torch.device:
@@ -344,6 +354,20 @@ class CompiledArtifact(nn.Module):
             return t.device
         return torch.device("cpu")
 
+    def run_graph(self, *args):
+        """Run the graph: the CUDA-graph replay once captured, else eagerly with each turbocompile op
+        called without the dispatcher (:func:`turbocompile.eager.bind`; the ops themselves when
+        ``torch.compile`` is tracing the call)."""
+        gm = self.graph_module
+        if not isinstance(gm, fx.GraphModule) or torch.compiler.is_compiling():
+            return gm(*args)
+        return self._eager_runner()(*args)
+
+    def _eager_runner(self):
+        from turbocompile.eager import cached_bind
+
+        return cached_bind(self.__dict__, self.graph_module)
+
     @property
     def cuda_graph(self) -> bool:
         """Whether calls replay a captured CUDA graph (see :meth:`enable_cuda_graph`)."""
@@ -365,7 +389,8 @@ class CompiledArtifact(nn.Module):
         require_cuda(self.device)
         inputs = example_inputs if example_inputs is not None else signature_example_inputs(
             self.manifest["signature"], self.device)
-        self.graph_module = CUDAGraphRunner(self.graph_module, inputs, warmup=warmup, names=self.input_names)
+        self.graph_module = CUDAGraphRunner(self.graph_module, inputs, warmup=warmup, names=self.input_names,
+                                            fn=self._eager_runner())
         return self
 
 
@@ -417,7 +442,7 @@ class CompiledWan(CompiledArtifact):
             elif val is not None:
                 raise InputError(f"this model takes no '{name}' (inputs: {', '.join(self.input_names)})")
         args = [a.to(self.device) for a in args]
-        return self.graph_module(*args)
+        return self.run_graph(*args)
 
 
 def _retarget_dtype(gm: fx.GraphModule, src: torch.dtype, dst: torch.dtype) -> None:

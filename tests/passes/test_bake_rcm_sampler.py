@@ -335,10 +335,13 @@ def test_sampler_input_errors(artifacts, inputs):
         m.sample(noise, None)
 
 
-def test_progress_bar_ticks_per_step_with_identical_output(tmp_path):
-    """The loaded sampler's progress path interprets the graph and ticks once per baked step."""
+def test_progress_bar_ticks_per_step_with_identical_output(tmp_path, monkeypatch):
+    """The loaded sampler's progress path ticks once per baked step, each tick right after that
+    step's state node, and returns exactly what the plain call returns."""
+    import tqdm.auto
+
     import turbocompile
-    from turbocompile.sampling import compiled as compiled_mod
+    from turbocompile import eager
 
     turbocompile.optimize("wan-tiny", "rcm-4step", tmp_path / "s", dtype="float32")
     sampler = turbocompile.load(tmp_path / "s", device="cpu")
@@ -349,18 +352,33 @@ def test_progress_bar_ticks_per_step_with_identical_output(tmp_path):
     noise = torch.randn(shape, generator=g)
     ctx = torch.randn(1, 24, 64, generator=g)
     steps = [torch.randn(shape, generator=g) for _ in range(4)]
-    ticks = []
-    orig = compiled_mod._StepProgress.run_node
+    events = []
 
-    def spy(self, n):
-        out = orig(self, n)
-        ticks.append(self.ticks)
-        return out
+    class FakeBar:
+        def __init__(self, total, **kw):
+            self.total = total
 
-    compiled_mod._StepProgress.run_node = spy
-    try:
-        with_bar = sampler(noise, ctx, step_noise=steps, progress=True)
-    finally:
-        compiled_mod._StepProgress.run_node = orig
-    assert max(ticks) == 4
+        def update(self, n):
+            events.append(("update", n))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    real_bind = eager.bind
+
+    def spying_bind(gm, after=None):
+        wrapped = {name: (lambda v, name=name, cb=cb: (events.append(("state", name)), cb(v)))
+                   for name, cb in (after or {}).items()}
+        return real_bind(gm, after=wrapped)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
+    monkeypatch.setattr(eager, "bind", spying_bind)
+    with_bar = sampler(noise, ctx, step_noise=steps, progress=True)
+    want = []
+    for name in names:
+        want += [("state", name), ("update", 1)]
+    assert events == want
     assert torch.equal(with_bar, sampler(noise, ctx, step_noise=steps))

@@ -1,6 +1,6 @@
 """``torch.ops.turbocompile.*``: every custom op the passes emit.
 
-Each op family lives in its own module here: the op schema (``torch.library.custom_op``),
+Each op family lives in its own module here: the op schema (``torch.library.custom_op`` through ``_registry.define``),
 its fake kernel (shape/dtype only, so graphs are analysed and exported without running),
 and the dispatch between the PyTorch reference (``turbocompile.kernels.<family>.ref``)
 and the Triton kernel (``turbocompile.kernels.<family>.triton_*``, imported lazily).

@@ -21,6 +21,7 @@ import torch
 
 from turbocompile.kernels.sagesla import ref as _ref
 from turbocompile.ops._backend import check_backend, resolve_backend
+from turbocompile.ops._registry import define
 
 __all__ = ["sagesla", "QUANT_MODES", "HEAD_DIMS", "BLOCK_SIZES"]
 
@@ -99,7 +100,7 @@ def _given(t) -> str:
     return "given" if t is not None else "None"
 
 
-@torch.library.custom_op("turbocompile::sagesla", mutates_args=())
+@define("turbocompile::sagesla")
 def _sagesla_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float,
     proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None,

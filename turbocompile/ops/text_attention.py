@@ -19,6 +19,7 @@ import torch
 
 from turbocompile.kernels.text_attention import ref as _ref
 from turbocompile.ops._backend import check_backend, resolve_backend
+from turbocompile.ops._registry import define
 
 __all__ = ["key_tail_start", "tail_merged_attention"]
 
@@ -45,7 +46,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("turbocompile::key_tail_start", mutates_args=())
+@define("turbocompile::key_tail_start")
 def _key_tail_start_op(k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     _validate_kv("key_tail_start", k, v)
     check_backend(backend)
@@ -76,7 +77,7 @@ def _validate_attention(q, k, v, tail_start) -> None:
                          f"{tail_start.dtype} {tuple(tail_start.shape)} on {tail_start.device}")
 
 
-@torch.library.custom_op("turbocompile::tail_merged_attention", mutates_args=())
+@define("turbocompile::tail_merged_attention")
 def _tail_merged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tail_start: torch.Tensor,
                               backend: str) -> torch.Tensor:
     _validate_attention(q, k, v, tail_start)

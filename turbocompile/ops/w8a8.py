@@ -37,6 +37,7 @@ import torch
 
 from turbocompile.kernels.w8a8 import ref
 from turbocompile.ops._backend import check_backend, resolve_backend
+from turbocompile.ops._registry import define
 
 __all__ = [
     "FORMATS",
@@ -143,7 +144,7 @@ def _quantize_impl(x: torch.Tensor, fmt: str, granularity: str, impl: str):
     return ref.quantize_ref(x, fmt, granularity)
 
 
-@torch.library.custom_op("turbocompile::quantize_activation", mutates_args=())
+@define("turbocompile::quantize_activation")
 def _quantize_activation_op(
     x: torch.Tensor, format: str, granularity: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +200,7 @@ def _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granular
         raise ValueError(f"{op}: out_dtype must be one of bf16/fp16/fp32, got {out_dtype}")
 
 
-@torch.library.custom_op("turbocompile::w8a8_linear_prequant", mutates_args=())
+@define("turbocompile::w8a8_linear_prequant")
 def _w8a8_linear_prequant_op(
     qx: torch.Tensor,
     xscale: torch.Tensor,
@@ -225,7 +226,7 @@ def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granula
     return qx.new_empty((qx.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("turbocompile::w8a8_linear", mutates_args=())
+@define("turbocompile::w8a8_linear")
 def _w8a8_linear_op(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -316,7 +317,7 @@ def w8a8_linear_prequant(
 # ------------------------------------------------------------------- GEMM + GELU epilogue (FFN)
 
 
-@torch.library.custom_op("turbocompile::w8a8_linear_gelu", mutates_args=())
+@define("turbocompile::w8a8_linear_gelu")
 def _w8a8_linear_gelu_op(
     qx: torch.Tensor,
     xscale: torch.Tensor,
@@ -346,7 +347,7 @@ def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granula
     return qx.new_empty((qx.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("turbocompile::w8a8_linear_gelu_quant", mutates_args=())
+@define("turbocompile::w8a8_linear_gelu_quant")
 def _w8a8_linear_gelu_quant_op(
     qx: torch.Tensor,
     xscale: torch.Tensor,
@@ -470,7 +471,7 @@ def _check_residual_args(op, qx, xscale, qweight, wscale, bias, format, act_gran
                          f"{tuple(residual.shape)} with a full last dim (e.g. [B, 1, N] or [N])")
 
 
-@torch.library.custom_op("turbocompile::w8a8_linear_residual", mutates_args=())
+@define("turbocompile::w8a8_linear_residual")
 def _w8a8_linear_residual_op(
     qx: torch.Tensor,
     xscale: torch.Tensor,
