@@ -111,6 +111,10 @@ VARIANTS["rcm4_fp8+norms+sagesla+epi+pool+siblings+bound+merge"] = [
     *VARIANTS["w8a8_fp8+norms+sagesla+epi+pool+siblings+bound"], "merge_padding_keys", _RCM4]
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"
+# "<variant>+dispatch": eager, calling OptimizeResult.graph_module itself, whose op calls go through the
+# dispatcher (how eager variants ran before session 25); a plain "<variant>" runs OptimizeResult.eager_runner(),
+# as loaded artifacts do
+DISPATCH_SUFFIX = "+dispatch"
 # "+gelu_<form>" anywhere in a variant name: run it with that GELU epilogue form of
 # kernels/w8a8/_epilogue_math.GELU_NATIVE_FORMS instead of the current default, same process
 # ("+gelu_ex2rcp": the session-9 default "ex2_rcp")
@@ -203,7 +207,9 @@ def main(argv=None):
     eager_ms = None
     for label in args.variants.split(","):
         name, form = _gelu_form_of(label)
-        base_name = name[: -len(CUDA_GRAPH_SUFFIX)] if name.endswith(CUDA_GRAPH_SUFFIX) else name
+        base_name = name
+        for suffix in (CUDA_GRAPH_SUFFIX, DISPATCH_SUFFIX):
+            base_name = base_name[: -len(suffix)] if base_name.endswith(suffix) else base_name
         if base_name not in VARIANTS or (base_name != name and VARIANTS[base_name] is None):
             raise SystemExit(f"unknown variant {label}; choose from {', '.join(VARIANTS)}")
         gc.collect()
@@ -277,9 +283,11 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
                     inputs[names.index("context")] = args_in[2].to(inputs[names.index("context")].dtype)
             else:
                 inputs = args_in
-            if name != base_name:  # warm-up (compile + autotune) and capture happen here, counted in prep
+            if name.endswith(CUDA_GRAPH_SUFFIX):  # warm-up (compile + autotune) and capture: counted in prep
                 gm = res.cuda_graph(inputs)
-            else:  # eager: the graph as loaded artifacts run it (ops called without the dispatcher)
+            elif name.endswith(DISPATCH_SUFFIX):  # eager, op calls through the dispatcher
+                gm = res.graph_module
+            else:  # eager, as loaded artifacts run it (ops called without the dispatcher)
                 gm = res.eager_runner()
             run = lambda: gm(*inputs)  # noqa: E731
             prep_s = time.perf_counter() - t0
