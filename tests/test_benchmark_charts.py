@@ -18,7 +18,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 # one stored JSON per benchmark script, and the kind it must be read as
 LATEST = {
     "e2e_wan2.1-t2v-1.3b_original_prompt100_s24c4_h100.json": "e2e",
+    "e2e_wan2.1-t2v-1.3b_eager_ab_prompt100_s25c5_h100.json": "e2e",  # "+dispatch" variants
+    "e2e_wan2.1-t2v-1.3b_original_prompt100_s25c7_h200.json": "e2e",
     "e2e_wan2.1-t2v-14b_s24c6_h100.json": "e2e",
+    "e2e_wan2.1-t2v-14b_compile_s25c8_h200.json": "e2e",
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s24c1_h100.json": "profile",
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s23c1_h200.json": "profile",  # before device/versions were recorded
     "sampler_s24c2_h100.json": "sampler",
