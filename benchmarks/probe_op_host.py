@@ -19,18 +19,15 @@ kernel's launcher (``CompiledKernel.run``); then the wrapper again (host timings
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
 import torch.fx as fx
 import triton
+from _host import build_forward, header, write  # benchmarks/ is the script's directory
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
-
-import turbocompile
-from turbocompile.capture import example_inputs
 
 REPS = 200
 _SLEEP_CYCLES = int(4e9)  # ~2 s of GPU sleep: longer than any host loop below
@@ -174,14 +171,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
-    recipe = turbocompile.recipe.load_recipe(a.recipe).to_dict()
-    recipe["model"] = {"dtype": "bfloat16", "device": "cuda"}
-    res = turbocompile.optimize(a.model, recipe)
+    res, inp = build_forward(a.model, a.recipe)
     gm = res.graph_module
-    cfg = turbocompile.get_preset(a.model)
-    inp = list(example_inputs(cfg, cfg.video_shape(), device="cuda", dtype=torch.bfloat16).values())
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d"), "model": a.model, "recipe": a.recipe, "reps": REPS, "ops": []}
+    out = header(model=a.model, recipe=a.recipe, reps=REPS, ops=[])
     with torch.no_grad():
         out["dispatch"] = dispatch_overhead()
         print("dispatch:", out["dispatch"], flush=True)
@@ -213,10 +205,7 @@ def main():
             out["gemm_layers"] = gemm_layers(qx, sx, qw, sw, bias)
             print("gemm layers:", {k: (round(v, 1) if isinstance(v, float) else v)
                                    for k, v in out["gemm_layers"].items()}, flush=True)
-    path = os.path.join(a.out, f"probe_op_host{a.tag}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print("wrote", path)
+    write(out, os.path.join(a.out, f"probe_op_host{a.tag}.json"))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import os
 import time
 
 import torch
+from _host import build_forward  # benchmarks/ is the script's directory
 from torch.profiler import ProfilerActivity, profile
 
 import turbocompile
-from turbocompile.capture import example_inputs
 
 FAMILIES = [  # first match wins (kernel names, lower case)
     ("text attention (merged)", ("_tail_merged", "_key_tail")),  # pass merge_padding_keys
@@ -50,12 +50,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cuda-graph", action="store_true")
     a = ap.parse_args()
-    recipe = turbocompile.recipe.load_recipe(a.recipe).to_dict()
-    recipe["model"] = {"dtype": "bfloat16", "device": "cuda"}
-    res = turbocompile.optimize(a.model, recipe)
+    res, inp = build_forward(a.model, a.recipe)
     gm = res.graph_module
-    cfg = turbocompile.get_preset(a.model)
-    inp = list(example_inputs(cfg, cfg.video_shape(), device="cuda", dtype=torch.bfloat16).values())
     if a.cuda_graph:
         gm = res.cuda_graph(inp)
     with torch.no_grad():

@@ -23,19 +23,15 @@ import argparse
 import collections
 import cProfile
 import io
-import json
 import os
 import pstats
 import time
 
 import torch
 import torch.fx as fx
+from _host import build_forward, enqueue_ms, header, wall_ms, write  # benchmarks/ is the script's directory
 
-import turbocompile
-from turbocompile.capture import example_inputs
 from turbocompile.ops._registry import implementation
-
-SLEEP_CYCLES_PER_MS = 2.0e6  # ~2 GHz SM clock: cycles of torch.cuda._sleep per millisecond (a floor)
 
 
 class _NodeTimer(fx.Interpreter):
@@ -63,36 +59,11 @@ class _NodeTimer(fx.Interpreter):
         return out
 
 
-def _behind_sleep(fn, sleep_ms: float):
-    """Host seconds of ``fn()`` enqueued behind ``sleep_ms`` of GPU sleep; and whether the sleep outlasted it."""
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    torch.cuda._sleep(int(sleep_ms * SLEEP_CYCLES_PER_MS))
-    e1.record()
-    t = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return dt, dt * 1e3 < e0.elapsed_time(e1), out
-
-
 def _wall_and_host(fn, inp, reps):
-    """(median synchronised wall ms, median host-enqueue ms behind a GPU sleep, sleep outlasted it)."""
-    walls = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(*inp)
-        torch.cuda.synchronize()
-        walls.append((time.perf_counter() - t) * 1e3)
-    wall = _median(walls)
-    hosts = [_behind_sleep(lambda: fn(*inp), 4 * wall + 100) for _ in range(reps)]
-    return wall, _median([h[0] for h in hosts]) * 1e3, all(h[1] for h in hosts)
-
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
+    """(median wall ms, median host-enqueue ms behind a GPU sleep, every enqueue valid)."""
+    wall = wall_ms(lambda: fn(*inp), reps)
+    hosts = [enqueue_ms(lambda: fn(*inp), 4 * wall + 100) for _ in range(reps)]
+    return wall, sorted(h[0] for h in hosts)[reps // 2], all(h[1] for h in hosts)
 
 
 def main():
@@ -103,15 +74,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
-    recipe = turbocompile.recipe.load_recipe(a.recipe).to_dict()
-    recipe["model"] = {"dtype": "bfloat16", "device": "cuda"}
-    res = turbocompile.optimize(a.model, recipe)
+    res, inp = build_forward(a.model, a.recipe)
     gm = res.graph_module
-    cfg = turbocompile.get_preset(a.model)
-    inp = list(example_inputs(cfg, cfg.video_shape(), device="cuda", dtype=torch.bfloat16).values())
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": turbocompile.api._version("triton"), "model": a.model, "recipe": a.recipe,
-           "date": time.strftime("%Y-%m-%d"), "nodes": sum(1 for n in gm.graph.nodes if n.op.startswith("call"))}
+    out = header(model=a.model, recipe=a.recipe, nodes=sum(1 for n in gm.graph.nodes if n.op.startswith("call")))
     with torch.no_grad():
         for _ in range(3):  # compile + autotune
             gm(*inp)
@@ -123,16 +88,16 @@ def main():
         del ref
         out["bound_wall_ms"], out["bound_host_ms"], out["bound_host_valid"] = _wall_and_host(bound, inp, a.reps)
         timer = _NodeTimer(gm)
-        _behind_sleep(lambda: timer.run(*inp), 8 * out["wall_ms"] + 200)  # warm the interpreter path
+        enqueue_ms(lambda: timer.run(*inp), 8 * out["wall_ms"] + 200)  # warm the interpreter path
         timer = _NodeTimer(gm)
-        dt, ok, _ = _behind_sleep(lambda: timer.run(*inp), 8 * out["wall_ms"] + 200)
-        out["interpreted_host_ms"], out["interpreted_valid"] = dt * 1e3, ok
+        out["interpreted_host_ms"], out["interpreted_valid"] = enqueue_ms(lambda: timer.run(*inp),
+                                                                          8 * out["wall_ms"] + 200)
         rows = sorted(((k, timer.calls[k], v * 1e6) for k, v in timer.times.items()), key=lambda r: -r[2])
         out["per_target"] = [{"target": k, "calls": c, "total_us": round(us, 1), "us_per_call": round(us / c, 1)}
                              for k, c, us in rows]
         prof = cProfile.Profile()
-        dt, ok, _ = _behind_sleep(lambda: prof.runcall(bound, *inp), 40 * out["wall_ms"] + 1000)
-        out["cprofile_host_ms"], out["cprofile_valid"] = dt * 1e3, ok
+        out["cprofile_host_ms"], out["cprofile_valid"] = enqueue_ms(lambda: prof.runcall(bound, *inp),
+                                                                    40 * out["wall_ms"] + 1000)
         for order in ("tottime", "cumulative"):
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats(order).print_stats(45)
@@ -141,13 +106,7 @@ def main():
         for _ in range(2):
             replay(*inp)
         torch.cuda.synchronize()
-        gpus = []
-        for _ in range(a.reps):
-            t = time.perf_counter()
-            replay(*inp)
-            torch.cuda.synchronize()
-            gpus.append((time.perf_counter() - t) * 1e3)
-        out["gpu_ms"] = _median(gpus)
+        out["gpu_ms"] = wall_ms(lambda: replay(*inp), a.reps)
     print(f"{a.model} {a.recipe}: {out['nodes']} call nodes; eager wall {out['wall_ms']:.1f} ms, host enqueue "
           f"{out['host_ms']:.1f} ms (valid {out['host_valid']}); bound: wall {out['bound_wall_ms']:.1f} ms, host "
           f"{out['bound_host_ms']:.1f} ms (valid {out['bound_host_valid']}, identical {out['bound_identical']}); "
@@ -156,10 +115,7 @@ def main():
         print(f"  {r['total_us'] / 1e3:8.2f} ms {r['calls']:5d} x {r['us_per_call']:8.1f} us  {r['target'][:90]}")
     print(out["cprofile_tottime"][:6000])
     print(out["cprofile_cumulative"][:6000])
-    path = os.path.join(a.out, f"profile_host_{a.model}_{a.recipe}{a.tag}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print("wrote", path)
+    write(out, os.path.join(a.out, f"profile_host_{a.model}_{a.recipe}{a.tag}.json"))
 
 
 if __name__ == "__main__":
