@@ -50,6 +50,14 @@ def enqueue_ms(fn, sleep_ms: float):
     return dt, dt < e0.elapsed_time(e1)
 
 
+def per_call_us(fn, reps: int, sleep_ms: float = 2000.0) -> float:
+    """Host µs per call of ``reps`` back-to-back calls of ``fn`` enqueued behind a GPU sleep (after one
+    warm call), as :func:`enqueue_ms` times them."""
+    fn()
+    ms, _ = enqueue_ms(lambda: [fn() for _ in range(reps)], sleep_ms)
+    return 1e3 * ms / reps
+
+
 def header(**extra) -> dict:
     """Device, versions and date for a result JSON, plus ``extra``."""
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

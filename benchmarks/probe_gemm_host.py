@@ -20,6 +20,7 @@ import time
 import torch
 import triton
 import triton.testing
+from _host import per_call_us  # benchmarks/ is the script's directory
 
 from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_triton
 from turbocompile.kernels.w8a8.triton_quant import quantize_triton
@@ -50,15 +51,8 @@ def graph_ms(fn) -> float:
 
 
 def host_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))  # ~1 s of GPU time queued first: launches below only enqueue
-    t = time.perf_counter()
-    for _ in range(REPS):
-        fn()
-    dt = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return 1e6 * dt / REPS
+    """Host µs per call of REPS launches enqueued behind ~1 s of GPU sleep (launches only enqueue)."""
+    return per_call_us(fn, REPS, sleep_ms=1000.0)
 
 
 def main():

@@ -7,7 +7,7 @@ target in one forward, then times each target on the host (enqueued behind a GPU
 never waits) in layers:
 
 * ``op_us``: the op through the dispatcher (``torch.ops.turbocompile.X.default``), as the graph calls it;
-* ``impl_us``: the op's Python implementation called directly (the ``custom_op``'s function);
+* ``impl_us``: the op's Python implementation called directly (``ops._registry.implementation``);
 * ``triton_us``: of ``impl_us``, the time inside Triton's launch entry points (``JITFunction.run``,
   autotuner included); the rest is our argument checks, allocations and torch glue.
 
@@ -25,25 +25,18 @@ import time
 import torch
 import torch.fx as fx
 import triton
-from _host import build_forward, header, write  # benchmarks/ is the script's directory
+from _host import build_forward, enqueue_ms, header, per_call_us, write  # benchmarks/ is the script's directory
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from turbocompile.ops._registry import implementation
+
 REPS = 200
-_SLEEP_CYCLES = int(4e9)  # ~2 s of GPU sleep: longer than any host loop below
 
 
 def host_us(fn, reps: int = REPS) -> float:
-    """Host µs per call of ``fn`` enqueued behind a GPU sleep (the queue never drains)."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(_SLEEP_CYCLES)
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    dt = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return 1e6 * dt / reps
+    """Host µs per call of ``fn`` enqueued behind a ~2 s GPU sleep (the queue never drains)."""
+    return per_call_us(fn, reps, sleep_ms=2000.0)
 
 
 class _Recorder(fx.Interpreter):
@@ -87,13 +80,6 @@ class _TritonTimer:
 
     def __exit__(self, *exc):
         JITFunction.run, Autotuner.run = self._jit, self._auto
-
-
-def _opdef(target):
-    from torch._library.custom_ops import OPDEFS
-
-    name = str(target).rsplit(".", 1)[0].replace("turbocompile.", "turbocompile::")
-    return OPDEFS.get(name)
 
 
 def gemm_layers(qx, sx, qw, sw, bias) -> dict:
@@ -184,18 +170,13 @@ def main():
         torch.cuda.synchronize()
         gemm_args = None
         for name, (target, args, kwargs) in sorted(rec.first.items()):
-            od = _opdef(target)
+            body = implementation(target)
             row = {"op": name, "op_us": host_us(lambda: target(*args, **kwargs), 50)}
-            if od is not None:
-                impl = od._init_fn
-                row["impl_us"] = host_us(lambda: impl(*args, **kwargs), 50)
+            if body is not None:
+                row["impl_us"] = host_us(lambda: body(*args, **kwargs), 50)
                 with _TritonTimer() as tt:
-                    n = 50
-                    torch.cuda._sleep(_SLEEP_CYCLES)
-                    for _ in range(n):
-                        impl(*args, **kwargs)
-                    torch.cuda.synchronize()
-                row["triton_us"] = 1e6 * tt.total / n
+                    enqueue_ms(lambda: [body(*args, **kwargs) for _ in range(50)], 2000.0)
+                row["triton_us"] = 1e6 * tt.total / 50
             out["ops"].append(row)
             print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             if "w8a8_linear_prequant" in name:
