@@ -109,6 +109,11 @@ VARIANTS["w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+merge"] = [
     *VARIANTS["w8a8_fp8+norms+sagesla+epi+pool+siblings+bound"], "merge_padding_keys"]
 VARIANTS["rcm4_fp8+norms+sagesla+epi+pool+siblings+bound+merge"] = [
     *VARIANTS["w8a8_fp8+norms+sagesla+epi+pool+siblings+bound"], "merge_padding_keys", _RCM4]
+# + cross-attention's q RMSNorm, attention and the o projection's quantizer as one kernel (fuse_text_attention),
+# with and without the merged padding keys
+for _base in ("w8a8_fp8+norms+sagesla+epi+pool+siblings+bound", "w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+merge"):
+    VARIANTS[_base + "+textq"] = [*VARIANTS[_base], "fuse_text_attention"]
+    VARIANTS[_base.replace("w8a8_", "rcm4_", 1) + "+textq"] = [*VARIANTS[_base], "fuse_text_attention", _RCM4]
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"
 # "<variant>+dispatch": eager, calling OptimizeResult.graph_module itself, whose op calls go through the

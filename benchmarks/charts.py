@@ -36,6 +36,8 @@ def kind_of(d: dict) -> str | None:
         return "sampler"
     if "families" in d and "wall_ms" in d:
         return "profile"
+    if "text_attention" in d:
+        return "text_attention"
     return None
 
 
@@ -188,8 +190,22 @@ def _profile(d, plt):
     return fig
 
 
+def _text_attention(d, plt):
+    rows = d["text_attention"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(7 * len(rows), 4.5), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        names = [n for n, ms in row["ms"].items() if ms is not None]
+        ax.barh(names, [row["ms"][n] for n in names])
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel("ms (lower is better)")
+        ax.set_title(f"{row['shape']}, {row['prompt_tokens']}-token prompt", fontsize=9)
+    fig.suptitle(_title(d, "cross-attention q norm + attention + quantizer: unfused vs norm_attention_quant"))
+    return fig
+
+
 _DRAW = {"w8a8": _w8a8, "norms": _norms, "sagesla": _sagesla, "gemm_epilogue": _gemm_epilogue, "e2e": _e2e,
-         "optimize": _optimize, "sampler": _sampler, "profile": _profile}
+         "optimize": _optimize, "sampler": _sampler, "profile": _profile, "text_attention": _text_attention}
 
 
 def save(data: dict, png_path: str) -> str | None:

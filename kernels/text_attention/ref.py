@@ -13,6 +13,9 @@ Notation (per batch b and head h): keys ``k[j]``, values ``v[j]``, ``j = 0 .. Lk
 
   For any n in [0, Lk] this is a well-defined function (n = Lk: plain attention); when rows
   n .. Lk-1 really are equal it is exactly the attention over all Lk keys.
+* :func:`norm_attention_quant_ref` is Wan's cross-attention between its q and o projections: q RMSNorm,
+  attention (tail-merged or over all keys), and FP8 codes of the result for the o projection at one
+  scale per sample from :func:`value_bound_ref` (an upper bound of every output, known from v alone).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 
 import torch
 
-__all__ = ["key_tail_start_ref", "tail_merged_attention_ref"]
+__all__ = ["key_tail_start_ref", "norm_attention_quant_ref", "tail_merged_attention_ref", "value_bound_ref"]
 
 
 def key_tail_start_ref(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -48,3 +51,42 @@ def tail_merged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s = qf @ kf.transpose(-1, -2) / math.sqrt(D) + bias
     out = torch.softmax(s, dim=-1) @ vf
     return out.transpose(1, 2).to(q.dtype).contiguous()
+
+
+def value_bound_ref(v: torch.Tensor) -> torch.Tensor:
+    """``max(max |v[b]|, 1e-8)`` per sample of v ``[B, Lk, H, d]``, fp32 ``[B]``: an upper bound of every
+    softmax-attention output over these values (a convex combination of value rows). Exact for 16-bit v;
+    the floor is the quantizer's, so an all-zero v gives finite scales."""
+    return v.abs().amax(dim=(1, 2, 3)).float().clamp_min(1e-8)
+
+
+def norm_attention_quant_ref(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             v_bound: torch.Tensor, tail_start: torch.Tensor | None, num_heads: int,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q RMSNorm -> attention -> FP8 e4m3 codes at one scale per sample, each step rounded to z's dtype as
+    the unfused graph stores it.
+
+    Args:
+        z: ``[B, L, D]`` the raw q projection (D = num_heads * d); weight ``[D]`` the RMSNorm weight.
+        k, v: ``[B, Lk, H, d]`` the text keys and values (already normalized / projected).
+        v_bound: fp32 ``[B]``, an upper bound of |v| per sample (:func:`value_bound_ref`).
+        tail_start: int ``[B, H]`` (keys n.. merged, see :func:`tail_merged_attention_ref`) or None
+            (plain attention over all Lk keys).
+
+    Returns:
+        ``(codes [B*L, D] float8_e4m3fn, scales fp32 [B*L, 1])``: the quantizer's FP8 formula
+        (``e4m3(clamp(x · (448 / a), ±448))``, scale ``a / 448``) with ``a = v_bound[b]`` for every token of
+        sample b instead of the token's abs-max.
+    """
+    from turbocompile.kernels.norms.ref import rmsnorm_rope_ref
+    from turbocompile.kernels.w8a8.ref import FP8_QMAX
+
+    B, L, D = z.shape
+    q = rmsnorm_rope_ref(z, weight, None, None, num_heads, eps).unflatten(-1, (num_heads, D // num_heads))
+    if tail_start is None:
+        tail_start = torch.full((B, num_heads), k.shape[1], dtype=torch.int32, device=z.device)
+    o = tail_merged_attention_ref(q, k, v, tail_start).reshape(B * L, D).float()
+    a = v_bound.float().repeat_interleave(L).unsqueeze(1)  # [B*L, 1]
+    inv = torch.full_like(a, FP8_QMAX) / a  # one correctly rounded division, as the kernels do
+    codes = (o * inv).clamp_(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)
+    return codes, a / torch.full_like(a, FP8_QMAX)

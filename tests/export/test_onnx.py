@@ -279,3 +279,31 @@ def test_merged_padding_keys_decomposed(tmp_path):
     (n_want, want), (n_got, got) = _TailMerged()(q, k, v), _run(_session(path), (q, k, v))
     assert n_got.dtype == np.int32 and n_got.tolist() == n_want.tolist() == [[6, 6], [0, 19]]
     assert _rel(got, want.numpy()) < 1e-5
+
+
+class _NormAttentionQuant(torch.nn.Module):
+    def forward(self, z, w, k, v):
+        z, w, k, v = (t.to(torch.bfloat16) for t in (z, w, k, v))
+        n = OPS.key_tail_start(k, v, "torch")
+        b = OPS.value_bound(v)
+        merged = OPS.norm_attention_quant(z, w, k, v, b, n, 2, 1e-6, "torch")
+        every = OPS.norm_attention_quant(z, w, k, v, b, None, 2, 1e-6, "torch")
+        return b, merged[0], merged[1], every[0], every[1]
+
+
+def test_fused_text_attention_decomposed(tmp_path):
+    """value_bound and norm_attention_quant (with a merged tail and over every key) as standard ops: the same
+    bounds and scales as the torch ops, and codes equal but for rare one-step rounding differences."""
+    z, w = torch.randn(2, 11, 64) * 3, torch.rand(64) + 0.5
+    k, v = torch.randn(2, 15, 2, 32), torch.randn(2, 15, 2, 32)
+    k[:, 6:], v[:, 6:] = k[:, 6:7].clone(), v[:, 6:7].clone()
+    v[1, 2, 0, 5] = -9.0  # sample 1's bound
+    path = _export_module(_NormAttentionQuant(), (z, w, k, v), tmp_path / "naq.onnx", opset=19)
+    want = _NormAttentionQuant()(z, w, k, v)
+    got = _run(_session(path), (z, w, k, v))
+    assert np.array_equal(got[0], want[0].numpy()) and got[0][1] == 9.0
+    for i in (1, 3):
+        codes = torch.from_numpy(np.ascontiguousarray(got[i])).view(torch.float8_e4m3fn).float()
+        assert np.array_equal(got[i + 1], want[i + 1].numpy())
+        assert (codes != want[i].float()).float().mean() < 0.02  # float32 attention sums in another order
+        assert _rel(codes * torch.from_numpy(got[i + 1]), want[i].float() * want[i + 1]) < 1e-2

@@ -25,6 +25,8 @@ Python and emits only standard ONNX ops (default domain, opset 18 unless FP8 nee
 * merged padding keys: ``key_tail_start`` as Equal / Not / position-weighted ReduceMax;
   ``tail_merged_attention`` as dense attention over all keys with a bias row (0 before the tail
   start, ln(multiplicity) on it, -inf after): the op's function in float32.
+* fused cross-attention: ``value_bound`` as Abs / ReduceMax / Max(1e-8); ``norm_attention_quant`` as the
+  RMSNorm, the (tail-merged) attention above and the FP8 codes at ``448 / v_bound[b]`` (opset >= 19).
 """
 
 from __future__ import annotations
@@ -510,15 +512,37 @@ def key_tail_start(k, v, backend: str):
 def tail_merged_attention(q, k, v, tail_start, backend: str):
     """turbocompile::tail_merged_attention -> softmax attention with keys n.. as key n, logit + ln(Lk - n),
     in float32 (the reference's function)."""
-    lk, d = int(k.shape[1]), int(q.shape[3])
+    return op.Cast(_merged_attention_f32(q, k, v, tail_start, int(k.shape[1]), int(q.shape[3])), to=q.dtype)
+
+
+def _merged_attention_f32(q, k, v, tail_start, lk: int, d: int):
+    """float32 [B, L, H, d] softmax attention of q over keys 0..n-1 and key n with logit + ln(Lk - n)."""
     qf, kf, vf = (op.Transpose(_f32(t), perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, H, *, D]
     n = op.Unsqueeze(op.Cast(tail_start, to=INT64), _ints(2, 3))  # [B, H, 1, 1]
     j = op.Constant(value=onnx.helper.make_tensor("j", INT64, [1, 1, 1, lk], list(range(lk))))
     mult = op.Cast(op.Max(op.Sub(_ints(lk), n), _ints(1)), to=FLOAT)
     bias = op.Where(op.Less(j, n), _f(0.0), op.Where(op.Equal(j, n), op.Log(mult), _f(float("-inf"))))
     s = op.Add(op.Mul(op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 3, 2])), _f(1.0 / math.sqrt(d))), bias)
-    o = op.MatMul(op.Softmax(s, axis=-1), vf)
-    return op.Cast(op.Transpose(o, perm=[0, 2, 1, 3]), to=q.dtype)
+    return op.Transpose(op.MatMul(op.Softmax(s, axis=-1), vf), perm=[0, 2, 1, 3])
+
+
+def value_bound(v):
+    """turbocompile::value_bound -> float32 [B]: max(max |v[b]|, 1e-8)."""
+    return op.Max(op.ReduceMax(op.Abs(_f32(v)), _ints(1, 2, 3), keepdims=0), _f(1e-8))
+
+
+def norm_attention_quant(z, weight, k, v, v_bound, tail_start, num_heads: int, eps: float, backend: str):
+    """turbocompile::norm_attention_quant -> (FP8 codes [B*L, D], scales [B*L, 1]): RMSNorm, attention over
+    all keys (or the merged tail), codes at each sample's scale v_bound[b] / 448, as the op's reference."""
+    L, D = int(z.shape[1]), int(z.shape[2])
+    q = op.Reshape(rmsnorm_rope(z, weight, None, None, num_heads, eps, backend), _ints(0, L, num_heads, D // num_heads))
+    if tail_start is None:  # tail start Lk: plain attention over every key
+        tail_start = op.Constant(value=onnx.helper.make_tensor("lk", _T.INT32, [1, 1], [int(k.shape[1])]))
+    o = _merged_attention_f32(q, k, v, tail_start, int(k.shape[1]), D // num_heads)
+    o = op.Reshape(_round_to(o, z.dtype), _ints(-1, D))  # the attention output in z's dtype, as the op rounds it
+    a = op.Reshape(op.Expand(op.Unsqueeze(v_bound, _ints(1, 2)), op.Concat(_rows(v_bound), _ints(L, 1), axis=0)),
+                   _ints(-1, 1))  # [B*L, 1]: sample b's bound on each of its rows
+    return _codes(o, a, "fp8"), op.Div(a, _f(448.0))
 
 
 def translation_table(attention: str = "standard") -> dict:
@@ -542,6 +566,8 @@ def translation_table(attention: str = "standard") -> dict:
         ops.sagesla.default: sagesla_custom if attention == "custom" else sagesla_standard,
         ops.key_tail_start.default: key_tail_start,
         ops.tail_merged_attention.default: tail_merged_attention,
+        ops.value_bound.default: value_bound,
+        ops.norm_attention_quant.default: norm_attention_quant,
     }
 
 
@@ -556,7 +582,8 @@ def _graph_ops(prog) -> list[tuple[str, tuple]]:
 
 
 def _uses_fp8(ops) -> bool:
-    return any("fp8" in [a for a in args if isinstance(a, str)] for _, args in ops)
+    return any(name == "norm_attention_quant" or "fp8" in [a for a in args if isinstance(a, str)]
+               for name, args in ops)
 
 
 def save_onnx(prog, out, *, attention: str = "standard", opset: int | None = None, overwrite: bool = True,

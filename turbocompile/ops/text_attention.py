@@ -10,10 +10,21 @@ Two ops, emitted together by the ``merge_padding_keys`` pass for Wan's cross-att
   With the n of ``key_tail_start`` this equals attention over all Lk keys, and its cost follows
   the prompt's real length instead of the padded one.
 
+A third op, emitted by the ``fuse_text_attention`` pass, runs the whole cross-attention between the q and
+o projections as one kernel:
+
+* ``torch.ops.turbocompile.norm_attention_quant(z, weight, k, v, v_bound, tail_start, num_heads, eps,
+  backend) -> (codes [B*L, D], scales [B*L, 1])``: q RMSNorm of the raw projection ``z [B, L, D]``,
+  attention over k, v (tail-merged when ``tail_start`` is given), and FP8 codes of the result at the scale
+  ``v_bound[b] / 448`` for the o projection's ``w8a8_linear_prequant``;
+* ``torch.ops.turbocompile.value_bound(v) -> [B]``: that bound, ``max |v|`` per sample (text only).
+
 See ``turbocompile.kernels.text_attention.ref`` for the exact math. Layout ``[B, L, H, D]``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -21,7 +32,7 @@ from turbocompile.kernels.text_attention import ref as _ref
 from turbocompile.ops._backend import check_backend, resolve_backend
 from turbocompile.ops._registry import define
 
-__all__ = ["key_tail_start", "tail_merged_attention"]
+__all__ = ["key_tail_start", "norm_attention_quant", "tail_merged_attention", "value_bound"]
 
 _DTYPES = (torch.bfloat16, torch.float16)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -128,3 +139,103 @@ def tail_merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tai
         >>> out = tail_merged_attention(q, k, v, n)
     """
     return torch.ops.turbocompile.tail_merged_attention(q, k, v, tail_start, backend)
+
+
+def _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, eps) -> None:
+    op = "norm_attention_quant"
+    _validate_kv(op, k, v)
+    B, Lk, H, d = k.shape
+    if z.dim() != 3 or z.shape[0] != B or z.shape[2] != H * d:
+        raise ValueError(f"{op}: z must be [B, L, H*d] = [{B}, L, {H * d}] for k {tuple(k.shape)}, got "
+                         f"{tuple(z.shape)}")
+    if z.dtype != k.dtype or z.device != k.device:
+        raise ValueError(f"{op}: z must share k's dtype and device; got {z.dtype} on {z.device}, "
+                         f"k {k.dtype} on {k.device}")
+    if num_heads != H:
+        raise ValueError(f"{op}: num_heads={num_heads} but k has {H} heads")
+    if weight.shape != (H * d,) or weight.dtype not in (z.dtype, torch.float32) or weight.device != z.device:
+        raise ValueError(f"{op}: weight must be [{H * d}] in {z.dtype} or float32 on {z.device}; got "
+                         f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
+    if not eps > 0:
+        raise ValueError(f"{op}: eps must be > 0, got {eps}")
+    if tuple(v_bound.shape) != (B,) or v_bound.dtype != torch.float32 or v_bound.device != k.device:
+        raise ValueError(f"{op}: v_bound must be float32 [B] = [{B}] on {k.device} (see value_bound); got "
+                         f"{v_bound.dtype} {tuple(v_bound.shape)} on {v_bound.device}")
+    if tail_start is not None and (tuple(tail_start.shape) != (B, H) or tail_start.dtype != torch.int32
+                                   or tail_start.device != k.device):
+        raise ValueError(f"{op}: tail_start must be int32 [B, H] = [{B}, {H}] on {k.device} or None; got "
+                         f"{tail_start.dtype} {tuple(tail_start.shape)} on {tail_start.device}")
+
+
+@define("turbocompile::value_bound")
+def _value_bound_op(v: torch.Tensor) -> torch.Tensor:
+    _validate_kv("value_bound", v, v)
+    # one small reduction per prompt (the baked sampler shares it between steps): torch's own kernel on
+    # every device, there is nothing to fuse it with
+    return _ref.value_bound_ref(v)
+
+
+@_value_bound_op.register_fake
+def _value_bound_fake(v):
+    _validate_kv("value_bound", v, v)
+    return v.new_empty((v.shape[0],), dtype=torch.float32)
+
+
+@define("turbocompile::norm_attention_quant")
+def _norm_attention_quant_op(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             v_bound: torch.Tensor, tail_start: Optional[torch.Tensor], num_heads: int, eps: float,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, eps)
+    check_backend(backend)
+    if resolve_backend(backend, z.device, "norm_attention_quant") == "triton":
+        from turbocompile.kernels.text_attention.triton_norm_attn_quant import norm_attention_quant_triton
+
+        return norm_attention_quant_triton(_unit_last(z), weight.contiguous(), _unit_last(k), _unit_last(v),
+                                           v_bound.contiguous(), None if tail_start is None else tail_start.contiguous(),
+                                           num_heads, eps)
+    return _ref.norm_attention_quant_ref(z, weight, k, v, v_bound, tail_start, num_heads, eps)
+
+
+@_norm_attention_quant_op.register_fake
+def _norm_attention_quant_fake(z, weight, k, v, v_bound, tail_start, num_heads, eps, backend):
+    _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, eps)
+    m = z.shape[0] * z.shape[1]
+    return z.new_empty((m, z.shape[2]), dtype=torch.float8_e4m3fn), z.new_empty((m, 1), dtype=torch.float32)
+
+
+def value_bound(v: torch.Tensor) -> torch.Tensor:
+    """``max(max |v[b]|, 1e-8)`` per sample of v ``[B, Lk, H, d]`` as float32 ``[B]``: an upper bound of every
+    softmax-attention output over these values (each is a convex combination of value rows), the scale
+    source of :func:`norm_attention_quant`. Depends on the text only (computed once per prompt)."""
+    return torch.ops.turbocompile.value_bound(v)
+
+
+def norm_attention_quant(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         v_bound: torch.Tensor | None = None, tail_start: torch.Tensor | None = None, *,
+                         num_heads: int, eps: float = 1e-6, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's cross-attention from the raw q projection to the o projection's FP8 input, fused.
+
+    ``codes = e4m3(attention(rmsnorm(z) · w, k, v) · 448 / v_bound[b])`` with q and the attention output
+    rounded to z's dtype as the unfused graph stores them; every token of sample b gets the scale
+    ``v_bound[b] / 448`` (an upper bound of its outputs, so no clamping beyond rounding, and e4m3's relative
+    precision is kept for all but subnormal values). Reference:
+    :func:`turbocompile.kernels.text_attention.ref.norm_attention_quant_ref`.
+
+    Args:
+        z: ``[B, L, H*d]`` bfloat16/float16, the q projection before its RMSNorm.
+        weight: ``[H*d]`` the RMSNorm weight, z's dtype or float32.
+        k, v: ``[B, Lk, H, d]`` in z's dtype, d in 16/32/64/128/256.
+        v_bound: float32 ``[B]`` from :func:`value_bound` (computed here when None).
+        tail_start: optional int32 ``[B, H]`` from :func:`key_tail_start` (keys n.. merged into key n);
+            None attends to all Lk keys.
+        num_heads: H. eps: the RMSNorm epsilon.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+
+    Returns:
+        ``(codes [B*L, H*d] float8_e4m3fn, scales float32 [B*L, 1])``, what
+        :func:`turbocompile.ops.w8a8.w8a8_linear_prequant` takes with ``format="fp8"``, per-token scales.
+    """
+    if v_bound is None:
+        v_bound = value_bound(v)
+    return torch.ops.turbocompile.norm_attention_quant(z, weight, k, v, v_bound, tail_start, int(num_heads),
+                                                       float(eps), backend)

@@ -1,0 +1,185 @@
+"""Triton kernels: Wan's cross-attention from the raw q projection to the o projection's FP8 input.
+
+Two kernels do what three did (q RMSNorm, attention over the text keys, per-token quantization):
+
+* ``_rms_rstd_kernel``: ``rstd = rsqrt(mean(z²) + eps)`` per token (reads z once, writes 4 bytes a token);
+* ``_attn_quant_kernel``, one program per (BLOCK_M tokens, batch·head)::
+
+      qn   = round(round(z_h · rstd) · w_h)                       (round = to z's dtype, as the graph stores q)
+      o_h  = round(softmax(qn · K_hᵀ / √d [+ tail bias]) · V_h)
+      c    = e4m3(clamp(o_h · 448 / bound_b, ±448)),   scale = bound_b / 448 for every token of sample b
+
+  and writes the FP8 codes of its head's columns (and, for head 0, the tokens' scales) directly.
+
+Why a bound and not the token's abs-max: the abs-max of a token spans all heads, which live in different
+programs. Softmax attention output is a convex combination of value rows, so ``|o| <= max|v|`` over the
+sample's keys: ``bound_b = max |v[b]|`` (computed once per prompt) bounds every token of sample b. e4m3 is a
+floating-point format, so a larger scale than the token's abs-max costs no relative precision for values
+above the smallest normal (2^-6 · bound / 448); only smaller ones become subnormal. (P is rounded to V's
+dtype for P·V, so |o| may exceed the bound by a rounding step: the clamp saturates at 448.)
+
+Keys: all Lk of them, or (``HAS_TAIL``) keys 0 .. n with key n standing for the n .. Lk-1 tail
+(logit + log2(Lk - n)), n read per batch and head from ``tail_start`` - the contract of
+:mod:`.triton_tail_merged`, whose loop this kernel's inner loop follows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from turbocompile.kernels.norms.triton_rounding import round_to
+from turbocompile.kernels.w8a8.triton_quant import dequant_scale, quant_scale_math
+from turbocompile.ops._backend import triton_interpret
+
+__all__ = ["DEFAULT_CONFIG", "norm_attention_quant_triton"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _head_attention(qn, k_base, v_base, n_tail, LK, skl, svl, qk_scale, d,
+                    HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr,
+                    DOT_F32: tl.constexpr):
+    """softmax(qn · Kᵀ · scale) · V for one head: FlashAttention-style online softmax in the exp2
+    domain, fp32 statistics, P rounded to V's dtype for the P·V product. Returns fp32 [BLOCK_M, DH]."""
+    if HAS_TAIL:
+        kv_end = tl.minimum(n_tail + 1, LK)
+        tail_bias = tl.log2(tl.maximum(LK - n_tail, 1).to(tl.float32))
+    else:
+        kv_end = LK
+        tail_bias = 0.0
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DH], tl.float32)
+    for start in range(0, kv_end, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        live = rn < kv_end
+        kt = tl.load(k_base + rn[:, None] * skl + d[None, :], mask=live[:, None], other=0.0)
+        if DOT_F32:  # the CPU interpreter multiplies 16-bit float operands as their raw bits
+            s = tl.dot(qn.to(tl.float32), tl.trans(kt.to(tl.float32))) * qk_scale
+        else:
+            s = tl.dot(qn, tl.trans(kt)) * qk_scale
+        if HAS_TAIL:
+            s = s + tl.where(rn == n_tail, tail_bias, 0.0)[None, :]
+        s = tl.where(live[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_base + rn[:, None] * svl + d[None, :], mask=live[:, None], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(round_to(p, vt.dtype), vt.to(tl.float32), acc * alpha[:, None])
+        else:
+            acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
+        m_i = m_new
+    return acc / l_i[:, None]
+
+
+@triton.jit
+def _rms_rstd_kernel(z_ptr, rstd_ptr, M, L, D, eps, szb, szl, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """rstd[m] = rsqrt(mean over D of z[m]² + eps), fp32, for BLOCK_R rows of z [B, L, D]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < M
+    rows64 = rows.to(tl.int64)
+    base = z_ptr + ((rows64 // L) * szb + (rows64 % L) * szl)[:, None]
+    ssq = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        zt = tl.load(base + cols[None, :], mask=ok[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+        ssq += tl.sum(zt * zt, axis=1)
+    tl.store(rstd_ptr + rows, tl.rsqrt(ssq / D + eps), mask=ok)
+
+
+@triton.jit
+def _attn_quant_kernel(
+    z_ptr,  # [B, L, D] raw q projection, unit last stride
+    rstd_ptr,  # [B*L] fp32
+    w_ptr,  # [D] RMSNorm weight (z's dtype or fp32)
+    k_ptr, v_ptr,  # [B, LK, H, DH], unit last stride
+    n_ptr,  # int32 [B, H] tail starts (HAS_TAIL), else a dummy
+    bound_ptr,  # [B] fp32: max |v| per sample
+    codes_ptr,  # [B*L, D] e4m3, contiguous
+    scale_ptr,  # [B*L] fp32 (the [M, 1] scale)
+    L, LK, H, D, qk_scale,
+    szb, szl, skb, skl, skh, svb, svl, svh,
+    HAS_TAIL: tl.constexpr, NATIVE: tl.constexpr, DOT_F32: tl.constexpr,
+    DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    dt = z_ptr.dtype.element_ty
+    d = tl.arange(0, DH)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rm < L
+    tok = b.to(tl.int64) * L + rm  # token rows of codes / scales / rstd
+    zt = tl.load(z_ptr + b.to(tl.int64) * szb + rm[:, None].to(tl.int64) * szl + h * DH + d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + tok, mask=row_ok, other=0.0)
+    w = tl.load(w_ptr + h * DH + d).to(tl.float32)
+    if NATIVE:  # the GPU's casts round to nearest even: one instruction each
+        qn = ((zt * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]).to(dt)
+    else:  # the interpreter's 16-bit casts truncate: round explicitly first
+        qn = round_to(round_to(zt * rstd[:, None], dt) * w[None, :], dt).to(dt)
+    if HAS_TAIL:
+        n_tail = tl.load(n_ptr + bh)
+    else:
+        n_tail = LK
+    o = _head_attention(qn, k_ptr + b.to(tl.int64) * skb + h * skh, v_ptr + b.to(tl.int64) * svb + h * svh,
+                        n_tail, LK, skl, svl, qk_scale, d, HAS_TAIL, BLOCK_M, BLOCK_N, DH, DOT_F32)
+    bound = tl.zeros([BLOCK_M, 1], tl.float32) + tl.load(bound_ptr + b)
+    if NATIVE:
+        # the attention output as the graph stores it, then e4m3 at the bound's scale (the quantizer's formula:
+        # one correctly rounded 448 / a, clamp, RNE cast - native, without the interpreter-exact grid rounding)
+        o = o.to(dt).to(tl.float32)
+        inv = tl.math.div_rn(tl.full(bound.shape, 448.0, tl.float32), bound)
+        c = tl.minimum(tl.maximum(o * inv, -448.0), 448.0).to(tl.float8e4nv)
+        s = dequant_scale(bound, True)
+    else:
+        c, s = quant_scale_math(round_to(o, dt), bound, True, False)
+    tl.store(codes_ptr + tok[:, None] * D + h * DH + d[None, :], c, mask=row_ok[:, None])
+    if h == 0:
+        tl.store(scale_ptr + tok[:, None], s, mask=row_ok[:, None])
+
+
+# 128-token tiles on one warpgroup with 64-key blocks: the fastest of bench_text_attention.py's sweep on an H100
+# at the Wan-1.3B and Wan-14B shapes (RESULTS.md, session 26).
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2,
+                  "RSTD_ROWS": 8, "RSTD_COLS": 512, "RSTD_WARPS": 4}
+_INTERPRET_CONFIG = {**DEFAULT_CONFIG, "BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1}
+
+
+def norm_attention_quant_triton(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                v_bound: torch.Tensor, tail_start: torch.Tensor | None, num_heads: int, eps: float,
+                                config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """z ``[B, L, D]``, weight ``[D]``, k/v ``[B, Lk, H, d]`` (unit last strides), v_bound fp32 ``[B]``
+    (>= max |v| of each sample, > 0), tail_start int32 ``[B, H]`` contiguous or None -> (FP8 codes
+    ``[B*L, D]``, fp32 scales ``[B*L, 1]``). ``config`` overrides :data:`DEFAULT_CONFIG` keys."""
+    B, L, D = z.shape
+    H = num_heads
+    dh = D // H
+    Lk = k.shape[1]
+    codes = torch.empty(B * L, D, device=z.device, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(B * L, 1, device=z.device, dtype=torch.float32)
+    if B * L == 0:
+        return codes, scales
+    interp = triton_interpret()
+    cfg = {**(_INTERPRET_CONFIG if interp else DEFAULT_CONFIG), **(config or {})}
+    rstd = torch.empty(B * L, device=z.device, dtype=torch.float32)
+    _rms_rstd_kernel[(triton.cdiv(B * L, cfg["RSTD_ROWS"]),)](
+        z, rstd, B * L, L, D, float(eps), z.stride(0), z.stride(1), BLOCK_R=cfg["RSTD_ROWS"],
+        BLOCK_D=cfg["RSTD_COLS"], num_warps=cfg["RSTD_WARPS"])
+    n = tail_start if tail_start is not None else v_bound  # a dummy pointer when there is no tail
+    _attn_quant_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+        z, rstd, weight, k, v, n, v_bound, codes, scales,
+        L, Lk, H, D, _LOG2E / math.sqrt(dh),
+        z.stride(0), z.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        HAS_TAIL=tail_start is not None, NATIVE=not interp, DOT_F32=interp,
+        DH=dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return codes, scales

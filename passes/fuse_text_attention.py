@@ -1,0 +1,160 @@
+"""Pass ``fuse_text_attention``: Wan's cross-attention between its q and o projections as one kernel.
+
+After ``w8a8_linear`` and ``fuse_norms`` (and, if present, ``merge_padding_keys``) every block's
+cross-attention is, per video token,
+
+    q GEMM -> rmsnorm_rope(z, w, no RoPE) -> attention over the text keys -> flatten heads
+           -> w8a8_linear (o projection: quantize per token, GEMM)
+
+which moves the token's row five times through HBM between the two GEMMs (norm in/out, attention
+in/out, quantizer in) besides the codes. This pass replaces the chain with
+
+    q GEMM -> norm_attention_quant(z, w, k, v, value_bound(v), tail_start) -> w8a8_linear_prequant (o proj.)
+
+where ``torch.ops.turbocompile.norm_attention_quant`` reads z, normalizes, attends (to every key, or
+to the tail-merged keys of ``merge_padding_keys``) and writes the FP8 codes and scales that the o
+projection's GEMM consumes. ``value_bound(v)`` (max |v| per sample) depends on the text only, so the
+baked sampler computes it once per call.
+
+Numerics: q and the attention output are rounded to the activation dtype as the unfused graph stores
+them; the attention kernel's own rounding (P in the value dtype) differs from SDPA's in the last bits.
+The codes' scale is ``max|v| / 448`` per sample instead of each token's abs-max / 448: every attention
+output is a convex combination of value rows, so it never exceeds max|v|, and e4m3 being a
+floating-point format, a larger scale keeps the relative precision of every value above its smallest
+normal (2^-6 · max|v| / 448). That argument fails for INT8's uniform grid, so only FP8 o projections
+are fused (INT8 ones are reported and left as is).
+
+Matched sites: a per-token ``w8a8_linear`` whose input is the heads-flattened output of an attention
+(the captured ``transpose/SDPA/transpose`` pattern without mask or scale, or ``tail_merged_attention``)
+whose q is a RoPE-less ``rmsnorm_rope`` of a projection, each intermediate used only by the next.
+Self-attention has RoPE (and becomes SageSLA), so only cross-attention matches; Wan2.1 I2V's
+cross-attention adds an image-key attention before the o projection and does not match either.
+Counts: ``fused`` (sites rewritten) and ``unmatched`` (near misses, with the reason in the notes).
+
+Measured (H100, 1.3B, 100-token prompt, RESULTS.md session 26): see ``benchmarks/bench_text_attention.py``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from turbocompile.options import choice
+from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
+from turbocompile.passes._graph import captured_attention, is_transpose_12, mark
+
+__all__ = ["FuseTextAttention"]
+
+_OPS = torch.ops.turbocompile
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _attention_of(x: fx.Node):
+    """``(q, k, v, tail_start | None, nodes)`` when ``x`` is ``flatten(attention, 2)`` (heads flattened),
+    else None; ``nodes`` are the chain's nodes that the rewrite makes dead."""
+    if not (x.op == "call_method" and x.target == "flatten" and tuple(x.args[1:]) == (2,) and not x.kwargs):
+        return None
+    att = x.args[0]
+    if not isinstance(att, fx.Node) or _single_user(att) is not x:
+        return None
+    if att.op == "call_function" and att.target is _OPS.tail_merged_attention.default:
+        q, k, v, tail = att.args[:4]
+        return q, k, v, tail, [att]
+    if is_transpose_12(att):
+        sdpa = att.args[0]
+        matched = captured_attention(sdpa) if isinstance(sdpa, fx.Node) else None
+        if matched is not None and matched[3] is att:
+            q, k, v, _ = matched
+            return q, k, v, None, [att, sdpa]
+    return None
+
+
+def _normed_q(q: fx.Node):
+    """``(z, weight, num_heads, eps)`` when q is ``unflatten(rmsnorm_rope(z, w, None, None, H, eps), -1, (H, -1))``
+    and each of the two nodes has one user, else None."""
+    if not (isinstance(q, fx.Node) and q.op == "call_method" and q.target == "unflatten" and len(q.args) == 3):
+        return None
+    norm, dim, sizes = q.args
+    if dim != -1 or not isinstance(norm, fx.Node) or _single_user(norm) is not q:
+        return None
+    if not (norm.op == "call_function" and norm.target is _OPS.rmsnorm_rope.default):
+        return None
+    z, w, cos, sin, heads, eps = norm.args[:6]
+    if cos is not None or sin is not None or tuple(sizes) != (heads, -1):
+        return None
+    return z, w, heads, eps
+
+
+@register_pass
+class FuseTextAttention(Pass):
+    """Cross-attention q RMSNorm + attention + the o projection's quantizer as one kernel."""
+
+    name = "fuse_text_attention"
+    description = "cross-attention: q RMSNorm, attention and the o projection's FP8 quantizer fused"
+    requires = frozenset({"shapes", "w8a8", "fused_norms"})
+    provides = frozenset({"fused_text_attention"})
+    after = frozenset({"merged_padding_keys"})
+    # quantized codes of a kernel whose attention rounds P like SDPA's flash kernels, not like the reference
+    verify_min_sqnr_db = 25.0
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        backend: str = choice("auto", ("auto", "triton", "torch"), "kernel backend")
+
+    def run(self, gm: fx.GraphModule, ctx) -> PassResult:
+        g = gm.graph
+        stats = {"fused": 0, "unmatched": 0}
+        notes: list[str] = []
+        for u in list(g.nodes):
+            if u.op != "call_function" or u.target is not _OPS.w8a8_linear.default:
+                continue
+            x, qw, sw, bias, fmt, act_gran, w_gran, backend = u.args[:8]
+            site = _attention_of(x) if isinstance(x, fx.Node) and _single_user(x) is u else None
+            if site is None:
+                continue  # not an attention's o projection
+            q, k, v, tail, dead = site
+            normed = _normed_q(q)
+            if normed is None:
+                continue  # q without its own RMSNorm (or with RoPE: self-attention)
+            z, w, heads, eps = normed
+            where = u.meta.get("nn_module_stack") and list(u.meta["nn_module_stack"])[-1] or u.name
+            val = u.meta.get("val")
+            if fmt != "fp8" or act_gran != "per_token":
+                leave_site(ctx, stats, notes, f"{where}: o projection is {fmt} {act_gran}; the fused kernel "
+                                              "writes FP8 codes with per-token scales only; left as is")
+                continue
+            if ctx.dtype not in _HALF or val is None or val.dim() != 3:
+                leave_site(ctx, stats, notes, f"{where}: needs a bf16/fp16 graph with a [B, L, N] o projection "
+                                              f"(got {ctx.dtype}); left as is")
+                continue
+            with g.inserting_before(u):
+                bound = mark(g.call_function(_OPS.value_bound.default, (v,)), self.name)
+                fused = mark(g.call_function(_OPS.norm_attention_quant.default,
+                                             (z, w, k, v, bound, tail, heads, eps, self.options.backend)), self.name)
+                for n in (bound, fused):
+                    n.meta["nn_module_stack"] = dict(u.meta.get("nn_module_stack", {}))
+                qx = g.call_function(operator.getitem, (fused, 0))
+                sx = g.call_function(operator.getitem, (fused, 1))
+                y2 = mark(g.call_function(_OPS.w8a8_linear_prequant.default,
+                                          (qx, sx, qw, sw, bias, fmt, act_gran, w_gran, val.dtype, backend)),
+                          self.name)
+                y2.meta["nn_module_stack"] = dict(u.meta.get("nn_module_stack", {}))
+                y = g.call_method("reshape", (y2, -1, val.shape[1], val.shape[2]))
+                y.meta["val"] = val
+            u.replace_all_uses_with(y)
+            g.erase_node(u)
+            g.erase_node(x)
+            for node in dead:
+                if not node.users:
+                    g.erase_node(node)
+            g.eliminate_dead_code()
+            stats["fused"] += 1
+        return PassResult(stats["fused"] > 0, stats, notes)
