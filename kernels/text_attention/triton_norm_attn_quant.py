@@ -20,7 +20,7 @@ dtype for P·V, so |o| may exceed the bound by a rounding step: the clamp satura
 
 Keys: all Lk of them, or (``HAS_TAIL``) keys 0 .. n with key n standing for the n .. Lk-1 tail
 (logit + log2(Lk - n)), n read per batch and head from ``tail_start`` - the contract of
-:mod:`.triton_tail_merged`, whose loop this kernel's inner loop follows.
+:mod:`.triton_tail_merged`, whose ``head_attention`` loop both kernels run.
 """
 
 from __future__ import annotations
@@ -32,51 +32,13 @@ import triton
 import triton.language as tl
 
 from turbocompile.kernels.norms.triton_rounding import round_to
+from turbocompile.kernels.text_attention.triton_tail_merged import head_attention
 from turbocompile.kernels.w8a8.triton_quant import dequant_scale, quant_scale_math
 from turbocompile.ops._backend import triton_interpret
 
 __all__ = ["DEFAULT_CONFIG", "norm_attention_quant_triton"]
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _head_attention(qn, k_base, v_base, n_tail, LK, skl, svl, qk_scale, d,
-                    HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr,
-                    DOT_F32: tl.constexpr):
-    """softmax(qn · Kᵀ · scale) · V for one head: FlashAttention-style online softmax in the exp2
-    domain, fp32 statistics, P rounded to V's dtype for the P·V product. Returns fp32 [BLOCK_M, DH]."""
-    if HAS_TAIL:
-        kv_end = tl.minimum(n_tail + 1, LK)
-        tail_bias = tl.log2(tl.maximum(LK - n_tail, 1).to(tl.float32))
-    else:
-        kv_end = LK
-        tail_bias = 0.0
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DH], tl.float32)
-    for start in range(0, kv_end, BLOCK_N):
-        rn = start + tl.arange(0, BLOCK_N)
-        live = rn < kv_end
-        kt = tl.load(k_base + rn[:, None] * skl + d[None, :], mask=live[:, None], other=0.0)
-        if DOT_F32:  # the CPU interpreter multiplies 16-bit float operands as their raw bits
-            s = tl.dot(qn.to(tl.float32), tl.trans(kt.to(tl.float32))) * qk_scale
-        else:
-            s = tl.dot(qn, tl.trans(kt)) * qk_scale
-        if HAS_TAIL:
-            s = s + tl.where(rn == n_tail, tail_bias, 0.0)[None, :]
-        s = tl.where(live[None, :], s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_base + rn[:, None] * svl + d[None, :], mask=live[:, None], other=0.0)
-        if DOT_F32:
-            acc = tl.dot(round_to(p, vt.dtype), vt.to(tl.float32), acc * alpha[:, None])
-        else:
-            acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
-        m_i = m_new
-    return acc / l_i[:, None]
 
 
 @triton.jit
@@ -130,7 +92,7 @@ def _attn_quant_kernel(
         n_tail = tl.load(n_ptr + bh)
     else:
         n_tail = LK
-    o = _head_attention(qn, k_ptr + b.to(tl.int64) * skb + h * skh, v_ptr + b.to(tl.int64) * svb + h * svh,
+    o = head_attention(qn, k_ptr + b.to(tl.int64) * skb + h * skh, v_ptr + b.to(tl.int64) * svb + h * svh,
                         n_tail, LK, skl, svl, qk_scale, d, HAS_TAIL, BLOCK_M, BLOCK_N, DH, DOT_F32)
     bound = tl.zeros([BLOCK_M, 1], tl.float32) + tl.load(bound_ptr + b)
     if NATIVE:

@@ -23,9 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from turbocompile.kernels.norms.triton_rounding import round_to
 from turbocompile.ops._backend import triton_interpret
 
-__all__ = ["DEFAULT_CONFIG", "key_tail_start_triton", "tail_merged_attention_triton", "attention_configs"]
+__all__ = ["DEFAULT_CONFIG", "attention_configs", "head_attention", "key_tail_start_triton",
+           "tail_merged_attention_triton"]
 
 _LOG2E = 1.4426950408889634
 
@@ -58,6 +60,48 @@ def _key_tail_start_kernel(k_ptr, v_ptr, n_ptr, LK, H,
 
 
 @triton.jit
+def head_attention(qn, k_base, v_base, n_tail, LK, skl, svl, qk_scale, d,
+                   HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr,
+                   DOT_F32: tl.constexpr):
+    """softmax(qn · Kᵀ · qk_scale) · V of BLOCK_M query rows over one head's keys (k_base / v_base: the
+    head's first key row; rows strided by skl / svl, channels d): FlashAttention-style online softmax in
+    the exp2 domain (qk_scale includes log2 e), fp32 statistics, P rounded to V's dtype for the P·V
+    product. With HAS_TAIL only keys 0 .. n_tail count, key n_tail with logit + log2(LK - n_tail) (the
+    merged tail); else all LK keys. Returns fp32 [BLOCK_M, DH]."""
+    if HAS_TAIL:
+        kv_end = tl.minimum(n_tail + 1, LK)
+        tail_bias = tl.log2(tl.maximum(LK - n_tail, 1).to(tl.float32))
+    else:
+        kv_end = LK
+        tail_bias = 0.0
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DH], tl.float32)
+    for start in range(0, kv_end, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        live = rn < kv_end
+        kt = tl.load(k_base + rn[:, None] * skl + d[None, :], mask=live[:, None], other=0.0)
+        if DOT_F32:  # the CPU interpreter multiplies 16-bit float operands as their raw bits
+            s = tl.dot(qn.to(tl.float32), tl.trans(kt.to(tl.float32))) * qk_scale
+        else:
+            s = tl.dot(qn, tl.trans(kt)) * qk_scale
+        if HAS_TAIL:
+            s = s + tl.where(rn == n_tail, tail_bias, 0.0)[None, :]
+        s = tl.where(live[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_base + rn[:, None] * svl + d[None, :], mask=live[:, None], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(round_to(p, vt.dtype), vt.to(tl.float32), acc * alpha[:, None])
+        else:
+            acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
+        m_i = m_new
+    return acc / l_i[:, None]
+
+
+@triton.jit
 def _tail_merged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n_ptr,
                              L, LK, H, qk_scale,
                              sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
@@ -68,39 +112,11 @@ def _tail_merged_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n_ptr,
     b = bh // H
     h = bh % H
     n = tl.load(n_ptr + bh)  # tail start: keys n .. LK-1 are key n, m = LK - n times
-    kv_end = tl.minimum(n + 1, LK)
-    # log2(m) on key n's logit (m = 1 when nothing is merged, n = LK - 1; no key n when n = LK)
-    tail_bias = tl.log2(tl.maximum(LK - n, 1).to(tl.float32))
-
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b * sqb + h * sqh + rm[:, None] * sql + d[None, :], mask=rm[:, None] < L, other=0.0)
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    for start in range(0, kv_end, BLOCK_N):
-        rn = start + tl.arange(0, BLOCK_N)
-        live = rn < kv_end
-        kt = tl.load(k_base + rn[:, None] * skl + d[None, :], mask=live[:, None], other=0.0)
-        if DOT_F32:  # the CPU interpreter multiplies 16-bit float operands as their raw bits
-            s = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32))) * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(kt)) * qk_scale  # log2-domain logits
-        s = s + tl.where(rn == n, tail_bias, 0.0)[None, :]
-        s = tl.where(live[None, :], s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_base + rn[:, None] * svl + d[None, :], mask=live[:, None], other=0.0)
-        if DOT_F32:
-            acc = tl.dot(p.to(vt.dtype).to(tl.float32), vt.to(tl.float32), acc * alpha[:, None])
-        else:
-            acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
-        m_i = m_new
-    out = acc / l_i[:, None]
+    out = head_attention(q, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, n, LK, skl, svl, qk_scale, d,
+                         True, BLOCK_M, BLOCK_N, D, DOT_F32)
     tl.store(o_ptr + b * sob + h * soh + rm[:, None] * sol + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=rm[:, None] < L)
 
