@@ -55,11 +55,13 @@ def bind(gm: fx.GraphModule, *, after: dict[str, Callable[[Any], None]] | None =
     return types.MethodType(scope["forward"], gm)
 
 
-def cached_bind(holder: dict, gm: fx.GraphModule) -> Callable:
-    """``bind(gm)``, kept in ``holder`` (the owner's ``__dict__``) and rebuilt once ``gm`` has been
-    recompiled (its generated code is then a new object)."""
-    cached = holder.get("_tc_eager")
+def cached_bind(holder: dict, gm: fx.GraphModule, *, after: dict[str, Callable[[Any], None]] | None = None,
+                slot: str = "_tc_eager") -> Callable:
+    """``bind(gm, after=after)``, kept in ``holder[slot]`` (``holder``: the owner's ``__dict__``) and rebuilt
+    once ``gm`` has been recompiled (its generated code is then a new object). ``after`` is read only when
+    (re)building, so its callbacks must stay valid between calls; use one ``slot`` per set of callbacks."""
+    cached = holder.get(slot)
     if cached is None or cached[0] is not gm.code:
-        cached = (gm.code, bind(gm))
-        holder["_tc_eager"] = cached
+        cached = (gm.code, bind(gm, after=after))
+        holder[slot] = cached
     return cached[1]

@@ -103,28 +103,43 @@ class CompiledSampler(CompiledArtifact):
                     out = self.graph_module(*args)
                     bar.update(self.steps)
                     return out
-                return _run_with_progress(self.graph_module, bar, args)
+                return _run_with_progress(self.__dict__, self.graph_module, bar, args)
 
     def forward(self, noise, context, **kwargs):
         return self.sample(noise, context, **kwargs)
 
 
-def _run_with_progress(gm: fx.GraphModule, bar, args) -> torch.Tensor:
+class _StepTicker:
+    """``tick``, the callback after each step's state node: waits for the GPU (so the bar shows finished
+    steps), then ticks the bar of the call in progress."""
+
+    def __init__(self):
+        self.bar = None
+
+    def tick(self, value):
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            torch.cuda.current_stream(value.device).synchronize()
+        self.bar.update(1)
+
+
+def _run_with_progress(holder: dict, gm: fx.GraphModule, bar, args) -> torch.Tensor:
     """Run the baked graph, ticking ``bar`` as each step's state ``rcm_state_<i>`` is computed.
 
     The same generated code as a plain eager call (:func:`turbocompile.eager.bind`, identical
-    results) with a callback after each state node; the callback waits for the GPU so the bar shows
-    finished steps. Graphs without the named states (older artifacts) tick once at the end.
+    results) with a callback after each state node, generated once and kept in ``holder`` (the
+    sampler's ``__dict__``) with the callback object, which each call points at its own bar. Graphs
+    without the named states (older artifacts) tick once at the end.
     """
-    from turbocompile.eager import bind
+    from turbocompile.eager import cached_bind
 
-    def tick(value):
-        if isinstance(value, torch.Tensor) and value.is_cuda:
-            torch.cuda.current_stream(value.device).synchronize()
-        bar.update(1)
-
-    states = {n.name: tick for n in gm.graph.nodes if n.name.startswith("rcm_state_")}
-    out = bind(gm, after=states)(*args)
+    ticker = holder.setdefault("_tc_step_ticker", _StepTicker())
+    states = {n.name: ticker.tick for n in gm.graph.nodes if n.name.startswith("rcm_state_")}
+    run = cached_bind(holder, gm, after=states, slot="_tc_eager_progress")
+    ticker.bar = bar
+    try:
+        out = run(*args)
+    finally:
+        ticker.bar = None
     if not states:
         bar.update(bar.total)
     return out
