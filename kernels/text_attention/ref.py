@@ -79,7 +79,7 @@ def norm_attention_quant_ref(z: torch.Tensor, weight: torch.Tensor, k: torch.Ten
         sample b instead of the token's abs-max.
     """
     from turbocompile.kernels.norms.ref import rmsnorm_rope_ref
-    from turbocompile.kernels.w8a8.ref import FP8_QMAX
+    from turbocompile.kernels.w8a8.ref import codes_at_amax_ref, dequant_scale_ref
 
     B, L, D = z.shape
     q = rmsnorm_rope_ref(z, weight, None, None, num_heads, eps).unflatten(-1, (num_heads, D // num_heads))
@@ -87,6 +87,4 @@ def norm_attention_quant_ref(z: torch.Tensor, weight: torch.Tensor, k: torch.Ten
         tail_start = torch.full((B, num_heads), k.shape[1], dtype=torch.int32, device=z.device)
     o = tail_merged_attention_ref(q, k, v, tail_start).reshape(B * L, D).float()
     a = v_bound.float().repeat_interleave(L).unsqueeze(1)  # [B*L, 1]
-    inv = torch.full_like(a, FP8_QMAX) / a  # one correctly rounded division, as the kernels do
-    codes = (o * inv).clamp_(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)
-    return codes, a / torch.full_like(a, FP8_QMAX)
+    return codes_at_amax_ref(o, a, "fp8"), dequant_scale_ref(a, "fp8")

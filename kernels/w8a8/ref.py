@@ -37,6 +37,8 @@ __all__ = [
     "quant_dtype",
     "block128_amax",
     "quantize_ref",
+    "codes_at_amax_ref",
+    "dequant_scale_ref",
     "pow2_exponent_ref",
     "quantize_pow2_ref",
     "quantize_pow2_granules_ref",
@@ -111,19 +113,30 @@ def quantize_ref(x: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Ten
         amax = x32.abs().amax(dim=1, keepdim=True).clamp_min(AMAX_FLOOR) if k > 0 else \
             torch.full((m, 1), AMAX_FLOOR, device=x.device)
         amax_e = amax
+    q = codes_at_amax_ref(x32, amax_e, fmt)
+    scale = dequant_scale_ref(amax, fmt)
+    return q, scale.float().contiguous()
+
+
+def codes_at_amax_ref(x32: torch.Tensor, amax: torch.Tensor, fmt: str) -> torch.Tensor:
+    """8-bit codes of fp32 ``x32`` against ``amax`` (floored, broadcastable to x32): INT8
+    ``round_half_even(x · (128 / amax))`` saturated to [-128, 127], FP8 ``e4m3_rne(clamp(x · (448 / amax), ±448))``."""
     # torch.full_like(...) / amax: a true fp32 division. (``scalar / tensor`` is computed by torch
     # as reciprocal-then-multiply, two roundings, which would not match the kernels bit for bit.)
     if fmt == "int8":
-        inv = torch.full_like(amax_e, INT8_QMAX) / amax_e
-        q = torch.round(x32 * inv).clamp_(-128.0, 127.0).to(torch.int8)  # torch.round: half to even
-        scale = amax / INT8_QMAX
-    else:
-        inv = torch.full_like(amax_e, FP8_QMAX) / amax_e
-        q = (x32 * inv).clamp_(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)  # RNE cast
-        # tensor / tensor: on CUDA, ``tensor / python_scalar`` is computed as x * fl(1/448), two
-        # roundings, off by one ulp from the kernels' correctly rounded amax/448 for some amax.
-        scale = amax / torch.full_like(amax, FP8_QMAX)
-    return q, scale.float().contiguous()
+        inv = torch.full_like(amax, INT8_QMAX) / amax
+        return torch.round(x32 * inv).clamp_(-128.0, 127.0).to(torch.int8)  # torch.round: half to even
+    inv = torch.full_like(amax, FP8_QMAX) / amax
+    return (x32 * inv).clamp_(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)  # RNE cast
+
+
+def dequant_scale_ref(amax: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The stored (dequantisation) scale ``amax / qmax``."""
+    if fmt == "int8":
+        return amax / INT8_QMAX
+    # tensor / tensor: on CUDA, ``tensor / python_scalar`` is computed as x * fl(1/448), two
+    # roundings, off by one ulp from the kernels' correctly rounded amax/448 for some amax.
+    return amax / torch.full_like(amax, FP8_QMAX)
 
 
 # --------------------------------------------------------------- FP8 with power-of-two scales
