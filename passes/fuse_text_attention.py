@@ -61,8 +61,7 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 
 
 def _attention_of(x: fx.Node):
-    """``(q, k, v, tail_start | None, nodes)`` when ``x`` is ``flatten(attention, 2)`` (heads flattened),
-    else None; ``nodes`` are the chain's nodes that the rewrite makes dead."""
+    """``(q, k, v, tail_start | None)`` when ``x`` is ``flatten(attention, 2)`` (heads flattened), else None."""
     if not (x.op == "call_method" and x.target == "flatten" and tuple(x.args[1:]) == (2,) and not x.kwargs):
         return None
     att = x.args[0]
@@ -70,13 +69,13 @@ def _attention_of(x: fx.Node):
         return None
     if att.op == "call_function" and att.target is _OPS.tail_merged_attention.default:
         q, k, v, tail = att.args[:4]
-        return q, k, v, tail, [att]
+        return q, k, v, tail
     if is_transpose_12(att):
         sdpa = att.args[0]
         matched = captured_attention(sdpa) if isinstance(sdpa, fx.Node) else None
         if matched is not None and matched[3] is att:
             q, k, v, _ = matched
-            return q, k, v, None, [att, sdpa]
+            return q, k, v, None
     return None
 
 
@@ -123,7 +122,7 @@ class FuseTextAttention(Pass):
             site = _attention_of(x) if isinstance(x, fx.Node) and _single_user(x) is u else None
             if site is None:
                 continue  # not an attention's o projection
-            q, k, v, tail, dead = site
+            q, k, v, tail = site
             normed = _normed_q(q)
             if normed is None:
                 continue  # q without its own RMSNorm (or with RoPE: self-attention)
@@ -154,10 +153,6 @@ class FuseTextAttention(Pass):
                 y.meta["val"] = val
             u.replace_all_uses_with(y)
             g.erase_node(u)
-            g.erase_node(x)
-            for node in dead:
-                if not node.users:
-                    g.erase_node(node)
-            g.eliminate_dead_code()
             stats["fused"] += 1
+        g.eliminate_dead_code()  # the replaced chains (flatten, attention, transposes, q norm)
         return PassResult(stats["fused"] > 0, stats, notes)
