@@ -114,6 +114,11 @@ VARIANTS["rcm4_fp8+norms+sagesla+epi+pool+siblings+bound+merge"] = [
 for _base in ("w8a8_fp8+norms+sagesla+epi+pool+siblings+bound", "w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+merge"):
     VARIANTS[_base + "+textq"] = [*VARIANTS[_base], "fuse_text_attention"]
     VARIANTS[_base.replace("w8a8_", "rcm4_", 1) + "+textq"] = [*VARIANTS[_base], "fuse_text_attention", _RCM4]
+    # the same with the q RMSNorm's statistic from the q GEMM's epilogue instead of an rstd pass over z (opt-in;
+    # session 27 ran the 14B sampler as "+textq_rstd", which is today's "+textq")
+    _ssq = {"name": "fuse_text_attention", "options": {"sumsq_from_gemm": True}}
+    VARIANTS[_base + "+textq_ssq"] = [*VARIANTS[_base], _ssq]
+    VARIANTS[_base.replace("w8a8_", "rcm4_", 1) + "+textq_ssq"] = [*VARIANTS[_base], _ssq, _RCM4]
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"
 # "<variant>+dispatch": eager, calling OptimizeResult.graph_module itself, whose op calls go through the

@@ -57,7 +57,7 @@ __all__ = ["BakeRCMSampler", "count_cross_kv", "count_cross_kv_gemms", "sampler_
 
 _CROSS_KV = re.compile(r"(?:^|\.)blocks\.\d+\.cross_attn\.(k|v|k_img|v_img)\.")
 _TEXT_EMB = re.compile(r"(?:^|\.)text_embedding\.0\.")
-_LINEAR_OPS = ("linear", "w8a8_linear", "w8a8_linear_prequant")
+_LINEAR_OPS = ("linear", "w8a8_linear", "w8a8_linear_prequant", "w8a8_linear_prequant_sumsq")
 
 
 def _is_linear_like(node: fx.Node) -> bool:

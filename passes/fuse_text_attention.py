@@ -24,12 +24,24 @@ floating-point format, a larger scale keeps the relative precision of every valu
 normal (2^-6 · max|v| / 448). That argument fails for INT8's uniform grid, so only FP8 o projections
 are fused (INT8 ones are reported and left as is).
 
+The q RMSNorm's statistic (option ``sumsq_from_gemm``, off by default): the fused op's first kernel re-reads
+all of z only for ``rstd = rsqrt(mean(z²) + eps)`` per token. With the option, when z is the reshaped output of a
+per-token x per-channel ``w8a8_linear_prequant`` used by nothing else, that GEMM becomes
+``w8a8_linear_prequant_sumsq``, whose epilogue also writes the sums of squares of the stored z per 128 columns,
+and they reach ``norm_attention_quant`` as its ``sumsq`` argument: no rstd pass over z. z is the same tensor; the
+statistic is summed in another fp32 order, so q may differ in a rare last-bit rounding (H100: 4e-6 of the codes).
+Off by default because it does not pay across model sizes (RESULTS.md session 27, H100, 100-token prompt, q GEMM
++ fused op per layer): Wan-1.3B 0.327 -> 0.314 ms, Wan-14B 4.21 -> 4.43 ms. The epilogue's granule sums slow the
+q GEMM by 12% / 23%, and each head's program re-reading the row's sums costs the fused op more than the rstd
+pass at 14B (attention kernel alone with a given rstd: 1.07 ms; with the sums: 1.46 ms; with the pass: 1.33 ms).
+
 Matched sites: a per-token ``w8a8_linear`` whose input is the heads-flattened output of an attention
 (the captured ``transpose/SDPA/transpose`` pattern without mask or scale, or ``tail_merged_attention``)
 whose q is a RoPE-less ``rmsnorm_rope`` of a projection, each intermediate used only by the next.
 Self-attention has RoPE (and becomes SageSLA), so only cross-attention matches; Wan2.1 I2V's
 cross-attention adds an image-key attention before the o projection and does not match either.
-Counts: ``fused`` (sites rewritten) and ``unmatched`` (near misses, with the reason in the notes).
+Counts: ``fused`` (sites rewritten), ``sumsq_from_gemm`` (of those, sites whose RMSNorm statistic comes from
+the q GEMM's epilogue) and ``unmatched`` (near misses, with the reason in the notes).
 
 Measured (RESULTS.md session 26, ``benchmarks/bench_text_attention.py``, 100-token prompt, per layer): 0.196 ms
 against 0.265 ms unfused with merged keys and 0.310 ms with cuDNN over all 512 keys (H100, Wan-1.3B); 1.34 /
@@ -39,6 +51,7 @@ than cuDNN: break-even near 350 real tokens. 4-step 1.3B sampling with ``merge_p
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 
@@ -95,6 +108,27 @@ def _normed_q(q: fx.Node):
     return z, w, heads, eps
 
 
+def _sumsq_gemm(z: fx.Node) -> fx.Node | None:
+    """The ``w8a8_linear_prequant`` node whose [M, D] output z reshapes to [B, L, D], when that GEMM can write
+    z's granule sums of squares (per-token x per-channel, INT8 or FP8) and nothing but z reads its output,
+    nor anything but the q norm reads z (its one user, replaced by the fused op); else None."""
+    if not (isinstance(z, fx.Node) and z.op == "call_method" and z.target in ("reshape", "view")
+            and len(z.users) == 1):
+        return None
+    gemm = z.args[0]
+    if not (isinstance(gemm, fx.Node) and gemm.op == "call_function"
+            and gemm.target is _OPS.w8a8_linear_prequant.default and _single_user(gemm) is z):
+        return None
+    fmt, act_gran, w_gran = gemm.args[5:8]
+    if fmt not in ("int8", "fp8") or act_gran != "per_token" or w_gran != "per_channel":
+        return None
+    # rows of z must be rows of the GEMM output: same last dim (a reshape that keeps it keeps the rows)
+    y, zv = gemm.meta.get("val"), z.meta.get("val")
+    if y is None or zv is None or y.dim() != 2 or zv.dim() != 3 or y.shape[1] != zv.shape[2]:
+        return None
+    return gemm
+
+
 @register_pass
 class FuseTextAttention(Pass):
     """Cross-attention q RMSNorm + attention + the o projection's quantizer as one kernel."""
@@ -110,10 +144,13 @@ class FuseTextAttention(Pass):
     @dataclass(frozen=True, kw_only=True)
     class Options:
         backend: str = choice("auto", ("auto", "triton", "torch"), "kernel backend")
+        sumsq_from_gemm: bool = dataclasses.field(
+            default=False, metadata={"doc": "take the q RMSNorm's sums of squares from the q GEMM's epilogue "
+                                           "(w8a8_linear_prequant_sumsq) instead of a pass over z"})
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         g = gm.graph
-        stats = {"fused": 0, "unmatched": 0}
+        stats = {"fused": 0, "sumsq_from_gemm": 0, "unmatched": 0}
         notes: list[str] = []
         for u in list(g.nodes):
             if u.op != "call_function" or u.target is not _OPS.w8a8_linear.default:
@@ -137,10 +174,13 @@ class FuseTextAttention(Pass):
                 leave_site(ctx, stats, notes, f"{where}: needs a bf16/fp16 graph with a [B, L, N] o projection "
                                               f"(got {ctx.dtype}); left as is")
                 continue
+            sumsq = self._sumsq_from_gemm(g, z) if self.options.sumsq_from_gemm else None
+            extra = () if sumsq is None else (sumsq,)  # without it, the 9-argument call of older graphs
             with g.inserting_before(u):
                 bound = mark(g.call_function(_OPS.value_bound.default, (v,)), self.name)
                 fused = mark(g.call_function(_OPS.norm_attention_quant.default,
-                                             (z, w, k, v, bound, tail, heads, eps, self.options.backend)), self.name)
+                                             (z, w, k, v, bound, tail, heads, eps, self.options.backend, *extra)),
+                             self.name)
                 for n in (bound, fused):
                     n.meta["nn_module_stack"] = dict(u.meta.get("nn_module_stack", {}))
                 qx = g.call_function(operator.getitem, (fused, 0))
@@ -154,5 +194,23 @@ class FuseTextAttention(Pass):
             u.replace_all_uses_with(y)
             g.erase_node(u)
             stats["fused"] += 1
+            stats["sumsq_from_gemm"] += sumsq is not None
         g.eliminate_dead_code()  # the replaced chains (flatten, attention, transposes, q norm)
         return PassResult(stats["fused"] > 0, stats, notes)
+
+    def _sumsq_from_gemm(self, g: fx.Graph, z: fx.Node) -> fx.Node | None:
+        """Replace the q GEMM producing z (see :func:`_sumsq_gemm`) by ``w8a8_linear_prequant_sumsq`` with the
+        same arguments; returns its sumsq output node, or None (z left as it is) when the site does not fit."""
+        gemm = _sumsq_gemm(z)
+        if gemm is None:
+            return None
+        with g.inserting_before(gemm):
+            both = mark(g.call_function(_OPS.w8a8_linear_prequant_sumsq.default, tuple(gemm.args),
+                                        dict(gemm.kwargs)), self.name)
+            both.meta["nn_module_stack"] = dict(gemm.meta.get("nn_module_stack", {}))
+            y = g.call_function(operator.getitem, (both, 0))
+            y.meta["val"] = gemm.meta["val"]
+            sumsq = g.call_function(operator.getitem, (both, 1))
+        gemm.replace_all_uses_with(y)
+        g.erase_node(gemm)
+        return sumsq

@@ -60,9 +60,24 @@ def value_bound_ref(v: torch.Tensor) -> torch.Tensor:
     return v.abs().amax(dim=(1, 2, 3)).float().clamp_min(1e-8)
 
 
+def _q_rmsnorm(z: torch.Tensor, weight: torch.Tensor, num_heads: int, eps: float,
+               sumsq: torch.Tensor | None) -> torch.Tensor:
+    """The q RMSNorm (no RoPE) in z's dtype: ``rmsnorm_rope_ref``'s formula, the mean square taken from z or,
+    with ``sumsq [B*L, G]``, as ``sum_g sumsq / D`` (the granule sums of squares of z's rows)."""
+    from turbocompile.kernels.norms.ref import rmsnorm_rope_ref
+
+    if sumsq is None:
+        return rmsnorm_rope_ref(z, weight, None, None, num_heads, eps)
+    B, L, D = z.shape
+    dt = z.dtype
+    # the same fp32 expression as rmsnorm_rope_ref (mean = sum / D there too); only the sum's order differs
+    ms = (sumsq.float().sum(-1) / D).view(B, L, 1)
+    return ((z.float() * torch.rsqrt(ms + eps)).to(dt) * weight).to(dt)
+
+
 def norm_attention_quant_ref(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              v_bound: torch.Tensor, tail_start: torch.Tensor | None, num_heads: int,
-                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                             eps: float, sumsq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q RMSNorm -> attention -> FP8 e4m3 codes at one scale per sample, each step rounded to z's dtype as
     the unfused graph stores it.
 
@@ -72,17 +87,18 @@ def norm_attention_quant_ref(z: torch.Tensor, weight: torch.Tensor, k: torch.Ten
         v_bound: fp32 ``[B]``, an upper bound of |v| per sample (:func:`value_bound_ref`).
         tail_start: int ``[B, H]`` (keys n.. merged, see :func:`tail_merged_attention_ref`) or None
             (plain attention over all Lk keys).
+        sumsq: None, or fp32 ``[B*L, G]``: the sums of squares of z's rows per column granule (the q GEMM's
+            epilogue output); the RMSNorm then takes its mean square as ``sum_g sumsq / D`` instead of from z.
 
     Returns:
         ``(codes [B*L, D] float8_e4m3fn, scales fp32 [B*L, 1])``: the quantizer's FP8 formula
         (``e4m3(clamp(x · (448 / a), ±448))``, scale ``a / 448``) with ``a = v_bound[b]`` for every token of
         sample b instead of the token's abs-max.
     """
-    from turbocompile.kernels.norms.ref import rmsnorm_rope_ref
     from turbocompile.kernels.w8a8.ref import codes_at_amax_ref, dequant_scale_ref
 
     B, L, D = z.shape
-    q = rmsnorm_rope_ref(z, weight, None, None, num_heads, eps).unflatten(-1, (num_heads, D // num_heads))
+    q = _q_rmsnorm(z, weight, num_heads, eps, sumsq).unflatten(-1, (num_heads, D // num_heads))
     if tail_start is None:
         tail_start = torch.full((B, num_heads), k.shape[1], dtype=torch.int32, device=z.device)
     o = tail_merged_attention_ref(q, k, v, tail_start).reshape(B * L, D).float()

@@ -3,6 +3,9 @@
 Two kernels do what three did (q RMSNorm, attention over the text keys, per-token quantization):
 
 * ``_rms_rstd_kernel``: ``rstd = rsqrt(mean(z²) + eps)`` per token (reads z once, writes 4 bytes a token);
+  skipped when the caller passes ``sumsq``, z's sums of squares per 128-column granule written by the q GEMM's
+  epilogue (``w8a8_linear_prequant_sumsq``): ``_attn_quant_kernel`` (``HAS_SSQ``) then takes
+  ``rstd = rsqrt(sum_g sumsq / D + eps)`` from those few floats a token, and z is read once instead of twice;
 * ``_attn_quant_kernel``, one program per (BLOCK_M tokens, batch·head)::
 
       qn   = round(round(z_h · rstd) · w_h)                       (round = to z's dtype, as the graph stores q)
@@ -59,7 +62,8 @@ def _rms_rstd_kernel(z_ptr, rstd_ptr, M, L, D, eps, szb, szl, BLOCK_R: tl.conste
 @triton.jit
 def _attn_quant_kernel(
     z_ptr,  # [B, L, D] raw q projection, unit last stride
-    rstd_ptr,  # [B*L] fp32
+    rstd_ptr,  # [B*L] fp32 (without HAS_SSQ), else a dummy
+    ssq_ptr,  # [B*L, G] fp32 granule sums of squares of z's rows, unit last stride (HAS_SSQ), else a dummy
     w_ptr,  # [D] RMSNorm weight (z's dtype or fp32)
     k_ptr, v_ptr,  # [B, LK, H, DH], unit last stride
     n_ptr,  # int32 [B, H] tail starts (HAS_TAIL), else a dummy
@@ -68,8 +72,10 @@ def _attn_quant_kernel(
     scale_ptr,  # [B*L] fp32 (the [M, 1] scale)
     L, LK, H, D, qk_scale,
     szb, szl, skb, skl, skh, svb, svl, svh,
+    G, stride_ssq, eps,  # HAS_SSQ: granules per row, sumsq's row stride, the RMSNorm epsilon
     HAS_TAIL: tl.constexpr, NATIVE: tl.constexpr, DOT_F32: tl.constexpr,
     DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SSQ: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -82,7 +88,18 @@ def _attn_quant_kernel(
     tok = b.to(tl.int64) * L + rm  # token rows of codes / scales / rstd
     zt = tl.load(z_ptr + b.to(tl.int64) * szb + rm[:, None].to(tl.int64) * szl + h * DH + d[None, :],
                  mask=row_ok[:, None], other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + tok, mask=row_ok, other=0.0)
+    if HAS_SSQ:
+        # the row's sum of squares from the q GEMM's granule sums (G floats a token, re-read by each head's program
+        # instead of a pass over z), then _rms_rstd_kernel's expression; BLOCK_G granules at a time (see
+        # _ssq_chunk: one [BLOCK_M, G] tile holds G registers a thread next to the attention's state)
+        ssq = tl.zeros([BLOCK_M], tl.float32)
+        for g0 in range(0, G, BLOCK_G):
+            gi = g0 + tl.arange(0, BLOCK_G)
+            ssq += tl.sum(tl.load(ssq_ptr + tok[:, None] * stride_ssq + gi[None, :],
+                                  mask=row_ok[:, None] & (gi < G)[None, :], other=0.0), axis=1)
+        rstd = tl.rsqrt(ssq / D + eps)
+    else:
+        rstd = tl.load(rstd_ptr + tok, mask=row_ok, other=0.0)
     w = tl.load(w_ptr + h * DH + d).to(tl.float32)
     if NATIVE:  # the GPU's casts round to nearest even: one instruction each
         qn = ((zt * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]).to(dt)
@@ -112,16 +129,30 @@ def _attn_quant_kernel(
 # 128-token tiles on one warpgroup with 64-key blocks: the fastest of bench_text_attention.py's sweep on an H100
 # at the Wan-1.3B and Wan-14B shapes (RESULTS.md, session 26).
 DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2,
-                  "RSTD_ROWS": 8, "RSTD_COLS": 512, "RSTD_WARPS": 4}
-_INTERPRET_CONFIG = {**DEFAULT_CONFIG, "BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1}
+                  "RSTD_ROWS": 8, "RSTD_COLS": 512, "RSTD_WARPS": 4, "SSQ_CHUNK": None}
+# (SSQ_CHUNK 2: the interpreter's tests, G <= 5, walk more than one chunk and a partial one)
+_INTERPRET_CONFIG = {**DEFAULT_CONFIG, "BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1, "SSQ_CHUNK": 2}
+
+
+def _ssq_chunk(g: int, chunk: int | None) -> int:
+    """Granules of sumsq the attention kernel reads at a time (its BLOCK_G): ``chunk`` (config SSQ_CHUNK) when
+    set, else 8 for G <= 16 and 16 above. H100, the fused op with sumsq, merged keys (bench_text_attention.py):
+    Wan-1.3B (G = 12) 0.170 ms at 8 against 0.178 at 16; Wan-14B (G = 40) 1.446 ms at 16, 1.560 at 8 and 2.02 as
+    one tile of 64."""
+    if chunk is None:
+        chunk = 8 if g <= 16 else 16
+    return max(2, min(chunk, triton.next_power_of_2(max(g, 1))))
 
 
 def norm_attention_quant_triton(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 v_bound: torch.Tensor, tail_start: torch.Tensor | None, num_heads: int, eps: float,
-                                config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                config: dict | None = None,
+                                sumsq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """z ``[B, L, D]``, weight ``[D]``, k/v ``[B, Lk, H, d]`` (unit last strides), v_bound fp32 ``[B]``
     (>= max |v| of each sample, > 0), tail_start int32 ``[B, H]`` contiguous or None -> (FP8 codes
-    ``[B*L, D]``, fp32 scales ``[B*L, 1]``). ``config`` overrides :data:`DEFAULT_CONFIG` keys."""
+    ``[B*L, D]``, fp32 scales ``[B*L, 1]``). ``config`` overrides :data:`DEFAULT_CONFIG` keys. ``sumsq``:
+    None (the rstd pass reads z), or fp32 ``[B*L, G]`` with unit last stride, z's sums of squares per
+    granule (the rstd pass is skipped; the RSTD_* config keys are then unused; SSQ_CHUNK: see :func:`_ssq_chunk`)."""
     B, L, D = z.shape
     H = num_heads
     dh = D // H
@@ -132,16 +163,22 @@ def norm_attention_quant_triton(z: torch.Tensor, weight: torch.Tensor, k: torch.
         return codes, scales
     interp = triton_interpret()
     cfg = {**(_INTERPRET_CONFIG if interp else DEFAULT_CONFIG), **(config or {})}
-    rstd = torch.empty(B * L, device=z.device, dtype=torch.float32)
-    _rms_rstd_kernel[(triton.cdiv(B * L, cfg["RSTD_ROWS"]),)](
-        z, rstd, B * L, L, D, float(eps), z.stride(0), z.stride(1), BLOCK_R=cfg["RSTD_ROWS"],
-        BLOCK_D=cfg["RSTD_COLS"], num_warps=cfg["RSTD_WARPS"])
+    if sumsq is None:
+        rstd = torch.empty(B * L, device=z.device, dtype=torch.float32)
+        _rms_rstd_kernel[(triton.cdiv(B * L, cfg["RSTD_ROWS"]),)](
+            z, rstd, B * L, L, D, float(eps), z.stride(0), z.stride(1), BLOCK_R=cfg["RSTD_ROWS"],
+            BLOCK_D=cfg["RSTD_COLS"], num_warps=cfg["RSTD_WARPS"])
+        ssq, g = v_bound, 0  # a dummy pointer
+    else:
+        rstd, ssq, g = v_bound, sumsq, sumsq.shape[1]  # no rstd pass: a dummy pointer for rstd
     n = tail_start if tail_start is not None else v_bound  # a dummy pointer when there is no tail
     _attn_quant_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
-        z, rstd, weight, k, v, n, v_bound, codes, scales,
+        z, rstd, ssq, weight, k, v, n, v_bound, codes, scales,
         L, Lk, H, D, _LOG2E / math.sqrt(dh),
         z.stride(0), z.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        g, ssq.stride(0), float(eps),
         HAS_TAIL=tail_start is not None, NATIVE=not interp, DOT_F32=interp,
         DH=dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        num_stages=cfg["num_stages"], HAS_SSQ=sumsq is not None,
+        BLOCK_G=_ssq_chunk(g, cfg["SSQ_CHUNK"]))
     return codes, scales

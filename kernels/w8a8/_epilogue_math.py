@@ -21,8 +21,10 @@ __all__ = ["AMAX_GRANULE", "AMAX_MODE_IDS", "GELU_NATIVE_FORMS", "GELU_NATIVE_FO
 AMAX_GRANULE = 128
 # amax_mode -> the kernels' AMAX_MODE constexpr: 0 none, 1 partial (per granule), 2 atomic (per row),
 # 3 pow2 (TMA kernel only: FP8 codes at per-granule power-of-two scales instead of y, maxima as 1),
-# 4 rowscale (TMA kernel only: FP8 codes at given per-row power-of-two scales, read from the buffer)
-AMAX_MODE_IDS = {"none": 0, "partial": 1, "atomic": 2, "pow2": 3, "rowscale": 4}
+# 4 rowscale (TMA kernel only: FP8 codes at given per-row power-of-two scales, read from the buffer),
+# 5 sumsq (TMA kernel only: y as usual, and the fp32 sums of squares of each granule in the buffer instead
+# of maxima; the fused cross-attention's q RMSNorm statistic)
+AMAX_MODE_IDS = {"none": 0, "partial": 1, "atomic": 2, "pow2": 3, "rowscale": 4, "sumsq": 5}
 
 
 # GELU_tanh(y) = y * sigmoid(2u), u = sqrt(2/pi) * (y + 0.044715 * y^3), and

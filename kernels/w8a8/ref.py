@@ -43,6 +43,8 @@ __all__ = [
     "quantize_pow2_ref",
     "quantize_pow2_granules_ref",
     "w8a8_gemm_ref",
+    "granule_sumsq_ref",
+    "w8a8_gemm_sumsq_ref",
     "w8a8_linear_ref",
     "expand_scale",
     "gelu_tanh_ref",
@@ -226,6 +228,30 @@ def w8a8_gemm_ref(
     if bias is not None:
         y += bias.to(torch.float64)[None, :]
     return y.to(out_dtype)
+
+
+def granule_sumsq_ref(y: torch.Tensor, granule: int = BLOCK) -> torch.Tensor:
+    """fp32 ``[M, ceil(N / granule)]`` sums of squares of ``y [M, N]``'s values per (row, ``granule`` columns).
+
+    The values are taken as y holds them (already rounded to its dtype), squared and summed in fp32; a
+    partial last granule sums its real columns only. Same layout as the partial-amax buffer of the GEMM
+    epilogues (``amax_mode="partial"``), which holds maxima instead of sums.
+    """
+    m, n = y.shape
+    g = _cdiv(n, granule)
+    sq = y.float().square()
+    return torch.nn.functional.pad(sq, (0, g * granule - n)).view(m, g, granule).sum(dim=2)
+
+
+def w8a8_gemm_sumsq_ref(qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str,
+                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, sumsq)``: :func:`w8a8_gemm_ref` in ``out_dtype`` and :func:`granule_sumsq_ref` of that rounded y.
+
+    ``sumsq[m, g]`` summed over g is the row's sum of squares, so ``rsqrt(sum_g sumsq / N + eps)`` is the
+    RMSNorm statistic of the stored row without reading y again (the fused cross-attention's q norm).
+    """
+    y = w8a8_gemm_ref(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype)
+    return y, granule_sumsq_ref(y)
 
 
 def w8a8_linear_ref(

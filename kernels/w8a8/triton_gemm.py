@@ -24,6 +24,8 @@ whose amax must not see other rows), stores are masked. K tails are masked unles
 Per-token x per-channel on sm90+: :func:`w8a8_gemm_triton` runs the persistent TMA kernel of
 :mod:`.triton_gemm_tma` instead of the pointer kernel below whenever that kernel's shape rule holds
 (16-byte aligned rows: K % 16 == 0, N * out_itemsize % 16 == 0; see :func:`gemm_path`).
+:func:`w8a8_gemm_sumsq_triton` is that GEMM plus the fp32 sums of squares of its stored output per
+(row, 128 columns), from the TMA kernel's epilogue where it runs.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from turbocompile.kernels.w8a8._tiling import grouped_tile
 from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR, quant_scale_math
 from turbocompile.ops._backend import triton_interpret
 
-__all__ = ["w8a8_gemm_triton", "gemm_configs", "gemm_path", "DEFAULT_BLOCK_VARIANT", "USE_TMA"]
+__all__ = ["w8a8_gemm_triton", "w8a8_gemm_sumsq_triton", "gemm_configs", "gemm_path", "DEFAULT_BLOCK_VARIANT",
+           "USE_TMA"]
 
 # block128 x block128 (not fused) runs kernels/w8a8/triton_gemm_block.py; "v1" = the generic
 # kernel below (round 1). Picked from the side-by-side H200 run in benchmarks/RESULTS.md.
@@ -269,6 +272,39 @@ def w8a8_gemm_triton(
 
     kernel[grid](*args, **meta)
     return y
+
+
+def w8a8_gemm_sumsq_triton(
+    qa: torch.Tensor,  # [M, K] int8 | e4m3
+    sa: torch.Tensor,  # [M, 1] fp32
+    qw: torch.Tensor,  # [N, K] int8 | e4m3
+    sw: torch.Tensor,  # [N, 1] fp32
+    bias: torch.Tensor | None,  # [N]
+    out_dtype: torch.dtype,
+    use_tma: bool | None = None,
+    tma_config: dict | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token x per-channel GEMM ``y [M, N]`` and ``sumsq [M, ceil(N/128)]`` fp32, the sum of squares of
+    each 128-column granule of y as stored (``ref.w8a8_gemm_sumsq_ref``'s contract).
+
+    Route: :func:`gemm_path` (``use_tma`` as there). On the TMA route the sums come from the GEMM's
+    epilogue (``amax_mode="sumsq"``, no second read of y; ``tma_config`` must then store whole
+    granules). Elsewhere (shape rule not met, no sm90, the interpreter's default) y comes from the pointer
+    kernel (``config``) and the sums from torch ops on it: the same contract, one more read of y.
+    Inputs are validated by the op layer.
+    """
+    from turbocompile.kernels.w8a8.ref import BLOCK, granule_sumsq_ref
+
+    m, n = qa.shape[0], qw.shape[0]
+    if gemm_path(qa, qw, out_dtype, "per_token", "per_channel", use_tma=use_tma)[0] == "tma":
+        from turbocompile.kernels.w8a8.triton_gemm_tma import w8a8_gemm_tma
+
+        sumsq = torch.empty((m, triton.cdiv(n, BLOCK)), dtype=torch.float32, device=qa.device)
+        y = w8a8_gemm_tma(qa, sa, qw, sw, bias, out_dtype, config=tma_config, amax_mode="sumsq", amax_out=sumsq)
+        return y, sumsq
+    y = w8a8_gemm_triton(qa, sa, qw, sw, bias, "per_token", "per_channel", out_dtype, config=config, use_tma=False)
+    return y, granule_sumsq_ref(y)
 
 
 def gemm_path(qa: torch.Tensor, qw: torch.Tensor, out_dtype: torch.dtype, act_granularity: str,

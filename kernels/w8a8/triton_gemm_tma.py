@@ -34,7 +34,10 @@
   granule of a row at its own power-of-two scale, with the granule maxima in ``amax`` as in "partial"
   (:func:`.triton_pow2.pow2_granule_codes`; out_dtype is then the dtype the values are rounded to
   first, and the code rows need N % 16 == 0). AMAX_MODE 4 "rowscale": FP8 codes at power-of-two row
-  scales given in ``amax`` [M, 1] (:func:`.triton_bound.rowscale_codes`; no width rule).
+  scales given in ``amax`` [M, 1] (:func:`.triton_bound.rowscale_codes`; no width rule). AMAX_MODE 5
+  "sumsq": y stored as usual, and the fp32 sum of squares of exactly the values stored per 128-column
+  granule into ``amax [M, ceil(N/128)]`` (layout and width rule of "partial"): the RMSNorm statistic of
+  y's rows, which the fused cross-attention reads instead of re-reading y (:func:`_store_sumsq`).
 
 Shape rule (see :func:`tma_unsupported_reason`): TMA needs 16-byte aligned bases and row strides,
 i.e. K % 16 == 0 for the 1-byte operands (contiguous rows) and N * out_itemsize % 16 == 0 for y;
@@ -187,6 +190,42 @@ def _store_amax(
 
 
 @triton.jit
+def _store_sumsq(
+    out,  # [BLOCK_M, WIDTH] the values just stored (y's dtype)
+    ssq_ptr,
+    rm,  # [BLOCK_M] row indices of the tile
+    off_n,
+    M,
+    N,
+    stride_ssq_m,
+    GRANULE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    WIDTH: tl.constexpr,
+):
+    """fp32 sum of squares of the stored (rounded) values over real columns, per granule into ssq [M, G]
+    (columns off_n.. start a granule, WIDTH is a multiple of GRANULE). Rows past M are never written.
+
+    Squares of the values y holds, not of the fp32 accumulator: a row's granule sums add up to what
+    ``sum(y_row.float()²)`` gives for the stored row, up to fp32 summation order (and, on a GPU, an FMA
+    contraction of the square into the sum, which only drops the product's rounding)."""
+    rn = off_n + tl.arange(0, WIDTH)
+    yv = out.to(tl.float32)
+    # columns past N hold zeros (zero-filled W box, scale and bias loaded as 0): masked anyway, so the sums do
+    # not depend on that
+    sq = tl.where((rn < N)[None, :], yv * yv, 0.0)
+    tl.static_assert(WIDTH % GRANULE == 0, "sumsq: stored tile width must be a multiple of GRANULE")
+    G: tl.constexpr = WIDTH // GRANULE
+    if G == 1:
+        gsum = tl.sum(sq, axis=1)[:, None]
+    else:
+        gsum = tl.sum(tl.reshape(sq, (BLOCK_M, G, GRANULE)), axis=2)  # [BLOCK_M, G]
+    # a vector of granule indices even for G == 1: a half tile wholly past N must not be written
+    rg = off_n // GRANULE + tl.arange(0, G)
+    tl.store(ssq_ptr + rm[:, None].to(tl.int64) * stride_ssq_m + rg[None, :], gsum,
+             mask=(rm < M)[:, None] & (rg < tl.cdiv(N, GRANULE))[None, :])
+
+
+@triton.jit
 def _w8a8_gemm_tma_kernel(
     a_desc,  # qA [M, K] int8 | e4m3, block [BLOCK_M, BLOCK_K]
     w_desc,  # qW [N, K] int8 | e4m3, block [BLOCK_N, BLOCK_K]
@@ -194,7 +233,7 @@ def _w8a8_gemm_tma_kernel(
     sa_ptr,  # [M, 1] fp32
     sw_ptr,  # [N, 1] fp32
     bias_ptr,  # [N] any float, or a dummy
-    amax_ptr,  # [M, ceil(N/128)] fp32 (AMAX_MODE 1, 3) | [M, 1] zeroed fp32 (2) | [M, 1] row scales (4) | dummy
+    amax_ptr,  # [M, ceil(N/128)] fp32 (AMAX_MODE 1, 3, 5) | [M, 1] zeroed fp32 (2) | [M, 1] row scales (4) | dummy
     M,
     N,
     K,
@@ -216,7 +255,8 @@ def _w8a8_gemm_tma_kernel(
     ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
     ROUND_BF16: tl.constexpr,  # interpreter + bf16 output + an epilogue extension: round explicitly
     NATIVE: tl.constexpr,  # GELU form: 0 portable (interpreter), 1 / 2 inline PTX (_epilogue_math.gelu_native)
-    AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row), 3 pow2 codes, 4 rowscale
+    AMAX_MODE: tl.constexpr,  # 0 none, 1 partial (per GRANULE columns), 2 atomic (per row), 3 pow2 codes, 4 rowscale,
+    #                           5 sumsq (per GRANULE columns)
     RESIDUAL: tl.constexpr,  # 0 none, 1 x + y, 2 x + y·gate (_epilogue_math.RESIDUAL_IDS)
     RES_TMA: tl.constexpr,  # residual tiles through r_desc (True) or pointer loads (False)
     GATE_MODE: tl.constexpr,  # how the gate rows are read (_epilogue_math._gated_residual)
@@ -286,6 +326,8 @@ def _w8a8_gemm_tma_kernel(
             y_desc.store([off_m, off_n], y0)
             if AMAX_MODE == 1 or AMAX_MODE == 2:
                 _store_amax(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, HALF_N)
+            elif AMAX_MODE == 5:
+                _store_sumsq(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, GRANULE, BLOCK_M, HALF_N)
             r1 = s_a
             if RESIDUAL != 0:
                 if RES_TMA:
@@ -304,6 +346,8 @@ def _w8a8_gemm_tma_kernel(
             if AMAX_MODE == 1 or AMAX_MODE == 2:
                 _store_amax(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M,
                             HALF_N)
+            elif AMAX_MODE == 5:
+                _store_sumsq(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, GRANULE, BLOCK_M, HALF_N)
         else:
             r = s_a
             if RESIDUAL != 0:
@@ -322,6 +366,8 @@ def _w8a8_gemm_tma_kernel(
             y_desc.store([off_m, off_n], y_tile)
             if AMAX_MODE == 1 or AMAX_MODE == 2:
                 _store_amax(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, BLOCK_N)
+            elif AMAX_MODE == 5:
+                _store_sumsq(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, GRANULE, BLOCK_M, BLOCK_N)
 
 
 def tma_configs() -> list:
@@ -390,7 +436,7 @@ def _tuned_kernel(partial_amax: bool = False):
 
 def tuned_tma_config(partial_amax: bool = False):
     """The autotuner's last pick (for the benchmark's report), or None; ``partial_amax``: that of the
-    partial-amax launches (a separate, filtered config list)."""
+    launches that write per-granule values ("partial", "pow2", "sumsq": a separate, filtered config list)."""
     tuned = _TUNED_PARTIAL if partial_amax else _TUNED
     return None if tuned is None else getattr(tuned, "best_config", None)
 
@@ -492,6 +538,9 @@ def w8a8_gemm_tma(
             must be a multiple of 16). :func:`.triton_pow2.requant_pow2_triton` turns them into
             per-token codes. "rowscale": y is the FP8 codes of the rounded values at the power-of-two
             row scales given in ``amax_out [M, 1]`` (read only; :mod:`.triton_bound`; N % 16 == 0).
+            "sumsq": y as with "none", and the fp32 sum of squares of each 128-column granule of the
+            stored y (rounded to ``out_dtype``, squared and summed in fp32) into ``amax_out
+            [M, ceil(N/128)]`` fp32, as for "partial" (same width rule); columns past N add nothing.
         amax_out: the buffer of ``amax_mode`` (None for "none"), written in place ("rowscale": read).
         residual: ``x + y·gate`` in the epilogue (see ``_epilogue_math.ResidualArgs``; ``x`` in
             ``out_dtype``, with ``load="tma"`` also a TMA-able tensor); y is rounded to ``out_dtype``
@@ -599,8 +648,9 @@ def _check_residual(res: _em.ResidualArgs | None, activation, amax_mode: str, m:
         raise ValueError(f"w8a8_gemm_tma: residual load 'tma' needs a TMA-able residual ({why}); use 'pointer'")
 
 
-# amax modes that write per-granule maxima (stored widths must be whole granules)
-_GRANULE_MODES = ("partial", "pow2")
+# amax modes that write one value per granule (maxima, or sums of squares for "sumsq"): stored widths must
+# be whole granules
+_GRANULE_MODES = ("partial", "pow2", "sumsq")
 
 
 def _check_amax_out(amax_mode: str, amax_out: torch.Tensor | None, m: int, n: int, device) -> None:
@@ -622,7 +672,7 @@ def _check_amax_out(amax_mode: str, amax_out: torch.Tensor | None, m: int, n: in
 
 def _degenerate_k0(y: torch.Tensor, bias, activation: str | None, amax_mode: str, amax_out,
                    out_dtype: torch.dtype) -> None:
-    """K == 0: every row is act(bias) (or act(0)); the amax contract is kept with torch ops."""
+    """K == 0: every row is act(bias) (or act(0)); the amax (or sumsq) contract is kept with torch ops."""
     m, n = y.shape
     v = bias.to(torch.float32) if bias is not None else torch.zeros(n, device=y.device)
     if activation == "gelu_tanh":
@@ -636,6 +686,11 @@ def _degenerate_k0(y: torch.Tensor, bias, activation: str | None, amax_mode: str
         return
     y.copy_(v.to(y.dtype).expand(m, n))
     if amax_mode == "none":
+        return
+    if amax_mode == "sumsq":
+        from turbocompile.kernels.w8a8.ref import granule_sumsq_ref
+
+        amax_out.copy_(granule_sumsq_ref(y[:1]).expand_as(amax_out))
         return
     row = y[0].float().abs()
     if amax_mode == "partial":

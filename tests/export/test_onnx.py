@@ -307,3 +307,52 @@ def test_fused_text_attention_decomposed(tmp_path):
         assert np.array_equal(got[i + 1], want[i + 1].numpy())
         assert (codes != want[i].float()).float().mean() < 0.02  # float32 attention sums in another order
         assert _rel(codes * torch.from_numpy(got[i + 1]), want[i].float() * want[i + 1]) < 1e-2
+
+
+class _QGemmSumsqNorm(torch.nn.Module):
+    """The cross-attention chain of fuse_text_attention with sumsq_from_gemm: the q GEMM writing z's granule sums
+    of squares, and norm_attention_quant reading them."""
+
+    def __init__(self, fmt, n=192, k=144):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        w = torch.randn(n, k, generator=g) * 0.2
+        w[5] *= 30.0  # an outlier channel
+        self.qw, self.sw = quantize_weight(w, fmt, "per_channel")
+        self.b = (torch.randn(n, generator=g) * 0.3).to(torch.bfloat16)
+        self.fmt = fmt
+
+    def forward(self, x, w, k, v):
+        B, L, _ = x.shape
+        w, k, v = (t.to(torch.bfloat16) for t in (w, k, v))
+        qx, sx = OPS.quantize_activation(x.reshape(B * L, -1), self.fmt, "per_token", "torch")
+        y, ss = OPS.w8a8_linear_prequant_sumsq(qx, sx, self.qw, self.sw, self.b, self.fmt, "per_token", "per_channel",
+                                               torch.bfloat16, "torch")
+        z = y.reshape(B, L, -1)
+        b = OPS.value_bound(v)
+        c, s = OPS.norm_attention_quant(z, w, k, v, b, None, 3, 1e-6, "torch", ss)
+        return y.float(), ss, c, s
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_q_gemm_sumsq_and_norm_attention_with_sumsq(tmp_path, fmt):
+    """w8a8_linear_prequant_sumsq as the GEMM plus ReduceSum of squares per 128 columns (D = 192: a partial
+    granule), and norm_attention_quant given those sums (its translation takes the statistic from z): y as the
+    op's, the sums within fp32 summation order, the codes equal but for rare one-step roundings."""
+    x = torch.randn(2, 13, 144) * 2
+    x[1, 4] = 0  # a zero row: z is the bias
+    w, k, v = torch.rand(192) + 0.5, torch.randn(2, 9, 3, 64), torch.randn(2, 9, 3, 64)
+    mod = _QGemmSumsqNorm(fmt)
+    path = _export_module(mod, (x, w, k, v), tmp_path / "qss.onnx", opset=19)
+    kinds = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "ReduceSum" in kinds
+    want = [t.numpy() if t.dtype != torch.float8_e4m3fn else t for t in mod(x, w, k, v)]
+    got = _run(_session(path), (x, w, k, v))
+    assert np.array_equal(got[0], want[0])  # the GEMM in float64 then bf16, as the reference
+    assert got[1].shape == (26, 2) and np.allclose(got[1], want[1], rtol=1e-5, atol=0)
+    row = want[0][17].astype(np.float64) ** 2  # the zero input row (sample 1, token 4): the bias's squares
+    assert np.allclose(got[1][17], [row[:128].sum(), row[128:].sum()], rtol=1e-5)
+    codes = torch.from_numpy(np.ascontiguousarray(got[2])).view(torch.float8_e4m3fn).float()
+    assert np.array_equal(got[3], want[3])
+    assert (codes != want[2].float()).float().mean() < 0.02
+    assert _rel(codes * torch.from_numpy(got[3]), want[2].float() * torch.from_numpy(want[3])) < 1e-2

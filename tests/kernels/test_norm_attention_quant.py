@@ -5,6 +5,7 @@ on a GPU) vs the reference on awkward shapes, and the op's input checks."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -165,3 +166,161 @@ def test_fake_kernel_shapes():
         c, s = torch.ops.turbocompile.norm_attention_quant(z, torch.empty(64), k, k, vb, None, 2, 1e-6, "auto")
     assert vb.shape == (2,) and vb.dtype == torch.float32
     assert c.shape == (22, 64) and c.dtype == torch.float8_e4m3fn and s.shape == (22, 1) and s.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- sumsq: rstd from the q GEMM
+def _granule_sums(z):
+    from turbocompile.kernels.w8a8.ref import granule_sumsq_ref
+
+    return granule_sumsq_ref(z.reshape(-1, z.shape[-1]))
+
+
+def _frac_differing(a, b) -> float:
+    return (a.float() != b.float()).float().mean().item()
+
+
+@pytest.mark.parametrize("n", [None, 9])
+def test_reference_with_sumsq_equals_the_statistic_from_z(n):
+    """Granule sums of z's rows give the RMSNorm's mean square up to fp32 summation order: the codes are those of
+    the reference without them but for rare last-bit roundings of q, and the scales are the same."""
+    z, w, k, v, tail = _case(2, 37, 3, 64, 31, n)  # D = 192: a partial second granule
+    vb = ref.value_bound_ref(v)
+    c0, s0 = ref.norm_attention_quant_ref(z, w, k, v, vb, tail, 3, 1e-6)
+    c1, s1 = ref.norm_attention_quant_ref(z, w, k, v, vb, tail, 3, 1e-6, _granule_sums(z))
+    assert torch.equal(s0, s1)
+    assert _frac_differing(c0, c1) < 2e-3 and rel(_deq(c1, s1), _deq(c0, s0)) < 1e-3
+
+
+def test_reference_uses_the_given_sums():
+    """Sums 4x too large halve rstd: q is the RMSNorm of z / 2, which changes the attention (unlike a statistic
+    that the reference recomputes from z)."""
+    z, w, k, v, tail = _case(1, 20, 2, 64, 12, 5)
+    vb = ref.value_bound_ref(v)
+    c_true, _ = ref.norm_attention_quant_ref(z, w, k, v, vb, tail, 2, 1e-6, _granule_sums(z))
+    c4, s4 = ref.norm_attention_quant_ref(z, w, k, v, vb, tail, 2, 1e-6, 4 * _granule_sums(z))
+    assert _frac_differing(c_true, c4) > 0.2
+    # ... as z / 2 (exact in bf16) does with z's sums: rsqrt(4 ms + eps) and rsqrt(ms + eps) / 2 differ only
+    # through eps and the rsqrt's rounding
+    half = (z.float() / 2).to(z.dtype)
+    c_half, _ = ref.norm_attention_quant_ref(half, w, k, v, vb, tail, 2, 1e-6, _granule_sums(z))
+    assert _frac_differing(c4, c_half) < 2e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("B,L,H,d,Lk,n,dt", [
+    (2, 37, 3, 32, 20, None, torch.bfloat16),  # D = 96: one partial granule; all keys
+    (1, 50, 3, 64, 23, 15, torch.bfloat16),  # D = 192: a full and a partial granule; merged tail
+    (2, 33, 2, 128, 40, 0, torch.float16),  # D = 256: two full granules; fp16
+    (1, 1, 2, 64, 5, 4, torch.bfloat16),  # one token
+    (1, 20, 5, 64, 9, 4, torch.bfloat16),  # D = 320: three granules, read in more than one chunk
+])
+def test_kernel_with_sumsq_matches_the_reference_and_the_rstd_pass(B, L, H, d, Lk, n, dt):
+    z, w, k, v, tail = _case(B, L, H, d, Lk, n, dt)
+    z[0, L // 2] = 0  # a zero row: sum 0, rstd = rsqrt(eps)
+    vb = ref.value_bound_ref(v)
+    ss = _granule_sums(z)
+    dev = [t.to(DEV) if t is not None else None for t in (z, w, k, v, vb, tail)]
+    c0, s0 = norm_attention_quant(*dev, num_heads=H, backend="triton")
+    c1, s1 = norm_attention_quant(*dev, num_heads=H, backend="triton", sumsq=ss.to(DEV))
+    rc, rs = ref.norm_attention_quant_ref(z, w, k, v, vb, tail, H, 1e-6, ss)
+    assert torch.equal(s1.cpu(), rs) and torch.equal(s1, s0)
+    assert rel(_deq(c1.cpu(), s1.cpu()), _deq(rc, rs)) < 2e-2  # P rounding, as without sumsq (see above)
+    # against the kernel's own rstd pass: the same statistic up to fp32 summation order
+    assert _frac_differing(c0.cpu(), c1.cpu()) < 2e-3 and rel(_deq(c1.cpu(), s1.cpu()), _deq(c0.cpu(), s0.cpu())) < 1e-3
+
+
+@needs_triton
+def test_kernel_uses_the_given_sums():
+    """With sums 4x too large the kernel's q is that of the reference given the same sums, not the rstd pass's."""
+    z, w, k, v, tail = _case(1, 30, 2, 64, 12, 5)
+    vb = ref.value_bound_ref(v)
+    ss4 = 4 * _granule_sums(z)
+    dev = [t.to(DEV) for t in (z, w, k, v, vb, tail)]
+    c4, s4 = norm_attention_quant(*dev, num_heads=2, backend="triton", sumsq=ss4.to(DEV))
+    c_plain, _ = norm_attention_quant(*dev, num_heads=2, backend="triton")
+    rc, rs = ref.norm_attention_quant_ref(z, w, k, v, vb, tail, 2, 1e-6, ss4)
+    assert rel(_deq(c4.cpu(), s4.cpu()), _deq(rc, rs)) < 2e-2
+    assert _frac_differing(c4.cpu(), c_plain.cpu()) > 0.2
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_sumsq_from_the_q_gemm_vs_rstd_from_z(fmt):
+    """The whole chain as fuse_text_attention builds it: the q GEMM writing z's sums (w8a8_linear_prequant_sumsq)
+    then the fused op reading them, against the plain q GEMM then the fused op's own rstd pass, on the same z."""
+    from turbocompile.ops.w8a8 import quantize_weight, w8a8_linear_prequant_sumsq
+
+    B, L, H, d, Lk = 2, 29, 3, 64, 17
+    D = H * d
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(B * L, 144, generator=g) * 2
+    x[5] = 0  # a zero input row: z is the bias
+    x[7, 3] = 200.0  # an outlier
+    qx, sx = quantize_weight(x, fmt, "per_channel")  # per-row scales: the per-token quantizer's formula
+    qw, sw = quantize_weight(torch.randn(D, 144, generator=g) * 0.2, fmt, "per_channel")
+    bias = (torch.randn(D, generator=g) * 0.3).to(torch.bfloat16)
+    _, w, k, v, tail = _case(B, L, H, d, Lk, 8, seed=4)
+    vb = ref.value_bound_ref(v)
+    dev = [t.to(DEV) for t in (qx, sx, qw, sw, bias)]
+    y, ss = w8a8_linear_prequant_sumsq(*dev, fmt, "per_token", "per_channel", torch.bfloat16, "triton")
+    z = y.view(B, L, D)
+    kw = dict(num_heads=H, backend="triton")
+    c1, s1 = norm_attention_quant(z, w.to(DEV), k.to(DEV), v.to(DEV), vb.to(DEV), tail.to(DEV), sumsq=ss, **kw)
+    c0, s0 = norm_attention_quant(z, w.to(DEV), k.to(DEV), v.to(DEV), vb.to(DEV), tail.to(DEV), **kw)
+    assert torch.equal(s0, s1)
+    assert _frac_differing(c0.cpu(), c1.cpu()) < 2e-3 and rel(_deq(c1.cpu(), s1.cpu()), _deq(c0.cpu(), s0.cpu())) < 1e-3
+    # and the torch backend of both ops, end to end
+    ct, st = norm_attention_quant(z.cpu(), w, k, v, vb, tail, num_heads=H, backend="torch", sumsq=ss.cpu())
+    assert torch.equal(st, s1.cpu()) and rel(_deq(c1.cpu(), s1.cpu()), _deq(ct, st)) < 2e-2
+
+
+def test_sumsq_is_checked_and_optional_in_the_schema():
+    z, w, k, v, tail = _case(1, 8, 2, 64, 6, 3)  # D = 128: one granule
+    vb = value_bound(v)
+    good = dict(num_heads=2, backend="torch")
+    ss = _granule_sums(z)
+    for bad, what in ((ss.double(), "torch.float64"), (ss[:-1], "(7, 1)"), (torch.cat([ss, ss], 1), "(8, 2)")):
+        with pytest.raises(ValueError, match=r"sumsq must be float32 \[B\*L, ceil\(D/128\)\] = \[8, 1\] on cpu .*got .*"
+                                             + re.escape(what)) as err:
+            norm_attention_quant(z, w, k, v, vb, tail, sumsq=bad, **good)
+        assert "\n" not in str(err.value)
+    # graphs saved before the argument existed call the op with nine arguments: the schema default is None
+    schema = torch.ops.turbocompile.norm_attention_quant.default._schema
+    assert schema.arguments[-1].name == "sumsq" and schema.arguments[-1].default_value is None
+    c9, s9 = torch.ops.turbocompile.norm_attention_quant(z, w, k, v, vb, tail, 2, 1e-6, "torch")
+    c10, s10 = norm_attention_quant(z, w, k, v, vb, tail, sumsq=None, **good)
+    assert torch.equal(c9.view(torch.uint8), c10.view(torch.uint8)) and torch.equal(s9, s10)
+
+
+def test_fake_kernel_with_sumsq():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        z = torch.empty(2, 11, 192, dtype=torch.bfloat16)
+        k = torch.empty(2, 5, 3, 64, dtype=torch.bfloat16)
+        vb = torch.ops.turbocompile.value_bound(k)
+        c, s = torch.ops.turbocompile.norm_attention_quant(z, torch.empty(192), k, k, vb, None, 3, 1e-6, "auto",
+                                                           torch.empty(22, 2))
+        assert c.shape == (22, 192) and s.shape == (22, 1)
+        with pytest.raises(ValueError, match="sumsq must be float32"):
+            torch.ops.turbocompile.norm_attention_quant(z, torch.empty(192), k, k, vb, None, 3, 1e-6, "auto",
+                                                        torch.empty(22, 1))
+
+
+@needs_triton
+def test_benchmark_sumsq_variant_checks_on_cpu(monkeypatch):
+    """benchmarks/bench_text_attention.py's q GEMM + sumsq variant: its agreement check runs (and agrees) on a small
+    shape where the kernels run here; on a GPU the benchmark runs it at the Wan shapes."""
+    import importlib.util
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))  # the script imports its sibling modules (charts, _cuda_graph)
+    spec = importlib.util.spec_from_file_location("bench_text_attention", bench_dir / "bench_text_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if DEV == "cuda":
+        pytest.skip("cpu_check builds CPU operands; the GPU run checks at full size")
+    res = bench.cpu_check()
+    assert res["agree"], res
+    assert res["sumsq_rel"] < 1e-5 and res["scales_equal"]

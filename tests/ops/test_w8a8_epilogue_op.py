@@ -214,3 +214,76 @@ def test_bound_errors_are_one_line_and_name_the_choices():
         W.w8a8_linear_gelu_quant(*args, "fp8", "torch", out_scale="bound", wbound=torch.zeros(3))
     with pytest.raises(ValueError, match=r"wbound is on meta, qx on cpu; both must share one device"):
         W.w8a8_linear_gelu_quant(*args, "fp8", "torch", out_scale="bound", wbound=torch.zeros(2, device="meta"))
+
+
+# ------------------------------------------------- w8a8_linear_prequant_sumsq (q GEMM + RMSNorm statistic)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_sumsq_torch_backend_is_prequant_then_granule_sums(fmt, out_dtype):
+    from turbocompile.kernels.w8a8 import ref
+
+    qx, sx, qw, sw, b = _operands(m=21, k=200, n=300, fmt=fmt)
+    args = (qx, sx, qw, sw, b, fmt, "per_token", "per_channel", out_dtype)
+    y, ss = W.w8a8_linear_prequant_sumsq(*args, "torch")
+    assert torch.equal(y, W.w8a8_linear_prequant(*args, "torch"))
+    assert ss.shape == (21, 3) and ss.dtype == torch.float32
+    assert torch.equal(ss, ref.granule_sumsq_ref(y))
+    # granule 2 holds columns 256..299 only; the granules add up to the row's sum of squares
+    assert torch.allclose(ss[:, 2], y[:, 256:].float().square().sum(-1), rtol=1e-6)
+    assert torch.allclose(ss.sum(-1), y.float().square().sum(-1), rtol=1e-5)
+
+
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("m,k,n", [(1, 128, 136), (40, 256, 392), (9, 200, 100)])  # TMA shapes and a fallback one
+def test_sumsq_triton_backend_matches_the_torch_backend(fmt, m, k, n):
+    from turbocompile.kernels.w8a8 import ref
+
+    qx, sx, qw, sw, b = _operands(m=m, k=k, n=n, fmt=fmt, seed=3)
+    args = (fmt, "per_token", "per_channel", torch.bfloat16)
+    y_t, ss_t = W.w8a8_linear_prequant_sumsq(qx, sx, qw, sw, b, *args, "torch")
+    y, ss = W.w8a8_linear_prequant_sumsq(*_on("triton", qx, sx, qw, sw, b), *args, "triton")
+    assert y.shape == y_t.shape and ss.shape == ss_t.shape and ss.dtype == torch.float32
+    assert ((y.cpu().float() - y_t.float()).norm() / y_t.float().norm()).item() < 5e-3  # one bf16 rounding
+    # the sums are those of the y this backend stored (fp32 summation order apart) ...
+    assert torch.allclose(ss.cpu(), ref.granule_sumsq_ref(y.cpu()), rtol=1e-5, atol=0)
+    # ... and within the bf16 rounding of y of the torch backend's
+    assert torch.allclose(ss.cpu(), ss_t, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if triton_runs_here() else []))
+def test_sumsq_opcheck(backend):
+    # INT8 inputs: opcheck's schema test cannot multiply FP8 input tensors on CPU
+    qx, sx, qw, sw, b = _on(backend, *_operands(m=7, k=128, n=136))
+    torch.library.opcheck(torch.ops.turbocompile.w8a8_linear_prequant_sumsq.default,
+                          (qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16, backend))
+
+
+def test_sumsq_fake_shapes():
+    qx, sx, qw, sw, b = (t.to("meta") for t in _operands(m=5, k=200, n=257, fmt="fp8"))
+    y, ss = W.w8a8_linear_prequant_sumsq(qx, sx, qw, sw, b, "fp8", "per_token", "per_channel", torch.float16)
+    assert y.shape == (5, 257) and y.dtype == torch.float16 and y.device.type == "meta"
+    assert ss.shape == (5, 3) and ss.dtype == torch.float32
+
+
+def test_sumsq_errors_are_one_line_and_name_the_choices():
+    qx, sx, qw, sw, b = _operands()
+    with pytest.raises(ValueError, match=r"activation granularity 'block128' is not supported; valid choices: "
+                                         r"per_token$") as err:
+        qb, sb, _, _, _ = _operands(ag="block128")
+        W.w8a8_linear_prequant_sumsq(qb, sb, qw, sw, b, "int8", "block128", "per_channel", torch.bfloat16, "torch")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"weight granularity 'block128' is not supported; valid choices: "
+                                         r"per_channel$"):
+        _, _, qwb, swb, _ = _operands(wg="block128")
+        W.w8a8_linear_prequant_sumsq(qx, sx, qwb, swb, b, "int8", "per_token", "block128", torch.bfloat16, "torch")
+    with pytest.raises(ValueError, match="unknown format 'int4'; valid choices: int8, fp8"):
+        W.w8a8_linear_prequant_sumsq(qx, sx, qw, sw, b, "int4", "per_token", "per_channel", torch.bfloat16, "torch")
+    with pytest.raises(ValueError, match="out_dtype must be one of bf16/fp16/fp32"):
+        W.w8a8_linear_prequant_sumsq(qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.int32, "torch")
+    with pytest.raises(ValueError, match="K mismatch"):
+        W.w8a8_linear_prequant_sumsq(qx[:, :128], sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16)
+    with pytest.raises(KernelUnavailableError, match="unknown backend"):
+        W.w8a8_linear_prequant_sumsq(qx, sx, qw, sw, b, "int8", "per_token", "per_channel", torch.bfloat16, "cuda")

@@ -15,6 +15,8 @@ Python and emits only standard ONNX ops (default domain, opset 18 unless FP8 nee
   scales and computes a wrong result (5% error seen with ORT 1.31), and the double cast also
   matches the reference's float64 accumulation. FP8: Cast to FLOAT8E4M3FN (opset >= 19),
   then the GEMM on the dequantized codes in double (exact for e4m3 products).
+  ``w8a8_linear_prequant_sumsq`` adds the float32 sums of squares of the rounded y per 128 columns
+  (Mul, Pad, Reshape, ReduceSum).
 * fused norms: decomposed (ReduceMean, Sub, Mul, Sqrt, Reciprocal, Add; Slice/Concat RoPE);
   math in float32 with explicit Casts wherever the reference rounds to the activation dtype.
 * ``sagesla``: either the full reference computation in standard ops (``attention="standard"``:
@@ -26,7 +28,8 @@ Python and emits only standard ONNX ops (default domain, opset 18 unless FP8 nee
   ``tail_merged_attention`` as dense attention over all keys with a bias row (0 before the tail
   start, ln(multiplicity) on it, -inf after): the op's function in float32.
 * fused cross-attention: ``value_bound`` as Abs / ReduceMax / Max(1e-8); ``norm_attention_quant`` as the
-  RMSNorm, the (tail-merged) attention above and the FP8 codes at ``448 / v_bound[b]`` (opset >= 19).
+  RMSNorm, the (tail-merged) attention above and the FP8 codes at ``448 / v_bound[b]`` (opset >= 19); its
+  optional ``sumsq`` input is not read: the translation takes the RMSNorm statistic from z itself.
 """
 
 from __future__ import annotations
@@ -193,6 +196,21 @@ def w8a8_linear_prequant(qx, xscale, qweight, wscale, bias, format: str, act_gra
                          weight_granularity: str, out_dtype: int, backend: str):
     """turbocompile::w8a8_linear_prequant: the GEMM on quantized activations."""
     return _gemm(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype)
+
+
+def w8a8_linear_prequant_sumsq(qx, xscale, qweight, wscale, bias, format: str, act_granularity: str,
+                               weight_granularity: str, out_dtype: int, backend: str):
+    """turbocompile::w8a8_linear_prequant_sumsq -> (y, sumsq): y as w8a8_linear_prequant, and the float32 sums of
+    squares of y's values (rounded to out_dtype, as y holds them) per row and 128-column granule, the last
+    granule zero-padded: ``ref.granule_sumsq_ref``."""
+    y = _gemm(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype)
+    n = int(qweight.shape[0])
+    g = -(-n // 128)
+    yf = op.Cast(y, to=FLOAT)  # exact: y is already rounded to out_dtype
+    sq = op.Mul(yf, yf)
+    if g * 128 != n:
+        sq = op.Pad(sq, _ints(0, 0, 0, g * 128 - n))
+    return y, op.ReduceSum(op.Reshape(sq, _ints(-1, g, 128)), _ints(2), keepdims=0)
 
 
 def w8a8_linear_residual(qx, xscale, qweight, wscale, bias, format: str, act_granularity: str,
@@ -531,9 +549,13 @@ def value_bound(v):
     return op.Max(op.ReduceMax(op.Abs(_f32(v)), _ints(1, 2, 3), keepdims=0), _f(1e-8))
 
 
-def norm_attention_quant(z, weight, k, v, v_bound, tail_start, num_heads: int, eps: float, backend: str):
+def norm_attention_quant(z, weight, k, v, v_bound, tail_start, num_heads: int, eps: float, backend: str,
+                         sumsq=None):
     """turbocompile::norm_attention_quant -> (FP8 codes [B*L, D], scales [B*L, 1]): RMSNorm, attention over
     all keys (or the merged tail), codes at each sample's scale v_bound[b] / 448, as the op's reference."""
+    # ``sumsq`` (the q GEMM's granule sums of squares of z) is accepted and left unread: the RMSNorm below takes
+    # mean(z²) from z, the same statistic up to fp32 summation order. Reading z once more costs an ONNX runtime
+    # nothing comparable to the GPU pass the argument saves, and it keeps one RMSNorm translation.
     L, D = int(z.shape[1]), int(z.shape[2])
     q = op.Reshape(rmsnorm_rope(z, weight, None, None, num_heads, eps, backend), _ints(0, L, num_heads, D // num_heads))
     if tail_start is None:  # tail start Lk: plain attention over every key
@@ -554,6 +576,7 @@ def translation_table(attention: str = "standard") -> dict:
         ops.quantize_activation.default: quantize_activation,
         ops.w8a8_linear.default: w8a8_linear,
         ops.w8a8_linear_prequant.default: w8a8_linear_prequant,
+        ops.w8a8_linear_prequant_sumsq.default: w8a8_linear_prequant_sumsq,
         ops.w8a8_linear_gelu.default: w8a8_linear_gelu,
         ops.w8a8_linear_gelu_quant.default: w8a8_linear_gelu_quant,
         ops.w8a8_linear_residual.default: w8a8_linear_residual,

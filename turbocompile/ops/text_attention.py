@@ -14,9 +14,11 @@ A third op, emitted by the ``fuse_text_attention`` pass, runs the whole cross-at
 o projections as one kernel:
 
 * ``torch.ops.turbocompile.norm_attention_quant(z, weight, k, v, v_bound, tail_start, num_heads, eps,
-  backend) -> (codes [B*L, D], scales [B*L, 1])``: q RMSNorm of the raw projection ``z [B, L, D]``,
+  backend, sumsq=None) -> (codes [B*L, D], scales [B*L, 1])``: q RMSNorm of the raw projection ``z [B, L, D]``,
   attention over k, v (tail-merged when ``tail_start`` is given), and FP8 codes of the result at the scale
-  ``v_bound[b] / 448`` for the o projection's ``w8a8_linear_prequant``;
+  ``v_bound[b] / 448`` for the o projection's ``w8a8_linear_prequant``; ``sumsq`` (optional, so graphs
+  saved without it keep loading): z's granule sums of squares from the q GEMM
+  (``w8a8_linear_prequant_sumsq``), which replace the op's own pass over z for the RMSNorm statistic;
 * ``torch.ops.turbocompile.value_bound(v) -> [B]``: that bound, ``max |v|`` per sample (text only).
 
 See ``turbocompile.kernels.text_attention.ref`` for the exact math. Layout ``[B, L, H, D]``.
@@ -29,6 +31,7 @@ from typing import Optional
 import torch
 
 from turbocompile.kernels.text_attention import ref as _ref
+from turbocompile.kernels.w8a8 import ref as _w8a8_ref
 from turbocompile.ops._backend import check_backend, resolve_backend
 from turbocompile.ops._registry import define
 
@@ -36,6 +39,8 @@ __all__ = ["key_tail_start", "norm_attention_quant", "tail_merged_attention", "v
 
 _DTYPES = (torch.bfloat16, torch.float16)
 HEAD_DIMS = (16, 32, 64, 128, 256)
+# columns per entry of norm_attention_quant's sumsq: the q GEMM epilogue's granule (kernels/w8a8, 128)
+_SUMSQ_GRANULE = _w8a8_ref.BLOCK
 
 
 def _validate_kv(name: str, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -141,7 +146,7 @@ def tail_merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tai
     return torch.ops.turbocompile.tail_merged_attention(q, k, v, tail_start, backend)
 
 
-def _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, eps) -> None:
+def _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, eps, sumsq=None) -> None:
     op = "norm_attention_quant"
     _validate_kv(op, k, v)
     B, Lk, H, d = k.shape
@@ -165,6 +170,12 @@ def _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, ep
                                    or tail_start.device != k.device):
         raise ValueError(f"{op}: tail_start must be int32 [B, H] = [{B}, {H}] on {k.device} or None; got "
                          f"{tail_start.dtype} {tuple(tail_start.shape)} on {tail_start.device}")
+    if sumsq is not None:
+        rows, g = z.shape[0] * z.shape[1], -(-z.shape[2] // _SUMSQ_GRANULE)
+        if tuple(sumsq.shape) != (rows, g) or sumsq.dtype != torch.float32 or sumsq.device != z.device:
+            raise ValueError(f"{op}: sumsq must be float32 [B*L, ceil(D/{_SUMSQ_GRANULE})] = [{rows}, {g}] on "
+                             f"{z.device} (z's granule sums of squares, see w8a8_linear_prequant_sumsq) or None; "
+                             f"got {sumsq.dtype} {tuple(sumsq.shape)} on {sumsq.device}")
 
 
 @define("turbocompile::value_bound")
@@ -184,21 +195,21 @@ def _value_bound_fake(v):
 @define("turbocompile::norm_attention_quant")
 def _norm_attention_quant_op(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              v_bound: torch.Tensor, tail_start: Optional[torch.Tensor], num_heads: int, eps: float,
-                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, eps)
+                             backend: str, sumsq: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, eps, sumsq)
     check_backend(backend)
     if resolve_backend(backend, z.device, "norm_attention_quant") == "triton":
         from turbocompile.kernels.text_attention.triton_norm_attn_quant import norm_attention_quant_triton
 
         return norm_attention_quant_triton(_unit_last(z), weight.contiguous(), _unit_last(k), _unit_last(v),
                                            v_bound.contiguous(), None if tail_start is None else tail_start.contiguous(),
-                                           num_heads, eps)
-    return _ref.norm_attention_quant_ref(z, weight, k, v, v_bound, tail_start, num_heads, eps)
+                                           num_heads, eps, sumsq=None if sumsq is None else _unit_last(sumsq))
+    return _ref.norm_attention_quant_ref(z, weight, k, v, v_bound, tail_start, num_heads, eps, sumsq)
 
 
 @_norm_attention_quant_op.register_fake
-def _norm_attention_quant_fake(z, weight, k, v, v_bound, tail_start, num_heads, eps, backend):
-    _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, eps)
+def _norm_attention_quant_fake(z, weight, k, v, v_bound, tail_start, num_heads, eps, backend, sumsq=None):
+    _validate_norm_attention(z, weight, k, v, v_bound, tail_start, num_heads, eps, sumsq)
     m = z.shape[0] * z.shape[1]
     return z.new_empty((m, z.shape[2]), dtype=torch.float8_e4m3fn), z.new_empty((m, 1), dtype=torch.float32)
 
@@ -212,7 +223,8 @@ def value_bound(v: torch.Tensor) -> torch.Tensor:
 
 def norm_attention_quant(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          v_bound: torch.Tensor | None = None, tail_start: torch.Tensor | None = None, *,
-                         num_heads: int, eps: float = 1e-6, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                         num_heads: int, eps: float = 1e-6, backend: str = "auto",
+                         sumsq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Wan's cross-attention from the raw q projection to the o projection's FP8 input, fused.
 
     ``codes = e4m3(attention(rmsnorm(z) · w, k, v) · 448 / v_bound[b])`` with q and the attention output
@@ -230,6 +242,11 @@ def norm_attention_quant(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor,
             None attends to all Lk keys.
         num_heads: H. eps: the RMSNorm epsilon.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        sumsq: optional float32 ``[B*L, ceil(H*d/128)]``: the sums of squares of z's rows per 128 columns,
+            as :func:`turbocompile.ops.w8a8.w8a8_linear_prequant_sumsq` returns them with z. Given, the RMSNorm
+            takes ``rstd = rsqrt(sum_g sumsq / (H*d) + eps)`` from them and the Triton backend skips its
+            pass over z; the result equals the one without up to the fp32 summation order of the statistic
+            (which may move a q element across a rounding boundary, rarely). None: computed from z.
 
     Returns:
         ``(codes [B*L, H*d] float8_e4m3fn, scales float32 [B*L, 1])``, what
@@ -238,4 +255,4 @@ def norm_attention_quant(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor,
     if v_bound is None:
         v_bound = value_bound(v)
     return torch.ops.turbocompile.norm_attention_quant(z, weight, k, v, v_bound, tail_start, int(num_heads),
-                                                       float(eps), backend)
+                                                       float(eps), backend, sumsq)

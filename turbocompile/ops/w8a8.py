@@ -7,6 +7,9 @@ Ops (registered on import; every op ends with ``backend``: "auto" | "triton" | "
   weight_granularity, backend) -> y``: dynamic activation quantization + scaled GEMM + bias.
 * ``turbocompile::w8a8_linear_prequant(qx, xscale, qweight, wscale, bias, format, act_granularity,
   weight_granularity, out_dtype, backend) -> y``: the GEMM on an already-quantized activation.
+* ``turbocompile::w8a8_linear_prequant_sumsq(<the same arguments>) -> (y, sumsq)``: the same GEMM (per-token
+  activations, per-channel weights) and the fp32 sums of squares of y's rows per 128-column granule, from
+  the GEMM's epilogue on Hopper (the fused cross-attention's q RMSNorm statistic).
 
 * ``turbocompile::w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format, act_granularity,
   weight_granularity, out_dtype, backend) -> h``: ``GELU_tanh(GEMM + bias)`` in one kernel (FFN ffn.0).
@@ -49,6 +52,7 @@ __all__ = [
     "quantize_activation",
     "w8a8_linear",
     "w8a8_linear_prequant",
+    "w8a8_linear_prequant_sumsq",
     "w8a8_linear_gelu",
     "w8a8_linear_gelu_quant",
     "w8a8_linear_residual",
@@ -226,6 +230,50 @@ def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granula
     return qx.new_empty((qx.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
+def _check_sumsq_modes(op: str, act_granularity: str, weight_granularity: str) -> None:
+    if act_granularity != "per_token":
+        raise ValueError(f"{op}: activation granularity '{act_granularity}' is not supported; valid choices: "
+                         "per_token")
+    if weight_granularity != "per_channel":
+        raise ValueError(f"{op}: weight granularity '{weight_granularity}' is not supported; valid choices: "
+                         "per_channel")
+
+
+@define("turbocompile::w8a8_linear_prequant_sumsq")
+def _w8a8_linear_prequant_sumsq_op(
+    qx: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    format: str,
+    act_granularity: str,
+    weight_granularity: str,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "turbocompile::w8a8_linear_prequant_sumsq"
+    _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                     out_dtype, backend)
+    _check_sumsq_modes(op, act_granularity, weight_granularity)
+    if resolve_backend(backend, qx.device, op) == "triton":
+        from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_sumsq_triton
+
+        return w8a8_gemm_sumsq_triton(qx, xscale, qweight, wscale, bias, out_dtype)
+    return ref.w8a8_gemm_sumsq_ref(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
+                                   out_dtype)
+
+
+@_w8a8_linear_prequant_sumsq_op.register_fake
+def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, backend):
+    op = "turbocompile::w8a8_linear_prequant_sumsq"
+    _check_modes(op, format, act_granularity, weight_granularity, backend)
+    _check_sumsq_modes(op, act_granularity, weight_granularity)
+    m, n = qx.shape[0], qweight.shape[0]
+    return (qx.new_empty((m, n), dtype=out_dtype),
+            qx.new_empty((m, _cdiv(n, ref.BLOCK)), dtype=torch.float32))
+
+
 @define("turbocompile::w8a8_linear")
 def _w8a8_linear_op(
     x: torch.Tensor,
@@ -310,6 +358,36 @@ def w8a8_linear_prequant(
     kernel). Returns y [M, N] in ``out_dtype``.
     """
     return torch.ops.turbocompile.w8a8_linear_prequant(
+        qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, backend
+    )
+
+
+def w8a8_linear_prequant_sumsq(
+    qx: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    format: str = "fp8",
+    act_granularity: str = "per_token",
+    weight_granularity: str = "per_channel",
+    out_dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`w8a8_linear_prequant` that also returns the sums of squares of its output's rows by granule.
+
+    Returns ``(y [M, N] out_dtype, sumsq [M, ceil(N/128)] fp32)``: y as :func:`w8a8_linear_prequant` computes
+    it, and ``sumsq[m, g] = sum of y[m, c].float()²`` over the columns c of granule g (128g .. 128g+127, the
+    last one partial), squared and summed in fp32 from y as stored (already rounded to ``out_dtype``), so
+    ``sum_g sumsq[m, g] / N`` is the row's mean square, the statistic of an RMSNorm of y
+    (:func:`turbocompile.ops.text_attention.norm_attention_quant` takes it and skips its own pass over y).
+
+    INT8 or FP8 codes; per-token activations and per-channel weights only (other granularities are
+    refused). The torch backend is the prequant reference then :func:`turbocompile.kernels.w8a8.ref.granule_sumsq_ref`;
+    the Triton backend writes the sums from the TMA GEMM's epilogue on Hopper and otherwise computes them
+    with torch ops from the pointer GEMM's y: equal to the reference up to fp32 summation order.
+    """
+    return torch.ops.turbocompile.w8a8_linear_prequant_sumsq(
         qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, backend
     )
 
