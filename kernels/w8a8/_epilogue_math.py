@@ -14,7 +14,7 @@ import triton.language as tl
 from turbocompile.kernels.norms.triton_rounding import rnd
 
 __all__ = ["AMAX_GRANULE", "AMAX_MODE_IDS", "GELU_NATIVE_FORMS", "GELU_NATIVE_FORM", "RESIDUAL_IDS", "ResidualArgs",
-           "gelu_native", "residual_torch"]
+           "gelu_native", "gelu_rowscale_codes_native", "residual_torch"]
 
 # Columns per partial-amax entry ("partial" amax mode): the buffer is [M, ceil(N / AMAX_GRANULE)]
 # whatever BLOCK_N the autotuner picks, so every stored tile width must be a multiple of it.
@@ -111,6 +111,34 @@ def _gelu_tanh(y, NATIVE: tl.constexpr):
             "=r,r", [t], dtype=tl.float32, is_pure=True, pack=1)
         return y * r
     return y / (1.0 + tl.exp2(t))
+
+
+@triton.jit
+def gelu_rowscale_codes_native(y, c):
+    """e4m3 codes ``e4m3_rne(bf16(GELU(y)) / s)`` of an fp32 tile y, ``c = 0.5 / s`` per row ([BLOCK_M] fp32,
+    s a power of two), in the GPU form (``tanh.approx.f32``, inline PTX; never under the interpreter).
+
+    The same values as ``_gelu_tanh(y, 2)`` rounded to bf16, times ``1 / s``, cast to e4m3, with fewer
+    instructions per element (the GELU GEMM's epilogue is issue-bound):
+
+    * the scaling moves in front: ``hs = y·(0.5/s)``, ``v = hs + hs·tanh(u)`` is ``(h + h·tanh u) / s``
+      exactly (a power of two commutes with fp32 rounding; bf16 shares fp32's exponent range), so
+      ``bf16(v) = bf16(h) / s`` and the separate ``0.5·y`` and ``· 1/s`` multiplies go;
+    * no clamp at ±448: ``cvt.rn.satfinite`` saturates;
+    * the bf16 rounding is one packed ``cvt.rn.bf16x2.f32`` per two values, read back as fp32 by a
+      shift / a mask (Triton's own cast rounds one value per instruction), and the e4m3 cast is one
+      ``cvt.rn.satfinite.e4m3x2.f32`` per two values.
+    """
+    u = y * (_GELU_A1 + _GELU_A2 * (y * y))
+    th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1)
+    hs = y * c[:, None]
+    v = hs + hs * th
+    # two values per asm instance: one packed bf16x2 rounding, read back as fp32 (shift / mask); the e4m3
+    # cast below pairs neighbouring columns into cvt.rn.satfinite.e4m3x2.f32 (byte pairs as stored)
+    vb = tl.inline_asm_elementwise(
+        "{ .reg .b32 b; cvt.rn.bf16x2.f32 b, $3, $2; shl.b32 $0, b, 16; and.b32 $1, b, 0xFFFF0000; }",
+        "=r,=r,r,r", [v], dtype=tl.float32, is_pure=True, pack=2)
+    return vb.to(tl.float8e4nv)
 
 
 @triton.jit

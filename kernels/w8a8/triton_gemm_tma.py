@@ -54,7 +54,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from turbocompile.kernels.w8a8 import _epilogue_math as _em
 from turbocompile.kernels.w8a8._epilogue_math import (AMAX_GRANULE, AMAX_MODE_IDS, _gated_residual, _gelu_tanh,
-                                                      _round_bf16_rne)
+                                                      _round_bf16_rne, gelu_rowscale_codes_native)
 from turbocompile.kernels.w8a8._tiling import grouped_coords
 from turbocompile.kernels.w8a8.triton_bound import rowscale_codes
 from turbocompile.kernels.w8a8.triton_pow2 import pow2_granule_codes
@@ -81,6 +81,10 @@ FLATTEN = True
 # wgmma result must be waited for and added in fp32, so products no longer overlap), for an accuracy
 # gain that FP8's own quantization error (3.8e-2) hides. A constexpr of the kernel (and of the autotune key).
 FP8_PROMOTE = False
+# The GELU GEMM's FP8-codes epilogue at given row scales (AMAX_MODE 4, GPU tanh form, bf16 h) in its short
+# form (_gelu_rowscale_tile: same codes, ~3 fewer instructions per element). Module-level so that a
+# benchmark can time the long form (the generic _scale_bias_cast + rowscale_codes) beside it.
+GELU_CODES_SHORT = True
 
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # activation name -> the kernel's ACTIVATION constexpr (0 = none)
@@ -140,6 +144,21 @@ def _scale_bias_cast(
     else:
         out = v
     return out
+
+
+@triton.jit
+def _gelu_rowscale_tile(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS: tl.constexpr, s_ptr, rm, M,
+                        stride_sm, WIDTH: tl.constexpr):
+    """GPU form of ``_scale_bias_cast`` (GELU, bf16 h) + ``rowscale_codes``: the same codes, from
+    :func:`._epilogue_math.gelu_rowscale_codes_native` (fewer instructions per element)."""
+    rn = off_n + tl.arange(0, WIDTH)
+    n_ok = rn < N
+    y = acc.to(tl.float32) * s_a[:, None]
+    y = y * tl.load(sw_ptr + rn * stride_swn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(s_ptr + rm * stride_sm, mask=rm < M, other=1.0)
+    return gelu_rowscale_codes_native(y, tl.math.div_rn(tl.full(s.shape, 0.5, tl.float32), s))
 
 
 @triton.jit
@@ -250,6 +269,7 @@ def _w8a8_gemm_tma_kernel(
     stride_gl,
     IS_FP8: tl.constexpr,
     FP8_PROMOTE: tl.constexpr,  # see the module constant
+    GELU_SHORT: tl.constexpr,  # GELU_CODES_SHORT (the module constant)
     HAS_BIAS: tl.constexpr,
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32 (y_desc's dtype)
     ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
@@ -270,6 +290,9 @@ def _w8a8_gemm_tma_kernel(
     EPILOGUE_SUBTILE: tl.constexpr,
 ):
     HALF_N: tl.constexpr = BLOCK_N // 2
+    # GELU + FP8 codes at given row scales, GPU form, bf16 h: the short epilogue (_gelu_rowscale_tile)
+    GELU_CODES: tl.constexpr = GELU_SHORT and (ACTIVATION == 1) and (AMAX_MODE == 4) and (NATIVE == 2) \
+        and (RESIDUAL == 0) and (OUT_KIND == 0)
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -315,14 +338,18 @@ def _w8a8_gemm_tma_kernel(
                     r0 = r_desc.load([off_m, off_n])
                 else:
                     r0 = _load_residual(res_ptr, rm, off_n, M, N, stride_rm, HALF_N)
-            y0 = _scale_bias_cast(acc0, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                  ACTIVATION, ROUND_BF16, NATIVE, HALF_N, r0, gate_ptr, rm, off_m, M, L, stride_gb,
-                                  stride_gl, RESIDUAL, GATE_MODE)
-            if AMAX_MODE == 3:  # FP8 codes at per-granule power-of-two scales (stores the granule maxima)
-                y0 = pow2_granule_codes(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, NATIVE != 0, GRANULE,
-                                        BLOCK_M, HALF_N)
-            elif AMAX_MODE == 4:  # FP8 codes at the given row scales
-                y0 = rowscale_codes(y0, amax_ptr, rm, M, stride_amax_m, NATIVE != 0)
+            if GELU_CODES:
+                y0 = _gelu_rowscale_tile(acc0, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, amax_ptr, rm,
+                                         M, stride_amax_m, HALF_N)
+            else:
+                y0 = _scale_bias_cast(acc0, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
+                                      ACTIVATION, ROUND_BF16, NATIVE, HALF_N, r0, gate_ptr, rm, off_m, M, L, stride_gb,
+                                      stride_gl, RESIDUAL, GATE_MODE)
+                if AMAX_MODE == 3:  # FP8 codes at per-granule power-of-two scales (stores the granule maxima)
+                    y0 = pow2_granule_codes(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, NATIVE != 0, GRANULE,
+                                            BLOCK_M, HALF_N)
+                elif AMAX_MODE == 4:  # FP8 codes at the given row scales
+                    y0 = rowscale_codes(y0, amax_ptr, rm, M, stride_amax_m, NATIVE != 0)
             y_desc.store([off_m, off_n], y0)
             if AMAX_MODE == 1 or AMAX_MODE == 2:
                 _store_amax(y0, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, HALF_N)
@@ -334,14 +361,18 @@ def _w8a8_gemm_tma_kernel(
                     r1 = r_desc.load([off_m, off_n + HALF_N])
                 else:
                     r1 = _load_residual(res_ptr, rm, off_n + HALF_N, M, N, stride_rm, HALF_N)
-            y1 = _scale_bias_cast(acc1, s_a, sw_ptr, bias_ptr, off_n + HALF_N, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                  ACTIVATION, ROUND_BF16, NATIVE, HALF_N, r1, gate_ptr, rm, off_m, M, L, stride_gb,
-                                  stride_gl, RESIDUAL, GATE_MODE)
-            if AMAX_MODE == 3:
-                y1 = pow2_granule_codes(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, NATIVE != 0,
-                                        GRANULE, BLOCK_M, HALF_N)
-            elif AMAX_MODE == 4:
-                y1 = rowscale_codes(y1, amax_ptr, rm, M, stride_amax_m, NATIVE != 0)
+            if GELU_CODES:
+                y1 = _gelu_rowscale_tile(acc1, s_a, sw_ptr, bias_ptr, off_n + HALF_N, N, stride_swn, HAS_BIAS,
+                                         amax_ptr, rm, M, stride_amax_m, HALF_N)
+            else:
+                y1 = _scale_bias_cast(acc1, s_a, sw_ptr, bias_ptr, off_n + HALF_N, N, stride_swn, HAS_BIAS,
+                                      OUT_KIND, ACTIVATION, ROUND_BF16, NATIVE, HALF_N, r1, gate_ptr, rm, off_m, M, L,
+                                      stride_gb, stride_gl, RESIDUAL, GATE_MODE)
+                if AMAX_MODE == 3:
+                    y1 = pow2_granule_codes(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, NATIVE != 0,
+                                            GRANULE, BLOCK_M, HALF_N)
+                elif AMAX_MODE == 4:
+                    y1 = rowscale_codes(y1, amax_ptr, rm, M, stride_amax_m, NATIVE != 0)
             y_desc.store([off_m, off_n + HALF_N], y1)
             if AMAX_MODE == 1 or AMAX_MODE == 2:
                 _store_amax(y1, amax_ptr, rm, off_n + HALF_N, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M,
@@ -355,14 +386,18 @@ def _w8a8_gemm_tma_kernel(
                     r = r_desc.load([off_m, off_n])
                 else:
                     r = _load_residual(res_ptr, rm, off_n, M, N, stride_rm, BLOCK_N)
-            y_tile = _scale_bias_cast(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
-                                      ACTIVATION, ROUND_BF16, NATIVE, BLOCK_N, r, gate_ptr, rm, off_m, M, L, stride_gb,
-                                      stride_gl, RESIDUAL, GATE_MODE)
-            if AMAX_MODE == 3:
-                y_tile = pow2_granule_codes(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, NATIVE != 0,
-                                            GRANULE, BLOCK_M, BLOCK_N)
-            elif AMAX_MODE == 4:
-                y_tile = rowscale_codes(y_tile, amax_ptr, rm, M, stride_amax_m, NATIVE != 0)
+            if GELU_CODES:
+                y_tile = _gelu_rowscale_tile(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, amax_ptr,
+                                             rm, M, stride_amax_m, BLOCK_N)
+            else:
+                y_tile = _scale_bias_cast(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BIAS, OUT_KIND,
+                                          ACTIVATION, ROUND_BF16, NATIVE, BLOCK_N, r, gate_ptr, rm, off_m, M, L,
+                                          stride_gb, stride_gl, RESIDUAL, GATE_MODE)
+                if AMAX_MODE == 3:
+                    y_tile = pow2_granule_codes(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, NATIVE != 0,
+                                                GRANULE, BLOCK_M, BLOCK_N)
+                elif AMAX_MODE == 4:
+                    y_tile = rowscale_codes(y_tile, amax_ptr, rm, M, stride_amax_m, NATIVE != 0)
             y_desc.store([off_m, off_n], y_tile)
             if AMAX_MODE == 1 or AMAX_MODE == 2:
                 _store_amax(y_tile, amax_ptr, rm, off_n, M, N, stride_amax_m, AMAX_MODE, GRANULE, BLOCK_M, BLOCK_N)
@@ -597,8 +632,9 @@ def w8a8_gemm_tma(
     # keeps the interpreter's truncating cast, as the plain pointer kernel does (tests compare them).
     round_bf16 = triton_interpret() and out_dtype == torch.bfloat16 and (act_id != 0 or mode_id != 0)
     is_fp8 = qa.dtype == torch.float8_e4m3fn
-    meta = dict(IS_FP8=is_fp8, FP8_PROMOTE=is_fp8 and FP8_PROMOTE, HAS_BIAS=bias is not None,
-                OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16, NATIVE=_em.gelu_native(triton_interpret()),
+    meta = dict(IS_FP8=is_fp8, FP8_PROMOTE=is_fp8 and FP8_PROMOTE, GELU_SHORT=GELU_CODES_SHORT,
+                HAS_BIAS=bias is not None, OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16,
+                NATIVE=_em.gelu_native(triton_interpret()),
                 AMAX_MODE=mode_id, RESIDUAL=_residual_id(res), RES_TMA=r_desc is not None,
                 GATE_MODE=0 if res is None else res.gate_mode,
                 GRANULE=AMAX_GRANULE, NUM_SMS=nsm, FLATTEN=FLATTEN)

@@ -121,11 +121,17 @@ TMA_CFGS = {
 
 @triton_only
 @needs_tma
+@pytest.mark.parametrize("short", [True, False], ids=["short", "long"])
 @pytest.mark.parametrize("cfg", list(TMA_CFGS))
 @pytest.mark.parametrize("m,k,n,zero_row", [(37, 160, 272, None), (70, 128, 400, 9)])
-def test_tma_rowscale_epilogue_codes(cfg, m, k, n, zero_row):
+def test_tma_rowscale_epilogue_codes(cfg, m, k, n, zero_row, short, monkeypatch):
     """The epilogue's codes equal ref.quantize_at_scale_ref of the same GEMM's bf16 h, bit for bit, and
-    the scales the reference's (the partial last N tile and a zero row included)."""
+    the scales the reference's (the partial last N tile and a zero row included). On a GPU both forms of
+    the GELU codes epilogue (``GELU_CODES_SHORT``) run; under the interpreter (portable GELU) both ids
+    run the long form."""
+    from turbocompile.kernels.w8a8 import triton_gemm_tma
+
+    monkeypatch.setattr(triton_gemm_tma, "GELU_CODES_SHORT", short)
     ops = _operands(m, k, n, seed=m, zero_row=zero_row)
     q, s = _bound(ops, use_tma=True, tma_config=TMA_CFGS[cfg])
     h = _bf16_h(ops, use_tma=True, tma_config=TMA_CFGS[cfg])
@@ -206,7 +212,7 @@ def test_tight_bound_rows_stay_within_448(k):
 # ------------------------------------------------------------------- sm90 build (no GPU needed)
 
 
-def _sm90_rowscale_ptx(mode: int = 4) -> str:
+def _sm90_rowscale_ptx(mode: int = 4, short: bool = True) -> str:
     """PTX of the FP8 TMA GELU GEMM with the row-scale codes epilogue (AMAX_MODE 4; 0: bf16 h, no amax),
     Wan config, GPU forms."""
     import triton
@@ -219,7 +225,8 @@ def _sm90_rowscale_ptx(mode: int = 4) -> str:
     sig.update(a_desc="tensordesc<fp8e4nv[128,128]>", w_desc="tensordesc<fp8e4nv[256,128]>",
                y_desc=f"tensordesc<{'fp8e4nv' if mode else 'bf16'}[128,128]>", sa_ptr="*fp32", sw_ptr="*fp32",
                bias_ptr="*bf16", amax_ptr="*fp32")
-    const = dict(IS_FP8=True, HAS_BIAS=True, OUT_KIND=0, ACTIVATION=1, ROUND_BF16=False, NATIVE=2, AMAX_MODE=mode,
+    const = dict(IS_FP8=True, FP8_PROMOTE=False, GELU_SHORT=short,
+                 HAS_BIAS=True, OUT_KIND=0, ACTIVATION=1, ROUND_BF16=False, NATIVE=2, AMAX_MODE=mode,
                  RESIDUAL=0, RES_TMA=False, GATE_MODE=0, r_desc=None,
                  GRANULE=128, NUM_SMS=132, FLATTEN=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8,
                  EPILOGUE_SUBTILE=True)
@@ -245,3 +252,26 @@ def test_rowscale_epilogue_builds_for_sm90():
     assert run.returncode == 0, run.stderr[-2000:]
     cvt, mma, tma, shfl, atom = map(int, run.stdout.split()[-5:])
     assert cvt > 0 and mma > 0 and tma > 0 and shfl <= 0 and atom == 0
+
+
+def test_short_gelu_codes_epilogue_for_sm90():
+    """The short GELU codes epilogue (GELU_CODES_SHORT) compiles for sm90 to packed bf16x2 roundings, no
+    clamp before the saturating e4m3 cast, and fewer instructions than the long form."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = ("from tests.kernels.test_w8a8_bound import _sm90_rowscale_ptx as f; a = f(short=True); "
+            "b = f(short=False); n = lambda p: sum(1 for l in p.splitlines() "
+            "if l.strip() and not l.strip().startswith(('.', '/', '$', '{', '}'))); print(a.count('cvt.rn.bf16x2.f32'), b.count('cvt.rn.bf16x2.f32'), a.count('min.f32') + a.count('max.f32'), "
+            "b.count('min.f32') + b.count('max.f32'), a.count('tanh.approx.f32'), b.count('tanh.approx.f32'), n(a), n(b))")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    bf_a, bf_b, mm_a, mm_b, th_a, th_b, n_a, n_b = map(int, run.stdout.split()[-8:])
+    assert bf_a > 0 and bf_b == 0  # packed bf16 roundings only in the short form
+    assert th_a == th_b > 0  # one tanh per value in both
+    assert mm_b - mm_a >= th_b  # the long form's ±448 clamp (two per value) is gone
+    assert n_a < n_b
