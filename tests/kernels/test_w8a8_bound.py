@@ -265,8 +265,10 @@ def test_short_gelu_codes_epilogue_for_sm90():
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     code = ("from tests.kernels.test_w8a8_bound import _sm90_rowscale_ptx as f; a = f(short=True); "
             "b = f(short=False); n = lambda p: sum(1 for l in p.splitlines() "
-            "if l.strip() and not l.strip().startswith(('.', '/', '$', '{', '}'))); print(a.count('cvt.rn.bf16x2.f32'), b.count('cvt.rn.bf16x2.f32'), a.count('min.f32') + a.count('max.f32'), "
-            "b.count('min.f32') + b.count('max.f32'), a.count('tanh.approx.f32'), b.count('tanh.approx.f32'), n(a), n(b))")
+            "if l.strip() and not l.strip().startswith(('.', '/', '$', '{', '}'))); "
+            "print(a.count('cvt.rn.bf16x2.f32'), b.count('cvt.rn.bf16x2.f32'), "
+            "a.count('min.f32') + a.count('max.f32'), b.count('min.f32') + b.count('max.f32'), "
+            "a.count('tanh.approx.f32'), b.count('tanh.approx.f32'), n(a), n(b))")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0, run.stderr[-2000:]
