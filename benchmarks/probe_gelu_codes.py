@@ -8,6 +8,12 @@ alternating rounds (short, long, short, long, ...) so that clock drift does not 
 GEMM (bf16 out, no GELU) and the GELU GEMM with bf16 h are timed beside them for scale.
 
     python benchmarks/probe_gelu_codes.py --out $OUT [--rounds 4]
+
+``--only short|long|bf16h`` runs one variant three times at one shape with the autotuner's usual pick
+(128x256, 8 warps, 3 stages, subtiled) as a fixed config, as a target for ncu:
+
+    ncu --clock-control none -k regex:_w8a8_gemm_tma -s 1 -c 1 --set full --import-source no -o $OUT/rep \
+        python benchmarks/probe_gelu_codes.py --only short --shapes 13b
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from turbocompile.kernels.w8a8.triton_gemm_epilogue import w8a8_gemm_gelu_quant_
 from turbocompile.ops.w8a8 import quantize_weight
 
 SHAPES = {"13b": (32760, 1536, 8960), "14b": (75600, 5120, 13824)}
+FIXED = {"BLOCK_M": 128, "BLOCK_N": 256, "EPILOGUE_SUBTILE": True, "num_warps": 8, "num_stages": 3}
 
 
 def _operands(m: int, k: int, n: int, seed: int = 0):
@@ -85,11 +92,26 @@ def probe(name: str, rounds: int) -> dict:
     return res
 
 
+def only(variant: str, name: str) -> None:
+    """One variant, three launches (ncu target)."""
+    ops = _operands(*SHAPES[name])
+    TMA.GELU_CODES_SHORT = variant == "short"
+    for _ in range(3):
+        if variant == "bf16h":
+            w8a8_gemm_gelu_triton(*ops, "per_token", "per_channel", torch.bfloat16, amax_mode="none", use_tma=True,
+                                  tma_config=FIXED)
+        else:
+            w8a8_gemm_gelu_quant_triton(*ops, "per_token", "per_channel", torch.bfloat16, "fp8", out_scale="bound",
+                                        use_tma=True, tma_config=FIXED)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--shapes", default="13b,14b", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--only", choices=("short", "long", "bf16h"), help="run one variant (an ncu target)")
     args = ap.parse_args()
     shapes = args.shapes.split(",")
     bad = [s for s in shapes if s not in SHAPES]
@@ -97,6 +119,9 @@ def main() -> None:
         ap.error(f"unknown shape {bad[0]!r}; valid: {', '.join(SHAPES)}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
+    if args.only:
+        only(args.only, shapes[0])
+        return
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d"), "results": {s: probe(s, args.rounds) for s in shapes}}
     os.makedirs(args.out, exist_ok=True)
