@@ -129,6 +129,9 @@ DISPATCH_SUFFIX = "+dispatch"
 # kernels/w8a8/_epilogue_math.GELU_NATIVE_FORMS instead of the current default, same process
 # ("+gelu_ex2rcp": the session-9 default "ex2_rcp")
 GELU_TAGS = {"+gelu_ex2rcp": "ex2_rcp", "+gelu_tanh": "tanh"}
+# "+gelu_long" anywhere in a variant name: ffn.0's GELU + FP8 codes epilogue in its long form (before session 28;
+# kernels/w8a8/triton_gemm_tma.GELU_CODES_SHORT off), same process
+GELU_LONG_TAG = "+gelu_long"
 
 
 def _gelu_form_of(label: str) -> tuple[str, str | None]:
@@ -217,6 +220,8 @@ def main(argv=None):
     eager_ms = None
     for label in args.variants.split(","):
         name, form = _gelu_form_of(label)
+        long_codes = GELU_LONG_TAG in name
+        name = name.replace(GELU_LONG_TAG, "")
         base_name = name
         for suffix in (CUDA_GRAPH_SUFFIX, DISPATCH_SUFFIX):
             base_name = base_name[: -len(suffix)] if base_name.endswith(suffix) else base_name
@@ -226,11 +231,12 @@ def main(argv=None):
         if dev == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        from turbocompile.kernels.w8a8 import _epilogue_math
+        from turbocompile.kernels.w8a8 import _epilogue_math, triton_gemm_tma
 
         gelu_form = _epilogue_math.GELU_NATIVE_FORM
         if form is not None:
             _epilogue_math.GELU_NATIVE_FORM = form
+        triton_gemm_tma.GELU_CODES_SHORT = not long_codes
         try:
             ref_out, eager_ms = _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms,
                                      label)
@@ -242,6 +248,7 @@ def main(argv=None):
             results["variants"][label] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
         finally:
             _epilogue_math.GELU_NATIVE_FORM = gelu_form
+            triton_gemm_tma.GELU_CODES_SHORT = True
         gc.collect()
     path = os.path.join(args.out, f"e2e_{cfg.name}.json")
     _finish(results, path, args, cfg)
