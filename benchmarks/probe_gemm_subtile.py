@@ -1,5 +1,6 @@
 """The persistent TMA GEMM at 128x256 (8 warps, 3 stages) with its epilogue subtiled (two 128-column halves:
-the shipped config) or not (one 256-column store), at the Wan GEMM shapes, on a GPU.
+the shipped config) or not (one 256-column store), and subtiled with the epilogue's scale / bias lines
+prefetched into L1 at the tile's start (``EPILOGUE_PREFETCH``), at the Wan GEMM shapes, on a GPU.
 
 Why: compiled for sm90, the subtiled epilogue loads the per-column weight scales and bias in the split
 accumulator's layout, one scattered 4-byte load with its own 64-bit address arithmetic per column and
@@ -7,7 +8,7 @@ thread (about 840 of the plain epilogue's 1486 instructions per thread); the who
 them coalesced and spreads them through shared memory (882 instructions).
 
 For each shape and epilogue (plain bf16 out; ffn.0's GELU + FP8 codes at bound row scales): outputs of
-both configs compared bit for bit, then both timed in alternating rounds.
+every variant compared bit for bit, then all timed in alternating rounds.
 
     python benchmarks/probe_gemm_subtile.py --out $OUT [--rounds 3]
 """
@@ -26,6 +27,7 @@ import triton.testing
 
 from turbocompile.kernels.w8a8 import ref
 from turbocompile.kernels.w8a8.triton_bound import row_bound_scale_triton
+from turbocompile.kernels.w8a8 import triton_gemm_tma as TMA
 from turbocompile.kernels.w8a8.triton_gemm_tma import w8a8_gemm_tma
 from turbocompile.ops.w8a8 import quantize_weight
 
@@ -53,33 +55,44 @@ def _case(m: int, k: int, n: int, seed: int = 0):
     return qx, sx, qw, sw, b
 
 
-def _runner(ops, epilogue: str, sub: bool):
+# variant -> (subtiled epilogue, EPILOGUE_PREFETCH)
+VARIANTS = {"subtiled": (True, False), "whole": (False, False), "subtiled+prefetch": (True, True)}
+
+
+def _runner(ops, epilogue: str, variant: str):
     qx, sx, qw, sw, b = ops
+    sub, prefetch = VARIANTS[variant]
+
+    def gemm(**kw):
+        TMA.EPILOGUE_PREFETCH = prefetch
+        try:
+            return w8a8_gemm_tma(qx, sx, qw, sw, b, torch.bfloat16, config=_cfg(sub), **kw)
+        finally:
+            TMA.EPILOGUE_PREFETCH = False
+
     if epilogue == "plain":
-        return lambda: w8a8_gemm_tma(qx, sx, qw, sw, b, torch.bfloat16, config=_cfg(sub))
+        return gemm
     wb = ref.gelu_bound_constants_ref(qw, sw, b, "per_channel")
     s = row_bound_scale_triton(qx, sx, wb)
-    return lambda: w8a8_gemm_tma(qx, sx, qw, sw, b, torch.bfloat16, config=_cfg(sub), activation="gelu_tanh",
-                                 amax_mode="rowscale", amax_out=s)
+    return lambda: gemm(activation="gelu_tanh", amax_mode="rowscale", amax_out=s)
 
 
 def probe(name: str, rounds: int) -> dict:
     m, k, n, epilogue = CASES[name]
     ops = _case(m, k, n)
-    run = {sub: _runner(ops, epilogue, sub) for sub in (True, False)}
-    y = {sub: run[sub]() for sub in (True, False)}
-    y = {sub: (v[0] if isinstance(v, tuple) else v) for sub, v in y.items()}
+    run = {v: _runner(ops, epilogue, v) for v in VARIANTS}
+    y = {v: run[v]() for v in VARIANTS}
+    y = {v: (o[0] if isinstance(o, tuple) else o).view(torch.uint8) for v, o in y.items()}
     res = {"M": m, "K": k, "N": n, "epilogue": epilogue,
-           "outputs_equal": bool(torch.equal(y[True].view(torch.uint8), y[False].view(torch.uint8)))}
+           "outputs_equal": all(torch.equal(y["subtiled"], o) for o in y.values())}
     del y
-    t = {True: [], False: []}
+    t = {v: [] for v in VARIANTS}
     for _ in range(rounds):
-        for sub in (True, False):
-            t[sub].append(triton.testing.do_bench(run[sub], warmup=25, rep=150, return_mode="median"))
-    res["ms_subtiled"] = statistics.median(t[True])
-    res["ms_whole"] = statistics.median(t[False])
-    res["ms_rounds"] = {"subtiled": t[True], "whole": t[False]}
-    res["gain_pct"] = 100.0 * (res["ms_subtiled"] - res["ms_whole"]) / res["ms_subtiled"]
+        for v in VARIANTS:
+            t[v].append(triton.testing.do_bench(run[v], warmup=25, rep=150, return_mode="median"))
+    res["ms"] = {v: statistics.median(x) for v, x in t.items()}
+    res["ms_rounds"] = t
+    res["gain_pct"] = {v: 100.0 * (res["ms"]["subtiled"] - res["ms"][v]) / res["ms"]["subtiled"] for v in VARIANTS}
     print(name, json.dumps({key: v for key, v in res.items() if key != "ms_rounds"}), flush=True)
     del ops, run
     torch.cuda.empty_cache()
