@@ -85,10 +85,6 @@ FP8_PROMOTE = False
 # form (_gelu_rowscale_tile: same codes, ~3 fewer instructions per element). Module-level so that a
 # benchmark can time the long form (the generic _scale_bias_cast + rowscale_codes) beside it.
 GELU_CODES_SHORT = True
-# Experiment (session 28): the cache lines of the epilogue's row / column scales and bias prefetched into L1 at the
-# tile's start (``prefetch.global.L1``, no registers held across the K loop): their global-load latency was a
-# third of the epilogue's stall samples in ncu (RESULTS.md session 28).
-EPILOGUE_PREFETCH = False
 
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # activation name -> the kernel's ACTIVATION constexpr (0 = none)
@@ -148,28 +144,6 @@ def _scale_bias_cast(
     else:
         out = v
     return out
-
-
-@triton.jit
-def _prefetch_lines(base, stride, n, count: tl.constexpr, step: tl.constexpr):
-    """``prefetch.global.L1`` of the lines holding elements 0, step, 2·step, ... (< n) of a strided vector."""
-    idx = tl.arange(0, count) * step
-    ptrs = base + tl.minimum(idx, tl.maximum(n - 1, 0)) * stride
-    tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_epilogue(sa_ptr, sw_ptr, bias_ptr, s_ptr, off_m, off_n, M, N, stride_sam, stride_swn, stride_sm,
-                       HAS_BIAS: tl.constexpr, HAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Prefetch into L1 the lines that a tile's epilogue reads: its rows' activation scales (and row scales of
-    the codes epilogue), its columns' weight scales and bias (contiguous vectors: one line per 32 fp32 values)."""
-    _prefetch_lines(sa_ptr + off_m * stride_sam, stride_sam, M - off_m, BLOCK_M // 32, 32)
-    _prefetch_lines(sw_ptr + off_n * stride_swn, stride_swn, N - off_n, BLOCK_N // 32, 32)
-    if HAS_BIAS:
-        _prefetch_lines(bias_ptr + off_n, 1, N - off_n, BLOCK_N // 32, 32)
-    if HAS_S:
-        _prefetch_lines(s_ptr + off_m * stride_sm, stride_sm, M - off_m, BLOCK_M // 32, 32)
 
 
 @triton.jit
@@ -296,7 +270,6 @@ def _w8a8_gemm_tma_kernel(
     IS_FP8: tl.constexpr,
     FP8_PROMOTE: tl.constexpr,  # see the module constant
     GELU_SHORT: tl.constexpr,  # GELU_CODES_SHORT (the module constant)
-    EPI_PREFETCH: tl.constexpr,  # EPILOGUE_PREFETCH (the module constant)
     HAS_BIAS: tl.constexpr,
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32 (y_desc's dtype)
     ACTIVATION: tl.constexpr,  # 0 none, 1 GELU (tanh form)
@@ -333,9 +306,6 @@ def _w8a8_gemm_tma_kernel(
         pid_m, pid_n = grouped_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_am = pid_m * BLOCK_M
         off_wn = pid_n * BLOCK_N
-        if EPI_PREFETCH:  # the epilogue's scale / bias lines into L1 now, while the K loop runs
-            _prefetch_epilogue(sa_ptr, sw_ptr, bias_ptr, amax_ptr, off_am, off_wn, M, N, stride_sam, stride_swn,
-                               stride_amax_m, HAS_BIAS, AMAX_MODE == 4, BLOCK_M, BLOCK_N)
         if IS_FP8:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
@@ -663,7 +633,6 @@ def w8a8_gemm_tma(
     round_bf16 = triton_interpret() and out_dtype == torch.bfloat16 and (act_id != 0 or mode_id != 0)
     is_fp8 = qa.dtype == torch.float8_e4m3fn
     meta = dict(IS_FP8=is_fp8, FP8_PROMOTE=is_fp8 and FP8_PROMOTE, GELU_SHORT=GELU_CODES_SHORT,
-                EPI_PREFETCH=EPILOGUE_PREFETCH,
                 HAS_BIAS=bias is not None, OUT_KIND=_OUT_KIND[out_dtype], ACTIVATION=act_id, ROUND_BF16=round_bf16,
                 NATIVE=_em.gelu_native(triton_interpret()),
                 AMAX_MODE=mode_id, RESIDUAL=_residual_id(res), RES_TMA=r_desc is not None,

@@ -224,7 +224,7 @@ def _sm90_ttgir(amax_mode: int, subtile: bool) -> str:
     sig.update(a_desc="tensordesc<fp8e4nv[128,128]>", w_desc=f"tensordesc<fp8e4nv[{bn},128]>",
                y_desc=f"tensordesc<bf16[128,{bn // 2 if subtile else bn}]>", sa_ptr="*fp32", sw_ptr="*fp32",
                bias_ptr="*bf16", amax_ptr="*fp32")
-    const = dict(IS_FP8=True, FP8_PROMOTE=False, GELU_SHORT=True, EPI_PREFETCH=False,
+    const = dict(IS_FP8=True, FP8_PROMOTE=False, GELU_SHORT=True,
                  HAS_BIAS=True, OUT_KIND=0, ACTIVATION=0, ROUND_BF16=False, NATIVE=2,
                  AMAX_MODE=amax_mode, RESIDUAL=0, RES_TMA=False, GATE_MODE=0, r_desc=None, GRANULE=128, NUM_SMS=132,
                  FLATTEN=True, BLOCK_M=128, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, EPILOGUE_SUBTILE=subtile)

@@ -210,7 +210,7 @@ def _sm90_gelu_ptx(native: int = 1) -> str:
     sig.update(a_desc="tensordesc<fp8e4nv[128,128]>", w_desc="tensordesc<fp8e4nv[256,128]>",
                y_desc="tensordesc<bf16[128,128]>", sa_ptr="*fp32", sw_ptr="*fp32", bias_ptr="*bf16",
                amax_ptr="*fp32")
-    const = dict(IS_FP8=True, FP8_PROMOTE=False, GELU_SHORT=True, EPI_PREFETCH=False,
+    const = dict(IS_FP8=True, FP8_PROMOTE=False, GELU_SHORT=True,
                  HAS_BIAS=True, OUT_KIND=0, ACTIVATION=1, ROUND_BF16=False, NATIVE=native, AMAX_MODE=0,
                  RESIDUAL=0, RES_TMA=False, GATE_MODE=0, r_desc=None,
                  GRANULE=128, NUM_SMS=132, FLATTEN=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8,

@@ -181,7 +181,7 @@ def _sm90_ptx_counts(residual: int, res_tma: bool) -> tuple[int, int, int]:
     sig.update(a_desc="tensordesc<fp8e4nv[128,128]>", w_desc="tensordesc<fp8e4nv[128,128]>",
                y_desc="tensordesc<bf16[128,128]>", sa_ptr="*fp32", sw_ptr="*fp32", bias_ptr="*bf16",
                amax_ptr="*fp32", res_ptr="*bf16", gate_ptr="*fp32")
-    const = dict(IS_FP8=True, FP8_PROMOTE=False, GELU_SHORT=True, EPI_PREFETCH=False,
+    const = dict(IS_FP8=True, FP8_PROMOTE=False, GELU_SHORT=True,
                  HAS_BIAS=True, OUT_KIND=0, ACTIVATION=0, ROUND_BF16=False, NATIVE=2, AMAX_MODE=0,
                  RESIDUAL=residual, RES_TMA=res_tma, GATE_MODE=0, GRANULE=128, NUM_SMS=132, FLATTEN=True,
                  BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EPILOGUE_SUBTILE=False)
