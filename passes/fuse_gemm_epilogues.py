@@ -18,8 +18,19 @@ Matched in every Wan block's FFN (``ffn.0 -> GELU(approximate="tanh") -> ffn.2``
   codes; the weight's bound constants ``[C, b]`` are computed here, once, and stored beside the weight
   as ``<module>.gelu_bound``). INT8 consumers keep "amax", "bound" also needs per-token activations
   (notes say so).
+* "bound" with option ``bound_in_norm`` (default on): when ffn.0's input ``(qx, sx)`` comes straight from
+  a fused quantizing LayerNorm (``ln_modulate_quant`` / ``residual_ln_modulate_quant``, FP8 per token, as
+  ``fuse_norms`` leaves the FFN's pre-norm), that norm becomes its ``*_ln_modulate_quant_bound`` variant,
+  which also writes the bound scales from the codes still in its registers, and the GEMM becomes
+  ``turbocompile::w8a8_linear_gelu_quant_rowscale(qx, sx, ..., row_scale)``: the separate row-bound
+  kernel, which re-read all of qx (M×K bytes), is gone; nothing else changes. Codes and scales are the
+  same (bit for bit on the torch backend; on Triton the squares are summed in another order, so a row's
+  exponent can differ only where its bound lies within a few fp32 ulps of a power-of-two multiple of 448,
+  as between the row-bound kernel and the reference). Elsewhere (input from ``quantize_activation``, the
+  norm's codes shared with another bound GEMM) the row-bound kernel stays.
 
 Counts: ``gelu`` (GEMM+GELU fused, bf16 out), ``gelu_quant`` (GEMM+GELU+quantize fused),
+``bound_from_norm`` (of them "bound" sites whose row scales the norm writes),
 ``prequant_consumers`` (linears switched to the pre-quantized input), ``unmatched`` (tanh GELUs fed by
 a W8A8 GEMM that could not be fused, e.g. the GEMM output has other users; an error under
 ``--strict``) and ``float_gelu`` (GELUs after float linears, e.g. the text embedding: not candidates).
@@ -34,7 +45,7 @@ values toward e4m3 subnormals).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -50,6 +61,11 @@ __all__ = ["FuseGemmEpilogues"]
 
 _OPS = torch.ops.turbocompile
 _GELU_TARGETS = (F.gelu, torch._C._nn.gelu, torch.ops.aten.gelu.default)
+# quantizing norm -> (its variant that also writes the bound row scales, index of its codes output)
+_BOUND_NORMS = {
+    _OPS.ln_modulate_quant.default: (_OPS.ln_modulate_quant_bound.default, 0),
+    _OPS.residual_ln_modulate_quant.default: (_OPS.residual_ln_modulate_quant_bound.default, 1),
+}
 
 
 def _fn(n, *targets) -> bool:
@@ -84,6 +100,9 @@ class FuseGemmEpilogues(Pass):
         quant_scale: str = choice("amax", ("amax", "pow2", "bound"),
                                   "per-token scale of the fused FP8 quantization: amax/448, a power of two "
                                   "covering the amax, or one covering a bound known before the GEMM")
+        bound_in_norm: bool = field(
+            default=True, metadata={"doc": "quant_scale bound: the fused norm that quantizes ffn.0's input also "
+                                           "writes the bound row scales (no row-bound kernel re-reading it)"})
         backend: str = choice("auto", ("auto", "triton", "torch"), "kernel backend of the fused ops")
 
     def __init__(self, options=None):
@@ -124,6 +143,33 @@ class FuseGemmEpilogues(Pass):
         set_attr_value(gm, target, wb)
         return ("bound", mark(gm.graph.get_attr(target), self.name))
 
+    def _bound_norm(self, qx, sx) -> fx.Node | None:
+        """The fused quantizing norm whose outputs are exactly ``(qx, sx)`` (FP8 codes and per-token scales,
+        positional arguments as ``fuse_norms`` emits them), or None."""
+        if not (_fn(qx, operator.getitem) and _fn(sx, operator.getitem)) or qx.args[0] is not sx.args[0]:
+            return None
+        norm = qx.args[0]
+        if not _fn(norm, *_BOUND_NORMS) or norm.kwargs:
+            return None
+        first = _BOUND_NORMS[norm.target][1]
+        if (qx.args[1], sx.args[1]) != (first, first + 1) or tuple(norm.args[-3:-1]) != ("fp8", "per_token"):
+            return None
+        return norm
+
+    def _fold_bound_into_norm(self, g: fx.Graph, norm: fx.Node, wb: fx.Node) -> fx.Node:
+        """Swap ``norm`` for its ``*_bound`` variant reading the constants ``wb`` (same arguments, ``wbound``
+        before ``backend``; the same outputs plus one): returns the node of its bound row scales."""
+        target, first = _BOUND_NORMS[norm.target]
+        norm.prepend(wb)  # the constant must be defined before the norm reads it
+        with g.inserting_before(norm):
+            new = g.call_function(target, (*norm.args[:-1], wb, norm.args[-1]))
+        new.meta.update({k: v for k, v in norm.meta.items() if k in ("nn_module_stack", "tc_from")})
+        mark(new, self.name)
+        norm.replace_all_uses_with(new)
+        g.erase_node(norm)
+        with g.inserting_after(new):
+            return g.call_function(operator.getitem, (new, first + 2))
+
     def _producer(self, gelu: fx.Node):
         """(gemm node, nodes to drop) when the GELU's input is a fusable W8A8 GEMM, else None."""
         src = gelu.args[0]
@@ -140,7 +186,8 @@ class FuseGemmEpilogues(Pass):
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         o = self.options
         g = gm.graph
-        stats = {"gelu": 0, "gelu_quant": 0, "prequant_consumers": 0, "unmatched": 0, "float_gelu": 0}
+        stats = {"gelu": 0, "gelu_quant": 0, "bound_from_norm": 0, "prequant_consumers": 0, "unmatched": 0,
+                 "float_gelu": 0}
         notes: list[str] = []
         for gelu in list(g.nodes):
             if gelu.graph is not g or not _is_tanh_gelu(gelu):
@@ -177,11 +224,21 @@ class FuseGemmEpilogues(Pass):
                 quant = o.quant_epilogue and len(modes) == 1 and next(iter(modes))[1] == "per_token"
                 if quant:
                     cfmt, _, cwgran, cbackend = next(iter(modes))
-                    fargs = (qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, cfmt, o.backend)
-                    fargs += self._scale_args(gm, gelu, cfmt, act, qw, sw, bias, wgran, notes)
-                    fused = self._call(g, _OPS.w8a8_linear_gelu_quant.default, fargs, gemm)
-                    q = g.call_function(operator.getitem, (fused, 0))
-                    s = g.call_function(operator.getitem, (fused, 1))
+                    scale_args = self._scale_args(gm, gelu, cfmt, act, qw, sw, bias, wgran, notes)
+                    norm = self._bound_norm(qx, sx) if scale_args[:1] == ("bound",) and o.bound_in_norm else None
+                    if norm is not None:  # the norm writes the bound scales: the GEMM takes them
+                        s = self._fold_bound_into_norm(g, norm, scale_args[1])
+                        q = self._call(g, _OPS.w8a8_linear_gelu_quant_rowscale.default,
+                                       (qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, s, o.backend), gemm)
+                        stats["bound_from_norm"] += 1
+                    else:
+                        if scale_args[:1] == ("bound",) and o.bound_in_norm:
+                            notes.append(f"{gelu.name}: quant_scale=bound: ffn.0's input is not an FP8 per-token "
+                                         "fused norm's output; its bound scales take the row-bound kernel")
+                        fargs = (qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, cfmt, o.backend) + scale_args
+                        fused = self._call(g, _OPS.w8a8_linear_gelu_quant.default, fargs, gemm)
+                        q = g.call_function(operator.getitem, (fused, 0))
+                        s = g.call_function(operator.getitem, (fused, 1))
                 else:
                     fused = self._call(g, _OPS.w8a8_linear_gelu.default,
                                        (qx, sx, qw, sw, bias, fmt, act, wgran, out_dtype, o.backend), gemm)

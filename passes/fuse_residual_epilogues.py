@@ -9,6 +9,8 @@ is the output of a W8A8 GEMM (the self-/cross-attention o-projections, ffn.2) th
                               -> ``x_new = turbocompile::w8a8_linear_residual(qx, sx, ..., residual=x, gate)``
 * ``residual_ln_modulate(_quant)(x, y, gate, w, b, shift, scale, eps, ...)``
                               -> ``ln_modulate(_quant)(x_new, w, b, shift, scale, eps, ...)``
+  (``residual_ln_modulate_quant_bound``, the FFN pre-norm after ``fuse_gemm_epilogues`` with "bound" scales,
+  -> ``ln_modulate_quant_bound``: the same arguments after eps, the same outputs after x_new)
 
 Users of the old x_new output now read the GEMM's output; the normalized (or quantized) outputs come
 from the plain norm. Traffic per element and site (bf16): the GEMM reads x and writes x_new instead of
@@ -47,6 +49,13 @@ _PREQUANT = _OPS.w8a8_linear_prequant.default
 _FLOAT_IN = _OPS.w8a8_linear.default
 _RES = _OPS.residual_ln_modulate.default
 _RES_QUANT = _OPS.residual_ln_modulate_quant.default
+_RES_BOUND = _OPS.residual_ln_modulate_quant_bound.default
+# residual norm -> the plain norm that takes x_new (all arguments after the residual's x, y, gate kept)
+_PLAIN_NORM = {
+    _RES: _OPS.ln_modulate.default,
+    _RES_QUANT: _OPS.ln_modulate_quant.default,
+    _RES_BOUND: _OPS.ln_modulate_quant_bound.default,
+}
 
 
 def _fn(n, *targets) -> bool:
@@ -98,7 +107,7 @@ class FuseResidualEpilogues(Pass):
         stats = {"fused": 0, "gated": 0, "quantized": 0, "float_residual": 0, "unmatched": 0}
         notes: list[str] = []
         for node in list(g.nodes):
-            if node.graph is not g or not _fn(node, _RES, _RES_QUANT):
+            if node.graph is not g or not _fn(node, *_PLAIN_NORM):
                 continue
             gemm, why = _producer(node.args[1])
             if gemm is None:
@@ -112,7 +121,7 @@ class FuseResidualEpilogues(Pass):
             self._rewrite(g, node, gemm)
             stats["fused"] += 1
             stats["gated"] += node.args[2] is not None
-            stats["quantized"] += node.target is _RES_QUANT
+            stats["quantized"] += node.target is not _RES
             g.erase_node(node)
             g.eliminate_dead_code()
         if stats["unmatched"] and ctx.strict:
@@ -151,17 +160,13 @@ class FuseResidualEpilogues(Pass):
             x_new = self._call(g, _OPS.w8a8_linear_residual.default,
                                (qx, sx, qw, sw, bias, fmt, act, wgran, x, gate, o.backend), gemm)
             x_new.meta["val"] = _val(x)
-            if node.target is _RES_QUANT:
-                qfmt, qgran, nbackend = node.args[8:11]
-                normed = self._call(g, _OPS.ln_modulate_quant.default,
-                                    (x_new, w, b, shift, scale, eps, qfmt, qgran, nbackend), node)
-                outs = [x_new, g.call_function(operator.getitem, (normed, 0)),
-                        g.call_function(operator.getitem, (normed, 1))]
-            else:
-                out_dtype, nbackend = node.args[8:10]
-                normed = self._call(g, _OPS.ln_modulate.default,
-                                    (x_new, w, b, shift, scale, eps, out_dtype, nbackend), node)
+            # the plain norm: x_new, then every argument after the residual's (x, y, gate), unchanged
+            normed = self._call(g, _PLAIN_NORM[node.target], (x_new, w, b, shift, scale, eps, *node.args[8:]), node)
+            if node.target is _RES:
                 outs = [x_new, normed]
+            else:  # (x_new, q, scale[, bound scale]): the norm's outputs one by one
+                n_out = 3 if node.target is _RES_QUANT else 4
+                outs = [x_new] + [g.call_function(operator.getitem, (normed, i)) for i in range(n_out - 1)]
         for user in list(node.users):
             new = outs[user.args[1]]
             if new is not x_new:

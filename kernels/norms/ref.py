@@ -7,6 +7,8 @@ Memory traffic of one fused pass (what the Triton kernels aim for), per element 
 * rmsnorm_rope_pool:      the same, + per-block pooled rows (fp32, 1/pool_rows of the rows); with v
                           also read v (2 B) for its per-block |v| channel maxima
 * ln_modulate_quant:      read x + write q (1 B) + one fp32 scale per row/block -> 3 B/elt
+* ln_modulate_quant_bound: the same (FP8, per token) + one more fp32 per row: the "bound" scale of the
+                          GELU GEMM that reads q, from the codes still in registers (no re-read of q)
 The references below materialize fp32 intermediates (several passes): they define the numerics,
 not the speed.
 
@@ -28,6 +30,7 @@ __all__ = [
     "rmsnorm_rope_pool_ref",
     "quantize_ref",
     "ln_modulate_quant_ref",
+    "ln_modulate_quant_bound_ref",
     "INT8_QMAX",
     "FP8_QMAX",
     "AMAX_FLOOR",
@@ -219,3 +222,15 @@ def ln_modulate_quant_ref(
     """ln_modulate rounded to x.dtype, flattened to [M, D], then :func:`quantize_ref`."""
     h = layer_norm_modulate_ref(x, weight, bias, shift, scale, eps, x.dtype)
     return quantize_ref(h.reshape(-1, x.shape[-1]), fmt, granularity)
+
+
+def ln_modulate_quant_bound_ref(
+    x, weight, bias, shift, scale, eps, wbound: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, s, s_bound)``: :func:`ln_modulate_quant_ref` with FP8 per-token codes, and the "bound" row scales
+    ``s_bound [M, 1]`` fp32 that ``row_bound_scale_ref(q, s, wbound)`` computes from them (the power of two
+    covering ``(s·||q_row||·C + b)·BOUND_MARGIN`` at 448, ``wbound = [C, b]`` of the GELU GEMM reading q)."""
+    from turbocompile.kernels.w8a8.ref import row_bound_scale_ref
+
+    q, s = ln_modulate_quant_ref(x, weight, bias, shift, scale, eps, "fp8", "per_token")
+    return q, s, row_bound_scale_ref(q, s, wbound)

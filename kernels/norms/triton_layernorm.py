@@ -7,6 +7,10 @@
   the registers). Per-sample gate/shift/scale are loaded once per block ([1, D]). Optional
   persistent grid with a register-prefetched next block (measured slower at D=5120; kept for
   other shapes). On the GPU the dtype roundings use the hardware casts (NATIVE).
+* BOUND (FP8 per-token codes feeding the FFN's GELU GEMM with "bound" output scales): the block
+  also sums each row's squared codes, still in registers, and stores the GEMM's power-of-two row
+  scale ``2^e`` (``kernels/w8a8/triton_bound.py``: :func:`bound_row_scale`) beside the per-token
+  scale: 4 B more per row, instead of a separate kernel re-reading the M×D codes.
 * block128 (TurboDiffusion's 128×128 activation scale blocks) is not fused: a scale block needs
   the statistics of its whole 128-row band before any tile can be quantized, so a fused kernel
   reads x twice; it measured 1.14 ms vs 0.72 ms for this LN kernel followed by the W8A8
@@ -28,6 +32,7 @@ import triton.language as tl
 from turbocompile.kernels.norms._launch import as_rows, bcast_rows, row_config, sm_count, split_tiles
 from turbocompile.kernels.norms.ref import round_ln_output
 from turbocompile.kernels.norms.triton_rounding import rnd, round_e4m3, to_dt
+from turbocompile.kernels.w8a8.triton_bound import bound_row_scale
 
 __all__ = ["ln_modulate_triton", "residual_ln_modulate_triton"]
 
@@ -110,6 +115,26 @@ def _quantize(hq, amax, OUT_MODE: tl.constexpr, NATIVE: tl.constexpr, QV: tl.con
 
 
 @triton.jit
+def _sum_sq_codes(q):
+    """[BLOCK_M, 1] fp32 sums of the squared codes of a tile (as ``ref.row_bound_scale_ref`` reads qa:
+    each code exact in fp32, squared and summed in fp32; masked lanes hold code 0)."""
+    qf = q.to(tl.float32)
+    return tl.sum(qf * qf, axis=1, keep_dims=True)
+
+
+@triton.jit
+def _store_bound_scales(n2, s, wb_ptr, bscale_ptr, rows64, row_mask):
+    """Store the "bound" row scales ``2^e`` of the GELU GEMM that reads this kernel's FP8 codes
+    (``ref.row_bound_scale_ref(q, s, [C, b])``): n2 the rows' sums of squared codes, s their stored
+    per-token scales ([BLOCK_M, 1] each). Saves that GEMM's separate row-bound kernel a re-read of q.
+    The squares are summed in tile order, not torch's: the exponent can differ from the reference's only
+    where the bound lies within a few fp32 ulps of a power-of-two multiple of 448."""
+    c = tl.load(wb_ptr)
+    b = tl.load(wb_ptr + 1)
+    tl.store(bscale_ptr + rows64[:, None], bound_row_scale(n2, s, c, b), mask=row_mask[:, None])
+
+
+@triton.jit
 def _load_rows(src_ptr, blk, M, stride_m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_D2: tl.constexpr, D, EVEN: tl.constexpr):
     """Raw (storage dtype) tiles of BLOCK_M rows: columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D +
@@ -148,7 +173,7 @@ def _vec_offsets(rows64, bi, li, cols, row_mask, col_mask, stride_b, stride_l, b
 @triton.jit
 def _ln_block(
     blk, xa, xb, ya, yb,
-    gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr, qscale_ptr,
+    gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr, qscale_ptr, wb_ptr, bscale_ptr,
     M, L, D, eps,
     stride_gb, stride_gl, stride_sb, stride_sl, stride_cb, stride_cl,
     XDT: tl.constexpr,
@@ -156,10 +181,11 @@ def _ln_block(
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     VEC_SHARED: tl.constexpr, NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr,
-    x_ptr, stride_xm, STATS: tl.constexpr,
+    x_ptr, stride_xm, STATS: tl.constexpr, BOUND: tl.constexpr,
 ):
     """Everything after the loads for one block of rows: residual, statistics, normalize,
-    affine/modulate, store (or quantize and store).
+    affine/modulate, store (or quantize and store; BOUND: also the "bound" row scales of the GELU
+    GEMM reading the FP8 codes, see :func:`_store_bound_scales`).
 
     STATS 0: two-pass statistics (mean, then Σ(x - mean)²: two reductions in sequence).
     STATS 1: one pass over x - c with c = the row's first input element, Σd and Σd² reduced
@@ -273,23 +299,30 @@ def _ln_block(
             amax = rnd(amax, XDT, NATIVE)
         qa, s = _quantize(hqa, amax, OUT_MODE, NATIVE, QV)
         tl.store(out_ptr + rows64[:, None] * D + cols[None, :], qa, mask=mask)
+        if BOUND:
+            n2 = _sum_sq_codes(qa)
         if BLOCK_D2 > 0:
             qb, _ = _quantize(hqb, amax, OUT_MODE, NATIVE, QV)
             tl.store(out_ptr + rows64[:, None] * D + cols2[None, :], qb, mask=mask2)
+            if BOUND:
+                n2 += _sum_sq_codes(qb)
         tl.store(qscale_ptr + rows64[:, None], s, mask=row_mask[:, None])
+        if BOUND:
+            _store_bound_scales(n2, s, wb_ptr, bscale_ptr, rows64, row_mask)
 
 
 @triton.jit
 def _ln_rows_kernel(
     x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr,  # x,y [M,D] rows; w,b [D]; gate/shift/scale per (b,l)
     xnew_ptr, out_ptr, qscale_ptr,  # outputs: x_new [M,D], h or q [M,D], per-row scale [M,1]
+    wb_ptr, bscale_ptr,  # BOUND: [2] fp32 [C, b] of the GELU GEMM reading q (in); its row scales [M,1] (out)
     M, L, D, eps,
     stride_xm, stride_ym, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb, stride_cl,
     HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, OUT_MODE: tl.constexpr, ROUND_LN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     VEC_SHARED: tl.constexpr, PERSIST: tl.constexpr, PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr,
-    NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr, STATS: tl.constexpr,
+    NATIVE: tl.constexpr, EVEN: tl.constexpr, QV: tl.constexpr, STATS: tl.constexpr, BOUND: tl.constexpr,
 ):
     """Blocks of BLOCK_M rows, each row held in registers as one or two column tiles (BLOCK_D,
     BLOCK_D2). PERSIST: a grid of a few programs per SM walks the blocks; with PREFETCH the
@@ -310,9 +343,10 @@ def _ln_rows_kernel(
                 if HAS_RES:
                     nya, nyb = _load_rows(y_ptr, blk + nprog, M, stride_ym, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
                 _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
-                          qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
-                          stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
+                          qscale_ptr, wb_ptr, bscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl,
+                          stride_cb, stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT,
+                          HAS_SCALE, OUT_MODE, ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV,
+                          x_ptr, stride_xm, STATS, BOUND)
                 xa, xb, ya, yb = nxa, nxb, nya, nyb
         else:
             for blk in tl.range(pid, n_blk, nprog, num_stages=NUM_STAGES):
@@ -321,30 +355,44 @@ def _ln_rows_kernel(
                 if HAS_RES:
                     ya, yb = _load_rows(y_ptr, blk, M, stride_ym, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
                 _ln_block(blk, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
-                          qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
-                          stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                          ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
+                          qscale_ptr, wb_ptr, bscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl,
+                          stride_cb, stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT,
+                          HAS_SCALE, OUT_MODE, ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV,
+                          x_ptr, stride_xm, STATS, BOUND)
     else:
         xa, xb = _load_rows(x_ptr, pid, M, stride_xm, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
         ya, yb = xa, xb
         if HAS_RES:
             ya, yb = _load_rows(y_ptr, pid, M, stride_ym, BLOCK_M, BLOCK_D, BLOCK_D2, D, EVEN)
         _ln_block(pid, xa, xb, ya, yb, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xnew_ptr, out_ptr,
-                  qscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl, stride_cb,
-                  stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT, HAS_SCALE, OUT_MODE,
-                  ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV, x_ptr, stride_xm, STATS)
+                  qscale_ptr, wb_ptr, bscale_ptr, M, L, D, eps, stride_gb, stride_gl, stride_sb, stride_sl,
+                  stride_cb, stride_cl, x_ptr.dtype.element_ty, HAS_RES, HAS_GATE, HAS_W, HAS_B, HAS_SHIFT,
+                  HAS_SCALE, OUT_MODE, ROUND_LN, BLOCK_M, BLOCK_D, BLOCK_D2, VEC_SHARED, NATIVE, EVEN, QV,
+                  x_ptr, stride_xm, STATS, BOUND)
 
 
-def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, config=None):
-    """Validate, allocate, launch. quant: None | (format, granularity). Returns (x_new, out, qscale)."""
+def _check_wbound(wbound, quant, device) -> None:
+    """The "bound" row scales need FP8 per-token codes and the GELU GEMM's [2] fp32 [C, b] on x's device."""
+    if quant != ("fp8", "per_token"):
+        raise ValueError(f"wbound (the bound row scales) needs quant ('fp8', 'per_token'), got {quant}")
+    if tuple(wbound.shape) != (2,) or wbound.dtype != torch.float32 or wbound.device != device:
+        raise ValueError(f"wbound must be the [2] float32 [C, b] on {device}, got {wbound.dtype} "
+                         f"{list(wbound.shape)} on {wbound.device}")
+
+
+def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, config=None, wbound=None):
+    """Validate, allocate, launch. quant: None | (format, granularity); wbound: None | the [2] fp32 [C, b]
+    (FP8 per-token quant only). Returns (x_new, out, qscale, bound_scale), None for what is not computed."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x dtype {x.dtype} not supported (float32, bfloat16, float16)")
+    if wbound is not None:
+        _check_wbound(wbound, quant, x.device)
     if quant is not None and quant[1] == "block128":  # composed, see the module docstring
         from turbocompile.kernels.w8a8.triton_quant import quantize_triton
 
-        x_new, h, _ = _launch(x, y, gate, weight, bias, shift, scale, eps, x.dtype, None, config)
+        x_new, h, _, _ = _launch(x, y, gate, weight, bias, shift, scale, eps, x.dtype, None, config)
         q, qscale = quantize_triton(h, quant[0], "block128")
-        return x_new, q, qscale
+        return x_new, q, qscale, None
     D = x.shape[-1]
     x2, B, L = as_rows(x)  # [M, D]
     M = x2.shape[0]
@@ -371,17 +419,19 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
     else:
         out = torch.empty(M, D, device=x.device, dtype=out_dtype)
         qscale = None
+    bscale = torch.empty(M, 1, device=x.device, dtype=torch.float32) if wbound is not None else None
     if M == 0 or D == 0:
-        return x_new, out, qscale
+        return x_new, out, qscale, bscale
     round_ln = round_ln_output(x.dtype, out_dtype if quant is None else x.dtype, shift is not None or scale is not None)
 
     args = (x2, y2 if y2 is not None else dummy, g, w, b, sh, sc,
             x_new if x_new is not None else dummy, out, qscale if qscale is not None else dummy,
+            wbound.contiguous() if wbound is not None else dummy, bscale if bscale is not None else dummy,
             M, L, D, float(eps),
             x2.stride(0), y2.stride(0) if y2 is not None else 0, sgb, sgl, ssb, ssl, scb, scl)
     flags = dict(HAS_RES=y is not None, HAS_GATE=gate is not None, HAS_W=weight is not None,
                  HAS_B=bias is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
-                 OUT_MODE=mode, ROUND_LN=round_ln)
+                 OUT_MODE=mode, ROUND_LN=round_ln, BOUND=wbound is not None)
     native = x.device.type == "cuda"
     kind = ("quant" if quant is not None else "ln") + ("_res" if y is not None else "")
     if kind == "quant_res" and mode == _OUT_INT8:
@@ -407,23 +457,32 @@ def _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, confi
     LAST_KERNEL["kernel"] = kernel
     LAST_KERNEL["n_regs"] = getattr(kernel, "n_regs", None)
     LAST_KERNEL["n_spills"] = getattr(kernel, "n_spills", None)
-    return x_new, out, qscale
+    return x_new, out, qscale, bscale
 
 
-def ln_modulate_triton(x, weight, bias, shift, scale, eps, out_dtype, quant=None, config=None):
+def ln_modulate_triton(x, weight, bias, shift, scale, eps, out_dtype, quant=None, config=None, wbound=None):
     """LN (+affine) (+modulate) of x [B,L,D] or [M,D] -> h (x's shape, out_dtype); with
-    quant=(format, granularity) -> (q [M, D], scale). ``config`` overrides :func:`row_config` keys."""
-    _, out, qscale = _launch(x, None, None, weight, bias, shift, scale, eps, out_dtype, quant, config)
+    quant=(format, granularity) -> (q [M, D], scale). ``config`` overrides :func:`row_config` keys.
+    ``wbound`` ([2] fp32 ``[C, b]``, quant ("fp8", "per_token") only): also the GELU GEMM's "bound" row
+    scales from the codes, -> (q, scale, bound_scale [M, 1]) (``ref.ln_modulate_quant_bound_ref``)."""
+    _, out, qscale, bscale = _launch(x, None, None, weight, bias, shift, scale, eps, out_dtype, quant, config,
+                                     wbound)
+    if wbound is not None:
+        return out, qscale, bscale
     if quant is not None:
         return out, qscale
     return out.reshape(x.shape)
 
 
-def residual_ln_modulate_triton(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant=None, config=None):
+def residual_ln_modulate_triton(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant=None, config=None,
+                                wbound=None):
     """x_new = x + y·gate (eager rounding) and LN-modulate(x_new) in one pass -> (x_new, h);
-    with quant -> (x_new, q [M, D], scale)."""
-    x_new, out, qscale = _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, config)
+    with quant -> (x_new, q [M, D], scale); with wbound too -> (x_new, q, scale, bound_scale)."""
+    x_new, out, qscale, bscale = _launch(x, y, gate, weight, bias, shift, scale, eps, out_dtype, quant, config,
+                                         wbound)
     x_new = x_new.reshape(x.shape)
+    if wbound is not None:
+        return x_new, out, qscale, bscale
     if quant is not None:
         return x_new, out, qscale
     return x_new, out.reshape(x.shape)

@@ -54,6 +54,8 @@ __all__ = [
     "gelu_bound_constants_ref",
     "row_bound_scale_ref",
     "quantize_at_scale_ref",
+    "check_row_scale",
+    "w8a8_gemm_gelu_rowscale_ref",
 ]
 
 BLOCK = 128
@@ -378,3 +380,25 @@ def quantize_at_scale_ref(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3 codes ``e4m3_rne(clamp(h / scale, ±448))`` of ``h [M, N]`` at given power-of-two row scales
     ``scale [M, 1]`` (the division is exact)."""
     return (h.float() * (1.0 / scale.float())).clamp(-FP8_QMAX, FP8_QMAX).to(torch.float8_e4m3fn)
+
+
+def check_row_scale(op: str, row_scale: torch.Tensor, m: int, device: torch.device) -> None:
+    """One-line ``ValueError`` unless ``row_scale`` is an ``[m, 1]`` fp32 tensor on ``device`` (the given
+    power-of-two row scales of :func:`quantize_at_scale_ref`; their values are not inspected: no sync)."""
+    if not isinstance(row_scale, torch.Tensor):
+        raise ValueError(f"{op}: row_scale must be the [M, 1] fp32 row scales, got {type(row_scale).__name__}")
+    if row_scale.dtype != torch.float32 or tuple(row_scale.shape) != (m, 1):
+        raise ValueError(f"{op}: row_scale must be [M, 1] = [{m}, 1] float32 (one power-of-two scale per row), "
+                         f"got {row_scale.dtype} {list(row_scale.shape)}")
+    if row_scale.device != device:
+        raise ValueError(f"{op}: row_scale is on {row_scale.device}, qx on {device}; both must share one device")
+
+
+def w8a8_gemm_gelu_rowscale_ref(qa, sa, qw, sw, bias, act_granularity: str, weight_granularity: str,
+                                out_dtype: torch.dtype, row_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes ``[M, N]`` of :func:`w8a8_gemm_gelu_ref` (rounded to ``out_dtype``) at the given power-of-two
+    row scales ``row_scale [M, 1]`` (:func:`quantize_at_scale_ref`). With ``row_scale =
+    row_bound_scale_ref(qa, sa, wbound)`` these are the codes of :func:`w8a8_gemm_gelu_quant_ref` with
+    ``out_scale="bound"``."""
+    h = w8a8_gemm_gelu_ref(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype)
+    return quantize_at_scale_ref(h, row_scale)

@@ -12,6 +12,11 @@ Two launches instead of the "pow2" path's GEMM + requantization or the "amax" pa
    rounded to the output dtype, times ``1 / s`` (exact), cast to e4m3. 1 B stored per element of h and
    nothing read back.
 
+When qa comes from the fused LayerNorm that quantizes it, launch 1 is gone: that kernel holds each row's
+codes in registers and writes ``s`` beside them (:func:`bound_row_scale` on its sum of squared codes;
+``turbocompile::ln_modulate_quant_bound``), and the GEMM takes ``s`` as ``row_scale``
+(``turbocompile::w8a8_linear_gelu_quant_rowscale``).
+
 Any other kernel route (pointer kernel: INT8 inputs without TMA, N % 16 != 0) computes bf16 h and
 quantizes it at the same scales with torch ops (same codes).
 """
@@ -27,7 +32,7 @@ from turbocompile.kernels.w8a8.triton_pow2 import _as_f32, _e4m3, exp2_int, pow2
 from turbocompile.kernels.w8a8.triton_quant import AMAX_FLOOR
 from turbocompile.ops._backend import triton_interpret
 
-__all__ = ["rowscale_codes", "row_bound_scale_triton", "gelu_quant_bound"]
+__all__ = ["rowscale_codes", "bound_row_scale", "row_bound_scale_triton", "gelu_quant_bound"]
 
 BOUND_MARGIN = tl.constexpr(ref.BOUND_MARGIN)
 
@@ -45,6 +50,17 @@ def rowscale_codes(
     s = tl.load(s_ptr + rm * stride_sm, mask=rm < M, other=1.0)
     v = _as_f32(out) * (1.0 / s)[:, None]  # exact: s is a power of two
     return _e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0), NATIVE)
+
+
+@triton.jit
+def bound_row_scale(n2, sa, c, b):
+    """fp32 power-of-two "bound" row scales ``2^pow2_exponent(max(B, 1e-8))`` with
+    ``B = (sa·sqrt(n2)·C + b)·BOUND_MARGIN`` (``ref.row_bound_scale_ref``), from each row's sum of squared
+    8-bit codes ``n2`` and its dequantisation scale ``sa`` (tensors of one shape), ``C, b`` the weight's
+    constants. Shared by :func:`_row_bound_kernel` and the LayerNorm kernel that writes the codes
+    (``kernels/norms/triton_layernorm.py``), so both compute the one formula."""
+    bound = (sa * tl.sqrt_rn(n2) * c + b) * BOUND_MARGIN
+    return exp2_int(pow2_exponent(tl.maximum(bound, AMAX_FLOOR)))
 
 
 @triton.jit
@@ -71,8 +87,7 @@ def _row_bound_kernel(
     sa = tl.load(sa_ptr + rm * stride_sm, mask=row_ok, other=0.0)
     c = tl.load(wb_ptr)
     b = tl.load(wb_ptr + 1)
-    bound = (sa * tl.sqrt_rn(n2) * c + b) * BOUND_MARGIN
-    tl.store(s_ptr + rm, exp2_int(pow2_exponent(tl.maximum(bound, AMAX_FLOOR))), mask=row_ok)
+    tl.store(s_ptr + rm, bound_row_scale(n2, sa, c, b), mask=row_ok)
 
 
 def row_bound_scale_triton(qa: torch.Tensor, sa: torch.Tensor, wbound: torch.Tensor) -> torch.Tensor:
@@ -105,20 +120,27 @@ def row_bound_scale_triton(qa: torch.Tensor, sa: torch.Tensor, wbound: torch.Ten
     return s
 
 
-def gelu_quant_bound(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype, wbound, config, use_tma,
-                     tma_config) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_quant_bound(qa, sa, qw, sw, bias, act_granularity, weight_granularity, out_dtype, wbound, config=None,
+                     use_tma=None, tma_config=None, row_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``out_scale="bound"`` of ``w8a8_gemm_gelu_quant_triton``: ``(q e4m3 [M, N], s [M, 1])``.
 
-    ``wbound`` None: computed here from the weight (``ref.gelu_bound_constants_ref``; a graph pass
-    computes it once at optimize time instead)."""
+    ``row_scale``: ``[M, 1]`` fp32 power-of-two row scales computed already (the bound scales the LayerNorm
+    kernel that wrote qa computed, ``turbocompile::*ln_modulate_quant_bound``); then no row-bound kernel runs
+    and the returned ``s`` is that tensor (``turbocompile::w8a8_linear_gelu_quant_rowscale`` returns q only).
+    Otherwise ``s = row_bound_scale_triton(qa, sa, wbound)``, with ``wbound`` None computed here from the
+    weight (``ref.gelu_bound_constants_ref``; a graph pass computes it once at optimize time instead)."""
     from turbocompile.kernels.w8a8.triton_gemm_epilogue import gelu_gemm_path, w8a8_gemm_gelu_triton
 
     if act_granularity != "per_token":
         raise ValueError(f"w8a8_gemm_gelu_quant_triton: out_scale 'bound' needs per_token activations, got "
                          f"'{act_granularity}'")
-    if wbound is None:
-        wbound = ref.gelu_bound_constants_ref(qw, sw, bias, weight_granularity)
-    s = row_bound_scale_triton(qa, sa, wbound)
+    if row_scale is not None:
+        ref.check_row_scale("gelu_quant_bound", row_scale, qa.shape[0], qa.device)
+        s = row_scale
+    else:
+        if wbound is None:
+            wbound = ref.gelu_bound_constants_ref(qw, sw, bias, weight_granularity)
+        s = row_bound_scale_triton(qa, sa, wbound)
     m, k = qa.shape
     n = qw.shape[0]
     path = gelu_gemm_path(qa, qw, out_dtype, act_granularity, weight_granularity, use_tma)[0]

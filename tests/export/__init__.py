@@ -32,6 +32,13 @@ RECIPES = {
     "sagesla": "sagesla",
     # the full built-in stack: per-token x per-channel INT8, fused norms, SageSLA (standard ops)
     "turbo_int8": "turbo-int8",
+    # FP8 linears, fused norms, the FFN's GELU GEMM at "bound" scales written by its pre-norm
+    # (residual_ln_modulate_quant_bound -> w8a8_linear_gelu_quant_rowscale)
+    "fp8_bound": {"version": 1, "name": "w8a8-fp8+fuse_norms+bound",
+                  "passes": [{"name": "w8a8_linear", "options": {"format": "fp8", "act_granularity": "per_token",
+                                                                 "weight_granularity": "per_channel"}},
+                             "fuse_norms",
+                             {"name": "fuse_gemm_epilogues", "options": {"quant_scale": "bound"}}]},
 }
 
 

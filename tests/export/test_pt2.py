@@ -16,7 +16,7 @@ from turbocompile.export.pt2 import example_args, load_pt2, save_pt2
 from tests.export import artifact, program, tmp_root
 
 
-@pytest.mark.parametrize("key", ["baseline", "int8_block_fused", "sagesla"])
+@pytest.mark.parametrize("key", ["baseline", "int8_block_fused", "sagesla", "fp8_bound"])
 def test_pt2_round_trip_is_bit_exact(key):
     prog = program(key)
     out = tmp_root() / f"{key}.pt2"

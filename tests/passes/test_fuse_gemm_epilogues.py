@@ -26,8 +26,8 @@ def test_fused_graph_equals_unfused_bit_for_bit_on_torch_path(norms):
     res, out = _run(_recipe(*base, "fuse_gemm_epilogues"), verify=True)
     stats = res.manifest["passes"][-1]["stats"]
     blocks = get_preset("wan-tiny").num_layers
-    assert stats == {"gelu": 0, "gelu_quant": blocks, "prequant_consumers": blocks, "unmatched": 0,
-                     "float_gelu": 1}
+    assert stats == {"gelu": 0, "gelu_quant": blocks, "bound_from_norm": 0, "prequant_consumers": blocks,
+                     "unmatched": 0, "float_gelu": 1}
     gm = res.graph_module
     assert _count(gm, OPS.w8a8_linear_gelu_quant.default) == blocks
     assert sum(1 for n in gm.graph.nodes if "gelu" == getattr(n.target, "__name__", "")) == 1  # text embedding
@@ -203,11 +203,15 @@ def test_bound_folds_the_weight_constants_and_stays_close_to_amax():
 
     res, out = _torch_turbo_fp8("bound")
     gm = res.graph_module
-    fused = _fused_nodes(gm)
-    assert len(fused) == get_preset("wan-tiny").num_layers
+    # the default (bound_in_norm): the GEMM takes its row scales from the FFN norm, which reads the constants
+    fused = [n for n in gm.graph.nodes if n.target == OPS.w8a8_linear_gelu_quant_rowscale.default]
+    assert len(fused) == get_preset("wan-tiny").num_layers and not _fused_nodes(gm)
     for n in fused:
-        scale, wb = n.args[-2:]
-        assert scale == "bound" and wb.op == "get_attr" and wb.target.endswith(".gelu_bound")
+        row_scale = n.args[9]
+        norm = row_scale.args[0]
+        assert norm.target == OPS.residual_ln_modulate_quant_bound.default and row_scale.args[1] == 3
+        wb = norm.args[-2]
+        assert wb.op == "get_attr" and wb.target.endswith(".gelu_bound")
         qw, sw, bias = (get_attr_value(gm, a.target) for a in n.args[2:5])
         assert module_path(n.args[2].target) == module_path(wb.target)
         assert torch.equal(get_attr_value(gm, wb.target), ref.gelu_bound_constants_ref(qw, sw, bias, "per_channel"))
@@ -236,6 +240,9 @@ def test_bound_triton_path_through_the_rowscale_epilogue(monkeypatch):
                         real(*a, **k))
     monkeypatch.setattr(te, "w8a8_gemm_gelu_quant_triton", functools.partial(te.w8a8_gemm_gelu_quant_triton,
                                                                              use_tma=True))
+    from turbocompile.kernels.w8a8 import triton_bound as tb  # the GEMM of w8a8_linear_gelu_quant_rowscale
+
+    monkeypatch.setattr(tb, "gelu_quant_bound", functools.partial(tb.gelu_quant_bound, use_tma=True))
     _, out = _run(_turbo_fp8(backend="triton", quant_scale="bound"))
     assert modes.count("rowscale") == get_preset("wan-tiny").num_layers
     _, torch_out = _torch_turbo_fp8("bound")

@@ -1,5 +1,6 @@
 """Fused norm ops for the Wan DiT: ``torch.ops.turbocompile.{ln_modulate, residual_ln_modulate,
-rmsnorm_rope, rmsnorm_rope_pool, ln_modulate_quant, residual_ln_modulate_quant}``.
+rmsnorm_rope, rmsnorm_rope_pool, ln_modulate_quant, residual_ln_modulate_quant, ln_modulate_quant_bound,
+residual_ln_modulate_quant_bound}``.
 
 Each op has a fake kernel (shapes/dtypes only), the PyTorch reference
 (:mod:`turbocompile.kernels.norms.ref`) and a Triton kernel (imported lazily); the final
@@ -35,6 +36,8 @@ __all__ = [
     "rmsnorm_rope_pool",
     "ln_modulate_quant",
     "residual_ln_modulate_quant",
+    "ln_modulate_quant_bound",
+    "residual_ln_modulate_quant_bound",
     "QUANT_FORMATS",
     "QUANT_GRANULARITIES",
 ]
@@ -407,3 +410,120 @@ def residual_ln_modulate_quant(
     ``(x_new, q [M, D], scale)``."""
     return torch.ops.turbocompile.residual_ln_modulate_quant(
         x, y, gate, weight, bias, shift, scale, eps, format, granularity, backend)
+
+
+# ----------------------------------------------------------------------------- quant epilogue + bound scales
+#
+# The FFN's pre-norm quantizes ffn.0's input; with ``out_scale="bound"`` the GELU GEMM of ffn.0 needs, per row,
+# the power of two covering (s·||q_row||·C + b)·BOUND_MARGIN at 448 (kernels/w8a8/ref.py). These variants
+# compute it from the codes the kernel just made, so no kernel has to read q back for it. Separate ops (not
+# an optional argument of the *_ln_modulate_quant ops): a third (fourth) output, and the existing schemas
+# stay as saved graphs call them.
+def _check_bound(op: str, x: torch.Tensor, fmt: str, granularity: str, wbound: torch.Tensor) -> None:
+    _check_quant(op, fmt, granularity)
+    if fmt != "fp8":
+        raise ValueError(f"{op}: format '{fmt}' is not supported: the bound row scales are for FP8 codes; valid: fp8")
+    if granularity != "per_token":
+        raise ValueError(f"{op}: granularity '{granularity}' is not supported: the bound row scales need one scale "
+                         "per row; valid: per_token")
+    if tuple(wbound.shape) != (2,) or wbound.dtype != torch.float32:
+        raise ValueError(f"{op}: wbound must be the [2] float32 [C, b] of the GELU GEMM "
+                         f"(kernels.w8a8.ref.gelu_bound_constants_ref), got {wbound.dtype} {list(wbound.shape)}")
+    if wbound.device != x.device:
+        raise ValueError(f"{op}: wbound is on {wbound.device}, x on {x.device}; both must share one device")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{op}: x has no channels (D = 0); the LayerNorm needs D >= 1")
+
+
+@define("turbocompile::ln_modulate_quant_bound")
+def _ln_modulate_quant_bound(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], eps: float,
+    format: str, granularity: str, wbound: torch.Tensor, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "turbocompile::ln_modulate_quant_bound"
+    _check_ln_args(op, x, weight, bias, shift, scale)
+    _check_bound(op, x, format, granularity, wbound)
+    if resolve_backend(backend, x.device, op) == "triton":
+        from turbocompile.kernels.norms.triton_layernorm import ln_modulate_triton
+
+        return ln_modulate_triton(x, weight, bias, shift, scale, eps, x.dtype, quant=(format, granularity),
+                                  wbound=wbound)
+    return ref.ln_modulate_quant_bound_ref(x, weight, bias, shift, scale, eps, wbound)
+
+
+@_ln_modulate_quant_bound.register_fake
+def _(x, weight, bias, shift, scale, eps, format, granularity, wbound, backend):
+    _check_bound("turbocompile::ln_modulate_quant_bound", x, format, granularity, wbound)
+    D = x.shape[-1]
+    M = x.numel() // D
+    return (x.new_empty((M, D), dtype=_QDTYPE[format]), x.new_empty((M, 1), dtype=torch.float32),
+            x.new_empty((M, 1), dtype=torch.float32))
+
+
+def ln_modulate_quant_bound(
+    x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, eps: float = 1e-6, *,
+    wbound: torch.Tensor, format: str = "fp8", granularity: str = "per_token", backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`ln_modulate_quant` (FP8, per token) that also returns the "bound" row scales of the GELU GEMM
+    reading its codes: ``(q [M, D] e4m3, scale [M, 1], bound_scale [M, 1])``, all fp32 scales.
+
+    ``bound_scale`` is ``kernels.w8a8.ref.row_bound_scale_ref(q, scale, wbound)``: per row the power of two
+    ``2^e`` covering ``(scale·sqrt(Σ q²)·C + b)·BOUND_MARGIN`` at 448, with ``wbound = [C, b]`` the GEMM
+    weight's constants (``ref.gelu_bound_constants_ref``); pass it to
+    :func:`turbocompile.ops.w8a8.w8a8_linear_gelu_quant_rowscale` as ``row_scale``. The Triton kernel sums
+    the squared codes while they are in registers (no second pass over q), in another order than torch: its
+    exponent can differ from the reference's only where the bound lies within a few fp32 ulps of a
+    power-of-two multiple of 448. ``q`` and ``scale`` are :func:`ln_modulate_quant`'s, bit for bit.
+
+    Only ``format="fp8"`` and ``granularity="per_token"`` (the bound scales are FP8 per-row scales); anything
+    else is refused. Example::
+
+        qx, sx, s_ffn = ln_modulate_quant_bound(x, shift=sh_f, scale=sc_f, wbound=wb)  # wb: ffn.0's [C, b]
+        q = w8a8_linear_gelu_quant_rowscale(qx, sx, qw, sw, b, "fp8", row_scale=s_ffn)  # ffn.2's input, scales s_ffn
+    """
+    return torch.ops.turbocompile.ln_modulate_quant_bound(
+        x, weight, bias, shift, scale, eps, format, granularity, wbound, backend)
+
+
+@define("turbocompile::residual_ln_modulate_quant_bound")
+def _residual_ln_modulate_quant_bound(
+    x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+    eps: float, format: str, granularity: str, wbound: torch.Tensor, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "turbocompile::residual_ln_modulate_quant_bound"
+    _check_ln_args(op, x, weight, bias, shift, scale, gate)
+    if y.shape != x.shape or y.dtype != x.dtype:
+        raise ValueError(f"{op}: y {tuple(y.shape)} {y.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    _check_bound(op, x, format, granularity, wbound)
+    if resolve_backend(backend, x.device, op) == "triton":
+        from turbocompile.kernels.norms.triton_layernorm import residual_ln_modulate_triton
+
+        return residual_ln_modulate_triton(x, y, gate, weight, bias, shift, scale, eps, x.dtype,
+                                           quant=(format, granularity), wbound=wbound)
+    x_new = ref.gated_residual_ref(x, y, gate)
+    q, s, sb = ref.ln_modulate_quant_bound_ref(x_new, weight, bias, shift, scale, eps, wbound)
+    return x_new.contiguous(), q, s, sb
+
+
+@_residual_ln_modulate_quant_bound.register_fake
+def _(x, y, gate, weight, bias, shift, scale, eps, format, granularity, wbound, backend):
+    _check_bound("turbocompile::residual_ln_modulate_quant_bound", x, format, granularity, wbound)
+    D = x.shape[-1]
+    M = x.numel() // D
+    return (x.new_empty(x.shape), x.new_empty((M, D), dtype=_QDTYPE[format]),
+            x.new_empty((M, 1), dtype=torch.float32), x.new_empty((M, 1), dtype=torch.float32))
+
+
+def residual_ln_modulate_quant_bound(
+    x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None, eps: float = 1e-6, *,
+    wbound: torch.Tensor, format: str = "fp8", granularity: str = "per_token", backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`residual_ln_modulate_quant` with the bound row scales of :func:`ln_modulate_quant_bound`:
+    returns ``(x_new, q [M, D] e4m3, scale [M, 1], bound_scale [M, 1])``."""
+    return torch.ops.turbocompile.residual_ln_modulate_quant_bound(
+        x, y, gate, weight, bias, shift, scale, eps, format, granularity, wbound, backend)

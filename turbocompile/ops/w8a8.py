@@ -19,6 +19,10 @@ Ops (registered on import; every op ends with ``backend``: "auto" | "triton" | "
   per-token input) takes a power-of-two scale from an upper bound of the row known before the GEMM
   (``wbound``: the weight's constants). The arguments after ``backend`` are optional, so graphs saved
   without them keep loading.
+* ``turbocompile::w8a8_linear_gelu_quant_rowscale(qx, xscale, qweight, wscale, bias, format, act_granularity,
+  weight_granularity, out_dtype, row_scale, backend) -> q``: the same GEMM + GELU, FP8 codes at given
+  power-of-two row scales ``row_scale [M, 1]`` (the "bound" scales that ``ln_modulate_quant_bound`` wrote
+  beside qx, so no kernel re-reads qx for them); returns the codes only: the scales are ``row_scale``.
 * ``turbocompile::w8a8_linear_residual(qx, xscale, qweight, wscale, bias, format, act_granularity,
   weight_granularity, residual, gate, backend) -> x_new``: ``residual + GEMM·gate`` in one kernel (the
   Wan blocks' residual stream after the o-projections and ffn.2).
@@ -55,6 +59,7 @@ __all__ = [
     "w8a8_linear_prequant_sumsq",
     "w8a8_linear_gelu",
     "w8a8_linear_gelu_quant",
+    "w8a8_linear_gelu_quant_rowscale",
     "w8a8_linear_residual",
 ]
 
@@ -519,6 +524,70 @@ def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias=None, format="int8"
     return torch.ops.turbocompile.w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format,
                                                          act_granularity, weight_granularity, out_dtype,
                                                          out_format, backend, out_scale, wbound)
+
+
+def _check_rowscale_args(op: str, qx, act_granularity: str, row_scale: torch.Tensor) -> None:
+    if act_granularity != "per_token":
+        raise ValueError(f"{op}: activation granularity '{act_granularity}' is not supported; valid choices: "
+                         "per_token")
+    ref.check_row_scale(op, row_scale, qx.shape[0], qx.device)
+
+
+@define("turbocompile::w8a8_linear_gelu_quant_rowscale")
+def _w8a8_linear_gelu_quant_rowscale_op(
+    qx: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: torch.Tensor | None,
+    format: str,
+    act_granularity: str,
+    weight_granularity: str,
+    out_dtype: torch.dtype,
+    row_scale: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    op = "turbocompile::w8a8_linear_gelu_quant_rowscale"
+    _check_gemm_args(op, qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                     out_dtype, backend)
+    _check_rowscale_args(op, qx, act_granularity, row_scale)
+    if resolve_backend(backend, qx.device, op) == "triton":
+        from turbocompile.kernels.w8a8.triton_bound import gelu_quant_bound
+
+        return gelu_quant_bound(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity, out_dtype,
+                                None, row_scale=row_scale)[0]
+    return ref.w8a8_gemm_gelu_rowscale_ref(qx, xscale, qweight, wscale, bias, act_granularity, weight_granularity,
+                                           out_dtype, row_scale)
+
+
+@_w8a8_linear_gelu_quant_rowscale_op.register_fake
+def _(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity, out_dtype, row_scale,
+      backend):
+    op = "turbocompile::w8a8_linear_gelu_quant_rowscale"
+    _check_modes(op, format, act_granularity, weight_granularity, backend)
+    _check_rowscale_args(op, qx, act_granularity, row_scale)
+    return qx.new_empty((qx.shape[0], qweight.shape[0]), dtype=torch.float8_e4m3fn)
+
+
+def w8a8_linear_gelu_quant_rowscale(qx, xscale, qweight, wscale, bias=None, format="fp8",
+                                    act_granularity="per_token", weight_granularity="per_channel",
+                                    out_dtype=torch.bfloat16, *, row_scale: torch.Tensor,
+                                    backend="auto") -> torch.Tensor:
+    """:func:`w8a8_linear_gelu` with FP8 e4m3 codes ``[M, N]`` out, at given per-row scales: ``e4m3_rne(clamp(h /
+    row_scale, ±448))`` of the ``out_dtype``-rounded h (``kernels.w8a8.ref.w8a8_gemm_gelu_rowscale_ref``).
+
+    ``row_scale [M, 1]`` fp32 must hold powers of two (the division is then exact and the Hopper epilogue
+    multiplies by ``1 / s``; values are not checked). It is what the "bound" variant of
+    :func:`w8a8_linear_gelu_quant` computes before its GEMM, here computed by the norm that quantized qx
+    (:func:`turbocompile.ops.norms.ln_modulate_quant_bound`), so no kernel re-reads qx for it: pass that
+    norm's ``bound_scale``, and give the next ``w8a8_linear_prequant`` ``(q, row_scale)``. With
+    ``row_scale = ref.row_bound_scale_ref(qx, xscale, wbound)`` the codes equal ``w8a8_linear_gelu_quant(...,
+    out_scale="bound", wbound=wbound)``'s. Returns the codes only (an op may not return its input; the
+    scales are ``row_scale``). ``qx``: INT8 or FP8 codes with per-token scales; any weight granularity.
+    """
+    return torch.ops.turbocompile.w8a8_linear_gelu_quant_rowscale(qx, xscale, qweight, wscale, bias, format,
+                                                                  act_granularity, weight_granularity, out_dtype,
+                                                                  row_scale, backend)
 
 
 # ------------------------------------------------------------ GEMM + gated residual epilogue (o, ffn.2)
