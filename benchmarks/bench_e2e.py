@@ -119,6 +119,13 @@ for _base in ("w8a8_fp8+norms+sagesla+epi+pool+siblings+bound", "w8a8_fp8+norms+
     _ssq = {"name": "fuse_text_attention", "options": {"sumsq_from_gemm": True}}
     VARIANTS[_base + "+textq_ssq"] = [*VARIANTS[_base], _ssq]
     VARIANTS[_base.replace("w8a8_", "rcm4_", 1) + "+textq_ssq"] = [*VARIANTS[_base], _ssq, _RCM4]
+# + self-attention's output written by SageSLA's epilogue as the o projection's FP8 codes at one scale per sample
+# (fuse_sagesla_quant: no per-token quantizer pass over the attention output). "...+merge+textq+slaq" is turbo-fp8
+# since this pass; "...+merge+textq" the recipe before it.
+for _base in ("w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+textq",
+              "w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+merge+textq"):
+    VARIANTS[_base + "+slaq"] = [*VARIANTS[_base], "fuse_sagesla_quant"]
+    VARIANTS[_base.replace("w8a8_", "rcm4_", 1) + "+slaq"] = [*VARIANTS[_base], "fuse_sagesla_quant", _RCM4]
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"
 # "<variant>+dispatch": eager, calling OptimizeResult.graph_module itself, whose op calls go through the
@@ -132,6 +139,24 @@ GELU_TAGS = {"+gelu_ex2rcp": "ex2_rcp", "+gelu_tanh": "tanh"}
 # "+gelu_long" anywhere in a variant name: ffn.0's GELU + FP8 codes epilogue in its long form (before session 28;
 # kernels/w8a8/triton_gemm_tma.GELU_CODES_SHORT off), same process
 GELU_LONG_TAG = "+gelu_long"
+# "+nofold" anywhere in a variant name: fuse_gemm_epilogues with bound_in_norm off (ffn.2's bound row scales from
+# their own kernel, as before session 28, instead of the norm that quantizes ffn.0's input)
+NO_FOLD_TAG = "+nofold"
+_NO_FOLD = {"flag": False}  # set per variant by main(), read where the recipe is built
+
+
+def _recipe_passes(base_name: str) -> list:
+    """The variant's passes; with the +nofold tag, every fuse_gemm_epilogues entry gets bound_in_norm: false."""
+    passes = VARIANTS[base_name]
+    if not _NO_FOLD["flag"]:
+        return passes
+    out = []
+    for p in passes:
+        if p == "fuse_gemm_epilogues" or (isinstance(p, dict) and p.get("name") == "fuse_gemm_epilogues"):
+            opts = dict(p.get("options", {})) if isinstance(p, dict) else {}
+            p = {"name": "fuse_gemm_epilogues", "options": {**opts, "bound_in_norm": False}}
+        out.append(p)
+    return out
 
 
 def _gelu_form_of(label: str) -> tuple[str, str | None]:
@@ -221,7 +246,8 @@ def main(argv=None):
     for label in args.variants.split(","):
         name, form = _gelu_form_of(label)
         long_codes = GELU_LONG_TAG in name
-        name = name.replace(GELU_LONG_TAG, "")
+        _NO_FOLD["flag"] = NO_FOLD_TAG in name
+        name = name.replace(GELU_LONG_TAG, "").replace(NO_FOLD_TAG, "")
         base_name = name
         for suffix in (CUDA_GRAPH_SUFFIX, DISPATCH_SUFFIX):
             base_name = base_name[: -len(suffix)] if base_name.endswith(suffix) else base_name
@@ -288,7 +314,7 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
             run = lambda: fn_model(*args_in)  # noqa: E731
             prep_s = time.perf_counter() - t0
         else:
-            recipe = {"version": 1, "name": base_name, "model": recipe_model, "passes": VARIANTS[base_name]}
+            recipe = {"version": 1, "name": base_name, "model": recipe_model, "passes": _recipe_passes(base_name)}
             res = turbocompile.optimize(args.model_src, recipe, seed=0)
             gm = res.graph_module
             if res.manifest["kind"] == "sampler":  # inputs: noise, context, ..., step noise
@@ -336,6 +362,7 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
         epi, sla, sib = (stats.get(n) for n in ("fuse_gemm_epilogues", "sagesla_attention", "fuse_sibling_gemms"))
         entry = {"gemm_epilogues": epi, "sagesla": sla, "sibling_gemms": sib,
                  "merge_padding_keys": stats.get("merge_padding_keys"),
+                 "sagesla_quant": stats.get("fuse_sagesla_quant"),
                  "residual_epilogues": stats.get("fuse_residual_epilogues"), "ms": ms, "prep_s": round(prep_s, 2),
                  "peak_gib": peak, "prep_peak_gib": prep_peak, "vs_eager_rel_err": m["rel_err"],
                  "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}

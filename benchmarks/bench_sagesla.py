@@ -8,7 +8,8 @@ Run from the repo root (package installed, e.g. ``pip install --no-deps --no-bui
 2. timing (triton.testing.do_bench, median) of the whole op (block map + quantization + sparse
    + linear branch + proj_l) at Wan shapes, its two stages separately, SDPA (cuDNN / flash on
    pre-transposed [B, H, L, D] inputs: their best case) and sageattention 1.0.6;
-3. a table last; JSON to $OUT/bench_sagesla.json.
+3. a table last; JSON to $OUT/bench_sagesla.json. At top-k 0.1 also the o projection's FP8 input: sagesla + the
+   per-token quantizer vs sagesla_quant (`time_fp8_out`).
 Environment: SWEEP=0 skips the knob sweep; SAGESLA_TUNE='{"knob": value}' overrides `DEFAULT_TUNE`.
 Inputs are random bf16 (never zeros); every input is > 50 MB, larger than L2, so no rotation.
 """
@@ -30,7 +31,8 @@ from _cuda_graph import graphed  # benchmarks/ is the script's directory (sys.pa
 from turbocompile.kernels.sagesla import ref as sref
 from turbocompile.kernels.sagesla.triton_attn import launch_attn
 from turbocompile.kernels.sagesla.triton_prep import DEFAULT_TUNE, prepare, topk_lut
-from turbocompile.ops.attention import sagesla
+from turbocompile.ops.attention import sagesla, sagesla_quant
+from turbocompile.ops.w8a8 import quantize_activation
 
 DEV = "cuda"
 RESULTS: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -173,6 +175,8 @@ def time_shape(name, B, L, H, D):
                 # the same call replayed from a CUDA graph, as it runs inside the e2e forward: the ~8
                 # kernel launches of the prep no longer cost host time (SDPA is one kernel either way)
                 add(label + "-cudagraph", bench(graphed(fn)), dens)
+            if quant == "int8-fp8" and topk == 0.1:
+                time_fp8_out(q, k, v, topk, pw, pb, label, dens, add)
         except Exception as e:
             print(f"sagesla {quant} {topk} proj={with_proj} failed: {e!r}"[:400])
             traceback.print_exc()
@@ -185,6 +189,27 @@ def time_shape(name, B, L, H, D):
             traceback.print_exc()
     RESULTS["timing"] += rows
     return rows
+
+
+def time_fp8_out(q, k, v, topk, pw, pb, label, dens, add):
+    """The o projection's FP8 input, CUDA graphs: sagesla then the per-token quantizer (what the o projection's
+    w8a8_linear runs first) against sagesla_quant (codes from the attention epilogue at the per-sample bound, one
+    small bound kernel more); and the dequantized codes' error vs the bf16 output for both scales."""
+    B, L, H, D = q.shape
+
+    def unfused():
+        return quantize_activation(sagesla(q, k, v, topk=topk, proj_weight=pw, proj_bias=pb, backend="triton")
+                                   .reshape(B * L, H * D), "fp8", "per_token", "triton")
+
+    def fused():
+        return sagesla_quant(q, k, v, topk=topk, proj_weight=pw, proj_bias=pb, backend="triton")
+
+    o = sagesla(q, k, v, topk=topk, proj_weight=pw, proj_bias=pb, backend="triton").reshape(B * L, H * D).float()
+    errs = {name: ((c.float() * s - o).norm() / o.norm()).item() for name, (c, s) in
+            (("per_token", unfused()), ("bound", fused()))}
+    add(label + "+quant-cudagraph", bench(graphed(unfused)), dens, {"err_vs_bf16": errs["per_token"]})
+    add(label.replace("sagesla-", "sagesla_quant-", 1) + "-cudagraph", bench(graphed(fused)), dens,
+        {"err_vs_bf16": errs["bound"]})
 
 
 ATTN_VARIANTS = {  # name: launch_attn kwargs (defaults: I2F convert, linear branch split out, bm 64/128)

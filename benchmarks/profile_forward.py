@@ -26,7 +26,7 @@ FAMILIES = [  # first match wins (kernel names, lower case)
     ("text attention (merged)", ("_tail_merged", "_key_tail")),  # pass merge_padding_keys
     ("sagesla attention", ("_attn_fwd", "sagesla", "_sparse", "attn_kernel", "_linear_out")),
     ("sagesla prep", ("_prep", "_pool", "_topk", "_lut", "_linear_stats", "_kv_stats", "_quant_k", "_stats",
-                      "_key_means", "_linear_fold")),
+                      "_key_means", "_linear_fold", "_sample_bound")),
     ("sdpa (cross-attn)", ("flash", "fmha", "cudnn", "sdpa", "attention")),
     ("w8a8 gemm", ("_w8a8", "gemm", "_scaled_mm", "int_mm")),
     ("fused norms", ("_ln_", "_rms", "layernorm", "layer_norm")),

@@ -15,3 +15,4 @@ from turbocompile.passes import fuse_attention_pooling  # noqa: E402,F401
 from turbocompile.passes import fuse_residual_epilogues  # noqa: E402,F401
 from turbocompile.passes import merge_padding_keys  # noqa: E402,F401
 from turbocompile.passes import fuse_text_attention  # noqa: E402,F401
+from turbocompile.passes import fuse_sagesla_quant  # noqa: E402,F401

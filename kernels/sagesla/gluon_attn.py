@@ -23,7 +23,11 @@ rounding are computed in a different order). What Gluon adds is the schedule:
     epilogue: KVW goes through the idle K ring into a bf16 wgmma whose accumulator starts from the
     attention output, no extra kernel and no round trip of the output rows;
   * with PDL (`pdl`, when `prepare` chained its kernels) the q tile is loaded and quantized before the
-    grid-dependency wait, i.e. while the quantization pass finishes; the LUT and the K/V copies after it.
+    grid-dependency wait, i.e. while the quantization pass finishes; the LUT and the K/V copies after it;
+  * with QOUT the epilogue writes the o projection's FP8 codes at the sample's scale bound_b / 448 instead
+    of the output rows (`quant_out`; the quotients by 448 come with the bounds, no division here): no
+    register cost in the loop; the epilogue spills about as much as the bf16 store's (Triton 3.6, D = 128,
+    as launched: 16 -> 0 stack bytes without the linear branch, 48 -> 56 with it).
 
 One warpgroup (4 warps) owns a 64-row query block (= block_q, one row of the block map, one q
 quantization group). Measured and dropped: session 6, a deeper pipeline with PV_t in flight under
@@ -170,9 +174,10 @@ if HAS_GLUON:
         H, L, Qb, Kb, T, Lpad, qk_scale,
         stride_qb, stride_ql, stride_qh, stride_qd,
         stride_ob, stride_ol, stride_oh, stride_od,
+        codes_ptr, scale_ptr, bound_ptr,  # QOUT: e4m3 [B*L, H*D], fp32 [B*L] token scales, fp32 [3, B] (see below)
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, DENSE: gl.constexpr,
         LINEAR: gl.constexpr, HAS_BIAS: gl.constexpr, NS: gl.constexpr, VPERM: gl.constexpr, ADD_OUT: gl.constexpr,
-        LUT_PAD: gl.constexpr, PDL: gl.constexpr, KVW_TMA: gl.constexpr, num_warps: gl.constexpr,
+        LUT_PAD: gl.constexpr, PDL: gl.constexpr, KVW_TMA: gl.constexpr, QOUT: gl.constexpr, num_warps: gl.constexpr,
     ):
         i = gl.program_id(0)
         bh = gl.program_id(1)
@@ -343,7 +348,33 @@ if HAS_GLUON:
                  + gl.expand_dims(offs_mo.to(gl.int64) * stride_ol, 1) + gl.expand_dims(offs_do * stride_od, 0))
         if ADD_OUT:  # the linear branch (+ bias) was parked in the output rows by `_linear_out_kernel`
             o += gl.load(optrs, mask=gl.expand_dims(offs_mo < L, 1), other=0.0).to(gl.float32)
-        gl.store(optrs, o.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(offs_mo < L, 1))
+        if QOUT:  # the o projection's FP8 input instead of the output rows (o_ptr then only parks the linear branch)
+            _store_codes(o, codes_ptr, scale_ptr, bound_ptr, b, h, H, L, offs_mo, offs_do, q_ptr.dtype.element_ty,
+                         HEAD_D)
+        else:
+            gl.store(optrs, o.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(offs_mo < L, 1))
+
+    @gluon.jit
+    def _store_codes(o, codes_ptr, scale_ptr, bound_ptr, b, h, H, L, offs_m, offs_d, dt: gl.constexpr,
+                     HEAD_D: gl.constexpr):
+        """`quant_out.fp8_codes` in Gluon: o [BLOCK_M, HEAD_D] (rows offs_m of sample b, head h) rounded to dt as
+        the output would be stored, times 448 / bound_b, to e4m3 by the saturating RNE cast (cvt.rn.satfinite:
+        the quantizer's clamp at ±448); head 0 also writes the rows' scales bound_b / 448. ``bound_ptr`` [3, B]
+        holds the bounds and both quotients, correctly rounded (`quant_out.sample_bound`): a division here would
+        be a subroutine call whose saved registers spill."""
+        nb = gl.num_programs(1) // H  # B
+        inv = gl.load(bound_ptr + nb + b)
+        if dt == gl.bfloat16:  # back through the bits: the bf16 cast pair must not be folded away
+            x = (o.to(dt).to(gl.uint16, bitcast=True).to(gl.uint32) << 16).to(gl.float32, bitcast=True)
+        else:
+            x = o.to(dt).to(gl.float32)
+        row_ok = offs_m < L
+        tok = b.to(gl.int64) * L + offs_m
+        cptrs = codes_ptr + gl.expand_dims((tok * H + h) * HEAD_D, 1) + gl.expand_dims(offs_d, 0)
+        gl.store(cptrs, (x * inv).to(gl.float8e4nv), mask=gl.expand_dims(row_ok, 1))
+        if h == 0:
+            gl.store(scale_ptr + tok, gl.zeros_like(offs_m.to(gl.float32)) + gl.load(bound_ptr + 2 * nb + b),
+                     mask=row_ok)
 
 
 def gluon_supported(q: torch.Tensor, quant: int, block_q: int, block_k: int) -> bool:
@@ -375,11 +406,14 @@ def kvw_descriptor(kvw: torch.Tensor):
 
 def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, block_k: int,
                  kvw: torch.Tensor | None, ksum: torch.Tensor | None, bias: torch.Tensor | None,
-                 stages: int = DEFAULT_STAGES, add_out: bool = False):
+                 stages: int = DEFAULT_STAGES, add_out: bool = False, qout=None):
     """Run the Gluon sparse forward on operands made by `prepare` (int8-fp8) into `out`; with
     `kvw` (= (φ(k)ᵀv)·proj_lᵀ, q dtype) and `ksum` the linear branch (+ `bias`) is added in the
     epilogue; with `add_out` the output rows already hold it (parked by `_linear_out_kernel`) and
-    are added to. Returns the compiled kernel."""
+    are added to. `qout`: (codes [B*L, H*D] e4m3, scales [B*L, 1] fp32, [3, B] fp32 bounds, 448 / bound and
+    bound / 448 from `quant_out.sample_bound`): write the FP8 codes at each sample's scale bound / 448 and
+    the rows' scales instead of `out` (which then only holds the parked rows of `add_out`). Returns the
+    compiled kernel."""
     B, L, H, D = q.shape
     pdl = bool(prep.get("pdl"))  # `prepare` launched its chain with PDL: this kernel joins it
     lut = prep["lut"] if prep["lut"] is not None else prep["kscale"]
@@ -393,7 +427,8 @@ def launch_gluon(q: torch.Tensor, out: torch.Tensor, prep: dict, block_q: int, b
         kvw if kvw is not None else dummy, ksum if ksum is not None else dummy,
         bias if bias is not None else dummy,
         H, L, prep["Qb"], prep["Kb"], prep["T"], prep["Lpad"], LOG2E / D ** 0.5, *q.stride(), *out.stride(),
+        *(qout if qout is not None else (dummy, dummy, dummy)),
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_D=D, DENSE=prep["dense"], LINEAR=kvw is not None,
         HAS_BIAS=bias is not None, NS=stages, VPERM=bool(prep["v_perm"]), ADD_OUT=add_out, LUT_PAD=lut_pad,
-        PDL=pdl, KVW_TMA=kvw_tma, num_warps=4, maxnreg=MAX_REGS, **pdl_launch_kwargs(pdl),
+        PDL=pdl, KVW_TMA=kvw_tma, QOUT=qout is not None, num_warps=4, maxnreg=MAX_REGS, **pdl_launch_kwargs(pdl),
     )

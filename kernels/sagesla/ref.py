@@ -17,6 +17,10 @@ range; TurboDiffusion uses 2.25, which puts ~0.7% of a channel's range into e4m3
 P as e4m3 with the static 448 scaling (row sums use the unrounded P). "int8-fp16": V and P
 in fp16. "none": no quantization (plain SLA).
 
+Quantized output (:func:`sagesla_quant_ref`, the ``turbocompile::sagesla_quant`` op): the output as the
+o projection's per-token FP8 input, every token of sample b at the scale ``bound_b / 448`` of
+:func:`output_bound_ref`, an upper bound of the sample's outputs known from v and proj_l alone.
+
 Memory traffic (why this is a reference, not a kernel): every tensor is transposed and
 upcast to fp32 (3 copies of q, k, v at 2x their size), the sparse branch materialises a
 [B, H, rows, L] fp32 score matrix per chunk of query blocks, i.e. O(L²) bytes per head
@@ -37,12 +41,16 @@ __all__ = [
     "quant_fp8",
     "linear_branch_ref",
     "sagesla_ref",
+    "output_bound_ref",
+    "sagesla_quant_ref",
 ]
 
 QUANT_MODES = ("int8-fp8", "int8-fp16", "none")
 FP8_MAX = 448.0
 EPS_SCALE = 1e-7
 EPS_LINEAR = 1e-5
+# Relative round-up allowed for P̃'s e4m3 rounding in the output bound (3 mantissa bits; see output_bound_ref).
+P8_SLACK = 2.0 ** -4
 
 
 def num_kept_blocks(topk: float, n_key_blocks: int) -> int:
@@ -157,3 +165,65 @@ def sagesla_ref(
 
     o = o_s + linear_branch_ref(qf, kf, vf, proj_weight, proj_bias)
     return o.transpose(1, 2).to(q.dtype)
+
+
+def output_bound_ref(v: torch.Tensor, proj_weight: torch.Tensor | None = None,
+                     proj_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``[B]``: ``bound_b = V_b · (1 + 2^-4 + R) + Bmax``, an upper bound of |SageSLA output| per sample.
+
+    ``V_b = 448 · max_{h,c} vs[b, h, c]`` with the kernels' FP8 V scales ``vs = max_L |v| / 448 + 1e-7``
+    (true division, as the kernels' ``div_rn``): every FP8 value code·vs is at most 448·vs <= V_b, and
+    V_b >= max |v[b]|. ``R = max_r Σ_c |W[r, c]|`` (0 without proj_l), ``Bmax = max |bias|`` (0 without).
+
+    Why it bounds the output, per branch (any quant mode; int8-fp8 is the tight case):
+
+    * sparse: ``o_s = Σ_j P̃8_j v̂_j / Σ_j P̃_j`` with P̃8 = e4m3(P̃) in the numerator and the unrounded P̃ in
+      the normalizer (the kernels' l, the reference's denom). A convex combination of v̂ rows but for that
+      rounding: e4m3 rounds a normal P̃ (>= 2^-6) up by at most the factor 18/17 (just above 1 + 2^-4 in a
+      binade, up to 1 + 2^-3) and a subnormal one by at most 2^-10 absolute, while the row's largest
+      P̃ is 448 (so l >= 448): ``|o_s| <= V_b (18/17 + n 2^-10 / 448)`` for n keys of P̃ < 2^-6, within
+      the factor 1 + 2^-4 = 17/16 for n <= 1686 (every rounding going up at once). The online softmax
+      rescales numerator and l alike (α <= 1), which keeps both bounds.
+    * linear: ``o_l = φ(q)·(KV·Wᵀ) / (1e-5 + φ(q)·Σφ(k)) + b``, KV = Σ_j φ(k_j)ᵀ v_j with φ >= 0, so
+      ``|KV[c, e]| <= max|v| Σφ(k)_c`` and ``|o_l[r] - b_r| <= max|v| R (den - 1e-5) / den < max|v| R``:
+      the 1e-5 only shrinks it.
+
+    Not covered: the kernels' roundings (KV, W, KVW and φ(q) to the model dtype, each <= 2^-9; the output
+    to the model dtype, 2^-9; the Hopper FP8 accumulator) and subnormal P̃ beyond the count above. They
+    cost nothing while |o| <= bound · 29/28: e4m3's top binade has steps of 32, so 448 < x <= 464 rounds
+    to 448 anyway and the clamp (the GPU's saturating cast) changes no code. That holds with every rounding
+    going up for up to ~18 000 keys of P̃ < 2^-6 per row (top-k 0.1 attends at most 7 680 keys at Wan-14B).
+    """
+    vmax = v.abs().amax(dim=1).float()  # [B, H, D]
+    vs = vmax / torch.full_like(vmax, FP8_MAX) + EPS_SCALE  # the kernels' FP8 V scales (a true division)
+    cap = vs.amax(dim=(1, 2)) * FP8_MAX  # [B]
+    gain = torch.full_like(cap, 1.0 + P8_SLACK)
+    if proj_weight is not None:
+        gain = gain + proj_weight.float().abs().sum(dim=1).amax()
+    bound = cap * gain
+    if proj_bias is not None:
+        bound = bound + proj_bias.float().abs().amax()
+    return bound
+
+
+def sagesla_quant_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float,
+    proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
+    block_q: int = 64, block_k: int = 128, quant: str = "int8-fp8",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SageSLA's output as FP8 codes at one scale per sample. q, k, v ``[B, L, H, D]``.
+
+    ``o = sagesla_ref(...)`` in q's dtype (as the unfused graph stores it), then the per-token quantizer's
+    FP8 formula with the amax replaced by :func:`output_bound_ref`'s bound of the token's sample:
+    ``codes = e4m3_rne(clamp(o · (448 / bound_b), ±448))``, ``scale = bound_b / 448``.
+
+    Returns:
+        ``(codes [B*L, H*D] float8_e4m3fn, scales float32 [B*L, 1])``, what ``w8a8_linear_prequant`` takes
+        with ``format="fp8"`` and per-token activation scales.
+    """
+    from turbocompile.kernels.w8a8.ref import codes_at_amax_ref, dequant_scale_ref
+
+    B, L, H, D = q.shape
+    o = sagesla_ref(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant)
+    a = output_bound_ref(v, proj_weight, proj_bias).repeat_interleave(L).unsqueeze(1)  # [B*L, 1]
+    return codes_at_amax_ref(o.reshape(B * L, H * D).float(), a, "fp8"), dequant_scale_ref(a, "fp8")

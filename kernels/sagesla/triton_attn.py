@@ -22,7 +22,9 @@ Each program:
      proj_l → bias, with proj_l folded into KVW = KV·Wᵀ (one product per row tile): by default
      parked in the output rows beforehand, by this kernel's prologue in sparse mode (LIN_PRO) or
      by `_linear_out_kernel` in dense mode, and added here (ADD_OUT; computing it in the
-     epilogue, LINEAR, made the main loop spill); written to [B, L, H, D].
+     epilogue, LINEAR, made the main loop spill); written to [B, L, H, D], or (QOUT) as the o
+     projection's FP8 codes [B*L, H*D] at the sample's scale bound_b / 448 with the tokens' scales
+     (head-0 programs), the output first rounded to the model dtype as it would be stored (`quant_out`).
 QUANT: 0 = plain bf16/fp16 SLA (K, V read from the inputs), 1 = int8-fp8, 2 = int8-fp16.
 """
 
@@ -34,8 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..norms.triton_rounding import round_to
 from .gluon_attn import DEFAULT_STAGES, gluon_supported, launch_gluon
 from .linear_fold import fold_linear
+from .quant_out import fp8_codes, sample_bound
 from .side_streams import join
 from .triton_prep import INTERPRET, dot_acc, feature_map, permute_keys, prepare, round_e4m3
 
@@ -180,6 +184,10 @@ def _sagesla_fwd_kernel(
     DENSE: tl.constexpr, WS: tl.constexpr, ADD_OUT: tl.constexpr,
     CVT: tl.constexpr, EXPM: tl.constexpr, P8: tl.constexpr, NOPV: tl.constexpr,
     kdesc, vdesc, Lpad, TMA: tl.constexpr, LIN_PRO: tl.constexpr, VPERM: tl.constexpr,
+    codes_ptr,  # QOUT: [B*L, H*D] e4m3, contiguous
+    scale_ptr,  # QOUT: [B*L] fp32 per-token scales (written by the head-0 programs)
+    bound_ptr,  # QOUT: [3, B] fp32 per-sample bound, 448 / bound, bound / 448 (`quant_out.sample_bound`)
+    QOUT: tl.constexpr,
 ):
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -281,7 +289,29 @@ def _sagesla_fwd_kernel(
         if LIN_PRO:
             tl.debug_barrier()  # rows parked by other threads of this program
         o += tl.load(optrs, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(optrs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
+    if QOUT:  # the o projection's FP8 input instead of the output rows (o_ptr then only parks the linear branch)
+        _store_codes(o, codes_ptr, scale_ptr, bound_ptr, b, h, H, L, offs_m, offs_d, q_ptr.dtype.element_ty,
+                     EXACT_FP8, HEAD_D)
+    elif EXACT_FP8:  # the interpreter's own 16-bit cast truncates: round to nearest even first, as the GPU
+        tl.store(optrs, round_to(o, o_ptr.dtype.element_ty).to(o_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        tl.store(optrs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _store_codes(o, codes_ptr, scale_ptr, bound_ptr, b, h, H, L, offs_m, offs_d, dt: tl.constexpr,
+                 EXACT: tl.constexpr, HEAD_D: tl.constexpr):
+    """FP8 codes of the output tile o [BLOCK_M, HEAD_D] (rows offs_m of sample b, head h) at sample b's scale
+    bound / 448, into codes [B*L, H*HEAD_D]; head 0 also writes the rows' scales. ``bound_ptr``: [3, B], the
+    bounds, 448 / bound (the quantizer's correctly rounded reciprocal) and bound / 448."""
+    row_ok = offs_m < L
+    tok = b.to(tl.int64) * L + offs_m
+    nb = tl.num_programs(1) // H  # B
+    codes = fp8_codes(o, tl.load(bound_ptr + nb + b), dt, EXACT)
+    tl.store(codes_ptr + (tok * H + h)[:, None] * HEAD_D + offs_d[None, :], codes, mask=row_ok[:, None])
+    if h == 0:
+        tl.store(scale_ptr + tok, tl.zeros([offs_m.shape[0]], tl.float32) + tl.load(bound_ptr + 2 * nb + b),
+                 mask=row_ok)
 
 
 @triton.jit
@@ -339,14 +369,17 @@ def sagesla_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float,
     proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None,
     block_q: int, block_k: int, quant: str,
-    num_warps: int | None = None, num_stages: int | None = None, pooled=None,
-) -> torch.Tensor:
+    num_warps: int | None = None, num_stages: int | None = None, pooled=None, fp8_out: bool = False,
+):
     """Prep passes + sparse forward. q, k, v [B, L, H, D] with any strides (passed to the
     kernels, never copied). ``pooled``: precomputed pass-A statistics (q_pool or None when dense,
-    k_blocksum, v_absmax), see :func:`prepare`. Inputs are assumed validated by the op."""
+    k_blocksum, v_absmax), see :func:`prepare`. Inputs are assumed validated by the op. Returns the
+    output [B, L, H, D], or with ``fp8_out`` the o projection's FP8 input (codes, scales): see
+    :func:`launch_attn`."""
     prep = prepare(q, k, v, topk, block_q, block_k, quant, proj_weight is not None, pooled=pooled,
                    fold=(proj_weight, q.dtype) if proj_weight is not None else None)
-    return launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps, num_stages)
+    return launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps, num_stages,
+                       fp8_out=fp8_out)
 
 
 # H200 (RESULTS.md, SageSLA round 3): cvt 2 is 8.6% faster than I2F dense at 1.3B and 1.4% sparse
@@ -385,8 +418,13 @@ def _launch_linear_out(q, kvw, ksum, bias, out, has_bias: bool, lc: dict):
 
 def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_warps=None, num_stages=None,
                 block_m=None, magic_cvt=False, warp_specialize=False, split_linear=True, return_kernel=False,
-                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None, kernel=None, stages=None):
+                cvt=None, expm=None, p8=None, nopv=False, tma=None, linear_cfg=None, kernel=None, stages=None,
+                fp8_out=False):
     """The sparse forward alone, on the operands made by :func:`prepare`.
+
+    ``fp8_out``: return ``(codes [B*L, H*D] e4m3, scales [B*L, 1] fp32)`` instead of the output: the o
+    projection's FP8 input at each sample's scale bound / 448 (`quant_out`; ``ref.sagesla_quant_ref``),
+    written by the attention kernel's epilogue (one more small launch computes the bounds).
 
     Inner-loop variants (benchmark knobs; defaults in DEFAULT_VARIANT): ``cvt`` int32 -> fp32 of the
     INT8 scores (0 I2F, 1 add/sub bit trick, 2 bit trick folded into the exponent FMA), ``expm`` the
@@ -405,7 +443,6 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     B, L, H, D = q.shape
     linear = proj_weight is not None
     join(q.device, prep.get("side_events", ()))  # the fold of proj_l may come from a side stream
-    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
     qnt = prep["quant"]
     dense = prep["dense"]
     if block_m is None:
@@ -451,19 +488,26 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
     else:
         kvw = ksum = prep["vscale"]
     bias = proj_bias.float().contiguous() if proj_bias is not None else prep["vscale"]
+    # The linear branch is parked in output rows that the attention kernel adds to: by `_linear_out_kernel`
+    # (Gluon: where="kernel", or "auto" in dense mode; Triton: split, not in the prologue) or by the Triton
+    # kernel's own prologue (LIN_PRO). With fp8_out those rows are a scratch buffer, allocated only then.
+    own = use_gluon and linear and (lc["where"] == "kernel" or (lc["where"] == "auto" and dense))
+    split = not use_gluon and linear and split_linear and lc["where"] != "epilogue"  # "epilogue": fused here
+    pro = split and (lc["where"] == "prologue" or (lc["where"] == "auto" and not dense))
+    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype) if not fp8_out or own or split \
+        else q.new_empty((1, 1, 1, 1))  # never read or written
+    qout = _fp8_out_buffers(q, prep, proj_weight, proj_bias) if fp8_out else None
+    result = qout[:2] if fp8_out else out
     if use_gluon:
-        # The linear branch (+ bias) runs in the Gluon kernel's epilogue, or (where="kernel", or
-        # "auto" in dense mode) in `_linear_out_kernel` first, the Gluon kernel adding to its rows.
-        own = linear and (lc["where"] == "kernel" or (lc["where"] == "auto" and dense))
+        # The linear branch (+ bias) runs in the Gluon kernel's epilogue, or (own) in `_linear_out_kernel`
+        # first, the Gluon kernel adding to its rows.
         if own:
             _launch_linear_out(q, kvw, ksum, bias, out, proj_bias is not None, lc)
         kern = launch_gluon(q, out, prep, block_q, block_k, kvw if linear and not own else None,
                             ksum if linear and not own else None,
                             bias if proj_bias is not None and not own else None, stages or DEFAULT_STAGES,
-                            add_out=own)
-        return (out, kern) if return_kernel else out
-    split = linear and split_linear and lc["where"] != "epilogue"  # "epilogue": fused in this kernel
-    pro = split and (lc["where"] == "prologue" or (lc["where"] == "auto" and not dense))
+                            add_out=own, qout=qout)
+        return (result, kern) if return_kernel else result
     if split and not pro:
         _launch_linear_out(q, kvw, ksum, bias, out, proj_bias is not None, lc)
     if num_warps is None:
@@ -481,8 +525,21 @@ def launch_attn(q, k, v, prep, proj_weight, proj_bias, block_q, block_k, num_war
         EXACT_FP8=INTERPRET, DENSE=dense, WS=warp_specialize, ADD_OUT=split,
         CVT=var["cvt"], EXPM=var["expm"], P8=var["p8"], NOPV=nopv,
         kdesc=kdesc, vdesc=vdesc, Lpad=Lpad, TMA=use_tma, LIN_PRO=pro, VPERM=bool(prep.get("v_perm", False)),
+        codes_ptr=qout[0] if fp8_out else out, scale_ptr=qout[1] if fp8_out else out,
+        bound_ptr=qout[2] if fp8_out else out, QOUT=fp8_out,
         num_warps=num_warps, num_stages=num_stages,
     )
     if return_kernel:
-        return out, kern
-    return out
+        return result, kern
+    return result
+
+
+def _fp8_out_buffers(q, prep, proj_weight, proj_bias):
+    """(codes [B*L, H*D] e4m3, scales [B*L, 1] fp32, [3, B] fp32 bounds with 448 / bound and bound / 448) for an
+    fp8_out launch; the bounds are computed here (`quant_out.sample_bound`, chained like `prepare`'s kernels
+    when it used PDL)."""
+    B, L, H, D = q.shape
+    codes = torch.empty(B * L, H * D, device=q.device, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(B * L, 1, device=q.device, dtype=torch.float32)
+    bound = sample_bound(prep["vscale"], B, proj_weight, proj_bias, bool(prep.get("pdl")))
+    return codes, scales, bound

@@ -70,6 +70,23 @@ def test_wan_tiny_onnx_matches_artifact(key):
         assert _rel(got, want) < 1e-2, (key, batch, _rel(got, want))
 
 
+def test_wan_tiny_fp8_bound_norm_onnx_matches_artifact():
+    """FP8 wan-tiny whose FFN pre-norms write the GELU GEMM's bound scales: the exported graph holds the bound norm
+    and the row-scale GELU GEMM ops (opset 19 picked for FP8) and runs like the artifact."""
+    out = tmp_root() / "fp8_bound.onnx"
+    ops = {name for name, _ in tco._graph_ops(program("fp8_bound"))}
+    assert {"residual_ln_modulate_quant_bound", "w8a8_linear_gelu_quant_rowscale"} <= ops, ops
+    assert "w8a8_linear_gelu_quant" not in ops
+    info = tco.save_onnx(program("fp8_bound"), out)
+    assert info["opset"] == tco.FP8_MIN_OPSET
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    model = turbocompile.load(artifact("fp8_bound"), device="cpu")
+    args = example_args(model.manifest, 1, seed=11)
+    want = model(*args).numpy()
+    got = _run(_session(out), args)[0]
+    assert got.shape == want.shape and _rel(got, want) < 1e-2, _rel(got, want)
+
+
 # ----------------------------------------------------------------------------- op level
 def _export_module(mod, args, path, opset=18, attention="standard"):
     prog = torch.onnx.export(mod, args, dynamo=True, custom_translation_table=tco.translation_table(attention),
@@ -175,6 +192,69 @@ def test_gelu_quant_bound_scales_and_codes(tmp_path):
     assert torch.equal(gq.float(), q.float())
 
 
+class _GeluQuantRowscale(_GeluQuantPow2):
+    def forward(self, x, row_scale):
+        qx, sx = OPS.quantize_activation(x, "fp8", "per_token", "torch")
+        return OPS.w8a8_linear_gelu_quant_rowscale(qx, sx, self.qw, self.sw, self.b, "fp8", "per_token", "per_channel",
+                                                   torch.float32, row_scale, "torch")
+
+
+def test_gelu_quant_rowscale_codes(tmp_path):
+    """w8a8_linear_gelu_quant_rowscale: the FP8 codes at the given row scales (an input here), as the torch op."""
+    from turbocompile.kernels.w8a8.ref import quantize_ref, row_bound_scale_ref
+
+    mod = _GeluQuantRowscale()
+    x = torch.randn(40, 128) * 2
+    x[3] = 0.0
+    qx, sx = quantize_ref(x, "fp8", "per_token")
+    rs = row_bound_scale_ref(qx, sx, gelu_bound_constants_ref(mod.qw, mod.sw, mod.b, "per_channel"))
+    path = _export_module(mod, (x, rs), tmp_path / "rowscale.onnx", opset=19)
+    q = mod(x, rs)
+    (gq,) = _session(path).run(None, {"x": x.numpy(), "row_scale": rs.numpy()})
+    gq = torch.from_numpy(np.ascontiguousarray(gq)).view(torch.float8_e4m3fn)  # ORT hands FP8 out as raw bytes
+    assert torch.equal(gq.float(), q.float())
+
+
+class _NormsBound(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wb = torch.tensor([0.8, 0.25])
+
+    def forward(self, x, y, g, sh, sc):
+        q, s, sb = OPS.ln_modulate_quant_bound(x, None, None, sh, sc, 1e-6, "fp8", "per_token", self.wb, "torch")
+        xn, q2, s2, sb2 = OPS.residual_ln_modulate_quant_bound(x, y, g, None, None, sh, sc, 1e-6, "fp8", "per_token",
+                                                               self.wb, "torch")
+        return q, s, sb, xn, q2, s2, sb2
+
+
+def test_norm_bound_ops_decomposed(tmp_path):
+    """*_ln_modulate_quant_bound: the quant norms' outputs, and bound scales equal to ref.row_bound_scale_ref of
+    the exported codes (up to the boundary caveat) and to the op's."""
+    from tests.kernels.test_norms_bound import assert_bound_scales
+
+    B, L, D = 2, 10, 64
+    sc = torch.randn(B, 1, D)
+    sc[..., 0] = 40.0  # rows' norms spread over binades
+    args = (torch.randn(B, L, D) * 3 + 1, torch.randn(B, L, D), torch.randn(B, 1, D), torch.randn(B, 1, D), sc)
+    mod = _NormsBound()
+    path = _export_module(mod, args, tmp_path / "norms_bound.onnx", opset=19)
+    want = mod(*args)
+    got = _run(_session(path), args)
+    codes = {0, 4}
+    got = [torch.from_numpy(np.ascontiguousarray(g)).view(torch.float8_e4m3fn) if i in codes else torch.from_numpy(g)
+           for i, g in enumerate(got)]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, i
+        if i in codes:  # allow a rare one-step difference from a last-ulp LayerNorm difference
+            assert (g.float() != w.float()).float().mean() < 0.01, i
+        elif i in (2, 6):  # bound scales: powers of two, the op's on (nearly) every row
+            assert (g != w).float().mean() < 0.05, i
+        else:
+            assert _rel(g, w) < 1e-5, (i, _rel(g, w))
+    assert_bound_scales(got[2], got[0], got[1], mod.wb, "ln")
+    assert_bound_scales(got[6], got[4], got[5], mod.wb, "residual")
+
+
 class _Norms(torch.nn.Module):
     def forward(self, x, y, g, sh, sc, w, cos, sin):
         h = OPS.ln_modulate(x, None, None, sh, sc, 1e-6, None, "torch")
@@ -259,6 +339,47 @@ def test_sagesla_custom_node(tmp_path):
     assert attrs["quant"] == b"int8-fp8" and attrs["block_q"] == 16 and attrs["block_k"] == 32
     assert abs(attrs["topk"] - 0.3) < 1e-6
     assert any(o.domain == tco.CUSTOM_DOMAIN and o.version == 1 for o in proto.opset_import)
+
+
+class _AttnQuant(torch.nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.pw = torch.randn(64, 64, generator=g) * 0.1 if proj else None
+        self.pb = torch.randn(64, generator=g) * 0.1 if proj else None
+
+    def forward(self, q, k, v):
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        return OPS.sagesla_quant(q, k, v, 0.3, self.pw, self.pb, 16, 32, "int8-fp8", "torch")
+
+
+@pytest.mark.parametrize("proj", [True, False])
+def test_sagesla_quant_standard_ops(tmp_path, proj):
+    """sagesla_quant as sagesla's standard-ops translation plus the per-sample bound and FP8 codes (opset 19):
+    the op's scales (two samples of very different magnitude) and its codes but for rare one-step roundings."""
+    q, k, v = (torch.randn(2, 100, 2, 64) for _ in range(3))
+    v[1] *= 20.0
+    mod = _AttnQuant(proj)
+    path = _export_module(mod, (q, k, v), tmp_path / "slaq.onnx", opset=19)
+    codes, scales = mod(q, k, v)
+    got_codes, got_scales = _run(_session(path), (q, k, v))
+    np.testing.assert_allclose(got_scales, scales.numpy(), rtol=1e-6)
+    assert got_scales[0, 0] * 10 < got_scales[-1, 0]  # one scale per sample
+    gc = torch.from_numpy(np.ascontiguousarray(got_codes)).view(torch.float8_e4m3fn).float()
+    assert (gc != codes.float()).float().mean() < 0.02  # float32 attention sums in another order
+    assert _rel(gc * torch.from_numpy(got_scales), codes.float() * scales) < 2e-2
+    assert tco._uses_fp8([("sagesla_quant", ())])  # the exporter picks opset 19 for it
+
+
+def test_sagesla_quant_custom_node(tmp_path):
+    """With attention="custom": one turbocompile.SageSLA node, then the bound and the codes in standard ops."""
+    q, k, v = (torch.randn(1, 40, 2, 64) for _ in range(3))
+    path = _export_module(_AttnQuant(True), (q, k, v), tmp_path / "cq.onnx", opset=19, attention="custom")
+    proto = onnx.load(str(path))
+    nodes = [n for n in proto.graph.node if n.domain == tco.CUSTOM_DOMAIN]
+    assert len(nodes) == 1 and nodes[0].op_type == "SageSLA" and len(nodes[0].input) == 5
+    kinds = {n.op_type for n in proto.graph.node}
+    assert {"ReduceMax", "Cast", "Clip"} <= kinds  # (proj_l's row sums, constants, are folded)
 
 
 class _TailMerged(torch.nn.Module):

@@ -5,6 +5,8 @@ reference by `benchmarks/ablate_sagesla.py` and `benchmarks/bench_sagesla.py` (R
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 import triton
@@ -19,7 +21,11 @@ needs_gluon = pytest.mark.skipif(not gluon_attn.HAS_GLUON, reason="this Triton h
 
 
 def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_attn.DEFAULT_STAGES,
-                  vperm: bool = True, pdl: bool = False, kvw_tma: bool = False):
+                  vperm: bool = True, pdl: bool = False, kvw_tma: bool = False, qout: bool = False,
+                  launched: bool = False):
+    """The kernel compiled for sm90; ``launched``: specialized as a launch on Wan's contiguous [B, L, H, D] tensors
+    is (pointers, the other strides and Lpad divisible by 16, the unit strides of the last dims constant 1), else
+    with no such knowledge."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -32,11 +38,17 @@ def _compile_sm90(dense: bool, linear: bool, head_d: int, stages: int = gluon_at
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(q_ptr="*bf16", o_ptr="*bf16", kdesc=mangle_type(kdesc), vdesc=mangle_type(vdesc), wdesc=mangle_type(wdesc),
                kscale_ptr="*fp32", vscale_ptr="*fp32", lut_ptr="*i32", kvw_ptr="*bf16", ksum_ptr="*fp32",
-               bias_ptr="*fp32", qk_scale="fp32")
+               bias_ptr="*fp32", qk_scale="fp32", codes_ptr="*fp8e4nv", scale_ptr="*fp32", bound_ptr="*fp32")
     const = dict(BLOCK_M=64, BLOCK_N=128, HEAD_D=head_d, DENSE=dense, LINEAR=linear, HAS_BIAS=linear,
-                 NS=stages, VPERM=vperm, ADD_OUT=False, LUT_PAD=256, PDL=pdl, KVW_TMA=kvw_tma, num_warps=4)
+                 NS=stages, VPERM=vperm, ADD_OUT=False, LUT_PAD=256, PDL=pdl, KVW_TMA=kvw_tma, QOUT=qout, num_warps=4)
+    attrs = {}
+    if launched:
+        const.update(stride_qd=1, stride_od=1)
+        aligned = [name for name, ty in sig.items() if ty.startswith("*")] + [
+            "stride_qb", "stride_ql", "stride_qh", "stride_ob", "stride_ol", "stride_oh", "Lpad"]
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     sig.update({key: "constexpr" for key in const})
-    src = GluonASTSource(fn, sig, constexprs=const)
+    src = GluonASTSource(fn, sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "maxnreg": gluon_attn.MAX_REGS})
 
@@ -109,6 +121,67 @@ def test_gluon_p_needs_no_shuffles_with_key_permuted_v():
         counts[vperm] = facts_in_child("tests.kernels.test_sagesla_gluon", "_sm90_facts", True, False, 128,
                                        vperm=vperm)["shfl_idx"]
     assert counts[True] == 0 and counts[False] > 0, counts
+
+
+def _sass_resources(compiled) -> dict | None:
+    """Registers, stack bytes, spill instructions (STL/LDL) in all and inside the main loop (the backward branch
+    around the first INT8 QK wgmma) of a compiled kernel, from `cuobjdump` of Triton's NVIDIA backend; None
+    where that tool is missing."""
+    import os
+    import re
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
+    first_qk = next(a for a, text in ins if "IGMMA" in text)
+    back = [(int(m.group(1), 16), a) for a, text in ins
+            if (m := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < a]
+    lo, hi = next((b0, b1) for b0, b1 in back if b0 <= first_qk <= b1)
+    spills = [a for a, text in ins if re.search(r"\b(STL|LDL)\b", text)]
+    return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "spills": len(spills), "loop_spills": sum(lo <= a <= hi for a in spills)}
+
+
+def _qout_facts(dense: bool, linear: bool, head_d: int) -> dict:
+    """The kernel with (QOUT) and without the FP8-codes epilogue, default configuration otherwise (KVW by TMA)."""
+    out = {}
+    for qout in (False, True):
+        compiled = _compile_sm90(dense, linear, head_d, kvw_tma=True, qout=qout, launched=True)
+        ptx = compiled.asm["ptx"]
+        out[str(qout)] = {"cubin": bool(compiled.asm.get("cubin")), "shared": compiled.metadata.shared,
+                          "maxnreg": f".maxnreg {gluon_attn.MAX_REGS}" in ptx,
+                          "e4m3_cvt": ptx.count("cvt.rn.satfinite.e4m3x2.f32"), "div_rn": ptx.count("div.rn.f32"),
+                          "sass": _sass_resources(compiled)}
+    return out
+
+
+@needs_gluon
+@pytest.mark.parametrize("dense,linear,head_d", [(False, True, 128), (True, True, 128), (False, False, 128),
+                                                 (True, False, 64)])
+def test_gluon_fp8_out_epilogue_compiles_for_sm90(dense, linear, head_d):
+    """QOUT (the o projection's FP8 codes from the epilogue) compiles for sm90 within the 168-register cap, adds
+    e4m3 casts (saturating RNE: the quantizer's clamp) but no division (448 / bound and bound / 448 come with the
+    bounds), no shared memory, and no spill in the main loop; the epilogue spills about as the bf16 store's (as
+    launched, Triton 3.6, D = 128: 16 -> 0 stack bytes without the linear branch, 48 -> 56 with it)."""
+    facts = facts_in_child("tests.kernels.test_sagesla_gluon", "_qout_facts", dense, linear, head_d)
+    off, on = facts["False"], facts["True"]
+    assert on["cubin"] and on["maxnreg"] and on["shared"] == off["shared"]
+    assert on["e4m3_cvt"] >= off["e4m3_cvt"] + head_d // 4  # 64 x D codes over 128 threads, two per cvt
+    assert on["div_rn"] == off["div_rn"]  # the quotients come with the bounds: no division subroutine here
+    if on["sass"] is None:
+        pytest.skip("no cuobjdump in this Triton: registers and spills not checked")
+    assert on["sass"]["regs"] <= gluon_attn.MAX_REGS
+    assert on["sass"]["loop_spills"] == 0 and off["sass"]["loop_spills"] == 0
+    assert on["sass"]["stack"] <= off["sass"]["stack"] + 32  # at most 8 more registers spilled, after the loop
 
 
 def _qkv(L=200, H=2, D=64, seed=0):

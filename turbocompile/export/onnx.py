@@ -30,6 +30,9 @@ Python and emits only standard ONNX ops (default domain, opset 18 unless FP8 nee
 * fused cross-attention: ``value_bound`` as Abs / ReduceMax / Max(1e-8); ``norm_attention_quant`` as the
   RMSNorm, the (tail-merged) attention above and the FP8 codes at ``448 / v_bound[b]`` (opset >= 19); its
   optional ``sumsq`` input is not read: the translation takes the RMSNorm statistic from z itself.
+* ``sagesla_quant``: ``sagesla``'s translation (standard ops or the custom node, per ``attention``), then the
+  per-sample output bound (Abs / ReduceMax over v, proj_l's row sums) and the FP8 codes at ``448 / bound_b``
+  (opset >= 19).
 """
 
 from __future__ import annotations
@@ -255,15 +258,25 @@ def _pow2_exponent(a):
     return op.Add(e, op.Cast(too_small, to=FLOAT))
 
 
-def _quantize_bound(h, qx, xscale, wbound):
-    """FP8 at the "bound" row scales (``ref.row_bound_scale_ref`` / ``ref.quantize_at_scale_ref``)."""
+def _bound_row_scale(qx, xscale, wbound):
+    """The "bound" row scales [M, 1] of 8-bit codes qx with per-token scales xscale (``ref.row_bound_scale_ref``):
+    2^e covering ``(xscale·sqrt(Σ qx²)·C + b)·BOUND_MARGIN`` at 448, ``wbound = [C, b]``."""
     n2 = op.ReduceSum(op.Mul(_f32(qx), _f32(qx)), _ints(1), keepdims=1)
     c = op.Gather(wbound, op.Constant(value_int=0))
     b = op.Gather(wbound, op.Constant(value_int=1))
     bound = op.Mul(op.Add(op.Mul(op.Mul(_f32(xscale), op.Sqrt(n2)), c), b), _f(BOUND_MARGIN))
-    s = op.Pow(_f(2.0), _pow2_exponent(bound))
-    v = op.Clip(op.Div(_f32(h), s), _f(-448.0), _f(448.0))
-    return op.Cast(v, to=FP8), s
+    return op.Pow(_f(2.0), _pow2_exponent(bound))
+
+
+def _codes_at_scale(h, s):
+    """e4m3 codes of h at power-of-two row scales s (``ref.quantize_at_scale_ref``; the division is exact)."""
+    return op.Cast(op.Clip(op.Div(_f32(h), s), _f(-448.0), _f(448.0)), to=FP8)
+
+
+def _quantize_bound(h, qx, xscale, wbound):
+    """FP8 at the "bound" row scales (``ref.row_bound_scale_ref`` / ``ref.quantize_at_scale_ref``)."""
+    s = _bound_row_scale(qx, xscale, wbound)
+    return _codes_at_scale(h, s), s
 
 
 def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format: str, act_granularity: str,
@@ -281,6 +294,14 @@ def w8a8_linear_gelu_quant(qx, xscale, qweight, wscale, bias, format: str, act_g
                              "constant (fuse_gemm_epilogues stores it); valid out_scale without it: amax, pow2")
         return _quantize_bound(h, qx, xscale, wbound)
     return _quantize(h, out_format, "per_token", int(qweight.shape[0]))
+
+
+def w8a8_linear_gelu_quant_rowscale(qx, xscale, qweight, wscale, bias, format: str, act_granularity: str,
+                                    weight_granularity: str, out_dtype: int, row_scale, backend: str):
+    """turbocompile::w8a8_linear_gelu_quant_rowscale: w8a8_linear_gelu, then FP8 codes at the given row scales."""
+    h = w8a8_linear_gelu(qx, xscale, qweight, wscale, bias, format, act_granularity, weight_granularity,
+                         out_dtype, backend)
+    return _codes_at_scale(h, row_scale)
 
 
 # ----------------------------------------------------------------------------- norms
@@ -347,6 +368,21 @@ def residual_ln_modulate_quant(x, y, gate, weight, bias, shift, scale, eps: floa
     x_new = _gated_residual(x, y, gate)
     q, s = _ln_quant(x_new, weight, bias, shift, scale, eps, format, granularity, int(x.shape[-1]), x.dtype)
     return x_new, q, s
+
+
+def ln_modulate_quant_bound(x, weight, bias, shift, scale, eps: float, format: str, granularity: str, wbound,
+                            backend: str):
+    """turbocompile::ln_modulate_quant_bound -> (q [M, D] FP8, scale, bound scale [M, 1])."""
+    q, s = ln_modulate_quant(x, weight, bias, shift, scale, eps, format, granularity, backend)
+    return q, s, _bound_row_scale(q, s, wbound)
+
+
+def residual_ln_modulate_quant_bound(x, y, gate, weight, bias, shift, scale, eps: float, format: str,
+                                     granularity: str, wbound, backend: str):
+    """turbocompile::residual_ln_modulate_quant_bound -> (x_new, q, scale, bound scale)."""
+    x_new, q, s = residual_ln_modulate_quant(x, y, gate, weight, bias, shift, scale, eps, format, granularity,
+                                             backend)
+    return x_new, q, s, _bound_row_scale(q, s, wbound)
 
 
 def rmsnorm_rope(z, weight, cos, sin, num_heads: int, eps: float, backend: str):
@@ -512,6 +548,46 @@ def sagesla_custom(q, k, v, topk: float, proj_weight, proj_bias, block_q: int, b
                        block_k=int(block_k), quant=str(quant))
 
 
+def _output_bound(v, proj_weight, proj_bias):
+    """float32 [B]: ``448·max(vs_b)·(1 + 2^-4 + R) + max|bias|``, vs = max_L |v| / 448 + 1e-7 (``output_bound_ref``)."""
+    vs = op.Add(op.Div(op.ReduceMax(op.Abs(_f32(v)), _ints(1), keepdims=0), _f(448.0)), _f(_sla_ref.EPS_SCALE))
+    cap = op.Mul(op.ReduceMax(vs, _ints(1, 2), keepdims=0), _f(448.0))  # [B]
+    gain = _f(1.0 + _sla_ref.P8_SLACK)
+    if proj_weight is not None:
+        gain = op.Add(gain, op.ReduceMax(op.ReduceSum(op.Abs(_f32(proj_weight)), _ints(1), keepdims=0),
+                                         _ints(0), keepdims=0))
+    bound = op.Mul(cap, gain)
+    if proj_bias is not None:
+        bound = op.Add(bound, op.ReduceMax(op.Abs(_f32(proj_bias)), _ints(0), keepdims=0))
+    return bound
+
+
+def _codes_at_sample_bound(o, v, proj_weight, proj_bias, L: int, HD: int):
+    """(FP8 codes [B*L, HD], scales [B*L, 1]) of the attention output o (q's dtype) at each sample's bound."""
+    bound = _output_bound(v, proj_weight, proj_bias)
+    a = op.Reshape(op.Expand(op.Unsqueeze(bound, _ints(1, 2)), op.Concat(_rows(bound), _ints(L, 1), axis=0)),
+                   _ints(-1, 1))  # [B*L, 1]: sample b's bound on each of its rows
+    return _codes(op.Reshape(_f32(o), _ints(-1, HD)), a, "fp8"), op.Div(a, _f(448.0))
+
+
+def sagesla_quant_standard(q, k, v, topk: float, proj_weight, proj_bias, block_q: int, block_k: int,
+                           quant: str, backend: str, q_pool=None, k_blocksum=None, v_absmax=None):
+    """turbocompile::sagesla_quant -> (FP8 codes, scales): :func:`sagesla_standard`, then the codes at each
+    sample's output bound (``sagesla_quant_ref``)."""
+    o = sagesla_standard(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend)
+    L, H, D = int(q.shape[1]), int(q.shape[2]), int(q.shape[3])
+    return _codes_at_sample_bound(o, v, proj_weight, proj_bias, L, H * D)
+
+
+def sagesla_quant_custom(q, k, v, topk: float, proj_weight, proj_bias, block_q: int, block_k: int,
+                         quant: str, backend: str, q_pool=None, k_blocksum=None, v_absmax=None):
+    """turbocompile::sagesla_quant with the attention as the custom ``turbocompile.SageSLA`` node (its output in q's
+    dtype), then the codes at each sample's output bound in standard ops."""
+    o = sagesla_custom(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend)
+    L, H, D = int(q.shape[1]), int(q.shape[2]), int(q.shape[3])
+    return _codes_at_sample_bound(o, v, proj_weight, proj_bias, L, H * D)
+
+
 # ----------------------------------------------------------------------------- merged padding keys
 def key_tail_start(k, v, backend: str):
     """turbocompile::key_tail_start -> int32 [B, H]: one past the last row of k or v that differs from the
@@ -579,6 +655,7 @@ def translation_table(attention: str = "standard") -> dict:
         ops.w8a8_linear_prequant_sumsq.default: w8a8_linear_prequant_sumsq,
         ops.w8a8_linear_gelu.default: w8a8_linear_gelu,
         ops.w8a8_linear_gelu_quant.default: w8a8_linear_gelu_quant,
+        ops.w8a8_linear_gelu_quant_rowscale.default: w8a8_linear_gelu_quant_rowscale,
         ops.w8a8_linear_residual.default: w8a8_linear_residual,
         ops.ln_modulate.default: ln_modulate,
         ops.residual_ln_modulate.default: residual_ln_modulate,
@@ -586,7 +663,10 @@ def translation_table(attention: str = "standard") -> dict:
         ops.rmsnorm_rope_pool.default: rmsnorm_rope_pool,
         ops.ln_modulate_quant.default: ln_modulate_quant,
         ops.residual_ln_modulate_quant.default: residual_ln_modulate_quant,
+        ops.ln_modulate_quant_bound.default: ln_modulate_quant_bound,
+        ops.residual_ln_modulate_quant_bound.default: residual_ln_modulate_quant_bound,
         ops.sagesla.default: sagesla_custom if attention == "custom" else sagesla_standard,
+        ops.sagesla_quant.default: sagesla_quant_custom if attention == "custom" else sagesla_quant_standard,
         ops.key_tail_start.default: key_tail_start,
         ops.tail_merged_attention.default: tail_merged_attention,
         ops.value_bound.default: value_bound,
@@ -605,7 +685,7 @@ def _graph_ops(prog) -> list[tuple[str, tuple]]:
 
 
 def _uses_fp8(ops) -> bool:
-    return any(name == "norm_attention_quant" or "fp8" in [a for a in args if isinstance(a, str)]
+    return any(name in ("norm_attention_quant", "sagesla_quant") or "fp8" in [a for a in args if isinstance(a, str)]
                for name, args in ops)
 
 
@@ -633,7 +713,7 @@ def save_onnx(prog, out, *, attention: str = "standard", opset: int | None = Non
     if prog.manifest["signature"].get("activation_dtype") == "bfloat16":
         notes.append("bfloat16 graph: onnxruntime's CPU provider has no bfloat16 MatMul; for CPU inference export "
                      "an artifact optimized with --dtype float32")
-    n_sla = sum(1 for name, _ in ops if name == "sagesla")
+    n_sla = sum(1 for name, _ in ops if name in ("sagesla", "sagesla_quant"))
     if n_sla:
         if attention == "custom":
             notes.append(f"{n_sla} sagesla ops exported as custom-domain '{CUSTOM_DOMAIN}.SageSLA' nodes: the "

@@ -1,4 +1,4 @@
-"""SageSLA attention op: ``torch.ops.turbocompile.sagesla``.
+"""SageSLA attention ops: ``torch.ops.turbocompile.sagesla`` and ``torch.ops.turbocompile.sagesla_quant``.
 
 Block-sparse attention with INT8 Q·Kᵀ and FP8 (or fp16) P·V over the top-k key blocks of
 each query block, plus a linear-attention branch over all keys (TurboDiffusion's SageSLA,
@@ -10,6 +10,10 @@ Optional precomputed block statistics (``q_pool``, ``k_blocksum``, ``v_absmax``;
 :func:`sagesla`) let the Triton path skip its pooling kernel: the ``fuse_attention_pooling`` pass
 has the q/k RMSNorm+RoPE kernels produce them (``turbocompile::rmsnorm_rope_pool``). The reference
 backend validates them and recomputes everything from q, k, v.
+
+``sagesla_quant`` takes the same arguments and returns the output as the o projection's FP8 input,
+``(codes [B*L, H*D] float8_e4m3fn, scales float32 [B*L, 1])`` at one scale per sample (an upper bound of
+the sample's outputs / 448, see :func:`sagesla_quant`), written by the attention kernel's epilogue.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from turbocompile.kernels.sagesla import ref as _ref
 from turbocompile.ops._backend import check_backend, resolve_backend
 from turbocompile.ops._registry import define
 
-__all__ = ["sagesla", "QUANT_MODES", "HEAD_DIMS", "BLOCK_SIZES"]
+__all__ = ["sagesla", "sagesla_quant", "QUANT_MODES", "HEAD_DIMS", "BLOCK_SIZES"]
 
 QUANT_MODES = _ref.QUANT_MODES
 HEAD_DIMS = (64, 128)
@@ -32,8 +36,20 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend,
-              q_pool=None, k_blocksum=None, v_absmax=None) -> None:
-    """One-line ValueErrors naming the offending argument and the valid choices."""
+              q_pool=None, k_blocksum=None, v_absmax=None, op: str = "sagesla") -> None:
+    """One-line ValueErrors naming the offending argument and the valid choices (``op`` names the op)."""
+    try:
+        _validate_args(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend,
+                       q_pool, k_blocksum, v_absmax)
+    except ValueError as exc:
+        msg = str(exc)
+        if op == "sagesla" or not msg.startswith("sagesla:"):
+            raise
+        raise type(exc)(op + msg[len("sagesla"):]) from None
+
+
+def _validate_args(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend,
+                   q_pool=None, k_blocksum=None, v_absmax=None) -> None:
     if quant not in QUANT_MODES:
         raise ValueError(f"sagesla: unknown quant '{quant}'; valid choices: {', '.join(QUANT_MODES)}")
     check_backend(backend)
@@ -126,6 +142,48 @@ def _sagesla_fake(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant
     return q.new_empty(q.shape)
 
 
+@define("turbocompile::sagesla_quant")
+def _sagesla_quant_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float,
+    proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None,
+    block_q: int, block_k: int, quant: str, backend: str,
+    q_pool: Optional[torch.Tensor] = None, k_blocksum: Optional[torch.Tensor] = None,
+    v_absmax: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend, q_pool, k_blocksum, v_absmax,
+              op="sagesla_quant")
+    if resolve_backend(backend, q.device, "sagesla_quant") == "triton":
+        from turbocompile.kernels.sagesla.triton_attn import sagesla_triton
+
+        pooled = (q_pool, k_blocksum, v_absmax) if k_blocksum is not None else None
+        return sagesla_triton(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, pooled=pooled,
+                              fp8_out=True)
+    return _ref.sagesla_quant_ref(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant)
+
+
+@_sagesla_quant_op.register_fake
+def _sagesla_quant_fake(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend,
+                        q_pool=None, k_blocksum=None, v_absmax=None):
+    _validate(q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend, q_pool, k_blocksum, v_absmax,
+              op="sagesla_quant")
+    B, L, H, D = q.shape
+    return (q.new_empty((B * L, H * D), dtype=torch.float8_e4m3fn),
+            q.new_empty((B * L, 1), dtype=torch.float32))
+
+
+def _check_python_args(name: str, q, k, v, topk, block_q, block_k) -> None:
+    """Python-level types first: the op schema would coerce (0.1 from "0.1", 64 from 64.5) or fail deep inside."""
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: {arg} must be a tensor [B, L, H, D], got {type(t).__name__}")
+    if isinstance(topk, bool) or not isinstance(topk, (int, float)):
+        raise ValueError(f"{name}: topk must be a number with 0 < topk <= 1, got {topk!r}")
+    for arg, blk in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(blk, bool) or not isinstance(blk, int):
+            raise ValueError(f"{name}: {arg} must be an integer, one of {', '.join(map(str, BLOCK_SIZES))}; "
+                             f"got {blk!r}")
+
+
 def sagesla(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float,
     proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
@@ -164,19 +222,50 @@ def sagesla(
     Example:
         >>> out = sagesla(q, k, v, topk=0.1, proj_weight=w, proj_bias=b)
     """
-    # Python-level types first: the op schema would coerce (0.1 from "0.1", 64 from 64.5) or fail deep inside
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"sagesla: {name} must be a tensor [B, L, H, D], got {type(t).__name__}")
-    if isinstance(topk, bool) or not isinstance(topk, (int, float)):
-        raise ValueError(f"sagesla: topk must be a number with 0 < topk <= 1, got {topk!r}")
-    for name, blk in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(blk, bool) or not isinstance(blk, int):
-            raise ValueError(f"sagesla: {name} must be an integer, one of {', '.join(map(str, BLOCK_SIZES))}; "
-                             f"got {blk!r}")
+    _check_python_args("sagesla", q, k, v, topk, block_q, block_k)
     out = torch.ops.turbocompile.sagesla(q, k, v, float(topk), proj_weight, proj_bias,
                                          int(block_q), int(block_k), quant, backend, q_pool, k_blocksum, v_absmax)
     if return_density:
         kb = math.ceil(q.shape[1] / block_k)
         return out, _ref.num_kept_blocks(topk, kb) / kb
     return out
+
+
+def sagesla_quant(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: float,
+    proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None,
+    block_q: int = 64, block_k: int = 128, quant: str = "int8-fp8", backend: str = "auto",
+    q_pool: torch.Tensor | None = None, k_blocksum: torch.Tensor | None = None,
+    v_absmax: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SageSLA attention whose output is the o projection's FP8 input: codes at one scale per sample.
+
+    The same arguments and attention as :func:`sagesla`; instead of the output ``o [B, L, H, D]`` it returns
+    what ``w8a8_linear_prequant(format="fp8", act_granularity="per_token")`` takes for ``o.flatten(2)``:
+
+        bound_b = 448·max(vs_b) · (1 + 2^-4 + R) + max|proj_bias|,   R = max_r Σ_c |proj_weight[r, c]|
+        codes   = e4m3_rne(clamp(o_bf16 · (448 / bound_b), ±448)),   scales = bound_b / 448 for every token of b
+
+    with ``vs_b`` the FP8 V scales of sample b (max |v| / 448 + 1e-7 per head and channel, so 448·max(vs_b) >=
+    max |v[b]|) and ``o_bf16`` the output rounded to q's dtype as :func:`sagesla` returns it. ``bound_b``
+    bounds every output of sample b: the sparse branch is a convex combination of value rows up to P's
+    e4m3 rounding (the 2^-4), the linear branch a convex combination of value rows through proj_l (R, the
+    bias); the derivation and what it leaves to the saturating cast are in
+    :func:`turbocompile.kernels.sagesla.ref.output_bound_ref`. e4m3 being floating point, the larger scale
+    keeps each value's relative precision down to 2^-6 · bound_b / 448; the Triton and Gluon kernels write the
+    codes from their epilogues, so the o projection launches no quantizer.
+
+    Args:
+        q, k, v, topk, proj_weight, proj_bias, block_q, block_k, quant, backend, q_pool, k_blocksum,
+            v_absmax: as :func:`sagesla`.
+
+    Returns:
+        ``(codes [B*L, H*D] float8_e4m3fn, scales float32 [B*L, 1])``.
+
+    Example:
+        >>> qx, sx = sagesla_quant(q, k, v, topk=0.1, proj_weight=w, proj_bias=b)
+        >>> y = w8a8_linear_prequant(qx, sx, qw, sw, bias, "fp8", "per_token", "per_channel")
+    """
+    _check_python_args("sagesla_quant", q, k, v, topk, block_q, block_k)
+    return torch.ops.turbocompile.sagesla_quant(q, k, v, float(topk), proj_weight, proj_bias, int(block_q),
+                                                int(block_k), quant, backend, q_pool, k_blocksum, v_absmax)
