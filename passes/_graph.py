@@ -19,6 +19,12 @@ def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in LINEAR_TARGETS
 
 
+def single_user(node: fx.Node) -> fx.Node | None:
+    """The node's only user, or None when it has none or several."""
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
 def is_transpose_12(node: Any) -> bool:
     """A ``x.transpose(1, 2)`` method call (how the captured attention moves heads before / after SDPA)."""
     return (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "transpose"

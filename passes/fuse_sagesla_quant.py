@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 
 from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
-from turbocompile.passes._graph import mark
+from turbocompile.passes._graph import mark, single_user
 
 __all__ = ["FuseSageSLAQuant"]
 
@@ -53,18 +53,13 @@ _HALF = (torch.bfloat16, torch.float16)
 _N_LINEAR_ARGS = 8  # x, qweight, wscale, bias, format, act_granularity, weight_granularity, backend
 
 
-def _single_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
 def _flattened(x) -> fx.Node | None:
     """``a`` when ``x`` is ``a.flatten(2)`` (the heads flattened) and x is a's only user, else None."""
     if not (isinstance(x, fx.Node) and x.op == "call_method" and x.target == "flatten"
             and tuple(x.args[1:]) == (2,) and not x.kwargs):
         return None
     a = x.args[0]
-    return a if isinstance(a, fx.Node) and _single_user(a) is x else None
+    return a if isinstance(a, fx.Node) and single_user(a) is x else None
 
 
 def _is_sagesla(n) -> bool:
@@ -102,7 +97,7 @@ class FuseSageSLAQuant(Pass):
             if u.op != "call_function" or u.target is not _OPS.w8a8_linear.default:
                 continue
             x = u.args[0]
-            att = _flattened(x) if isinstance(x, fx.Node) and _single_user(x) is u else None
+            att = _flattened(x) if isinstance(x, fx.Node) and single_user(x) is u else None
             if att is None:
                 continue  # not an o projection of an attention
             if not _is_sagesla(att):

@@ -60,7 +60,7 @@ import torch.fx as fx
 
 from turbocompile.options import choice
 from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
-from turbocompile.passes._graph import captured_attention, is_transpose_12, mark
+from turbocompile.passes._graph import captured_attention, is_transpose_12, mark, single_user
 
 __all__ = ["FuseTextAttention"]
 
@@ -68,17 +68,12 @@ _OPS = torch.ops.turbocompile
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _single_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
 def _attention_of(x: fx.Node):
     """``(q, k, v, tail_start | None)`` when ``x`` is ``flatten(attention, 2)`` (heads flattened), else None."""
     if not (x.op == "call_method" and x.target == "flatten" and tuple(x.args[1:]) == (2,) and not x.kwargs):
         return None
     att = x.args[0]
-    if not isinstance(att, fx.Node) or _single_user(att) is not x:
+    if not isinstance(att, fx.Node) or single_user(att) is not x:
         return None
     if att.op == "call_function" and att.target is _OPS.tail_merged_attention.default:
         q, k, v, tail = att.args[:4]
@@ -98,7 +93,7 @@ def _normed_q(q: fx.Node):
     if not (isinstance(q, fx.Node) and q.op == "call_method" and q.target == "unflatten" and len(q.args) == 3):
         return None
     norm, dim, sizes = q.args
-    if dim != -1 or not isinstance(norm, fx.Node) or _single_user(norm) is not q:
+    if dim != -1 or not isinstance(norm, fx.Node) or single_user(norm) is not q:
         return None
     if not (norm.op == "call_function" and norm.target is _OPS.rmsnorm_rope.default):
         return None
@@ -117,7 +112,7 @@ def _sumsq_gemm(z: fx.Node) -> fx.Node | None:
         return None
     gemm = z.args[0]
     if not (isinstance(gemm, fx.Node) and gemm.op == "call_function"
-            and gemm.target is _OPS.w8a8_linear_prequant.default and _single_user(gemm) is z):
+            and gemm.target is _OPS.w8a8_linear_prequant.default and single_user(gemm) is z):
         return None
     fmt, act_gran, w_gran = gemm.args[5:8]
     if fmt not in ("int8", "fp8") or act_gran != "per_token" or w_gran != "per_channel":
@@ -156,7 +151,7 @@ class FuseTextAttention(Pass):
             if u.op != "call_function" or u.target is not _OPS.w8a8_linear.default:
                 continue
             x, qw, sw, bias, fmt, act_gran, w_gran, backend = u.args[:8]
-            site = _attention_of(x) if isinstance(x, fx.Node) and _single_user(x) is u else None
+            site = _attention_of(x) if isinstance(x, fx.Node) and single_user(x) is u else None
             if site is None:
                 continue  # not an attention's o projection
             q, k, v, tail = site
