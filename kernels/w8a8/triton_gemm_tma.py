@@ -427,9 +427,14 @@ def tma_configs() -> list:
         cfg(128, 128, 4, 4, False),
         cfg(64, 128, 4, 4, False),
     ]
-    # Tried (H200 session 5): 128x128 s3 subtiled and 128x128 s2 x 4 warps (two CTAs per SM, so one
-    # CTA's epilogue could run under the other's MMAs): the autotuner never picked them at the 9 Wan
-    # shapes nor for the GELU epilogue, so they are not candidates.
+    # Tried (H200 session 5): 128x128 s3 subtiled and 128x128 s2 x 4 warps, meant as two CTAs per SM so
+    # that one CTA's epilogue runs under the other's MMAs; the autotuner never picked them. That test
+    # did not show what it meant to: the persistent grid is capped at #SMs programs for every config,
+    # so only one CTA per SM ever ran. The design point itself (two 128x128 tiles per SM, epilogues
+    # alternating with MMAs) was measured by session 9's Gluon ping-pong kernel: equal at ffn.0, slower
+    # at the other 1.3B shapes (RESULTS.md). A 128x128 FP8 tile needs about 25% more shared-memory
+    # bandwidth per MAC than 128x256 (B read per 64-row wgmma, TMA writes), and these GEMMs sit near
+    # Hopper's 128 B/clk shared-memory limit.
 
 
 def _set_block_shapes(nargs: dict) -> None:

@@ -7,12 +7,11 @@ stats, fuse_residual_epilogues after it, and the saved artifact's round trip."""
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
 
-from tests._env import triton_runs_here
+from tests._env import triton_interpreted
 from tests.passes._wan_tiny import count_calls as _count
 from tests.passes._wan_tiny import inputs as _inputs
 from tests.passes._wan_tiny import recipe as _recipe
@@ -81,8 +80,7 @@ def test_torch_backend_equals_the_unfolded_graph_bit_for_bit():
     assert 25.0 <= _epi_record(res)["verify"]["sqnr_db"]  # --verify: the bound floor, as without the fold
 
 
-@pytest.mark.skipif(not triton_runs_here() or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                    reason="runs the CPU wan-tiny graph with backend 'triton': needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not triton_interpreted(), reason="runs the CPU wan-tiny graph with backend 'triton': needs TRITON_INTERPRET=1")
 def test_triton_backend_removes_the_row_bound_launch_same_output(monkeypatch):
     """Triton: no row-bound kernel runs, and the output equals the unfolded graph's (the norm sums the squared
     codes in another order than the row-bound kernel: a row's exponent could differ only at a boundary; on this
