@@ -13,14 +13,21 @@ from turbocompile.capture import example_inputs
 SLEEP_CYCLES_PER_MS = 2.0e6  # ~2 GHz SM clock: torch.cuda._sleep cycles per ms (a floor; it only has to outlast)
 
 
-def build_forward(model: str, recipe: str):
+def build_forward(model: str, recipe: str, prompt_tokens: int | None = None):
     """``turbocompile.optimize`` of a built-in model (random weights) with a recipe, bf16 on the GPU, and
-    the example inputs of its video geometry; returns (OptimizeResult, inputs)."""
+    the example inputs of its video geometry; returns (OptimizeResult, inputs). With ``prompt_tokens`` the
+    context rows from that index on are zero, as Wan pads a prompt's T5 embedding (``bench_e2e.py``'s
+    ``--prompt-tokens``: what ``merge_padding_keys`` finds at run time)."""
     rec = turbocompile.recipe.load_recipe(recipe).to_dict()
     rec["model"] = {"dtype": "bfloat16", "device": "cuda"}
     res = turbocompile.optimize(model, rec)
     cfg = turbocompile.get_preset(model)
-    return res, list(example_inputs(cfg, cfg.video_shape(), device="cuda", dtype=torch.bfloat16).values())
+    inp = example_inputs(cfg, cfg.video_shape(), device="cuda", dtype=torch.bfloat16)
+    if prompt_tokens is not None:
+        if not 0 <= prompt_tokens <= cfg.text_len:
+            raise SystemExit(f"--prompt-tokens must be in 0..{cfg.text_len} (the model's text_len), got {prompt_tokens}")
+        inp["context"][:, prompt_tokens:] = 0
+    return res, list(inp.values())
 
 
 def wall_ms(fn, reps: int) -> float:

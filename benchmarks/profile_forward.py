@@ -23,7 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 import turbocompile
 
 FAMILIES = [  # first match wins (kernel names, lower case)
-    ("text attention (merged)", ("_tail_merged", "_key_tail")),  # pass merge_padding_keys
+    # passes merge_padding_keys and fuse_text_attention (its rstd pass and its attention + FP8 codes kernel)
+    ("text attention", ("_tail_merged", "_key_tail", "_attn_quant_kernel", "_rms_rstd_kernel")),
     ("sagesla attention", ("_attn_fwd", "sagesla", "_sparse", "attn_kernel", "_linear_out")),
     ("sagesla prep", ("_prep", "_pool", "_topk", "_lut", "_linear_stats", "_kv_stats", "_quant_k", "_stats",
                       "_key_means", "_linear_fold", "_sample_bound")),
@@ -49,8 +50,10 @@ def main():
     ap.add_argument("--recipe", default="turbo-int8")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cuda-graph", action="store_true")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="real prompt tokens; the context rows after them are zero (Wan's padding)")
     a = ap.parse_args()
-    res, inp = build_forward(a.model, a.recipe)
+    res, inp = build_forward(a.model, a.recipe, a.prompt_tokens)
     gm = res.graph_module
     if a.cuda_graph:
         gm = res.cuda_graph(inp)
@@ -87,13 +90,14 @@ def main():
     print("timeline:", json.dumps({k: v for k, v in gaps.items() if k != "largest"}))
     for g in gaps["largest"][:12]:
         print(f"  gap {g[0]:7.1f} us  after {g[1]}  before {g[2]}")
-    tag = "_cudagraph" if a.cuda_graph else ""
+    tag = ("_cudagraph" if a.cuda_graph else "") + (f"_prompt{a.prompt_tokens}" if a.prompt_tokens is not None else "")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": turbocompile.api._version("triton"), "model": a.model, "recipe": a.recipe,
-           "cuda_graph": a.cuda_graph, "wall_ms": wall_ms, "host_ms": host_ms, "families": dict(fam),
+           "prompt_tokens": a.prompt_tokens, "cuda_graph": a.cuda_graph, "wall_ms": wall_ms, "host_ms": host_ms, "families": dict(fam),
            "kernels": dict(per_kernel.most_common(60)),
            "calls": {k: calls[k] for k, _ in per_kernel.most_common(60)}, "timeline": gaps}
-    stem = os.path.join(a.out, f"profile_{a.model}_{a.recipe}{tag}")
+    rname = os.path.splitext(os.path.basename(a.recipe))[0]  # a built-in name or a recipe file's
+    stem = os.path.join(a.out, f"profile_{a.model}_{rname}{tag}")
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=2)
     import charts  # benchmarks/ is the script's directory

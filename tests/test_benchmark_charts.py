@@ -29,6 +29,9 @@ LATEST = {
     "e2e_wan2.1-t2v-14b_textq_prompt100_s27c8_h100.json": "e2e",
     "e2e_wan2.1-t2v-1.3b_gelushort_prompt100_s28c7_h100.json": "e2e",  # "+gelu_long" variants
     "e2e_wan2.1-t2v-1.3b_s28_all_prompt100_s28c11_h100.json": "e2e",  # "+nofold", "+slaq" variants
+    "e2e_wan2.1-t2v-1.3b_s29_prompt100_s29c8_h100.json": "e2e",
+    "e2e_wan2.1-t2v-14b_slaq_prompt100_s29c2_h100.json": "e2e",
+    "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_prompt100_s29c1_h100.json": "profile",  # with prompt_tokens
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s24c1_h100.json": "profile",
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s23c1_h200.json": "profile",  # before device/versions were recorded
     "sampler_s24c2_h100.json": "sampler",

@@ -146,9 +146,11 @@ def _sass_resources(compiled) -> dict | None:
             if (m := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < a]
     lo, hi = next((b0, b1) for b0, b1 in back if b0 <= first_qk <= b1)
     spills = [a for a, text in ins if re.search(r"\b(STL|LDL)\b", text)]
+    loop = [text for a, text in ins if lo <= a <= hi]
     return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)),
             "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-            "spills": len(spills), "loop_spills": sum(lo <= a <= hi for a in spills)}
+            "spills": len(spills), "loop_spills": sum(lo <= a <= hi for a in spills),
+            "loop_len": len(loop), "loop_r2ur": sum("R2UR" in text for text in loop)}
 
 
 def _qout_facts(dense: bool, linear: bool, head_d: int) -> dict:
@@ -171,7 +173,8 @@ def test_gluon_fp8_out_epilogue_compiles_for_sm90(dense, linear, head_d):
     """QOUT (the o projection's FP8 codes from the epilogue) compiles for sm90 within the 168-register cap, adds
     e4m3 casts (saturating RNE: the quantizer's clamp) but no division (448 / bound and bound / 448 come with the
     bounds), no shared memory, and no spill in the main loop; the epilogue spills about as the bf16 store's (as
-    launched, Triton 3.6, D = 128: 16 -> 0 stack bytes without the linear branch, 48 -> 56 with it)."""
+    launched, Triton 3.6, D = 128: 16 -> 0 stack bytes without the linear branch, 48 -> 56 with it); the main
+    loop compiles as the bf16 kernel's (instructions, R2URs)."""
     facts = facts_in_child("tests.kernels.test_sagesla_gluon", "_qout_facts", dense, linear, head_d)
     off, on = facts["False"], facts["True"]
     assert on["cubin"] and on["maxnreg"] and on["shared"] == off["shared"]
@@ -182,6 +185,10 @@ def test_gluon_fp8_out_epilogue_compiles_for_sm90(dense, linear, head_d):
     assert on["sass"]["regs"] <= gluon_attn.MAX_REGS
     assert on["sass"]["loop_spills"] == 0 and off["sass"]["loop_spills"] == 0
     assert on["sass"]["stack"] <= off["sass"]["stack"] + 32  # at most 8 more registers spilled, after the loop
+    # the main loop no worse than the bf16 kernel's: an `if h == 0` in the epilogue once added R2URs to it
+    # (Triton 3.6, sm90)
+    assert on["sass"]["loop_r2ur"] <= off["sass"]["loop_r2ur"], (on["sass"], off["sass"])
+    assert on["sass"]["loop_len"] <= off["sass"]["loop_len"] + 2, (on["sass"], off["sass"])
 
 
 def _qkv(L=200, H=2, D=64, seed=0):
