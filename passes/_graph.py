@@ -69,6 +69,12 @@ def block_index(node: fx.Node, module_pattern) -> int | None:
     return None
 
 
+def site_name(node: fx.Node) -> str:
+    """Where ``node`` sits, for notes: its innermost module's path from the capture, else the node's name."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack)[-1] if stack else node.name
+
+
 def attr_target(node: Any) -> str | None:
     """The attribute name of a ``get_attr`` node, else None."""
     return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None

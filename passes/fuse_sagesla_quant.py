@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 
 from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
-from turbocompile.passes._graph import mark, single_user
+from turbocompile.passes._graph import mark, single_user, site_name
 
 __all__ = ["FuseSageSLAQuant"]
 
@@ -69,11 +69,6 @@ def _is_sagesla(n) -> bool:
 def _cast_of_sagesla(n: fx.Node) -> bool:
     """A ``.to(dtype)`` of a sagesla output (how a float32 graph gets the attention output back)."""
     return n.op == "call_method" and n.target == "to" and _is_sagesla(n.args[0])
-
-
-def _site_name(u: fx.Node) -> str:
-    stack = u.meta.get("nn_module_stack")
-    return list(stack)[-1] if stack else u.name
 
 
 @register_pass
@@ -102,12 +97,12 @@ class FuseSageSLAQuant(Pass):
                 continue  # not an o projection of an attention
             if not _is_sagesla(att):
                 if _cast_of_sagesla(att):
-                    leave_site(ctx, stats, notes, f"{_site_name(u)}: the attention output is cast to {ctx.dtype} "
+                    leave_site(ctx, stats, notes, f"{site_name(u)}: the attention output is cast to {ctx.dtype} "
                                                   "before the o projection (a bf16/fp16 graph is needed); left as is")
                 continue  # another attention (cross-attention: fuse_text_attention)
             why = self._why_not(u, ctx)
             if why is not None:
-                leave_site(ctx, stats, notes, f"{_site_name(u)}: {why}; left as is")
+                leave_site(ctx, stats, notes, f"{site_name(u)}: {why}; left as is")
                 continue
             self._rewrite(g, u, att)
             stats["fused"] += 1

@@ -60,7 +60,7 @@ import torch.fx as fx
 
 from turbocompile.options import choice
 from turbocompile.passbase import Pass, PassResult, leave_site, register_pass
-from turbocompile.passes._graph import captured_attention, is_transpose_12, mark, single_user
+from turbocompile.passes._graph import captured_attention, is_transpose_12, mark, single_user, site_name
 
 __all__ = ["FuseTextAttention"]
 
@@ -159,7 +159,7 @@ class FuseTextAttention(Pass):
             if normed is None:
                 continue  # q without its own RMSNorm (or with RoPE: self-attention)
             z, w, heads, eps = normed
-            where = u.meta.get("nn_module_stack") and list(u.meta["nn_module_stack"])[-1] or u.name
+            where = site_name(u)
             val = u.meta.get("val")
             if fmt != "fp8" or act_gran != "per_token":
                 leave_site(ctx, stats, notes, f"{where}: o projection is {fmt} {act_gran}; the fused kernel "

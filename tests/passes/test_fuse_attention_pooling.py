@@ -13,6 +13,7 @@ from tests._env import triton_runs_here
 from tests.passes._wan_tiny import count_calls as _count
 from tests.passes._wan_tiny import inputs
 from tests.passes._wan_tiny import recipe as _recipe
+from tests.passes._wan_tiny import rel_err as _rel
 from tests.passes._wan_tiny import run as _run
 from turbocompile.model.config import get_preset
 
@@ -37,10 +38,6 @@ def _stats(res):
 
 def _sagesla_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is OPS.sagesla.default]
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_fuses_one_site_per_block_and_matches(tmp_path):

@@ -13,12 +13,12 @@ import torch
 import yaml
 
 import turbocompile
-from tests.passes._wan_tiny import count_calls, inputs
+from tests.passes._wan_tiny import count_calls, inputs, pass_stats, td_checkpoint_with_proj_l
+from tests.passes._wan_tiny import rel_err as _rel
+from tests.passes._wan_tiny import w8a8 as _w8
 from tests.passes._wan_tiny import recipe as _recipe
-from turbocompile.checkpoints import save_turbodiffusion
 from turbocompile.errors import TurboCompileError
 from turbocompile.model.config import get_preset
-from turbocompile.model.wan import WanModel, init_random_
 from turbocompile.recipe import builtin_recipes
 
 OPS = torch.ops.turbocompile
@@ -27,17 +27,8 @@ CFG = get_preset("wan-tiny")
 SLA = {"name": "sagesla_attention", "options": {"topk": 0.5}}
 
 
-def _w8(fmt="fp8", act="per_token"):
-    return {"name": "w8a8_linear", "options": {"format": fmt, "weight_granularity": "per_channel",
-                                               "act_granularity": act}}
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def _stats(res, name=PASS):
-    return next(p["stats"] for p in res.manifest["passes"] if p["name"] == name)
+    return pass_stats(res, name)
 
 
 def _notes(res, name=PASS):
@@ -128,12 +119,7 @@ def test_float32_graph_is_reported_and_left_alone():
 
 def test_linear_branch_from_a_turbodiffusion_checkpoint(tmp_path):
     """proj_l (SageSLA's linear branch) in the bound: every site fused, output close to the unfused graph."""
-    model = init_random_(WanModel(CFG), seed=5).to(torch.bfloat16)
-    d = CFG.head_dim
-    gen = torch.Generator().manual_seed(0)
-    proj = {i: (torch.randn(d, d, generator=gen) * 0.05, torch.randn(d, generator=gen) * 0.05)
-            for i in range(CFG.num_layers)}
-    ckpt = save_turbodiffusion(model, tmp_path / "tiny.pth", proj_l=proj)
+    ckpt, _ = td_checkpoint_with_proj_l(tmp_path / "tiny.pth")
     stack = [_w8(), "fuse_norms", SLA]
     base = turbocompile.optimize(str(ckpt), _recipe(*stack))
     res = turbocompile.optimize(str(ckpt), _recipe(*stack, PASS))

@@ -14,7 +14,9 @@ import torch.fx as fx
 import yaml
 
 import turbocompile
-from tests.passes._wan_tiny import count_calls, inputs
+from tests.passes._wan_tiny import count_calls, inputs, pass_stats
+from tests.passes._wan_tiny import rel_err as _rel
+from tests.passes._wan_tiny import w8a8 as _w8
 from tests.passes._wan_tiny import recipe as _recipe
 from turbocompile.errors import TurboCompileError
 from turbocompile.model.config import get_preset
@@ -25,17 +27,8 @@ PASS = "fuse_text_attention"
 CFG = get_preset("wan-tiny")
 
 
-def _w8(fmt="fp8", act="per_token"):
-    return {"name": "w8a8_linear", "options": {"format": fmt, "weight_granularity": "per_channel",
-                                               "act_granularity": act}}
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def _stats(res, name=PASS):
-    return next(p["stats"] for p in res.manifest["passes"] if p["name"] == name)
+    return pass_stats(res, name)
 
 
 def _padded_inputs(real=7):

@@ -10,7 +10,8 @@ import torch
 import torch.fx as fx
 
 import turbocompile
-from tests.passes._wan_tiny import count_calls, inputs
+from tests.passes._wan_tiny import count_calls, inputs, pass_stats
+from tests.passes._wan_tiny import rel_err as _rel
 from tests.passes._wan_tiny import recipe as _recipe
 from turbocompile.capture import example_inputs
 from turbocompile.model.config import get_preset
@@ -21,12 +22,8 @@ CFG = get_preset("wan-tiny")
 REAL = 7  # real prompt tokens of the padded context (of text_len 24)
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def _stats(res, name=PASS):
-    return next(p["stats"] for p in res.manifest["passes"] if p["name"] == name)
+    return pass_stats(res, name)
 
 
 def _padded_inputs(real=REAL):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import turbocompile
+from tests.passes._wan_tiny import td_checkpoint_with_proj_l
 from turbocompile.capture import example_inputs
-from turbocompile.checkpoints import save_turbodiffusion
 from turbocompile.metrics import cosine
 from turbocompile.model.config import get_preset
 from turbocompile.model.wan import WanModel, init_random_
@@ -62,12 +62,7 @@ def test_dense_layers_range_is_checked_before_the_slow_work(monkeypatch):
 
 
 def test_proj_l_from_turbodiffusion_checkpoint(tmp_path):
-    model = init_random_(WanModel(CFG), seed=5).to(torch.bfloat16)
-    d = CFG.head_dim
-    gen = torch.Generator().manual_seed(0)
-    proj = {i: (torch.randn(d, d, generator=gen) * 0.05, torch.randn(d, generator=gen) * 0.05)
-            for i in range(CFG.num_layers)}
-    ckpt = save_turbodiffusion(model, tmp_path / "tiny.pth", proj_l=proj)
+    ckpt, proj = td_checkpoint_with_proj_l(tmp_path / "tiny.pth")
     res = turbocompile.optimize(str(ckpt), "sagesla", tmp_path / "art")
     assert res.records[0].stats["with_proj_l"] == CFG.num_layers
     loaded = turbocompile.load(tmp_path / "art", device="cpu").graph_module
