@@ -94,6 +94,18 @@ _INTERPRET_SMS = 3
 
 
 @triton.jit
+def _dequant_bias(acc, s_a, sw_ptr, bias_ptr, rn, N, stride_swn, HAS_BIAS: tl.constexpr):
+    """``acc * sA[m] * sW[n] (+ bias[n])`` in fp32 for the columns ``rn``, in that order of operations (the
+    pointer kernel's, so INT8 results are identical to it)."""
+    n_ok = rn < N
+    v = acc.to(tl.float32) * s_a[:, None]
+    v = v * tl.load(sw_ptr + rn * stride_swn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return v
+
+
+@triton.jit
 def _scale_bias_cast(
     acc,  # [BLOCK_M, WIDTH] int32 | fp32 raw dot sums
     s_a,  # [BLOCK_M] fp32 activation scales of this tile's rows (0 past M)
@@ -124,11 +136,7 @@ def _scale_bias_cast(
     operations); with RESIDUAL, ``res + y·gate`` instead (``_epilogue_math._gated_residual``). (The
     descriptor loads/stores stay in the kernel body: descriptors are not passed to helpers.)"""
     rn = off_n + tl.arange(0, WIDTH)
-    n_ok = rn < N
-    v = acc.to(tl.float32) * s_a[:, None]
-    v = v * tl.load(sw_ptr + rn * stride_swn, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        v += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    v = _dequant_bias(acc, s_a, sw_ptr, bias_ptr, rn, N, stride_swn, HAS_BIAS)
     if ACTIVATION == 1:
         v = _gelu_tanh(v, NATIVE)
     if RESIDUAL != 0:
@@ -151,12 +159,7 @@ def _gelu_rowscale_tile(acc, s_a, sw_ptr, bias_ptr, off_n, N, stride_swn, HAS_BI
                         stride_sm, WIDTH: tl.constexpr):
     """GPU form of ``_scale_bias_cast`` (GELU, bf16 h) + ``rowscale_codes``: the same codes, from
     :func:`._epilogue_math.gelu_rowscale_codes_native` (fewer instructions per element)."""
-    rn = off_n + tl.arange(0, WIDTH)
-    n_ok = rn < N
-    y = acc.to(tl.float32) * s_a[:, None]
-    y = y * tl.load(sw_ptr + rn * stride_swn, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = _dequant_bias(acc, s_a, sw_ptr, bias_ptr, off_n + tl.arange(0, WIDTH), N, stride_swn, HAS_BIAS)
     s = tl.load(s_ptr + rm * stride_sm, mask=rm < M, other=1.0)
     return gelu_rowscale_codes_native(y, tl.math.div_rn(tl.full(s.shape, 0.5, tl.float32), s))
 
