@@ -1,4 +1,5 @@
-"""Shared by the host-cost benchmarks: build an optimized forward, time host work behind a GPU sleep."""
+"""Shared by the host-cost benchmarks: build an optimized forward, time host work behind a GPU sleep; and the
+prompt padding of the e2e inputs."""
 
 from __future__ import annotations
 
@@ -24,10 +25,16 @@ def build_forward(model: str, recipe: str, prompt_tokens: int | None = None):
     cfg = turbocompile.get_preset(model)
     inp = example_inputs(cfg, cfg.video_shape(), device="cuda", dtype=torch.bfloat16)
     if prompt_tokens is not None:
-        if not 0 <= prompt_tokens <= cfg.text_len:
-            raise SystemExit(f"--prompt-tokens must be in 0..{cfg.text_len} (the model's text_len), got {prompt_tokens}")
-        inp["context"][:, prompt_tokens:] = 0
+        pad_prompt(inp, cfg, prompt_tokens)
     return res, list(inp.values())
+
+
+def pad_prompt(inp: dict, cfg, prompt_tokens: int) -> None:
+    """Zero ``inp["context"]``'s rows from ``prompt_tokens`` on, as Wan pads a prompt's T5 embedding to the
+    model's text_len (``--prompt-tokens`` of the benchmarks); exits with a one-line error outside 0..text_len."""
+    if not 0 <= prompt_tokens <= cfg.text_len:
+        raise SystemExit(f"--prompt-tokens must be in 0..{cfg.text_len} (the model's text_len), got {prompt_tokens}")
+    inp["context"][:, prompt_tokens:] = 0
 
 
 def wall_ms(fn, reps: int) -> float:

@@ -34,6 +34,8 @@ from turbocompile.metrics import compare  # noqa: E402
 from turbocompile.model.config import get_preset  # noqa: E402
 from turbocompile.model.wan import WanModel, init_random_  # noqa: E402
 
+from _host import pad_prompt  # noqa: E402  (benchmarks/ is the script's directory)
+
 _FP8_EPI = [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms", "fuse_gemm_epilogues",
             {"name": "sagesla_attention", "options": {"topk": 0.1}}]
 _QKV_ONLY = {"name": "fuse_sibling_gemms", "options": {"include": ["blocks.*.self_attn.*"]}}
@@ -227,9 +229,7 @@ def main(argv=None):
           flush=True)
     inp = example_inputs(cfg, shape, seed=0, device=dev, dtype=torch.bfloat16)
     if args.prompt_tokens is not None:
-        if not 0 <= args.prompt_tokens <= cfg.text_len:
-            raise SystemExit(f"--prompt-tokens must be in 0..{cfg.text_len} (the model's text_len), got {args.prompt_tokens}")
-        inp["context"][:, args.prompt_tokens:] = 0
+        pad_prompt(inp, cfg, args.prompt_tokens)
         print(f"context: {args.prompt_tokens} prompt tokens, zero-padded to {cfg.text_len}", flush=True)
     args_in = list(inp.values())
     args.model_src = _td_checkpoint(cfg, args.out) if args.td_proj_l else args.model
