@@ -144,6 +144,9 @@ GELU_LONG_TAG = "+gelu_long"
 # "+nofold" anywhere in a variant name: fuse_gemm_epilogues with bound_in_norm off (ffn.2's bound row scales from
 # their own kernel, as before session 28, instead of the norm that quantizes ffn.0's input)
 NO_FOLD_TAG = "+nofold"
+# "+textk_triton" anywhere in a variant name: the fused cross-attention's attention step on its Triton kernel (as
+# before session 30) instead of the Gluon one that "auto" picks on Hopper, same process
+TEXT_TRITON_TAG = "+textk_triton"
 _NO_FOLD = {"flag": False}  # set per variant by main(), read where the recipe is built
 
 
@@ -247,7 +250,8 @@ def main(argv=None):
         name, form = _gelu_form_of(label)
         long_codes = GELU_LONG_TAG in name
         _NO_FOLD["flag"] = NO_FOLD_TAG in name
-        name = name.replace(GELU_LONG_TAG, "").replace(NO_FOLD_TAG, "")
+        text_triton = TEXT_TRITON_TAG in name
+        name = name.replace(GELU_LONG_TAG, "").replace(NO_FOLD_TAG, "").replace(TEXT_TRITON_TAG, "")
         base_name = name
         for suffix in (CUDA_GRAPH_SUFFIX, DISPATCH_SUFFIX):
             base_name = base_name[: -len(suffix)] if base_name.endswith(suffix) else base_name
@@ -257,12 +261,14 @@ def main(argv=None):
         if dev == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        from turbocompile.kernels.text_attention import triton_norm_attn_quant
         from turbocompile.kernels.w8a8 import _epilogue_math, triton_gemm_tma
 
         gelu_form = _epilogue_math.GELU_NATIVE_FORM
         if form is not None:
             _epilogue_math.GELU_NATIVE_FORM = form
         triton_gemm_tma.GELU_CODES_SHORT = not long_codes
+        triton_norm_attn_quant.DEFAULT_CONFIG["KERNEL"] = "triton" if text_triton else "auto"
         try:
             ref_out, eager_ms = _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_out, eager_ms,
                                      label)
@@ -275,6 +281,7 @@ def main(argv=None):
         finally:
             _epilogue_math.GELU_NATIVE_FORM = gelu_form
             triton_gemm_tma.GELU_CODES_SHORT = True
+            triton_norm_attn_quant.DEFAULT_CONFIG["KERNEL"] = "auto"
         gc.collect()
     path = os.path.join(args.out, f"e2e_{cfg.name}.json")
     _finish(results, path, args, cfg)

@@ -7,7 +7,9 @@ Wan-14B 720p, 512 text keys, a prompt of ``--prompt-tokens`` real tokens zero-pa
   ``quantize_activation`` per token (FP8);
 * unfused with ``merge_padding_keys``: the same with ``tail_merged_attention``;
 * fused: ``norm_attention_quant`` (FP8 codes at the per-sample scale max|v| / 448) over all keys and over the
-  merged keys, plus a sweep of its launch configs; the parts (rstd pass, attention + quantization) alone;
+  merged keys, with its default attention kernel (the Gluon one on Hopper) and, where that is Gluon, the Triton
+  kernel too, plus a sweep of the Triton kernel's launch configs; the parts (rstd pass, attention +
+  quantization, the Gluon kernel at 1 / 2 / 3 persistent programs per SM) alone;
 * with the q projection in front (FP8 per-token x per-channel W8A8 GEMM, [L, D] x [D, D]), merged keys: the
   q GEMM then the fused op with its rstd pass (``fuse_text_attention`` with ``sumsq_from_gemm: false``), against
   the q GEMM writing z's sums of squares from its epilogue (``w8a8_linear_prequant_sumsq``) then the fused op
@@ -47,6 +49,7 @@ from _cuda_graph import graphed
 from turbocompile.kernels.text_attention import ref as text_ref
 from turbocompile.kernels.norms.ref import rmsnorm_rope_ref
 from turbocompile.kernels.text_attention import triton_norm_attn_quant as fused_mod
+from turbocompile.kernels.text_attention.gluon_norm_attn_quant import norm_attention_quant_gluon
 from turbocompile.kernels.w8a8.ref import granule_sumsq_ref
 from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_sumsq_triton, w8a8_gemm_triton
 from turbocompile.ops.norms import rmsnorm_rope
@@ -212,8 +215,12 @@ def run_shape(name: str, prompt: int, sweep: bool) -> dict:
 
     vb = value_bound(v)
 
-    def fused(merged: bool, cfg=None):
-        return fused_mod.norm_attention_quant_triton(z, w, k, v, vb, tail if merged else None, H, 1e-6, config=cfg)
+    def fused(merged: bool, cfg=None, kernel="auto"):
+        return fused_mod.norm_attention_quant_triton(z, w, k, v, vb, tail if merged else None, H, 1e-6, config=cfg,
+                                                     kernel=kernel)
+
+    gluon = fused_mod.gluon_supported(z, k, v)
+    row["attention_kernel_auto"] = "gluon" if gluon else "triton"
 
     # checks: the fused op vs its reference; both paths vs the unquantized fp32 attention output
     for merged in (False, True):
@@ -223,6 +230,13 @@ def run_shape(name: str, prompt: int, sweep: bool) -> dict:
         fc, fs = fused(merged)
         row["check"][f"fused vs its reference, {tag}"] = {"rel": _rel(fc, fs, rc.float() * rs),
                                                           "scales_equal": bool(torch.equal(fs, rs))}
+        if gluon:  # the Triton kernel too, and the two kernels' codes against each other
+            tc, ts = fused(merged, kernel="triton")
+            row["check"][f"fused (Triton kernel) vs its reference, {tag}"] = {
+                "rel": _rel(tc, ts, rc.float() * rs), "scales_equal": bool(torch.equal(ts, rs))}
+            row["check"][f"Gluon vs Triton kernel, {tag}"] = {
+                "rel": _rel(fc, fs, tc.float() * ts), "codes_differ": float((fc.float() != tc.float()).float().mean())}
+            del tc, ts
         del rc, rs
         qn = rmsnorm_rope_ref(z, w, None, None, H, 1e-6).unflatten(-1, (H, d))
         o32 = text_ref.tail_merged_attention_ref(qn.float(), k.float(), v.float(), t).reshape(L, D)
@@ -235,6 +249,9 @@ def run_shape(name: str, prompt: int, sweep: bool) -> dict:
     row["ms"]["unfused: rmsnorm + tail-merged attention + quantizer"] = _bench(lambda: unfused(True))
     row["ms"]["fused, all 512 keys"] = _bench(lambda: fused(False))
     row["ms"]["fused, merged keys"] = _bench(lambda: fused(True))
+    if gluon:
+        row["ms"]["fused, all 512 keys, Triton kernel"] = _bench(lambda: fused(False, kernel="triton"))
+        row["ms"]["fused, merged keys, Triton kernel"] = _bench(lambda: fused(True, kernel="triton"))
     # the parts alone, to see where the time goes
     qn = rmsnorm_rope(z, w, None, None, num_heads=H, eps=1e-6)
     o = tail_merged_attention(qn.unflatten(-1, (H, d)), k, v, tail)
@@ -250,7 +267,7 @@ def run_shape(name: str, prompt: int, sweep: bool) -> dict:
         for cfg in SWEEP:
             label = "fused merged " + " ".join(f"{k}={v}" for k, v in cfg.items())
             try:
-                row["ms"][label] = _bench(lambda cfg=cfg: fused(True, cfg))
+                row["ms"][label] = _bench(lambda cfg=cfg: fused(True, cfg, kernel="triton"))
             except Exception as exc:  # a config the compiler cannot fit (shared memory, registers)
                 row["ms"][label] = None
                 row.setdefault("errors", {})[label] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -277,6 +294,17 @@ def run_shape(name: str, prompt: int, sweep: bool) -> dict:
     rstd_q = (torch.rsqrt(ss.sum(-1) / D + 1e-6)).contiguous()
     row["ms"]["part: fused op's attention kernel, rstd given, merged keys"] = _bench(
         lambda: _attn_kernel_alone(y.view(1, L, D), rstd_q, w, k, v, vb, tail, H))
+    if gluon:
+        codes = torch.empty(L, D, device="cuda", dtype=torch.float8_e4m3fn)
+        scales = torch.empty(L, 1, device="cuda", dtype=torch.float32)
+        row["ms"]["part: Gluon attention kernel, rstd given, merged keys"] = _bench(
+            lambda: norm_attention_quant_gluon(y.view(1, L, D), w, k, v, vb, tail, H, 1e-6, codes, scales, rstd_q,
+                                               None, 2))
+        for progs in (1,):  # persistent grid: one program per SM instead of two
+            n = progs * torch.cuda.get_device_properties(0).multi_processor_count
+            row["ms"][f"part: Gluon attention kernel, rstd given, merged keys, {n} programs"] = _bench(
+                lambda n=n: norm_attention_quant_gluon(y.view(1, L, D), w, k, v, vb, tail, H, 1e-6, codes, scales,
+                                                       rstd_q, None, 2, programs=n))
     from turbocompile.kernels.w8a8 import triton_gemm_tma as tma_mod
 
     row["q_gemm_configs"] = {"plain": str(tma_mod.tuned_tma_config()), "sumsq": str(tma_mod.tuned_tma_config(True))}

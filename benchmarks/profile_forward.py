@@ -24,7 +24,7 @@ import turbocompile
 
 FAMILIES = [  # first match wins (kernel names, lower case)
     # passes merge_padding_keys and fuse_text_attention (its rstd pass and its attention + FP8 codes kernel)
-    ("text attention", ("_tail_merged", "_key_tail", "_attn_quant_kernel", "_rms_rstd_kernel")),
+    ("text attention", ("_tail_merged", "_key_tail", "_attn_quant_kernel", "_text_attn_gluon", "_rms_rstd_kernel")),
     ("sagesla attention", ("_attn_fwd", "sagesla", "_sparse", "attn_kernel", "_linear_out")),
     ("sagesla prep", ("_prep", "_pool", "_topk", "_lut", "_linear_stats", "_kv_stats", "_quant_k", "_stats",
                       "_key_means", "_linear_fold", "_sample_bound")),

@@ -12,7 +12,9 @@ Two kernels do what three did (q RMSNorm, attention over the text keys, per-toke
       o_h  = round(softmax(qn · K_hᵀ / √d [+ tail bias]) · V_h)
       c    = e4m3(clamp(o_h · 448 / bound_b, ±448)),   scale = bound_b / 448 for every token of sample b
 
-  and writes the FP8 codes of its head's columns (and, for head 0, the tokens' scales) directly.
+  and writes the FP8 codes of its head's columns (and, for head 0, the tokens' scales) directly. On Hopper,
+  where `gluon_norm_attn_quant.gluon_supported` holds, the Gluon kernel there does this step instead (same
+  arithmetic; a persistent schedule with TMA-prefetched query tiles and per-head resident key blocks).
 
 Why a bound and not the token's abs-max: the abs-max of a token spans all heads, which live in different
 programs. Softmax attention output is a convex combination of value rows, so ``|o| <= max|v|`` over the
@@ -35,11 +37,12 @@ import triton
 import triton.language as tl
 
 from turbocompile.kernels.norms.triton_rounding import round_to
+from turbocompile.kernels.text_attention.gluon_norm_attn_quant import gluon_supported, norm_attention_quant_gluon
 from turbocompile.kernels.text_attention.triton_tail_merged import head_attention
 from turbocompile.kernels.w8a8.triton_quant import dequant_scale, quant_scale_math
 from turbocompile.ops._backend import triton_interpret
 
-__all__ = ["DEFAULT_CONFIG", "norm_attention_quant_triton"]
+__all__ = ["DEFAULT_CONFIG", "KERNELS", "norm_attention_quant_triton"]
 
 _LOG2E = 1.4426950408889634
 
@@ -128,8 +131,11 @@ def _attn_quant_kernel(
 
 # 128-token tiles on one warpgroup with 64-key blocks: the fastest of bench_text_attention.py's sweep on an H100
 # at the Wan-1.3B and Wan-14B shapes (RESULTS.md, session 26).
+# KERNEL: the attention kernel when the caller names none (`norm_attention_quant_triton`'s ``kernel``);
+# GLUON_PROGRAMS: the Gluon kernel's persistent grid (None: two programs per SM).
 DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2,
-                  "RSTD_ROWS": 8, "RSTD_COLS": 512, "RSTD_WARPS": 4, "SSQ_CHUNK": None}
+                  "RSTD_ROWS": 8, "RSTD_COLS": 512, "RSTD_WARPS": 4, "SSQ_CHUNK": None,
+                  "KERNEL": "auto", "GLUON_PROGRAMS": None}
 # (SSQ_CHUNK 2: the interpreter's tests, G <= 5, walk more than one chunk and a partial one)
 _INTERPRET_CONFIG = {**DEFAULT_CONFIG, "BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1, "SSQ_CHUNK": 2}
 
@@ -144,15 +150,26 @@ def _ssq_chunk(g: int, chunk: int | None) -> int:
     return max(2, min(chunk, triton.next_power_of_2(max(g, 1))))
 
 
+KERNELS = ("auto", "triton", "gluon")
+
+
 def norm_attention_quant_triton(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 v_bound: torch.Tensor, tail_start: torch.Tensor | None, num_heads: int, eps: float,
-                                config: dict | None = None,
-                                sumsq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                config: dict | None = None, sumsq: torch.Tensor | None = None,
+                                kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """z ``[B, L, D]``, weight ``[D]``, k/v ``[B, Lk, H, d]`` (unit last strides), v_bound fp32 ``[B]``
     (>= max |v| of each sample, > 0), tail_start int32 ``[B, H]`` contiguous or None -> (FP8 codes
     ``[B*L, D]``, fp32 scales ``[B*L, 1]``). ``config`` overrides :data:`DEFAULT_CONFIG` keys. ``sumsq``:
     None (the rstd pass reads z), or fp32 ``[B*L, G]`` with unit last stride, z's sums of squares per
-    granule (the rstd pass is skipped; the RSTD_* config keys are then unused; SSQ_CHUNK: see :func:`_ssq_chunk`)."""
+    granule (the rstd pass is skipped; the RSTD_* config keys are then unused; SSQ_CHUNK: see :func:`_ssq_chunk`).
+    ``kernel``: the attention kernel, ``"auto"`` (the Gluon kernel where `gluon_supported`, i.e. on Hopper with
+    TMA-compatible layouts, else the Triton one), ``"triton"`` or ``"gluon"`` (an error where unsupported);
+    None: the config's ``KERNEL`` ("auto" by default)."""
+    interp = triton_interpret()
+    cfg = {**(_INTERPRET_CONFIG if interp else DEFAULT_CONFIG), **(config or {})}
+    kernel = cfg["KERNEL"] if kernel is None else kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"norm_attention_quant: kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
     B, L, D = z.shape
     H = num_heads
     dh = D // H
@@ -161,8 +178,10 @@ def norm_attention_quant_triton(z: torch.Tensor, weight: torch.Tensor, k: torch.
     scales = torch.empty(B * L, 1, device=z.device, dtype=torch.float32)
     if B * L == 0:
         return codes, scales
-    interp = triton_interpret()
-    cfg = {**(_INTERPRET_CONFIG if interp else DEFAULT_CONFIG), **(config or {})}
+    use_gluon = kernel == "gluon" or (kernel == "auto" and not interp and gluon_supported(z, k, v))
+    if kernel == "gluon" and (interp or not gluon_supported(z, k, v)):
+        raise ValueError("norm_attention_quant: kernel='gluon' needs an sm90 CUDA device, bf16/fp16, head dim 64 or "
+                         "128 and TMA-compatible z/k/v layouts (see gluon_supported); use kernel='auto' or 'triton'")
     if sumsq is None:
         rstd = torch.empty(B * L, device=z.device, dtype=torch.float32)
         _rms_rstd_kernel[(triton.cdiv(B * L, cfg["RSTD_ROWS"]),)](
@@ -171,6 +190,11 @@ def norm_attention_quant_triton(z: torch.Tensor, weight: torch.Tensor, k: torch.
         ssq, g = v_bound, 0  # a dummy pointer
     else:
         rstd, ssq, g = v_bound, sumsq, sumsq.shape[1]  # no rstd pass: a dummy pointer for rstd
+    if use_gluon:
+        norm_attention_quant_gluon(z, weight, k, v, v_bound, tail_start, H, eps, codes, scales,
+                                   None if sumsq is not None else rstd, sumsq, _ssq_chunk(g, cfg["SSQ_CHUNK"]),
+                                   programs=cfg["GLUON_PROGRAMS"])
+        return codes, scales
     n = tail_start if tail_start is not None else v_bound  # a dummy pointer when there is no tail
     _attn_quant_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
         z, rstd, ssq, weight, k, v, n, v_bound, codes, scales,
