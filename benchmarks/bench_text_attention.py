@@ -300,11 +300,20 @@ def run_shape(name: str, prompt: int, sweep: bool) -> dict:
         row["ms"]["part: Gluon attention kernel, rstd given, merged keys"] = _bench(
             lambda: norm_attention_quant_gluon(y.view(1, L, D), w, k, v, vb, tail, H, 1e-6, codes, scales, rstd_q,
                                                None, 2))
-        for progs in (1,):  # persistent grid: one program per SM instead of two
-            n = progs * torch.cuda.get_device_properties(0).multi_processor_count
-            row["ms"][f"part: Gluon attention kernel, rstd given, merged keys, {n} programs"] = _bench(
-                lambda n=n: norm_attention_quant_gluon(y.view(1, L, D), w, k, v, vb, tail, H, 1e-6, codes, scales,
-                                                       rstd_q, None, 2, programs=n))
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        # persistent grid of one program per SM instead of two; 128-key blocks in one slot instead of 64 in two
+        for progs, bn, nres in ((1, 64, 2), (2, 128, 1), (1, 128, 1)):
+            n = progs * sms
+            label = f"part: Gluon attention kernel, rstd given, merged keys, {n} programs, BLOCK_N {bn}, {nres} slot(s)"
+            row["ms"][label] = _bench(
+                lambda n=n, bn=bn, nres=nres: norm_attention_quant_gluon(
+                    y.view(1, L, D), w, k, v, vb, tail, H, 1e-6, codes, scales, rstd_q, None, 2, programs=n,
+                    block_n=bn, nres=nres))
+        norm_attention_quant_gluon(y.view(1, L, D), w, k, v, vb, tail, H, 1e-6, codes, scales, rstd_q, None, 2)
+        c0 = codes.clone()
+        norm_attention_quant_gluon(y.view(1, L, D), w, k, v, vb, tail, H, 1e-6, codes, scales, rstd_q, None, 2,
+                                   block_n=128, nres=1)
+        row["check"]["Gluon BLOCK_N 128 vs 64: codes differing"] = float((codes.float() != c0.float()).float().mean())
     from turbocompile.kernels.w8a8 import triton_gemm_tma as tma_mod
 
     row["q_gemm_configs"] = {"plain": str(tma_mod.tuned_tma_config()), "sumsq": str(tma_mod.tuned_tma_config(True))}

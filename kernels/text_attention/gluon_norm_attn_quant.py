@@ -252,10 +252,12 @@ def _descriptor(t2: torch.Tensor, box: list):
 def norm_attention_quant_gluon(z: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                v_bound: torch.Tensor, tail_start: torch.Tensor | None, num_heads: int, eps: float,
                                codes: torch.Tensor, scales: torch.Tensor, rstd: torch.Tensor | None,
-                               sumsq: torch.Tensor | None, block_g: int, programs: int | None = None) -> None:
+                               sumsq: torch.Tensor | None, block_g: int, programs: int | None = None,
+                               block_n: int = BLOCK_N, nres: int = NRES) -> None:
     """Fill ``codes`` [B·L, D] e4m3 and ``scales`` [B·L, 1] fp32 (see the module docstring) from the rows'
     ``rstd`` [B·L] fp32 or their granule ``sumsq`` [B·L, G] fp32 (exactly one given). The caller checked
-    `gluon_supported`. ``programs``: the persistent grid size (default two per SM)."""
+    `gluon_supported`. ``programs``: the persistent grid size (default two per SM); ``block_n`` / ``nres``: keys
+    per block and key-block slots (64 / 2 or 128 / 1 keep the shared memory of two programs per SM)."""
     B, L, D = z.shape
     Lk, H, dh = k.shape[1], num_heads, D // num_heads
     tiles_m = triton.cdiv(L, BLOCK_M)
@@ -265,8 +267,8 @@ def norm_attention_quant_gluon(z: torch.Tensor, weight: torch.Tensor, k: torch.T
     chunk = triton.cdiv(n_tiles, max(1, min(programs, n_tiles)))
     grid = triton.cdiv(n_tiles, chunk)
     zdesc = _descriptor(_flat_rows(z), [BLOCK_M, dh])
-    kdesc = _descriptor(_flat_rows(k), [BLOCK_N, dh])
-    vdesc = _descriptor(_flat_rows(v), [BLOCK_N, dh])
+    kdesc = _descriptor(_flat_rows(k), [block_n, dh])
+    vdesc = _descriptor(_flat_rows(v), [block_n, dh])
     dummy = v_bound
     ssq = sumsq if sumsq is not None else dummy
     _text_attn_gluon[(grid,)](
@@ -275,4 +277,4 @@ def norm_attention_quant_gluon(z: torch.Tensor, weight: torch.Tensor, k: torch.T
         L, Lk, H, D, 1.4426950408889634 / dh ** 0.5, sumsq.shape[1] if sumsq is not None else 0,
         ssq.stride(0), float(eps), n_tiles, tiles_m, chunk,
         HAS_TAIL=tail_start is not None, HAS_SSQ=sumsq is not None, BLOCK_G=block_g,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DH=dh, NRES=NRES, num_warps=4)
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, DH=dh, NRES=nres, num_warps=4)

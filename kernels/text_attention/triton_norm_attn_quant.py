@@ -132,10 +132,10 @@ def _attn_quant_kernel(
 # 128-token tiles on one warpgroup with 64-key blocks: the fastest of bench_text_attention.py's sweep on an H100
 # at the Wan-1.3B and Wan-14B shapes (RESULTS.md, session 26).
 # KERNEL: the attention kernel when the caller names none (`norm_attention_quant_triton`'s ``kernel``);
-# GLUON_PROGRAMS: the Gluon kernel's persistent grid (None: two programs per SM).
+# GLUON_*: the Gluon kernel's persistent grid (None: two programs per SM), keys per block and key-block slots.
 DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2,
                   "RSTD_ROWS": 8, "RSTD_COLS": 512, "RSTD_WARPS": 4, "SSQ_CHUNK": None,
-                  "KERNEL": "auto", "GLUON_PROGRAMS": None}
+                  "KERNEL": "auto", "GLUON_PROGRAMS": None, "GLUON_BLOCK_N": 64, "GLUON_SLOTS": 2}
 # (SSQ_CHUNK 2: the interpreter's tests, G <= 5, walk more than one chunk and a partial one)
 _INTERPRET_CONFIG = {**DEFAULT_CONFIG, "BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1, "SSQ_CHUNK": 2}
 
@@ -193,7 +193,8 @@ def norm_attention_quant_triton(z: torch.Tensor, weight: torch.Tensor, k: torch.
     if use_gluon:
         norm_attention_quant_gluon(z, weight, k, v, v_bound, tail_start, H, eps, codes, scales,
                                    None if sumsq is not None else rstd, sumsq, _ssq_chunk(g, cfg["SSQ_CHUNK"]),
-                                   programs=cfg["GLUON_PROGRAMS"])
+                                   programs=cfg["GLUON_PROGRAMS"], block_n=cfg["GLUON_BLOCK_N"],
+                                   nres=cfg["GLUON_SLOTS"])
         return codes, scales
     n = tail_start if tail_start is not None else v_bound  # a dummy pointer when there is no tail
     _attn_quant_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](

@@ -21,7 +21,7 @@ needs_sm90 = pytest.mark.skipif(not (HAS_GLUON and sm_at_least(9) and not sm_at_
                                 reason="the Gluon kernel runs on sm90 GPUs only")
 
 
-def _sm90_facts(has_tail: bool, has_ssq: bool, head_d: int) -> dict:
+def _sm90_facts(has_tail: bool, has_ssq: bool, head_d: int, block_n: int, slots: int) -> dict:
     """The kernel compiled for sm90 as a launch specializes it (pointers and D divisible by 16)."""
     import os
     import re
@@ -41,13 +41,13 @@ def _sm90_facts(has_tail: bool, has_ssq: bool, head_d: int) -> dict:
                                 gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16))
 
     fn = gmod._text_attn_gluon
-    zd, kd = desc(4096, [gmod.BLOCK_M, head_d]), desc(512, [gmod.BLOCK_N, head_d])
+    zd, kd = desc(4096, [gmod.BLOCK_M, head_d]), desc(512, [block_n, head_d])
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(zdesc=mangle_type(zd), kdesc=mangle_type(kd), vdesc=mangle_type(kd), rstd_ptr="*fp32",
                ssq_ptr="*fp32", w_ptr="*bf16", n_ptr="*i32", bound_ptr="*fp32", codes_ptr="*fp8e4nv",
                scale_ptr="*fp32", qk_scale="fp32", eps="fp32")
-    const = dict(HAS_TAIL=has_tail, HAS_SSQ=has_ssq, BLOCK_G=8, BLOCK_M=gmod.BLOCK_M, BLOCK_N=gmod.BLOCK_N,
-                 DH=head_d, NRES=gmod.NRES, num_warps=4)
+    const = dict(HAS_TAIL=has_tail, HAS_SSQ=has_ssq, BLOCK_G=8, BLOCK_M=gmod.BLOCK_M, BLOCK_N=block_n,
+                 DH=head_d, NRES=slots, num_warps=4)
     sig.update({key: "constexpr" for key in const})
     aligned = [n for n, ty in sig.items() if ty.startswith("*")] + ["D", "LK"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -55,7 +55,7 @@ def _sm90_facts(has_tail: bool, has_ssq: bool, head_d: int) -> dict:
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
     facts = {"cubin": bool(compiled.asm.get("cubin")), "shared": compiled.metadata.shared,
-             "qk": f"wgmma.mma_async.sync.aligned.m64n{gmod.BLOCK_N}k16.f32.bf16.bf16" in ptx,
+             "qk": f"wgmma.mma_async.sync.aligned.m64n{block_n}k16.f32.bf16.bf16" in ptx,
              "pv": f"wgmma.mma_async.sync.aligned.m64n{head_d}k16.f32.bf16.bf16" in ptx,
              "tma": ptx.count("cp.async.bulk.tensor.2d"), "try_wait": "mbarrier.try_wait.parity" in ptx,
              "local": ".local" in ptx, "st_v4": ptx.count("st.global.v4.b32"),
@@ -74,9 +74,11 @@ def _sm90_facts(has_tail: bool, has_ssq: bool, head_d: int) -> dict:
 
 
 @needs_gluon
-@pytest.mark.parametrize("has_tail,has_ssq,head_d", [(True, False, 128), (False, True, 128), (True, False, 64)])
-def test_gluon_kernel_compiles_for_sm90(has_tail, has_ssq, head_d):
-    f = facts_in_child("tests.kernels.test_norm_attention_quant_gluon", "_sm90_facts", has_tail, has_ssq, head_d)
+@pytest.mark.parametrize("has_tail,has_ssq,head_d,block_n,slots", [(True, False, 128, 64, 2), (False, True, 128, 64, 2),
+                                                                   (True, False, 64, 64, 2), (True, False, 128, 128, 1)])
+def test_gluon_kernel_compiles_for_sm90(has_tail, has_ssq, head_d, block_n, slots):
+    f = facts_in_child("tests.kernels.test_norm_attention_quant_gluon", "_sm90_facts", has_tail, has_ssq, head_d,
+                       block_n, slots)
     assert f["cubin"] and f["qk"] and f["pv"]  # both products are bf16 wgmmas
     assert f["tma"] >= 3 and f["try_wait"]  # the query tile and the key / value blocks arrive by TMA
     # two programs per SM: half the 228 KB of shared memory less the 1 KB each reserves, no spills
@@ -123,14 +125,15 @@ _CASES = [  # B, L, H, d, Lk, n, dtype, weight dtype, persistent programs (None:
 
 
 @needs_sm90
+@pytest.mark.parametrize("block_n,slots", [(64, 2), (128, 1)])
 @pytest.mark.parametrize("B,L,H,d,Lk,n,dt,wdt,programs", _CASES)
-def test_gluon_matches_reference_and_triton(B, L, H, d, Lk, n, dt, wdt, programs):
+def test_gluon_matches_reference_and_triton(B, L, H, d, Lk, n, dt, wdt, programs, block_n, slots):
     z, w, k, v, tail = _case(B, L, H, d, Lk, n, dt, wdt)
     z[0, 0] = 0  # a zero query row
     vb = ref.value_bound_ref(v)
     args = [t.cuda() if t is not None else None for t in (z, w, k, v, vb, tail)]
     assert gmod.gluon_supported(args[0], args[2], args[3])
-    cfg = {"GLUON_PROGRAMS": programs}
+    cfg = {"GLUON_PROGRAMS": programs, "GLUON_BLOCK_N": block_n, "GLUON_SLOTS": slots}
     gc, gs = norm_attention_quant_triton(*args, H, 1e-6, config=cfg, kernel="gluon")
     tc, ts = norm_attention_quant_triton(*args, H, 1e-6, kernel="triton")
     rc, rs = ref.norm_attention_quant_ref(z, w, k, v, vb, tail, H, 1e-6)
