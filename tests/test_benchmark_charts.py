@@ -32,6 +32,10 @@ LATEST = {
     "e2e_wan2.1-t2v-1.3b_s29_prompt100_s29c8_h100.json": "e2e",
     "e2e_wan2.1-t2v-14b_slaq_prompt100_s29c2_h100.json": "e2e",
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_prompt100_s29c1_h100.json": "profile",  # with prompt_tokens
+    "e2e_wan2.1-t2v-1.3b_textgluon_prompt100_s30c2_h100.json": "e2e",  # "+textk_triton" variants
+    "e2e_wan2.1-t2v-14b_textgluon_prompt100_s30c4_h100.json": "e2e",
+    "text_attention_s30c3_h100.json": "text_attention",  # Gluon vs Triton kernel rows
+    "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_prompt100_s30c5_h100.json": "profile",  # "_text_attn_gluon"
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s24c1_h100.json": "profile",
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s23c1_h200.json": "profile",  # before device/versions were recorded
     "sampler_s24c2_h100.json": "sampler",
