@@ -9,7 +9,7 @@ Wan-14B 720p, 512 text keys, a prompt of ``--prompt-tokens`` real tokens zero-pa
 * fused: ``norm_attention_quant`` (FP8 codes at the per-sample scale max|v| / 448) over all keys and over the
   merged keys, with its default attention kernel (the Gluon one on Hopper) and, where that is Gluon, the Triton
   kernel too, plus a sweep of the Triton kernel's launch configs; the parts (rstd pass, attention +
-  quantization, the Gluon kernel at 1 / 2 / 3 persistent programs per SM) alone;
+  quantization, the Gluon kernel at one and two persistent programs per SM, with 64- or 128-key blocks) alone;
 * with the q projection in front (FP8 per-token x per-channel W8A8 GEMM, [L, D] x [D, D]), merged keys: the
   q GEMM then the fused op with its rstd pass (``fuse_text_attention`` with ``sumsq_from_gemm: false``), against
   the q GEMM writing z's sums of squares from its epilogue (``w8a8_linear_prequant_sumsq``) then the fused op

@@ -11,7 +11,8 @@ Two ops, emitted together by the ``merge_padding_keys`` pass for Wan's cross-att
   the prompt's real length instead of the padded one.
 
 A third op, emitted by the ``fuse_text_attention`` pass, runs the whole cross-attention between the q and
-o projections as one kernel:
+o projections as one op (with the triton backend: an rstd pass over z, or none given ``sumsq``, then one attention
+kernel, Triton's or, on Hopper, a persistent Gluon one with the same codes):
 
 * ``torch.ops.turbocompile.norm_attention_quant(z, weight, k, v, v_bound, tail_start, num_heads, eps,
   backend, sumsq=None) -> (codes [B*L, D], scales [B*L, 1])``: q RMSNorm of the raw projection ``z [B, L, D]``,
