@@ -1,9 +1,11 @@
 """Wan's fused cross-attention (q RMSNorm -> attention over the text keys -> FP8 codes) for Hopper, in Gluon.
 
 Same contract and arithmetic as `triton_norm_attn_quant._attn_quant_kernel` (the rstd pass or the q GEMM's
-granule sums give each row's RMSNorm statistic; the merged key tail; codes at the sample's bound). What this
-kernel changes is the schedule, for a problem whose work per tile is small (a 64 × d query tile meets one or
-two 64-key blocks when the prompt's padding is merged) and whose cost is moving the query rows:
+granule sums give each row's RMSNorm statistic; the merged key tail; codes at the sample's bound), except that
+the output rows are scaled by one reciprocal of the softmax sum per row instead of a division per element (the
+codes may then differ from the Triton kernel's in rare last-bit roundings). What this kernel changes is the
+schedule, for a problem whose work per tile is small (a 64 × d query tile meets one or two 64-key blocks when
+the prompt's padding is merged), so that latency and instruction count, not bytes, set its time:
 
 * persistent: ``P`` programs (two per SM) each take a contiguous run of (batch·head, 64-row) tiles, ordered
   head-major, so a program stays on one head for many tiles;
@@ -14,7 +16,10 @@ two 64-key blocks when the prompt's padding is merged) and whose cost is moving 
   same slots, NRES blocks ahead;
 * q·Kᵀ and P·V are bf16/fp16 wgmmas with the normalized q and P as register A operands (P goes from the
   score accumulator to the A layout in registers: 16-bit operands need no shuffle);
-* the codes leave through a coalescing layout conversion (16-byte stores instead of 2-byte ones).
+* the codes leave through a coalescing layout conversion (16-byte stores instead of 2-byte ones);
+* per-head scalars (tail start, bound) are loaded when the head changes and each tile's row statistics one tile
+  ahead; the tail bias and the dead-key mask touch only the last key block (the loop is peeled); block 0 starts
+  the accumulator.
 
 Per tile (rows r of sample b, head h; the Triton kernel's NATIVE expressions)::
 
@@ -69,6 +74,39 @@ if HAS_GLUON:
         _tma_load(zdesc, [(bh // H) * L + (t % tiles_m) * BLOCK_M, (bh % H) * DH], bar, zbufs.index(slot), pred=pred)
 
     @gluon.jit
+    def _key_block(qn, kdesc, vdesc, kbufs, vbufs, kvbars, c, j, nblk, krow, col, qk_scale, n_tail, tail_bias, kv_end,
+                   m_i, l_i, acc, s_zero, kcols0, p_op: gl.constexpr, o_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                   NRES: gl.constexpr, LAST: gl.constexpr, HAS_TAIL: gl.constexpr):
+        """Key block j (copy number c: slot c % NRES): S = qn·Kᵀ, the online-softmax update, O += P·V (block 0 starts
+        O: alpha is 0 there); LAST: the tail bias and the dead-key mask. Streaming (nblk > NRES): the slot is refilled
+        with block j + NRES once every warp is past this block's products."""
+        slot = c % NRES
+        mbarrier.wait(kvbars.index(slot), (c // NRES) & 1)
+        sc = warpgroup_mma(qn, kbufs.index(slot).permute((1, 0)), s_zero, use_acc=False) * qk_scale
+        if LAST:
+            cols = j * BLOCK_N + kcols0
+            if HAS_TAIL:
+                sc = sc + gl.expand_dims(gl.where(cols == n_tail, tail_bias, 0.0), 0)
+            sc = gl.where(gl.expand_dims(cols < kv_end, 0), sc, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(sc - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(qn.dtype), p_op), vbufs.index(slot), acc, use_acc=j > 0)
+        if nblk > NRES:
+            _cta_barrier()
+            _issue_kv(kdesc, vdesc, kbufs, vbufs, kvbars, slot, krow + (j + NRES) * BLOCK_N, col, j + NRES < nblk)
+        return m_new, l_i, acc
+
+    @gluon.jit
+    def _tile_rstd(rstd_ptr, t, tiles_m, L, H, rows0, BLOCK_M: gl.constexpr, pred):
+        """The rstd of tile t's rows (0 where past L, or everywhere without ``pred``)."""
+        rows = (t % tiles_m) * BLOCK_M + rows0
+        ok = (rows < L) & pred
+        return gl.load(rstd_ptr + ((t // tiles_m) // H).to(gl.int64) * L + rows, mask=ok, other=0.0)
+
+    @gluon.jit
     def _text_attn_gluon(
         zdesc, kdesc, vdesc,  # z [B*L, D], k and v [B*Lk, D] (row strides as given), boxes [BLOCK_M|BLOCK_N, DH]
         rstd_ptr,  # [B*L] fp32 (without HAS_SSQ), else a dummy
@@ -118,6 +156,14 @@ if HAS_GLUON:
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         cur_bh = gl.to_tensor(-1)  # the batch·head whose key blocks the slots hold (none yet)
         loads = gl.to_tensor(0)  # key-block copies issued so far (slot = count % NRES, in issue order)
+        # per-head scalars, loaded when the program moves to a new head (a few times per program): their latency is
+        # not paid at every tile (the head's weights are reloaded per tile: L1 hits, and 32 registers less)
+        bound = gl.to_tensor(1.0)
+        n_tail = gl.to_tensor(LK)
+        kv_end = gl.to_tensor(LK)
+        tail_bias = gl.to_tensor(0.0)
+        if not HAS_SSQ:  # the first tile's rows' statistic; each tile then loads the next one's
+            rstd_next = _tile_rstd(rstd_ptr, t0, tiles_m, L, H, rows0, BLOCK_M, n_my > 0)
         for k in range(0, n_my):
             t = t0 + k
             bh = t // tiles_m
@@ -127,8 +173,7 @@ if HAS_GLUON:
             rows = m0 + rows0
             row_ok = rows < L
             tok = b.to(gl.int64) * L + rows
-            # the rows' RMSNorm statistic and the head's weights (global loads issued before the z wait)
-            if HAS_SSQ:
+            if HAS_SSQ:  # the rows' RMSNorm statistic from the q GEMM's granule sums of squares
                 ssq = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, q_op))
                 for g0 in range(0, G, BLOCK_G):
                     gi = g0 + gl.arange(0, BLOCK_G, layout=gl.SliceLayout(0, q_op))
@@ -136,17 +181,16 @@ if HAS_GLUON:
                                           mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(gi < G, 0), other=0.0),
                                   axis=1)
                 rstd = gl.rsqrt(ssq / D + eps)
-            else:
-                rstd = gl.load(rstd_ptr + tok, mask=row_ok, other=0.0)
+            else:  # loaded one tile ahead
+                rstd = rstd_next
+                rstd_next = _tile_rstd(rstd_ptr, t + 1, tiles_m, L, H, rows0, BLOCK_M, k + 1 < n_my)
             w = gl.load(w_ptr + h * DH + dcols).to(gl.float32)
-            if HAS_TAIL:
-                n_tail = gl.load(n_ptr + bh)
-                kv_end = gl.minimum(n_tail + 1, LK)
-                tail_bias = gl.log2(gl.maximum(LK - n_tail, 1).to(gl.float32))
-            else:
-                n_tail = LK
-                kv_end = LK
-                tail_bias = 0.0
+            if bh != cur_bh:
+                bound = gl.load(bound_ptr + b)
+                if HAS_TAIL:
+                    n_tail = gl.load(n_ptr + bh)
+                    kv_end = gl.minimum(n_tail + 1, LK)
+                    tail_bias = gl.log2(gl.maximum(LK - n_tail, 1).to(gl.float32))
             nblk = (kv_end + BLOCK_N - 1) // BLOCK_N
 
             zslot = k % 2
@@ -173,35 +217,27 @@ if HAS_GLUON:
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
             l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
             acc = gl.zeros([BLOCK_M, DH], gl.float32, layout=o_layout)
-            for j in range(0, nblk):
-                c = first + j
-                slot = c % NRES
-                mbarrier.wait(kvbars.index(slot), (c // NRES) & 1)
-                sc = warpgroup_mma(qn, kbufs.index(slot).permute((1, 0)), s_zero, use_acc=False) * qk_scale
-                cols = j * BLOCK_N + kcols0
-                if HAS_TAIL:
-                    sc = sc + gl.expand_dims(gl.where(cols == n_tail, tail_bias, 0.0), 0)
-                sc = gl.where(gl.expand_dims(cols < kv_end, 0), sc, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(sc, axis=1))
-                alpha = gl.exp2(m_i - m_new)
-                p = gl.exp2(sc - gl.expand_dims(m_new, 1))
-                l_i = l_i * alpha + gl.sum(p, axis=1)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-                acc = warpgroup_mma(gl.convert_layout(p.to(dt), p_op), vbufs.index(slot), acc)
-                m_i = m_new
-                if nblk > NRES:  # streaming: every warp is past block j's products; refill its slot
-                    _cta_barrier()
-                    _issue_kv(kdesc, vdesc, kbufs, vbufs, kvbars, slot, krow + (j + NRES) * BLOCK_N, h * DH,
-                              j + NRES < nblk)
+            # full blocks, then the last one: only it can hold dead keys and the merged tail's key (n_tail =
+            # kv_end - 1). Peeled rather than branched: a tensor update under an `if` in this loop miscompiled
+            # (Triton 3.6, streamed key blocks: wrong outputs, session 30)
+            for j in range(0, nblk - 1):
+                m_i, l_i, acc = _key_block(qn, kdesc, vdesc, kbufs, vbufs, kvbars, first + j, j, nblk, krow, h * DH,
+                                           qk_scale, n_tail, tail_bias, kv_end, m_i, l_i, acc, s_zero, kcols0,
+                                           p_op, o_layout, BLOCK_N, NRES, False, HAS_TAIL)
+            m_i, l_i, acc = _key_block(qn, kdesc, vdesc, kbufs, vbufs, kvbars, first + nblk - 1, nblk - 1, nblk, krow,
+                                       h * DH, qk_scale, n_tail, tail_bias, kv_end, m_i, l_i, acc, s_zero, kcols0,
+                                       p_op, o_layout, BLOCK_N, NRES, True, HAS_TAIL)
             if nblk > NRES:
                 loads += nblk - NRES
 
             # epilogue: the output as the graph stores it, then e4m3 at the sample's bound
-            o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+            # (one reciprocal per row, not a division per element: the Triton kernel divides, so the two may differ
+            # in the last bit of o and then, rarely, in a code)
+            o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout)), 1)
             o = gl.convert_layout(o.to(dt), st_layout).to(gl.float32)
-            bound = gl.load(bound_ptr + b)
             inv = gl.div_rn(gl.full([BLOCK_M, DH], 448.0, gl.float32, layout=st_layout), bound + gl.zeros_like(o))
-            codes = gl.minimum(gl.maximum(o * inv, -448.0), 448.0).to(gl.float8e4nv)
+            # the saturating RNE cast (cvt.rn.satfinite) is the quantizer's clamp at ±448
+            codes = (o * inv).to(gl.float8e4nv)
             srows = m0 + srows0
             stok = b.to(gl.int64) * L + srows
             srow_ok = srows < L
