@@ -34,7 +34,8 @@ LATEST = {
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_prompt100_s29c1_h100.json": "profile",  # with prompt_tokens
     "e2e_wan2.1-t2v-1.3b_textgluon_prompt100_s30c2_h100.json": "e2e",  # "+textk_triton" variants
     "e2e_wan2.1-t2v-14b_textgluon_prompt100_s30c4_h100.json": "e2e",
-    "text_attention_s30c3_h100.json": "text_attention",  # Gluon vs Triton kernel rows
+    "text_attention_s30c11_h100.json": "text_attention",  # Gluon vs Triton kernel rows
+    "e2e_wan2.1-t2v-14b_textgluon2_prompt100_s30c13_h100.json": "e2e",  # 14B with "+textk_triton"
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_prompt100_s30c5_h100.json": "profile",  # "_text_attn_gluon"
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s24c1_h100.json": "profile",
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_s23c1_h200.json": "profile",  # before device/versions were recorded
