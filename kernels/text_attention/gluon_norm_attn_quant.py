@@ -29,7 +29,7 @@ Per tile (rows r of sample b, head h; the Triton kernel's NATIVE expressions)::
 Layouts (`gluon_supported`): z ``[B, L, D]`` read through the flat ``[B·L, D]`` view (rows of a tile past L
 belong to the next sample or are TMA zero fill: computed, never stored); k, v ``[B, Lk, H, d]`` through
 ``[B·Lk, H·d]`` (key rows past the live ones get probability 0). Gluon kernels do not run under
-TRITON_INTERPRET: on the CPU the Triton kernel is what runs; `tests/kernels/test_norm_attention_quant.py`
+TRITON_INTERPRET: on the CPU the Triton kernel is what runs; `tests/kernels/test_norm_attention_quant_gluon.py`
 compiles this one for sm90 and the GPU tests compare it with the reference and the Triton kernel.
 """
 
@@ -53,7 +53,7 @@ __all__ = ["BLOCK_M", "BLOCK_N", "NRES", "gluon_supported", "norm_attention_quan
 BLOCK_M = 64  # query rows per tile: one warpgroup's wgmma M
 BLOCK_N = 64  # keys per block
 NRES = 2  # key/value slots: a merged prompt of up to 127 real tokens stays resident per head
-PROGRAMS_PER_SM = 2  # 96 KB of shared memory and <= 255 registers each
+PROGRAMS_PER_SM = 2  # each takes 104 KB of shared memory (and 164 registers, Triton 3.6)
 
 if HAS_GLUON:
 
@@ -218,8 +218,9 @@ if HAS_GLUON:
             l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
             acc = gl.zeros([BLOCK_M, DH], gl.float32, layout=o_layout)
             # full blocks, then the last one: only it can hold dead keys and the merged tail's key (n_tail =
-            # kv_end - 1). Peeled rather than branched: a tensor update under an `if` in this loop miscompiled
-            # (Triton 3.6, streamed key blocks: wrong outputs, session 30)
+            # kv_end - 1). Peeled rather than branched: with a tensor update under an `if` in this loop, the outputs
+            # were wrong whenever key blocks streamed (H100, Triton 3.6, session 30; the same updates without the
+            # `if` were right; cause not found)
             for j in range(0, nblk - 1):
                 m_i, l_i, acc = _key_block(qn, kdesc, vdesc, kbufs, vbufs, kvbars, first + j, j, nblk, krow, h * DH,
                                            qk_scale, n_tail, tail_bias, kv_end, m_i, l_i, acc, s_zero, kcols0,
