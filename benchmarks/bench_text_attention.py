@@ -190,7 +190,9 @@ def _attn_kernel_alone(z, rstd, w, k, v, vb, tail, H: int):
     return codes, scales
 
 
-def run_shape(name: str, prompt: int, sweep: bool) -> dict:
+def shape_operands(name: str, prompt: int) -> tuple:
+    """z [1, L, D], the RMSNorm weight, k / v [1, 512, H, d] whose rows from ``prompt`` on are the padding's equal
+    rows, and their tail start: the cross-attention operands at a Wan shape (seeded, on the GPU)."""
     L, H, D = SHAPES[name]
     d = D // H
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -200,7 +202,13 @@ def run_shape(name: str, prompt: int, sweep: bool) -> dict:
     v = torch.randn(1, TEXT, H, d, device="cuda", generator=g).add_(0.3).to(torch.bfloat16)
     k[:, prompt:] = k[:, -1:].clone()  # the padding's equal K/V rows
     v[:, prompt:] = v[:, -1:].clone()
-    tail = key_tail_start(k, v)
+    return z, w, k, v, key_tail_start(k, v)
+
+
+def run_shape(name: str, prompt: int, sweep: bool) -> dict:
+    L, H, D = SHAPES[name]
+    d = D // H
+    z, w, k, v, tail = shape_operands(name, prompt)
     row = {"shape": f"L{L} H{H} D{D}", "prompt_tokens": prompt, "tail_start": int(tail[0, 0]), "ms": {}, "check": {}}
 
     def unfused(merged: bool):

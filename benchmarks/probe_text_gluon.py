@@ -1,8 +1,8 @@
 """Probe (GPU, sm90): the fused cross-attention's Gluon attention kernel alone at a Wan shape, for ncu.
 
-Builds z, the RMSNorm statistic, the weight, K/V with a merged padding tail (``--prompt-tokens`` real keys of 512)
-and launches `norm_attention_quant_gluon` ``--reps`` times with the chosen key-block geometry; checks its codes
-against the Triton op's once (which runs its own rstd pass: rare last-bit differences). Typical use::
+Builds `bench_text_attention.shape_operands` (z, the weight, K/V with a merged padding tail: ``--prompt-tokens``
+real keys of 512) and the RMSNorm statistic, launches `norm_attention_quant_gluon` ``--reps`` times with the chosen
+key-block geometry and checks its codes against the Triton op's once (which runs its own rstd pass: rare last-bit differences). Typical use::
 
     ncu --clock-control none -k regex:_text_attn_gluon -s 2 -c 1 --set full -o $OUT/ncu_text \\
         python3 benchmarks/probe_text_gluon.py --shape 13b
@@ -15,12 +15,10 @@ import json
 
 import torch
 
+from bench_text_attention import SHAPES, shape_operands  # benchmarks/ is the script's directory
 from turbocompile.kernels.text_attention import triton_norm_attn_quant as fused_mod
 from turbocompile.kernels.text_attention.gluon_norm_attn_quant import norm_attention_quant_gluon
-from turbocompile.ops.text_attention import key_tail_start, value_bound
-
-SHAPES = {"13b": (32760, 12, 1536), "14b": (75600, 40, 5120)}  # (L, heads, dim), as bench_text_attention.py
-TEXT = 512
+from turbocompile.ops.text_attention import value_bound
 
 
 def main():
@@ -33,15 +31,8 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("needs an sm90 CUDA GPU")
     L, H, D = SHAPES[args.shape]
-    d = D // H
-    g = torch.Generator(device="cuda").manual_seed(0)
-    z = torch.randn(1, L, D, device="cuda", generator=g).mul_(3).to(torch.bfloat16)
-    w = (torch.rand(D, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
-    k = torch.randn(1, TEXT, H, d, device="cuda", generator=g).mul_(1.5).to(torch.bfloat16)
-    v = torch.randn(1, TEXT, H, d, device="cuda", generator=g).add_(0.3).to(torch.bfloat16)
-    k[:, args.prompt_tokens:] = k[:, -1:].clone()
-    v[:, args.prompt_tokens:] = v[:, -1:].clone()
-    tail, vb = key_tail_start(k, v), value_bound(v)
+    z, w, k, v, tail = shape_operands(args.shape, args.prompt_tokens)
+    vb = value_bound(v)
     rstd = torch.rsqrt(z.float().square().mean(-1) + 1e-6).reshape(L).contiguous()
     codes = torch.empty(L, D, device="cuda", dtype=torch.float8_e4m3fn)
     scales = torch.empty(L, 1, device="cuda", dtype=torch.float32)
