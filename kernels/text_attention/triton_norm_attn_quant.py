@@ -178,8 +178,8 @@ def norm_attention_quant_triton(z: torch.Tensor, weight: torch.Tensor, k: torch.
     scales = torch.empty(B * L, 1, device=z.device, dtype=torch.float32)
     if B * L == 0:
         return codes, scales
-    use_gluon = kernel == "gluon" or (kernel == "auto" and not interp and gluon_supported(z, k, v))
-    if kernel == "gluon" and (interp or not gluon_supported(z, k, v)):
+    use_gluon = kernel != "triton" and not interp and gluon_supported(z, k, v)
+    if kernel == "gluon" and not use_gluon:
         raise ValueError("norm_attention_quant: kernel='gluon' needs an sm90 CUDA device, bf16/fp16, head dim 64 or "
                          "128 and TMA-compatible z/k/v layouts (see gluon_supported); use kernel='auto' or 'triton'")
     if sumsq is None:
