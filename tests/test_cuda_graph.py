@@ -87,8 +87,8 @@ def test_runner_copies_in_replays_and_returns_a_clone():
 def test_capture_and_replay_matches_eager_on_cuda(tmp_path):
     out = tmp_path / "a"
     turbocompile.optimize("wan-tiny", "turbo-int8", out, dtype="bfloat16", device="cuda", seed=3)
-    eager = turbocompile.load(out)
-    graphed = turbocompile.load(out, cuda_graph=True)
+    eager = turbocompile.load(out, device="cuda")
+    graphed = turbocompile.load(out, device="cuda", cuda_graph=True)
     assert graphed.cuda_graph
     cfg = get_preset("wan-tiny")
     inp = example_inputs(cfg, cfg.video_shape(), seed=5, device="cuda", dtype=torch.bfloat16)

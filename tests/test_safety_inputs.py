@@ -151,6 +151,28 @@ def test_python_api_arguments(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_device_environment_variable(tmp_path, monkeypatch):
+    """TURBOCOMPILE_DEVICE is the default device when neither the call nor the recipe names one; a bad value is
+    a one-line error naming the variable (exit 2 from the CLI, nothing written)."""
+    def device_of(res):
+        return {t.device.type for t in res.graph_module.state_dict().values()}
+
+    monkeypatch.setenv("TURBOCOMPILE_DEVICE", "cpu")
+    assert device_of(turbocompile.optimize("wan-tiny", "baseline", dtype="float32")) == {"cpu"}
+    monkeypatch.setenv("TURBOCOMPILE_DEVICE", "tpu")
+    with pytest.raises(ModelConfigError, match=r"^TURBOCOMPILE_DEVICE 'tpu' is not valid; choose one of cpu, cuda"):
+        turbocompile.optimize("wan-tiny", "baseline", dtype="float32")
+    # the call's device wins over the variable
+    assert device_of(turbocompile.optimize("wan-tiny", "baseline", dtype="float32", device="cpu")) == {"cpu"}
+    r = CliRunner().invoke(cli, ["optimize", "wan-tiny", "baseline", "-o", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "TURBOCOMPILE_DEVICE 'tpu' is not valid" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "a").exists()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TURBOCOMPILE_DEVICE", "cuda")
+        with pytest.raises(ModelConfigError, match="TURBOCOMPILE_DEVICE 'cuda' requested but no CUDA GPU"):
+            turbocompile.optimize("wan-tiny", "baseline", dtype="float32")
+
+
 def test_load_refuses_float32_for_a_bf16_sagesla_artifact(tmp_path):
     out = tmp_path / "sla"
     turbocompile.optimize("wan-tiny", "sagesla", out, dtype="bfloat16")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import datetime
 import importlib.metadata
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -80,18 +81,26 @@ class OptimizeResult:
         return cached_bind(self.__dict__, self.graph_module)
 
 
+DEVICE_ENV = "TURBOCOMPILE_DEVICE"  # default device when neither the call nor the recipe names one
+
+
 def _pick_device(name: "str | torch.device | None") -> torch.device:
-    """``cpu`` / ``cuda`` / ``cuda:N`` or a torch.device (None: cuda when available); one-line errors."""
+    """``cpu`` / ``cuda`` / ``cuda:N`` or a torch.device; one-line errors. None: ``TURBOCOMPILE_DEVICE`` when
+    set, else cuda when available, else cpu."""
+    source = "device"
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = os.environ.get(DEVICE_ENV, "").strip() or None
+        if name is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        source = DEVICE_ENV
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError):
         dev = None
     if dev is None or dev.type not in DEVICES:
-        raise ModelConfigError(f"device '{name}' is not valid; choose one of {', '.join(DEVICES)} (or cuda:N)")
+        raise ModelConfigError(f"{source} '{name}' is not valid; choose one of {', '.join(DEVICES)} (or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelConfigError(f"device '{name}' requested but no CUDA GPU is available; use --device cpu")
+        raise ModelConfigError(f"{source} '{name}' requested but no CUDA GPU is available; use --device cpu")
     return dev
 
 
@@ -251,7 +260,8 @@ def optimize(
         recipe: recipe YAML path, built-in recipe name, dict or :class:`Recipe`.
         out: artifact directory to write (atomically); None keeps the result in memory.
         dtype: ``float32`` / ``bfloat16`` / ``float16``; overrides the recipe (default bfloat16).
-        device: ``cpu`` / ``cuda``; overrides the recipe (default: cuda when available).
+        device: ``cpu`` / ``cuda``; overrides the recipe (default: ``TURBOCOMPILE_DEVICE`` when set, else cuda
+            when available).
         seed: seed of built-in random weights and of verification inputs.
         verify: compare every pass's output with the graph before it on random inputs.
         disable: pass names to skip (bisecting); ``TURBOCOMPILE_DISABLE_PASSES`` adds more.
@@ -481,7 +491,8 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
 
     Args:
         path: artifact directory.
-        device: where to put the weights (default: cuda when available, else cpu).
+        device: where to put the weights (default: ``TURBOCOMPILE_DEVICE`` when set, else cuda when available,
+            else cpu).
         dtype: activation dtype to run in (default: the artifact's). Changing it is exact
             only in the sense of re-rounding weights; quantized weights are never touched.
         verify_checksums: check every file's sha256 (a truncated or edited file is refused).

@@ -79,7 +79,7 @@ def _parse_size(text):
 @click.option("--mode", type=click.Choice(["sde", "ode"]), default=None,
               help="rCM mode for denoiser artifacts (default sde; a baked sampler's mode is fixed).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="Where to run (default: cuda when available).")
+              help="Where to run (default: $TURBOCOMPILE_DEVICE, else cuda when available).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output .safetensors file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")

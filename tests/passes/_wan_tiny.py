@@ -11,22 +11,24 @@ from turbocompile.model.config import get_preset
 from turbocompile.model.wan import WanModel, init_random_
 
 
-def recipe(*passes) -> dict:
-    """An inline bf16 CPU recipe of ``passes``."""
-    return {"version": 1, "name": "t", "model": {"dtype": "bfloat16", "device": "cpu"}, "passes": list(passes)}
+def recipe(*passes, device: str = "cpu") -> dict:
+    """An inline bf16 recipe of ``passes`` on ``device`` (CPU unless a test runs its Triton path on a GPU)."""
+    return {"version": 1, "name": "t", "model": {"dtype": "bfloat16", "device": device}, "passes": list(passes)}
 
 
-def inputs() -> list[torch.Tensor]:
-    """wan-tiny's seed-1 example inputs (bf16), in call order."""
+def inputs(device: "str | torch.device" = "cpu") -> list[torch.Tensor]:
+    """wan-tiny's seed-1 example inputs (bf16) on ``device``, in call order."""
     cfg = get_preset("wan-tiny")
-    return list(example_inputs(cfg, cfg.video_shape(), seed=1, dtype=torch.bfloat16).values())
+    return list(example_inputs(cfg, cfg.video_shape(), seed=1, device=device, dtype=torch.bfloat16).values())
 
 
 def run(rec, seed=0, **kw):
-    """(OptimizeResult, output) of wan-tiny optimized with ``rec`` and called on :func:`inputs`."""
+    """(OptimizeResult, output) of wan-tiny optimized with ``rec`` and called on :func:`inputs` (on the device
+    the model was built on)."""
     res = turbocompile.optimize("wan-tiny", rec, seed=seed, **kw)
+    device = next(iter(res.graph_module.state_dict().values())).device
     with torch.no_grad():
-        return res, res.graph_module(*inputs())
+        return res, res.graph_module(*inputs(device))
 
 
 def count_calls(gm, target) -> int:

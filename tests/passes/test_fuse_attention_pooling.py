@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import turbocompile
-from tests._env import triton_runs_here
+from tests._env import kernel_device, triton_runs_here
 from tests.passes._wan_tiny import count_calls as _count
 from tests.passes._wan_tiny import inputs
 from tests.passes._wan_tiny import recipe as _recipe
@@ -62,18 +62,20 @@ def test_fuses_one_site_per_block_and_matches(tmp_path):
 @pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
 def test_triton_path_runs_no_pooling_kernel(monkeypatch):
     """Triton kernels everywhere, q/k/v as one GEMM (the pooling kernel reads the strided slices): the same
-    output as without the pass, and SageSLA's own pooling kernel is never launched."""
+    output as without the pass, and SageSLA's own pooling kernel is never launched (on the GPU where there is
+    one, else in the interpreter)."""
     from turbocompile.kernels.sagesla import triton_prep
 
     passes = [*_base(backend="triton"), "fuse_sibling_gemms"]
-    _, ref_out = _run(_recipe(*passes))
+    dev = kernel_device()
+    _, ref_out = _run(_recipe(*passes, device=dev))
 
     class _NoPassA:
         def __getitem__(self, grid):
             raise AssertionError("SageSLA's pooling kernel (pass A) was launched")
 
     monkeypatch.setattr(triton_prep, "_pool_kernel", _NoPassA())
-    res, out = _run(_recipe(*passes[:3], PASS, passes[3]))
+    res, out = _run(_recipe(*passes[:3], PASS, passes[3], device=dev))
     assert _stats(res)["fused"] == LAYERS
     names = [p["name"] for p in res.manifest["passes"]]
     assert names.index(PASS) < names.index("fuse_sibling_gemms")

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 
 import turbocompile
+from tests._env import kernel_device
 from turbocompile.capture import example_inputs
 from turbocompile.metrics import rel_err
 from turbocompile.model.config import get_preset
@@ -39,16 +40,18 @@ def test_matches_per_block(name):
 def test_numerics_within_bf16_rounding_and_exact_in_float32(backend):
     """The fused graph vs the unfused one: ≤ 2e-3 in bf16 (the issue's bound), ~exact in float32.
 
-    backend "triton" runs the Triton kernels (the CPU interpreter here, the GPU on a GPU machine).
+    backend "triton" runs the Triton kernels (on the GPU where there is one, else in the CPU interpreter: one
+    input seed there, to keep the suite short).
     """
     cfg = get_preset("wan-tiny")
+    dev = kernel_device() if backend == "triton" else "cpu"
     recipe = {"version": 1, "passes": [{"name": "fuse_norms", "options": {"backend": backend}}]}
-    fused32 = turbocompile.optimize("wan-tiny", recipe, dtype="float32")
-    base32 = turbocompile.optimize("wan-tiny", "baseline", dtype="float32")
-    fused = turbocompile.optimize("wan-tiny", recipe, dtype="bfloat16")
-    base = turbocompile.optimize("wan-tiny", "baseline", dtype="bfloat16")
-    for seed in (0, 1):
-        inp = example_inputs(cfg, cfg.video_shape(), seed=seed)
+    fused32 = turbocompile.optimize("wan-tiny", recipe, dtype="float32", device=dev)
+    base32 = turbocompile.optimize("wan-tiny", "baseline", dtype="float32", device=dev)
+    fused = turbocompile.optimize("wan-tiny", recipe, dtype="bfloat16", device=dev)
+    base = turbocompile.optimize("wan-tiny", "baseline", dtype="bfloat16", device=dev)
+    for seed in (0,) if backend == "triton" and dev == "cpu" else (0, 1):
+        inp = example_inputs(cfg, cfg.video_shape(), seed=seed, device=dev)
         assert rel_err(fused32.graph_module(*inp.values()), base32.graph_module(*inp.values())) < 1e-5
         assert rel_err(fused.graph_module(*inp.values()), base.graph_module(*inp.values())) <= 2e-3
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import turbocompile
-from tests._env import triton_runs_here
+from tests._env import kernel_device, triton_runs_here
 from tests.passes._wan_tiny import count_calls as _count
 from tests.passes._wan_tiny import recipe as _recipe
 from tests.passes._wan_tiny import run as _run
@@ -30,17 +30,17 @@ def _w8(fmt):
                                                "act_granularity": "per_token"}}
 
 
-def _turbo(fmt, fused, pass_options=None):
+def _turbo(fmt, fused, pass_options=None, device="cpu"):
     """turbo-int8 / turbo-fp8's passes, with this pass after fuse_gemm_epilogues when ``fused``."""
     mine = [{"name": PASS, "options": pass_options or {}}] if fused else []
     return _recipe(_w8(fmt), "fuse_norms", "fuse_gemm_epilogues",
                    {"name": "sagesla_attention", "options": {"topk": 0.1, "quant": "int8-fp8"}},
-                   "fuse_attention_pooling", *mine, "fuse_sibling_gemms")
+                   "fuse_attention_pooling", *mine, "fuse_sibling_gemms", device=device)
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(fmt):
-    return _run(_turbo(fmt, False))
+def _reference(fmt, device="cpu"):
+    return _run(_turbo(fmt, False, device=device))
 
 
 def _stats(res, name):
@@ -71,8 +71,10 @@ def test_turbo_recipe_counts_and_bit_exact_on_torch(fmt):
 
 @pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
 def test_triton_fused_gemms_close_end_to_end():
-    _, ref_out = _reference("fp8")
-    res, out = _run(_turbo("fp8", True, {"backend": "triton"}))
+    """The Triton residual GEMMs (on the GPU where there is one, else in the interpreter) against the recipe
+    without the pass on the same device."""
+    _, ref_out = _reference("fp8", kernel_device())
+    res, out = _run(_turbo("fp8", True, {"backend": "triton"}, device=kernel_device()))
     assert _stats(res, PASS)["fused"] == 3 * BLOCKS
     rel = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
     assert rel < 1e-2, rel  # fp32 (Triton) vs float64 (reference) GEMM sums: bf16-ulp differences of y at most

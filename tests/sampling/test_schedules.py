@@ -107,7 +107,7 @@ def test_flow_schedule_formula():
 
 
 def test_flow_schedule_matches_diffusers():
-    from diffusers import UniPCMultistepScheduler
+    UniPCMultistepScheduler = pytest.importorskip("diffusers").UniPCMultistepScheduler
 
     for steps, shift in [(50, 5.0), (40, 12.0), (7, 3.0)]:
         sch = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
