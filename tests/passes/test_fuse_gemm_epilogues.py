@@ -1,5 +1,6 @@
 """Pass fuse_gemm_epilogues on wan-tiny: match counts, exactness of the torch path vs the unfused graph,
-the Triton path (interpreter on CPU) within bf16 rounding, and the variants it must leave alone."""
+the Triton path (on the GPU where there is one, else in the interpreter) within bf16 rounding, and the variants
+it must leave alone."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import functools
 import pytest
 import torch
 
-from tests._env import triton_interpreted
+from tests._env import kernel_device, sm_at_least, triton_runs_here
 from tests.passes._wan_tiny import count_calls as _count
 from tests.passes._wan_tiny import recipe as _recipe
 from tests.passes._wan_tiny import run as _run
@@ -59,10 +60,12 @@ def test_without_w8a8_nothing_matches():
     assert rec["modified"] is False and rec["stats"]["float_gelu"] == get_preset("wan-tiny").num_layers + 1
 
 
-@pytest.mark.skipif(not triton_interpreted(), reason="runs the CPU wan-tiny graph with backend 'triton': needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
 def test_triton_fused_ops_within_bf16_rounding_end_to_end():
-    _, ref_out = _run(_recipe(W8, "fuse_norms"))
-    res, out = _run(_recipe(W8, "fuse_norms", {"name": "fuse_gemm_epilogues", "options": {"backend": "triton"}}))
+    dev = kernel_device()
+    _, ref_out = _run(_recipe(W8, "fuse_norms", device=dev))
+    res, out = _run(_recipe(W8, "fuse_norms", {"name": "fuse_gemm_epilogues", "options": {"backend": "triton"}},
+                            device=dev))
     assert res.manifest["passes"][-1]["stats"]["gelu_quant"] == get_preset("wan-tiny").num_layers
     rel = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
     assert 0 < rel < 1e-2, rel  # differs (GELU on the fp32 accumulator) but only at bf16/int8-code level
@@ -81,9 +84,9 @@ def test_turbo_recipes_include_the_pass_before_the_bake():
 # ------------------------------------------------------------------ quant_scale: pow2 (turbo-fp8)
 
 
-def _turbo_fp8(**epi_options) -> dict:
-    """The built-in turbo-fp8 recipe (bf16, CPU) with these fuse_gemm_epilogues options, or without the pass
-    when called with ``drop=True``."""
+def _turbo_fp8(device="cpu", **epi_options) -> dict:
+    """The built-in turbo-fp8 recipe (bf16, on ``device``) with these fuse_gemm_epilogues options, or without the
+    pass when called with ``drop=True``."""
     from turbocompile.recipe import load_recipe
 
     passes = []
@@ -93,13 +96,13 @@ def _turbo_fp8(**epi_options) -> dict:
                 continue
             p = {"name": p["name"], "options": {**p["options"], **epi_options}}
         passes.append(p)
-    return _recipe(*passes)
+    return _recipe(*passes, device=device)
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_turbo_fp8(quant_scale: str):
+def _torch_turbo_fp8(quant_scale: str, device: str = "cpu"):
     """(OptimizeResult, output) of turbo-fp8 with the torch backend, verified pass by pass (shared below)."""
-    return _run(_turbo_fp8(backend="torch", quant_scale=quant_scale), verify=True)
+    return _run(_turbo_fp8(device, backend="torch", quant_scale=quant_scale), verify=True)
 
 
 def _fused_nodes(gm):
@@ -148,11 +151,13 @@ def test_pow2_torch_path_equals_the_unfused_graph_with_pow2_quantization(monkeyp
     assert cos > 0.999, cos
 
 
-@pytest.mark.skipif(not triton_interpreted(), reason="runs the CPU wan-tiny graph with backend 'triton': needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+@pytest.mark.skipif(kernel_device() == "cuda" and not sm_at_least(9), reason="the TMA kernels need sm90+")
 @pytest.mark.parametrize("route", ["default", "tma"])
 def test_pow2_triton_path_close_to_the_amax_variant(route, monkeypatch):
-    """Triton backend, pow2 vs amax scales: cos >= 0.999. "default" takes the kernels' own route (on CPU the
-    pointer kernel + pow2 quantization of h); "tma" forces the TMA kernel, i.e. the FP8 epilogue + requant."""
+    """Triton backend, pow2 vs amax scales: cos >= 0.999. "default" takes the kernels' own route (in the
+    interpreter the pointer kernel + pow2 quantization of h, on sm90 the TMA kernel); "tma" forces the TMA
+    kernel, i.e. the FP8 epilogue + requant."""
     from turbocompile.kernels.w8a8 import triton_gemm_epilogue as te
     from turbocompile.kernels.w8a8 import triton_pow2
 
@@ -162,14 +167,15 @@ def test_pow2_triton_path_close_to_the_amax_variant(route, monkeypatch):
     if route == "tma":
         monkeypatch.setattr(te, "w8a8_gemm_gelu_quant_triton",
                             functools.partial(te.w8a8_gemm_gelu_quant_triton, use_tma=True))
-    _, amax_out = _run(_turbo_fp8(backend="triton", quant_scale="amax"))
-    res, out = _run(_turbo_fp8(backend="triton", quant_scale="pow2"))
+    dev = kernel_device()
+    _, amax_out = _run(_turbo_fp8(dev, backend="triton", quant_scale="amax"))
+    res, out = _run(_turbo_fp8(dev, backend="triton", quant_scale="pow2"))
     assert all(n.args[-1] == "pow2" for n in _fused_nodes(res.graph_module))
-    expect_epilogue = route == "tma"  # the CPU default takes the pointer kernel (bf16 h)
+    expect_epilogue = route == "tma" or dev == "cuda"  # the interpreter's default is the pointer kernel (bf16 h)
     assert len(requants) == (get_preset("wan-tiny").num_layers if expect_epilogue else 0)
     cos = torch.nn.functional.cosine_similarity(out.float().flatten(), amax_out.float().flatten(), dim=0).item()
     assert cos >= 0.999, cos
-    _, torch_out = _torch_turbo_fp8("pow2")  # and the Triton pow2 path close to its torch backend
+    _, torch_out = _torch_turbo_fp8("pow2", dev)  # and the Triton pow2 path close to its torch backend
     rel = ((out.float() - torch_out.float()).norm() / torch_out.float().norm()).item()
     assert rel < 1e-2, rel
 
@@ -217,7 +223,8 @@ def test_bound_folds_the_weight_constants_and_stays_close_to_amax():
     assert cos > 0.999, cos
 
 
-@pytest.mark.skipif(not triton_interpreted(), reason="runs the CPU wan-tiny graph with backend 'triton': needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+@pytest.mark.skipif(kernel_device() == "cuda" and not sm_at_least(9), reason="the TMA kernels need sm90+")
 def test_bound_triton_path_through_the_rowscale_epilogue(monkeypatch):
     """Triton backend, TMA route forced: the GELU GEMM stores the codes at the bound scales (amax_mode
     "rowscale", no quantizer, no requantization), close to the torch backend of the same recipe."""
@@ -233,8 +240,9 @@ def test_bound_triton_path_through_the_rowscale_epilogue(monkeypatch):
     from turbocompile.kernels.w8a8 import triton_bound as tb  # the GEMM of w8a8_linear_gelu_quant_rowscale
 
     monkeypatch.setattr(tb, "gelu_quant_bound", functools.partial(tb.gelu_quant_bound, use_tma=True))
-    _, out = _run(_turbo_fp8(backend="triton", quant_scale="bound"))
+    dev = kernel_device()
+    _, out = _run(_turbo_fp8(dev, backend="triton", quant_scale="bound"))
     assert modes.count("rowscale") == get_preset("wan-tiny").num_layers
-    _, torch_out = _torch_turbo_fp8("bound")
+    _, torch_out = _torch_turbo_fp8("bound", dev)
     rel = ((out.float() - torch_out.float()).norm() / torch_out.float().norm()).item()
     assert rel < 1e-2, rel

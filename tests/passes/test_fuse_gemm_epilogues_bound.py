@@ -1,7 +1,8 @@
 """fuse_gemm_epilogues, quant_scale "bound" with bound_in_norm (the default): the FFN pre-norm writes the GELU
 GEMM's bound row scales (``residual_ln_modulate_quant_bound``) and the GEMM takes them
 (``w8a8_linear_gelu_quant_rowscale``) instead of launching the row-bound kernel. On wan-tiny: the rewrite, the
-torch backend bit for bit and the Triton backend (interpreter on CPU) equal to the unfolded graph, the pass
+torch backend bit for bit and the Triton backend (on the GPU where there is one, else in the interpreter)
+equal to the unfolded graph, the pass
 stats, fuse_residual_epilogues after it, and the saved artifact's round trip."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from tests._env import triton_interpreted
+from tests._env import kernel_device, triton_runs_here
 from tests.passes._wan_tiny import count_calls as _count
 from tests.passes._wan_tiny import inputs as _inputs
 from tests.passes._wan_tiny import recipe as _recipe
@@ -22,8 +23,9 @@ OPS = torch.ops.turbocompile
 BLOCKS = get_preset("wan-tiny").num_layers
 
 
-def _turbo_fp8(extra=(), **epi_options) -> dict:
-    """turbo-fp8 (bf16, CPU) with these fuse_gemm_epilogues options, ``extra`` passes inserted right after it."""
+def _turbo_fp8(extra=(), device="cpu", **epi_options) -> dict:
+    """turbo-fp8 (bf16, on ``device``) with these fuse_gemm_epilogues options, ``extra`` passes inserted right
+    after it."""
     from turbocompile.recipe import load_recipe
 
     passes = []
@@ -32,12 +34,12 @@ def _turbo_fp8(extra=(), **epi_options) -> dict:
             passes += [{"name": p["name"], "options": {**p["options"], **epi_options}}, *extra]
             continue
         passes.append(p)
-    return _recipe(*passes)
+    return _recipe(*passes, device=device)
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_run(bound_in_norm: bool):
-    return _run(_turbo_fp8(backend="torch", bound_in_norm=bound_in_norm), verify=True)
+def _torch_run(bound_in_norm: bool, device: str = "cpu"):
+    return _run(_turbo_fp8(device=device, backend="torch", bound_in_norm=bound_in_norm), verify=True)
 
 
 def _epi_record(res) -> dict:
@@ -80,7 +82,7 @@ def test_torch_backend_equals_the_unfolded_graph_bit_for_bit():
     assert 25.0 <= _epi_record(res)["verify"]["sqnr_db"]  # --verify: the bound floor, as without the fold
 
 
-@pytest.mark.skipif(not triton_interpreted(), reason="runs the CPU wan-tiny graph with backend 'triton': needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not triton_runs_here(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
 def test_triton_backend_removes_the_row_bound_launch_same_output(monkeypatch):
     """Triton: no row-bound kernel runs, and the output equals the unfolded graph's (the norm sums the squared
     codes in another order than the row-bound kernel: a row's exponent could differ only at a boundary; on this
@@ -91,16 +93,17 @@ def test_triton_backend_removes_the_row_bound_launch_same_output(monkeypatch):
     launches = []
     real = triton_bound.row_bound_scale_triton
     monkeypatch.setattr(triton_bound, "row_bound_scale_triton", lambda *a: launches.append(1) or real(*a))
-    _, folded = _run(_turbo_fp8(backend="triton"))
+    dev = kernel_device()
+    _, folded = _run(_turbo_fp8(device=dev, backend="triton"))
     assert launches == []
-    _, unfolded = _run(_turbo_fp8(backend="triton", bound_in_norm=False))
+    _, unfolded = _run(_turbo_fp8(device=dev, backend="triton", bound_in_norm=False))
     assert len(launches) == BLOCKS
     if COMPILED:
         rel = ((folded.float() - unfolded.float()).norm() / unfolded.float().norm()).item()
         assert rel < 1e-2, rel
     else:
         assert torch.equal(folded, unfolded)
-    _, torch_out = _torch_run(True)
+    _, torch_out = _torch_run(True, dev)
     rel = ((folded.float() - torch_out.float()).norm() / torch_out.float().norm()).item()
     assert rel < 1e-2, rel
 
