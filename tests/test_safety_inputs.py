@@ -169,7 +169,7 @@ def test_device_environment_variable(tmp_path, monkeypatch):
     assert not (tmp_path / "a").exists()
     if not torch.cuda.is_available():
         monkeypatch.setenv("TURBOCOMPILE_DEVICE", "cuda")
-        with pytest.raises(ModelConfigError, match="TURBOCOMPILE_DEVICE 'cuda' requested but no CUDA GPU"):
+        with pytest.raises(ModelConfigError, match="TURBOCOMPILE_DEVICE 'cuda' requested but no CUDA GPU is available; set TURBOCOMPILE_DEVICE=cpu"):
             turbocompile.optimize("wan-tiny", "baseline", dtype="float32")
 
 

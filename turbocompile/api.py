@@ -100,7 +100,8 @@ def _pick_device(name: "str | torch.device | None") -> torch.device:
     if dev is None or dev.type not in DEVICES:
         raise ModelConfigError(f"{source} '{name}' is not valid; choose one of {', '.join(DEVICES)} (or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelConfigError(f"{source} '{name}' requested but no CUDA GPU is available; use --device cpu")
+        fix = "use --device cpu" if source == "device" else f"set {DEVICE_ENV}=cpu or unset it"
+        raise ModelConfigError(f"{source} '{name}' requested but no CUDA GPU is available; {fix}")
     return dev
 
 
