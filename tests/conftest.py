@@ -15,10 +15,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Models that a test builds without naming a device go to the CPU, on a GPU machine too: the pass, export and
-# integration tests feed them CPU inputs, as in CI. Kernel and op tests pick their device themselves
-# (tests._env.kernel_device), and tests meant for the GPU pass device="cuda".
-os.environ.setdefault("TURBOCOMPILE_DEVICE", "cpu")
+# Models that a test builds without naming a device go to the CPU, on a GPU machine too (and whatever the shell
+# exports): the pass, export and integration tests feed them CPU inputs, as in CI. Kernel and op tests pick their
+# device themselves (tests._env.kernel_device), and tests meant for the GPU pass device="cuda".
+os.environ["TURBOCOMPILE_DEVICE"] = "cpu"
 
 
 def pytest_configure(config):
@@ -27,7 +27,10 @@ def pytest_configure(config):
     and tests/ops in 90 s with this, and had done under a third of them after 9 minutes without (session 31)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        share = max(1, cores // int(workers))
+        torch.set_num_threads(share)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))  # the CLI and compile-check subprocesses too
 
 
 @pytest.fixture(autouse=True)

@@ -167,10 +167,25 @@ def test_device_environment_variable(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["optimize", "wan-tiny", "baseline", "-o", str(tmp_path / "a")])
     assert r.exit_code == 2 and "TURBOCOMPILE_DEVICE 'tpu' is not valid" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "a").exists()
+    # so does the recipe's
+    in_recipe = {"version": 1, "name": "r", "model": {"device": "cpu"}, "passes": []}
+    assert device_of(turbocompile.optimize("wan-tiny", in_recipe, dtype="float32")) == {"cpu"}
+    # a GPU index the machine lacks
+    monkeypatch.setenv("TURBOCOMPILE_DEVICE", "cuda:99")
+    with pytest.raises(ModelConfigError, match=r"^TURBOCOMPILE_DEVICE 'cuda:99' (is not valid|requested but no CUDA)"):
+        turbocompile.load(tmp_path / "never")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TURBOCOMPILE_DEVICE", "cuda")
         with pytest.raises(ModelConfigError, match="TURBOCOMPILE_DEVICE 'cuda' requested but no CUDA GPU is available; set TURBOCOMPILE_DEVICE=cpu"):
             turbocompile.optimize("wan-tiny", "baseline", dtype="float32")
+    # unset or blank: the GPU when there is one, else the CPU
+    auto = {"cuda" if torch.cuda.is_available() else "cpu"}
+    for value in (None, "  "):
+        if value is None:
+            monkeypatch.delenv("TURBOCOMPILE_DEVICE")
+        else:
+            monkeypatch.setenv("TURBOCOMPILE_DEVICE", value)
+        assert device_of(turbocompile.optimize("wan-tiny", "baseline", dtype="float32")) == auto
 
 
 def test_load_refuses_float32_for_a_bf16_sagesla_artifact(tmp_path):

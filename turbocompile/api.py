@@ -102,6 +102,9 @@ def _pick_device(name: "str | torch.device | None") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         fix = "use --device cpu" if source == "device" else f"set {DEVICE_ENV}=cpu or unset it"
         raise ModelConfigError(f"{source} '{name}' requested but no CUDA GPU is available; {fix}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelConfigError(f"{source} '{name}' is not valid; this machine has {torch.cuda.device_count()} CUDA "
+                               f"GPU(s): choose cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
