@@ -24,12 +24,6 @@ def triton_runs_here() -> bool:
     return has_triton() and (has_cuda() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
-def triton_interpreted() -> bool:
-    """Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1). Tests that optimize the CPU wan-tiny graph
-    with ``backend="triton"`` need it: on a GPU machine their CPU tensors reach kernels that require CUDA."""
-    return has_triton() and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def sm_at_least(major: int, minor: int = 0) -> bool:
     if not has_cuda():
         return False
