@@ -61,6 +61,7 @@ def _fake_runner(fn, example):
     r = CUDAGraphRunner.__new__(CUDAGraphRunner)
     nn.Module.__init__(r)
     r.names = ["x", "y"]
+    r.device = torch.device("cpu")  # device_scope: no device switch
     r.static_inputs = [t.clone() for t in example]
     r.static_output = fn(*r.static_inputs)
     r.graph = _FakeGraph(fn, r.static_inputs, r.static_output)

@@ -188,6 +188,19 @@ def test_device_environment_variable(tmp_path, monkeypatch):
         assert device_of(turbocompile.optimize("wan-tiny", "baseline", dtype="float32")) == auto
 
 
+def test_cli_device_option_is_checked_before_any_work(tmp_path, art):
+    """--device takes cpu, cuda or cuda:N; anything else is a one-line error (exit 2) and nothing is written."""
+    for bad in ("tpu", "cuda:x", "gpu:0"):
+        r = CliRunner().invoke(cli, ["optimize", "wan-tiny", "baseline", "-o", str(tmp_path / "a"), "--device", bad])
+        assert r.exit_code == 2 and f"device '{bad}' is not valid; choose one of cpu, cuda (or cuda:N)" in r.output
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+        save_file({"context": torch.randn(1, 24, 64)}, str(tmp_path / "ctx.safetensors"))
+        r = CliRunner().invoke(cli, ["run", str(art), "--context", str(tmp_path / "ctx.safetensors"), "--seed", "0",
+                                     "-o", str(tmp_path / "lat.safetensors"), "--device", bad])
+        assert r.exit_code == 2 and f"device '{bad}' is not valid" in r.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "lat.safetensors").exists()
+
+
 def test_load_refuses_float32_for_a_bf16_sagesla_artifact(tmp_path):
     out = tmp_path / "sla"
     turbocompile.optimize("wan-tiny", "sagesla", out, dtype="bfloat16")

@@ -23,6 +23,7 @@ from torch import nn
 
 from turbocompile.artifact import check_output_dir, load_graph_module, read_manifest, save_artifact
 from turbocompile.capture import capture, example_inputs, input_specs, propagate_shapes
+from turbocompile.device_scope import device_scope
 from turbocompile.errors import ArtifactError, InputError, ModelConfigError, TurboCompileError
 from turbocompile.model.config import PRESETS, VideoShape, WanConfig, get_preset
 from turbocompile.model.wan import WanModel, init_random_
@@ -284,29 +285,30 @@ def optimize(
         check_output_dir(out, overwrite)  # before any work: nothing is lost, nothing is wasted
     if isinstance(model, (str, Path)) and str(model) in PRESETS:  # the config is known: check before building
         _check_pass_configs(rec.instantiate_passes(), PRESETS[str(model)])
-    needs_int8 = any(p.name == "w8a8_linear" for p in rec.passes)
-    bakes = any(p.name == "bake_rcm_sampler" for p in rec.passes)
-    low_gm = None
-    if bakes and _num_experts(model) == 2 and "bake_rcm_sampler" not in disabled:
-        # Wan2.2 A14B: the baked sampler switches experts mid-schedule, so both experts are
-        # optimized (every pass but the bake) and the low-noise one handed to the bake pass.
-        if expert is not None:
-            raise ModelConfigError("a baked sampler uses both Wan2.2 experts; do not pass --expert")
-        if log:
-            log("optimizing the low-noise expert")
-        low, _, low_extras = resolve_model(model, dtype=dt, device=dev, seed=seed + 1, expert="low",
-                                           allow_quantized=needs_int8, progress=progress)
-        low_passes = [p for p in rec.instantiate_passes() if p.name != "bake_rcm_sampler"]
-        low_gm, _, _ = _capture_and_run(low, rec, dt, dev, low_extras, low_passes, strict=strict,
-                                        progress=progress, verify=False, seed=seed, disabled=disabled, log=None)
-        expert = "high"
-    wan, source, extras = resolve_model(model, dtype=dt, device=dev, seed=seed, expert=expert,
-                                        allow_quantized=needs_int8, progress=progress)
-    if low_gm is not None:
-        extras = dict(extras, experts={"low": low_gm})
-        source = dict(source, experts=["high", "low"])
-    gm, records, ctx = _capture_and_run(wan, rec, dt, dev, extras, rec.instantiate_passes(), strict=strict,
-                                        progress=progress, verify=verify, seed=seed, disabled=disabled, log=log)
+    with device_scope(dev):  # build-time kernels (calibration, folding, --verify) run on dev
+        needs_int8 = any(p.name == "w8a8_linear" for p in rec.passes)
+        bakes = any(p.name == "bake_rcm_sampler" for p in rec.passes)
+        low_gm = None
+        if bakes and _num_experts(model) == 2 and "bake_rcm_sampler" not in disabled:
+            # Wan2.2 A14B: the baked sampler switches experts mid-schedule, so both experts are
+            # optimized (every pass but the bake) and the low-noise one handed to the bake pass.
+            if expert is not None:
+                raise ModelConfigError("a baked sampler uses both Wan2.2 experts; do not pass --expert")
+            if log:
+                log("optimizing the low-noise expert")
+            low, _, low_extras = resolve_model(model, dtype=dt, device=dev, seed=seed + 1, expert="low",
+                                               allow_quantized=needs_int8, progress=progress)
+            low_passes = [p for p in rec.instantiate_passes() if p.name != "bake_rcm_sampler"]
+            low_gm, _, _ = _capture_and_run(low, rec, dt, dev, low_extras, low_passes, strict=strict,
+                                            progress=progress, verify=False, seed=seed, disabled=disabled, log=None)
+            expert = "high"
+        wan, source, extras = resolve_model(model, dtype=dt, device=dev, seed=seed, expert=expert,
+                                            allow_quantized=needs_int8, progress=progress)
+        if low_gm is not None:
+            extras = dict(extras, experts={"low": low_gm})
+            source = dict(source, experts=["high", "low"])
+        gm, records, ctx = _capture_and_run(wan, rec, dt, dev, extras, rec.instantiate_passes(), strict=strict,
+                                            progress=progress, verify=verify, seed=seed, disabled=disabled, log=log)
     cfg, shape = ctx.model_config, ctx.video_shape
     out_val = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0].meta["val"]
     specs = ctx.input_specs
@@ -375,7 +377,8 @@ class CompiledArtifact(nn.Module):
         gm = self.graph_module
         if not isinstance(gm, fx.GraphModule) or torch.compiler.is_compiling():
             return gm(*args)
-        return self._eager_runner()(*args)
+        with device_scope(self.device):  # Triton launches on the current device (cuda:N artifacts)
+            return self._eager_runner()(*args)
 
     def _eager_runner(self):
         from turbocompile.eager import cached_bind

@@ -60,7 +60,7 @@ def cli():
 @click.option("-o", "--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Activation/weight dtype (default: the recipe's, else bfloat16).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+@click.option("--device", metavar="cpu|cuda|cuda:N", default=None,
               help="Device to optimize on (default: the recipe's, else $TURBOCOMPILE_DEVICE, else cuda when available).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 2), default=0, show_default=True,
               help="Seed of built-in random weights.")

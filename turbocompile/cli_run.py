@@ -78,7 +78,7 @@ def _parse_size(text):
 @click.option("--shift", type=float, default=None, help="Teacher schedule shift (with --teacher; default 5).")
 @click.option("--mode", type=click.Choice(["sde", "ode"]), default=None,
               help="rCM mode for denoiser artifacts (default sde; a baked sampler's mode is fixed).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+@click.option("--device", metavar="cpu|cuda|cuda:N", default=None,
               help="Where to run (default: $TURBOCOMPILE_DEVICE, else cuda when available).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output .safetensors file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")

@@ -17,6 +17,9 @@ graph must be capturable: no host synchronisation (``.item()``, ``.cpu()``, data
 control flow) and no pageable host-to-device copies. The turbocompile ops and their Triton wrappers
 satisfy this (they only allocate with ``torch.empty``/``torch.zeros``/``torch.full`` on the device,
 read shapes on the host and launch kernels).
+
+Warm-up, capture and every replay run with the graph's device current (:func:`device_scope`): a CUDA
+graph is captured from, and replayed on, the current device's streams.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from turbocompile.device_scope import device_scope
 from turbocompile.errors import InputError, KernelUnavailableError
 
 __all__ = ["CUDAGraphRunner", "signature_example_inputs", "require_cuda"]
@@ -78,18 +82,20 @@ class CUDAGraphRunner(nn.Module):
         if warmup < 1:
             raise ValueError("CUDAGraphRunner: warmup must be >= 1 (Triton compiles/autotunes on first use)")
         self.names = list(names) if names is not None else [f"input {i}" for i in range(len(example_inputs))]
+        self.device = device
         self.static_inputs = [t.detach().to(device).clone() for t in example_inputs]
-        stream = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.no_grad(), torch.cuda.stream(stream):
-            for _ in range(warmup):
-                run(*self.static_inputs)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        torch.cuda.synchronize(device)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.static_output = run(*self.static_inputs)
-        torch.cuda.synchronize(device)
+        with device_scope(device):
+            stream = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.no_grad(), torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    run(*self.static_inputs)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            torch.cuda.synchronize(device)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(self.graph):
+                self.static_output = run(*self.static_inputs)
+            torch.cuda.synchronize(device)
 
     @property
     def input_shapes(self) -> list[tuple[int, ...]]:
@@ -104,10 +110,11 @@ class CUDAGraphRunner(nn.Module):
             if tuple(a.shape) != tuple(buf.shape):
                 raise InputError(f"{name} has shape {list(a.shape)}; the CUDA graph was captured for "
                                  f"{list(buf.shape)} (shapes are fixed; call without cuda_graph for others)")
-        for buf, a in zip(self.static_inputs, args):
-            buf.copy_(a, non_blocking=True)
-        self.graph.replay()
-        out = self.static_output
-        if isinstance(out, torch.Tensor):
-            return out.clone()
-        return type(out)(o.clone() for o in out)
+        with device_scope(self.device):
+            for buf, a in zip(self.static_inputs, args):
+                buf.copy_(a, non_blocking=True)
+            self.graph.replay()
+            out = self.static_output
+            if isinstance(out, torch.Tensor):
+                return out.clone()
+            return type(out)(o.clone() for o in out)

@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from turbocompile.api import CompiledArtifact
+from turbocompile.device_scope import device_scope
 from turbocompile.errors import ArtifactError, InputError
 
 __all__ = ["CompiledSampler", "generate", "GenerateResult"]
@@ -93,7 +94,7 @@ class CompiledSampler(CompiledArtifact):
             raise InputError("step_noise is only used by SDE samplers; this one is baked with mode 'ode'")
         device = self.device
         args = [a.to(device) for a in args]
-        with torch.no_grad():
+        with torch.no_grad(), device_scope(device):
             if not progress:
                 return self.run_graph(*args)
             from tqdm.auto import tqdm
