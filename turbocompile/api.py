@@ -265,8 +265,8 @@ def optimize(
         recipe: recipe YAML path, built-in recipe name, dict or :class:`Recipe`.
         out: artifact directory to write (atomically); None keeps the result in memory.
         dtype: ``float32`` / ``bfloat16`` / ``float16``; overrides the recipe (default bfloat16).
-        device: ``cpu`` / ``cuda``; overrides the recipe (default: ``TURBOCOMPILE_DEVICE`` when set, else cuda
-            when available).
+        device: ``cpu`` / ``cuda`` / ``cuda:N``; overrides the recipe (default: ``TURBOCOMPILE_DEVICE`` when set,
+            else cuda when available).
         seed: seed of built-in random weights and of verification inputs.
         verify: compare every pass's output with the graph before it on random inputs.
         disable: pass names to skip (bisecting); ``TURBOCOMPILE_DISABLE_PASSES`` adds more.

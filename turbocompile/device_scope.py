@@ -11,7 +11,8 @@ sit on ``cuda:1`` would therefore launch its kernels on ``cuda:0`` with pointers
 * :func:`on_tensor_device` wraps an op body: if its first tensor argument is on a CUDA device that is
   not current, the body runs with that device current. Covers a graph called directly
   (``OptimizeResult.graph_module(...)``) and ops called one by one. On the common path (CPU tensors,
-  or the device already current) it costs two attribute reads and one call.
+  or the device already current) it only reads the tensor's device and the current one (0.4-0.6 µs a
+  call, ``benchmarks/probe_device_guard.py``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def device_scope(device: "torch.device | str | None") -> ContextManager:
 def on_tensor_device(fn: Callable) -> Callable:
     """``fn`` run with the CUDA device of its first tensor positional argument current (see module doc).
 
-    The wrapper keeps ``fn``'s signature and annotations (``functools.wraps``), so
-    ``torch.library.custom_op`` infers the same schema from it.
+    The wrapper keeps ``fn``'s name and docstring (``functools.wraps``); an op's schema must still be inferred
+    from ``fn`` itself (``ops._registry.define`` does), since string annotations resolve in ``fn``'s module.
     """
 
     @functools.wraps(fn)
