@@ -56,6 +56,7 @@ from turbocompile.kernels.w8a8 import _epilogue_math as _em
 from turbocompile.kernels.w8a8._epilogue_math import (AMAX_GRANULE, AMAX_MODE_IDS, _gated_residual, _gelu_tanh,
                                                       _round_bf16_rne, gelu_rowscale_codes_native)
 from turbocompile.kernels.w8a8._tiling import grouped_coords
+from turbocompile.kernels.w8a8._tuned_launch import launch_tuned
 from turbocompile.kernels.w8a8.triton_bound import rowscale_codes
 from turbocompile.kernels.w8a8.triton_pow2 import pow2_granule_codes
 from turbocompile.ops._backend import triton_interpret
@@ -628,9 +629,10 @@ def w8a8_gemm_tma(
     act_id = 0 if activation is None else ACTIVATIONS[activation]
     res = residual
     r_desc = TensorDescriptor.from_tensor(res.x, [64, 64]) if res is not None and res.load == "tma" else None
+    m_bucket = min(triton.next_power_of_2(m), 8192)
     args = (a_desc, w_desc, y_desc, sa, sw, bias if bias is not None else sw,
             amax_out if amax_out is not None else sw,
-            m, n, k, min(triton.next_power_of_2(m), 8192), sa.stride(0), sw.stride(0),
+            m, n, k, m_bucket, sa.stride(0), sw.stride(0),
             amax_out.stride(0) if amax_out is not None else 0,
             r_desc, res.x if res is not None else sw,
             res.gate if res is not None and res.gate is not None else sw,
@@ -667,7 +669,14 @@ def w8a8_gemm_tma(
     def grid(c):
         return (min(nsm, triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])),)
 
-    _tuned_kernel(amax_mode in _GRANULE_MODES)[grid](*args, **meta)
+    partial = amax_mode in _GRANULE_MODES
+    # Finer than the autotuner's key (its key values + every tensor argument's dtype), so a remembered
+    # pick is the one the autotuner would return.
+    key = (partial, m_bucket, n, k, qa.device, *meta.values(), qa.dtype, y.dtype, sa.dtype, sw.dtype,
+           None if bias is None else bias.dtype, None if amax_out is None else amax_out.dtype,
+           None if res is None else res.x.dtype, None if res is None or res.gate is None else res.gate.dtype)
+    launch_tuned(_tuned_kernel(partial), key, grid, args, meta,
+                 hook_args={"a_desc": a_desc, "w_desc": w_desc, "y_desc": y_desc, "r_desc": r_desc})
     return y
 
 
