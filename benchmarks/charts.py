@@ -113,34 +113,64 @@ def _gemm_epilogue(d, plt):
     return fig
 
 
+_E2E_STACKS = (  # the shipped recipe's full pass list in bench_e2e.py's tags, longest first
+    ("w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+merge+textq+slaq", "turbo-fp8"),
+    ("rcm4_fp8+norms+sagesla+epi+pool+siblings+bound+merge+textq+slaq", "turbo-fp8 4-step rCM sampler"),
+)
+_E2E_TOKENS = {"eager": "eager bf16", "compile": "torch.compile bf16", "original": "original: 50 steps × CFG",
+               "w8a8_fp8": "W8A8 FP8", "w8a8_int8": "W8A8 INT8", "norms": "fused norms", "sagesla": "SageSLA",
+               "cudagraph": "CUDA graph"}
+
+
+def _e2e_label(name: str) -> str:
+    """A readable label for a bench_e2e.py variant tag (unknown tokens stay as they are)."""
+    for tag, label in _E2E_STACKS:
+        if name == tag or name.startswith(tag + "+"):
+            rest = name[len(tag) + 1:]
+            return label + "".join(", " + _E2E_TOKENS.get(t, t) for t in rest.split("+") if t)
+    head, *rest = name.split("+")
+    return _E2E_TOKENS.get(head, head) + "".join(" + " + _E2E_TOKENS.get(t, t) for t in rest)
+
+
 def _e2e(d, plt):
     """Forward / sampling-call time, speed-up of each against 100 eager forwards (the original 50 steps × CFG)
-    where the variant is a sampler, and peak GPU memory."""
+    where the variant is a sampler, and peak GPU memory; each bar carries its value."""
     v = {k: e for k, e in d["variants"].items() if "ms" in e}
     names = list(v)
+    labels = [_e2e_label(n) for n in names]
     eager = v.get("eager", {}).get("ms")
     original = v.get("original", {}).get("ms") or (100 * eager if eager else None)  # measured, else 100 forwards
-    fig, axes = plt.subplots(1, 3, figsize=(18, 0.4 * len(names) + 2))
-    axes[0].barh(names, [v[n]["ms"] for n in names])
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("ms per call (log)\n(forward; rcm4: the 4-step sampling call; original: 100 forwards)")
-    speed = [(original / v[n]["ms"]) if (original and n.startswith("rcm")) else (eager / v[n]["ms"] if eager else 0)
-             for n in names]
-    axes[1].barh(names, speed)
-    if any(x > 0 for x in speed):
-        axes[1].set_xscale("log")
-    axes[1].set_xlabel("× eager (log): a forward vs one eager forward; rcm4 vs the original\n"
-                       + ("50 steps × CFG run (measured)" if "original" in v else "100 eager forwards (50 steps × CFG)"))
-    axes[2].barh(names, [v[n].get("peak_gib") or 0 for n in names])
-    axes[2].set_xlabel("peak GPU memory, GiB (running, after the build)")
-    for ax in axes:
+    fig, axes = plt.subplots(1, 3, figsize=(18, 0.45 * len(names) + 2.4), gridspec_kw={"width_ratios": [3, 3, 2]})
+    ms = [v[n]["ms"] for n in names]
+    sampling = [n.startswith("rcm") or n == "original" for n in names]  # against the original run
+    speed = [(original / v[n]["ms"]) if (original and smp) else (eager / v[n]["ms"] if eager else 0)
+             for n, smp in zip(names, sampling)]
+    peak = [v[n].get("peak_gib") or 0 for n in names]
+    colors = ["tab:gray" if n == "original" else "tab:orange" if smp else "tab:blue" for n, smp in zip(names, sampling)]
+    panels = ((ms, "ms per call (log)", lambda x: f"{x:,.1f} ms", True),
+              (speed, "speed-up (log)", lambda x: f"{x:.2f}×" if x < 10 else f"{x:.1f}×", any(x > 0 for x in speed)),
+              (peak, "peak GPU memory, GiB", lambda x: f"{x:.2f}", False))
+    for ax, (vals, xlabel, fmt, log) in zip(axes, panels):
+        ax.barh(labels, vals, color=colors)
+        if log:
+            ax.set_xscale("log")
+            ax.set_xlim(right=max(vals) * 8)
+        else:
+            ax.set_xlim(right=max(vals) * 1.3 if max(vals) > 0 else 1)
+        for y, x in enumerate(vals):
+            if x > 0:
+                ax.text(x, y, " " + fmt(x), va="center", fontsize=9)
+        ax.set_xlabel(xlabel)
         ax.invert_yaxis()
     for ax in axes[1:]:
         ax.set_yticklabels([])
     vid = d["video"]
     extra = f", {d['prompt_tokens']}-token prompt" if d.get("prompt_tokens") is not None else ""
     fig.suptitle(f"{d['model']} {vid.get('width')}x{vid.get('height')}x{vid.get('frames')}{extra} on {d['device']} "
-                 f"(torch {d['torch']}, Triton {d['triton']}; random weights)")
+                 f"(torch {d['torch']}, Triton {d['triton']}; random weights)\n"
+                 "blue: one DiT forward, speed-up vs one eager bf16 forward; orange: the 4-step sampling call, "
+                 "speed-up vs the original 50 steps × CFG = 100 eager forwards (gray; "
+                 + ("measured in the same run)" if "original" in v else "extrapolated)"), fontsize=11)
     return fig
 
 

@@ -30,6 +30,7 @@ LATEST = {
     "e2e_wan2.1-t2v-1.3b_gelushort_prompt100_s28c7_h100.json": "e2e",  # "+gelu_long" variants
     "e2e_wan2.1-t2v-1.3b_s28_all_prompt100_s28c11_h100.json": "e2e",  # "+nofold", "+slaq" variants
     "e2e_wan2.1-t2v-1.3b_s29_prompt100_s29c8_h100.json": "e2e",
+    "e2e_wan2.1-t2v-1.3b_headline_prompt100_s33c1_h100.json": "e2e",  # the README's headline chart
     "e2e_wan2.1-t2v-14b_slaq_prompt100_s29c2_h100.json": "e2e",
     "profile_wan2.1-t2v-1.3b_turbo-fp8_cudagraph_prompt100_s29c1_h100.json": "profile",  # with prompt_tokens
     "e2e_wan2.1-t2v-1.3b_textgluon_prompt100_s30c2_h100.json": "e2e",  # "+textk_triton" variants
@@ -74,3 +75,15 @@ def test_stored_result_is_drawn(name, tmp_path):
     png = tmp_path / "chart.png"
     assert _charts().save(data, str(png)) == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_e2e_labels_read_as_the_recipes():
+    label = _charts()._e2e_label
+    full = "w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+merge+textq+slaq"
+    assert label(full) == "turbo-fp8"
+    assert label(full + "+cudagraph") == "turbo-fp8, CUDA graph"
+    assert label(full.replace("w8a8_", "rcm4_", 1) + "+cudagraph") == "turbo-fp8 4-step rCM sampler, CUDA graph"
+    assert label(full + "+textk_triton+cudagraph") == "turbo-fp8, textk_triton, CUDA graph"  # unknown token kept
+    assert label("w8a8_fp8+norms+sagesla") == "W8A8 FP8 + fused norms + SageSLA"
+    assert label("compile") == "torch.compile bf16" and label("original") == "original: 50 steps × CFG"
+    assert label("w8a8_fp8+norms+sagesla+epi") == "W8A8 FP8 + fused norms + SageSLA + epi"  # not the full stack
