@@ -88,6 +88,35 @@ def test_run_errors_exit_2(arts, extra, message):
     assert message in r.output and len(r.output.strip().splitlines()) == 1
 
 
+def test_run_cuda_graph_errors_before_sampling(arts, tmp_path):
+    root, den, smp, cond = arts
+    out = tmp_path / "o.safetensors"
+    r = _invoke(smp, "--context", cond, "--seed", 0, "--cuda-graph", "--device", "cpu", "-o", out)
+    assert r.exit_code == 2, r.output
+    assert "needs a CUDA GPU" in r.output and len(r.output.strip().splitlines()) == 1 and not out.exists()
+    r = _invoke(den, "--context", cond, "--seed", 0, "--cuda-graph", "--teacher", "euler", "--device", "cpu", "-o", out)
+    assert r.exit_code == 2 and "does not combine with --teacher euler" in r.output and not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_run_cuda_graph_gives_the_eager_latents_on_cuda(tmp_path):
+    recipe = {"version": 1, "model": SMALL, "passes": [{"name": "w8a8_linear", "options": {"format": "fp8"}},
+                                                         "sagesla_attention", "fuse_norms"]}
+    den = turbocompile.optimize("wan-tiny", recipe, tmp_path / "den", dtype="bfloat16", device="cuda", seed=2).artifact
+    recipe["passes"] = [*recipe["passes"], {"name": "bake_rcm_sampler", "options": {"steps": 2}}]
+    smp = turbocompile.optimize("wan-tiny", recipe, tmp_path / "smp", dtype="bfloat16", device="cuda", seed=2).artifact
+    cond = tmp_path / "cond.safetensors"
+    save_file({"context": torch.randn(1, 24, 64, generator=torch.Generator().manual_seed(1))}, str(cond))
+    for art in (smp, den):  # the baked sampler's graph; the denoiser's graph under the rCM loop
+        eager = generate(art, str(cond), seed=4, steps=2, device="cuda").latents
+        graphed = generate(art, str(cond), seed=4, steps=2, device="cuda", cuda_graph=True).latents
+        assert eager.isfinite().all() and torch.equal(graphed, eager)
+    out = tmp_path / "lat.safetensors"
+    r = _invoke(smp, "--context", cond, "--seed", 4, "--cuda-graph", "--device", "cuda", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert torch.equal(load_file(str(out))["latents"], generate(smp, str(cond), seed=4, device="cuda").latents.cpu())
+
+
 def test_run_input_file_errors(arts, tmp_path):
     root, den, smp, cond = arts
     r = _invoke(smp, "--context", tmp_path / "missing.pt", "--seed", 0, "-o", tmp_path / "o.safetensors")

@@ -80,17 +80,22 @@ def _parse_size(text):
               help="rCM mode for denoiser artifacts (default sde; a baked sampler's mode is fixed).")
 @click.option("--device", metavar="cpu|cuda|cuda:N", default=None,
               help="Where to run (default: $TURBOCOMPILE_DEVICE, else cuda when available).")
+@click.option("--cuda-graph", "cuda_graph", is_flag=True,
+              help="Replay a CUDA graph captured at load (CUDA only; the artifact's batch; not with --teacher).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output .safetensors file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def run(artifact, context, seed, steps, frames, size, teacher, guidance, shift, mode, device, out, overwrite, quiet):
+def run(artifact, context, seed, steps, frames, size, teacher, guidance, shift, mode, device, cuda_graph, out,
+        overwrite, quiet):
     """Sample latents from ARTIFACT (baked sampler or denoiser) into a safetensors file.
 
     --context is a .safetensors/.pt file holding 'context' [B, Lc, text_dim] and optionally
     'y', 'clip_fea', 'negative_context'. A sampler artifact's step count is baked (--steps must
     match it); a denoiser artifact runs rCM (default 4 steps) or, with --teacher, the Wan
     teacher with CFG (default 50 steps). --frames/--size must match the artifact's geometry.
-    Writes {'latents'} plus metadata (seed, steps, sampler, artifact), atomically.
+    --cuda-graph captures the graph once at load and replays it (same latents; no per-kernel
+    launch cost on the host). Writes {'latents'} plus metadata (seed, steps, sampler, artifact),
+    atomically.
     """
     from turbocompile.sampling.compiled import generate
 
@@ -98,7 +103,7 @@ def run(artifact, context, seed, steps, frames, size, teacher, guidance, shift, 
     check_latents_path(out, overwrite, inputs={"context file": context, "artifact": artifact})
     res = generate(artifact, context, seed=seed, steps=steps, frames=frames, size=_parse_size(size),
                    teacher=teacher, guidance=guidance, shift=shift, mode=mode, device=device,
-                   progress=not quiet)
+                   progress=not quiet, cuda_graph=cuda_graph)
     meta = dict(res.metadata, artifact=str(artifact))
     write_latents(out, res.latents, meta, overwrite=overwrite)
     if not quiet:

@@ -187,7 +187,7 @@ def generate(artifact, conditioning: "dict | str | Path", *, seed: int = 0, step
              frames: int | None = None, size: tuple[int, int] | None = None, teacher: str | None = None,
              guidance: float | None = None, shift: float | None = None, sigma_max: float | None = None,
              mode: str | None = None,
-             device: str | None = None, progress: bool = False) -> GenerateResult:
+             device: str | None = None, progress: bool = False, cuda_graph: bool = False) -> GenerateResult:
     """Sample latents from an artifact (path or loaded module); the Python ``turbocompile run``.
 
     Args:
@@ -200,12 +200,23 @@ def generate(artifact, conditioning: "dict | str | Path", *, seed: int = 0, step
         frames, size: optional check against the artifact's baked geometry (width, height).
         teacher: ``None`` (rCM), ``"euler"`` or ``"unipc"`` (denoiser artifacts only; needs
             ``negative_context`` unless guidance is 1).
+        cuda_graph: replay a CUDA graph captured at load (the baked sampler, or the denoiser that the rCM
+            loop calls) instead of launching every kernel from Python: CUDA only, the artifact's batch, not
+            with a teacher (classifier-free guidance runs the denoiser at twice the batch). Same kernels, so
+            the same latents; an eager run is host-bound where the host launches kernels slower than the
+            GPU runs them.
     """
     from turbocompile.api import CompiledWan, load
     from turbocompile.sampling import euler_sample, rcm_sample, unipc_sample
     from turbocompile.sampling.schedules import SamplingError
 
-    module = artifact if isinstance(artifact, (CompiledSampler, CompiledWan)) else load(artifact, device=device)
+    if cuda_graph and teacher is not None:
+        raise InputError(f"--cuda-graph does not combine with --teacher {teacher}: classifier-free guidance runs the "
+                         "denoiser at twice the batch the graph is captured for (drop one of the two)")
+    if isinstance(artifact, (CompiledSampler, CompiledWan)):
+        module = artifact.enable_cuda_graph() if cuda_graph else artifact
+    else:
+        module = load(artifact, device=device, cuda_graph=cuda_graph)
     manifest = module.manifest
     cond = read_conditioning(conditioning) if not isinstance(conditioning, dict) else dict(conditioning)
     if "context" not in cond:
