@@ -204,7 +204,8 @@ def generate(artifact, conditioning: "dict | str | Path", *, seed: int = 0, step
             loop calls) instead of launching every kernel from Python: CUDA only, the artifact's batch, not
             with a teacher (classifier-free guidance runs the denoiser at twice the batch). Same kernels, so
             the same latents; an eager run is host-bound where the host launches kernels slower than the
-            GPU runs them.
+            GPU runs them. A loaded module passed as ``artifact`` is switched to its CUDA graph for good
+            (:meth:`~turbocompile.api.CompiledArtifact.enable_cuda_graph`).
     """
     from turbocompile.api import CompiledWan, load
     from turbocompile.sampling import euler_sample, rcm_sample, unipc_sample
