@@ -33,6 +33,7 @@ from turbocompile.capture import example_inputs  # noqa: E402
 from turbocompile.metrics import compare  # noqa: E402
 from turbocompile.model.config import get_preset  # noqa: E402
 from turbocompile.model.wan import WanModel, init_random_  # noqa: E402
+from turbocompile.recipe import builtin_recipes, load_recipe  # noqa: E402
 
 from _host import pad_prompt  # noqa: E402  (benchmarks/ is the script's directory)
 
@@ -128,6 +129,15 @@ for _base in ("w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+textq",
               "w8a8_fp8+norms+sagesla+epi+pool+siblings+bound+merge+textq"):
     VARIANTS[_base + "+slaq"] = [*VARIANTS[_base], "fuse_sagesla_quant"]
     VARIANTS[_base.replace("w8a8_", "rcm4_", 1) + "+slaq"] = [*VARIANTS[_base], "fuse_sagesla_quant", _RCM4]
+# every shipped forward recipe under its own name ("turbo-int8", "turbo-fp8", ...: the passes `turbocompile optimize
+# MODEL <name>` runs), and "rcm4:<name>" for the same passes with the 4-step sampler baked in (sampler labels start
+# with "rcm", as the speed-ups below expect); names that are already variants above keep their meaning
+for _rname, _rpath in builtin_recipes().items():
+    _rpasses = load_recipe(_rpath).to_dict()["passes"]
+    if any(p["name"] == "bake_rcm_sampler" for p in _rpasses):
+        continue
+    VARIANTS.setdefault(_rname, _rpasses)
+    VARIANTS["rcm4:" + _rname] = [*_rpasses, _RCM4]
 # "<variant>+cudagraph": the same recipe, replayed from a captured CUDA graph (OptimizeResult.cuda_graph)
 CUDA_GRAPH_SUFFIX = "+cudagraph"
 # "<variant>+dispatch": eager, calling OptimizeResult.graph_module itself, whose op calls go through the
@@ -439,7 +449,7 @@ def _original(args, dev, cfg, args_in, results, ref_out, eager_ms, label, t0):
 
 def _speedups(results) -> None:
     """Speed-ups against the same run's eager forward, whatever order the variants ran in; a sampler
-    ("rcm*") against the original 50-step x CFG run: measured (variant ``original``) or 100 x eager."""
+    ("rcm*", "rcm4:<recipe>") against the original 50-step x CFG run: measured (variant ``original``) or 100 x eager."""
     v = results["variants"]
     eager = v.get("eager", {}).get("ms")
     measured = v.get("original", {}).get("ms")

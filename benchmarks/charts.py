@@ -129,7 +129,8 @@ def _e2e_label(name: str) -> str:
             rest = name[len(tag) + 1:]
             return label + "".join(", " + _E2E_TOKENS.get(t, t) for t in rest.split("+") if t)
     head, *rest = name.split("+")
-    return _E2E_TOKENS.get(head, head) + "".join(" + " + _E2E_TOKENS.get(t, t) for t in rest)
+    head = head[len("rcm4:"):] + " 4-step rCM sampler" if head.startswith("rcm4:") else _E2E_TOKENS.get(head, head)
+    return head + "".join(" + " + _E2E_TOKENS.get(t, t) for t in rest)
 
 
 def _e2e(d, plt):

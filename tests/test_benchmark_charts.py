@@ -87,3 +87,5 @@ def test_e2e_labels_read_as_the_recipes():
     assert label("w8a8_fp8+norms+sagesla") == "W8A8 FP8 + fused norms + SageSLA"
     assert label("compile") == "torch.compile bf16" and label("original") == "original: 50 steps × CFG"
     assert label("w8a8_fp8+norms+sagesla+epi") == "W8A8 FP8 + fused norms + SageSLA + epi"  # not the full stack
+    assert label("turbo-int8+cudagraph") == "turbo-int8 + CUDA graph"  # a shipped recipe by its name
+    assert label("rcm4:turbo-int8+cudagraph") == "turbo-int8 4-step rCM sampler + CUDA graph"
