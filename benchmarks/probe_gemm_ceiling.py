@@ -10,13 +10,14 @@ Wan-14B 720p forwards, in the same process and interleaved round by round:
   kernel (the least epilogue work any FP8 GEMM can do: an upper bound for the mainloop);
 * ``bf16``: ``F.linear`` in bf16 (cuBLAS).
 
-Each variant runs ``--calls`` back-to-back GEMMs inside one CUDA graph (host launch cost out); a round replays
-every variant's graph once in turn; the figure is the median over ``--rounds`` rounds. The SM clock and board
-power are sampled by ``nvidia-smi`` while the rounds run (the rates below are bound by the clock the GPU holds
-under load, not by the datasheet's boost clock). Correctness: ``ours`` vs ``cublas_rowwise`` (same
+Each variant runs ``--calls`` back-to-back GEMMs inside one CUDA graph (host launch cost out). A round replays
+each variant's graph back to back for ``--sustain-s`` seconds in turn, as a forward keeps the GPU busy; the figure
+is the median replay over ``--rounds`` rounds. ``nvidia-smi`` samples the SM clock and board power every 50 ms,
+and each variant gets the samples of its own windows, with the dense 8-bit tensor-core peak at that clock: under
+a sustained load the GPU's power limit, not its boost clock, sets what any GEMM can reach. Correctness: ``ours`` vs ``cublas_rowwise`` (same
 quantized operands and scales) and both vs an fp32 GEMM of the dequantized operands.
 
-    python3 benchmarks/probe_gemm_ceiling.py --out $OUT [--shapes 13b,14b] [--rounds 7] [--calls 10]
+    python3 benchmarks/probe_gemm_ceiling.py --out $OUT [--shapes 13b,14b] [--rounds 3] [--sustain-s 0.5] [--calls 10]
 
 Writes ``probe_gemm_ceiling.json`` to ``--out``.
 """
@@ -29,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -49,37 +51,50 @@ SHAPES = {
 }
 
 
+# dense 8-bit (FP8 / INT8) tensor-core FLOP per SM per clock on sm90: the H100 SXM's 1 979 TFLOP/s are quoted at
+# 1 830 MHz over 132 SMs (1 979e12 / (132 * 1.83e9) = 8 192); bf16 is half of it
+FP8_FLOP_PER_CLK_SM = 8192
+
+
 class ClockSampler:
-    """``nvidia-smi`` sampling SM clock (MHz) and power (W) every 100 ms while open; None where it is missing."""
+    """``nvidia-smi`` sampling the SM clock (MHz) and board power (W) every 50 ms for the whole run; each
+    sample is stamped on arrival, so :meth:`window` gives the samples taken while one variant ran. Without
+    ``nvidia-smi`` every window is None."""
 
     def __enter__(self):
+        self.samples: list[tuple[float, float, float]] = []
         try:
             self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "100"],
+                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "50"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:
             self.proc = None
+            return self
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         return self
 
-    def __exit__(self, *exc):
-        self.samples = []
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        for line in out.splitlines():
+    def _read(self):
+        for line in self.proc.stdout:
             try:
                 mhz, watts = (float(v) for v in line.split(","))
             except ValueError:
                 continue
-            self.samples.append((mhz, watts))
+            self.samples.append((time.monotonic(), mhz, watts))
 
-    def summary(self) -> dict | None:
-        if not getattr(self, "samples", None):
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def window(self, t0: float, t1: float) -> dict | None:
+        """Median clock and power of the samples stamped in [t0, t1] (None if there are none)."""
+        got = [s for s in self.samples if t0 <= s[0] <= t1]
+        if not got:
             return None
-        busy = [s for s in self.samples if s[1] > 200.0] or self.samples  # under load, not between rounds
-        return {"sm_mhz_median": statistics.median(s[0] for s in busy),
-                "power_w_median": statistics.median(s[1] for s in busy), "samples": len(self.samples)}
+        return {"sm_mhz_median": statistics.median(s[1] for s in got), "sm_mhz_min": min(s[1] for s in got),
+                "sm_mhz_max": max(s[1] for s in got), "power_w_median": statistics.median(s[2] for s in got),
+                "samples": len(got)}
 
 
 def _graph(fn, calls: int):
@@ -106,7 +121,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def probe_shape(name, m, k, n, per_forward, rounds, calls) -> dict:
+def probe_shape(name, m, k, n, per_forward, rounds, calls, sustain_s, clocks) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5
@@ -124,7 +139,8 @@ def probe_shape(name, m, k, n, per_forward, rounds, calls) -> dict:
         "cublas_tensorwise": lambda: torch._scaled_mm(qx, qw.t(), one, one, out_dtype=torch.bfloat16),
         "bf16": lambda: F.linear(x, w_bf16, bias),
     }
-    row = {"name": name, "m": m, "k": k, "n": n, "per_forward": per_forward, "ms": {}, "tflops": {}, "check": {}}
+    row = {"name": name, "m": m, "k": k, "n": n, "per_forward": per_forward, "ms": {}, "tflops": {}, "check": {},
+           "clocks": {}}
 
     ref = (qx.float() * sx) @ (qw.float() * sw).t() + bias.float()  # fp32 GEMM of the dequantized operands
     ours, rowwise = variants["ours"](), variants["cublas_rowwise"]()
@@ -138,24 +154,46 @@ def probe_shape(name, m, k, n, per_forward, rounds, calls) -> dict:
             graphs[vname] = _graph(fn, calls)
         except Exception as exc:  # noqa: BLE001 - a library kernel missing here is reported, not fatal
             errors[vname] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    # each round: every variant replays its graph back to back for ``sustain_s`` (as a forward keeps the GPU
+    # busy), so the clock sampled in its windows is the clock it holds under load
     times = {v: [] for v in graphs}
-    with ClockSampler() as clocks:
-        for _ in range(rounds):
-            for vname, g in graphs.items():
+    windows = {v: [] for v in graphs}
+    for _ in range(rounds):
+        for vname, g in graphs.items():
+            t0 = time.monotonic()
+            _replay_ms(g, calls)  # ramp, not counted
+            while True:
                 times[vname].append(_replay_ms(g, calls))
+                if time.monotonic() - t0 >= sustain_s:
+                    break
+            windows[vname].append((t0, time.monotonic()))
     flop = 2.0 * m * k * n
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for vname, ts in times.items():
         ms = statistics.median(ts)
         row["ms"][vname] = ms
         row["tflops"][vname] = flop / (ms * 1e-3) / 1e12
-    row["ms_rounds"] = times
+        got = [c for c in (clocks.window(a, b) for a, b in windows[vname]) if c]
+        if got:
+            mhz = statistics.median(c["sm_mhz_median"] for c in got)
+            row["clocks"][vname] = {"sm_mhz": mhz, "sm_mhz_min": min(c["sm_mhz_min"] for c in got),
+                                    "sm_mhz_max": max(c["sm_mhz_max"] for c in got),
+                                    "power_w": statistics.median(c["power_w_median"] for c in got),
+                                    "samples": sum(c["samples"] for c in got),
+                                    # dense 8-bit tensor-core peak at that clock (bf16: half of it)
+                                    "peak_tflops_at_clock": FP8_FLOP_PER_CLK_SM * sms * mhz * 1e6 / 1e12}
+    row["replays"] = {v: len(ts) for v, ts in times.items()}
     row["errors"] = errors
-    row["clocks"] = clocks.summary()
-    print(f"{name:<30} {m}x{k}->{n}  " + "  ".join(f"{v} {row['ms'][v]:.3f} ms ({row['tflops'][v]:.0f} TF/s)"
-                                                  for v in row["ms"])
-          + f"  | ours vs rowwise rel {row['check']['ours_vs_cublas_rowwise']:.2e}"
-          + (f"  | SM {row['clocks']['sm_mhz_median']:.0f} MHz {row['clocks']['power_w_median']:.0f} W"
-             if row["clocks"] else ""), flush=True)
+
+    def _clk(v):
+        c = row["clocks"].get(v)
+        if not c:
+            return ""
+        eff = row["tflops"][v] / (c["peak_tflops_at_clock"] / (2 if v == "bf16" else 1))
+        return f" @{c['sm_mhz']:.0f} MHz {c['power_w']:.0f} W = {100 * eff:.0f}% of peak"
+    print(f"{name:<30} {m}x{k}->{n}  ours vs rowwise rel {row['check']['ours_vs_cublas_rowwise']:.2e}", flush=True)
+    for v in row["ms"]:
+        print(f"    {v:<18} {row['ms'][v]:.3f} ms  {row['tflops'][v]:6.0f} TF/s{_clk(v)}", flush=True)
     del graphs
     torch.cuda.empty_cache()
     return row
@@ -165,8 +203,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shapes", default="13b,14b", help=f"comma list of {', '.join(SHAPES)}")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=10, help="GEMMs per CUDA-graph replay")
+    ap.add_argument("--sustain-s", type=float, default=0.5,
+                    help="seconds each variant replays back to back per round (clock sampled meanwhile)")
     args = ap.parse_args(argv)
     groups = args.shapes.split(",")
     bad = [g for g in groups if g not in SHAPES]
@@ -176,20 +216,26 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d", time.gmtime()),
            "command": "python3 benchmarks/probe_gemm_ceiling.py " + " ".join(argv if argv is not None else
                                                                              sys.argv[1:]),
-           "rounds": args.rounds, "calls": args.calls, "rows": []}
+           "rounds": args.rounds, "calls": args.calls, "sustain_s": args.sustain_s,
+           "fp8_flop_per_clk_sm": FP8_FLOP_PER_CLK_SM, "rows": []}
+    with ClockSampler() as clocks:
+        _run_groups(groups, args, clocks, res)
+    path = os.path.join(args.out, "probe_gemm_ceiling.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {path}")
+
+
+def _run_groups(groups, args, clocks, res):
     for grp in groups:
         for name, m, k, n, per_fwd in SHAPES[grp]:
-            res["rows"].append(probe_shape(name, m, k, n, per_fwd, args.rounds, args.calls))
+            res["rows"].append(probe_shape(name, m, k, n, per_fwd, args.rounds, args.calls, args.sustain_s, clocks))
         # per forward: the GEMM time each variant would give the whole forward (same shapes and counts)
         rows = [r for r in res["rows"] if r["name"].startswith("1.3B" if grp == "13b" else "14B")]
         tot = {v: sum(r["ms"].get(v, float("nan")) * r["per_forward"] for r in rows) for v in rows[0]["ms"]}
         res.setdefault("per_forward_ms", {})[grp] = tot
         print(f"{grp}: GEMM ms per forward at these rates: "
               + ", ".join(f"{v} {t:.2f}" for v, t in tot.items()), flush=True)
-    path = os.path.join(args.out, "probe_gemm_ceiling.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
