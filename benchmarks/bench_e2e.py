@@ -20,6 +20,7 @@ zero and skipped). Their outputs then differ from eager by that branch (cos is n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -35,7 +36,8 @@ from turbocompile.model.config import get_preset  # noqa: E402
 from turbocompile.model.wan import WanModel, init_random_  # noqa: E402
 from turbocompile.recipe import builtin_recipes, load_recipe  # noqa: E402
 
-from _host import pad_prompt  # noqa: E402  (benchmarks/ is the script's directory)
+from _clocks import ClockSampler  # noqa: E402  (benchmarks/ is the script's directory)
+from _host import pad_prompt  # noqa: E402
 
 _FP8_EPI = [{"name": "w8a8_linear", "options": {"format": "fp8"}}, "fuse_norms", "fuse_gemm_epilogues",
             {"name": "sagesla_attention", "options": {"topk": 0.1}}]
@@ -221,7 +223,16 @@ def main(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=None,
                     help="real prompt length: context rows from this one on are zero, as Wan pads a prompt's T5 "
                          "embedding to text_len (default: every row random, i.e. no padding)")
+    ap.add_argument("--clocks", action="store_true",
+                    help="sample the SM clock and board power (nvidia-smi) while each variant is timed")
     args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    with ClockSampler() if args.clocks else contextlib.nullcontext() as clocks:
+        args.clock_sampler = clocks
+        _main(args)
+
+
+def _main(args):
     dev = args.device
     if args.sagesla_tune:
         from turbocompile.kernels.sagesla.triton_prep import DEFAULT_TUNE
@@ -253,7 +264,7 @@ def main(argv=None):
                "sagesla_tune": json.loads(args.sagesla_tune) if args.sagesla_tune else {},
                "prompt_tokens": args.prompt_tokens,
                "date": time.strftime("%Y-%m-%d", time.gmtime()),
-               "command": "python3 benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+               "command": "python3 benchmarks/bench_e2e.py " + " ".join(args.argv)}
     ref_out = None
     eager_ms = None
     for label in args.variants.split(","):
@@ -364,7 +375,9 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 prep_s += time.perf_counter() - t1
+            t_run = time.monotonic()
             ms = timed(lambda: torch.no_grad()(run)(), dev, reps=args.reps)
+            clocks = args.clock_sampler.window(t_run, time.monotonic()) if args.clock_sampler else None
             out = run().float()
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
         if ref_out is None and "rcm" not in name:  # a sampler's output is not a forward's
@@ -382,10 +395,13 @@ def _one(name, base_name, args, dev, cfg, recipe_model, args_in, results, ref_ou
                  "sagesla_quant": stats.get("fuse_sagesla_quant"),
                  "residual_epilogues": stats.get("fuse_residual_epilogues"), "ms": ms, "prep_s": round(prep_s, 2),
                  "peak_gib": peak, "prep_peak_gib": prep_peak, "vs_eager_rel_err": m["rel_err"],
-                 "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
+                 "vs_eager_cos": m["cosine"], "speedup_vs_eager": (eager_ms / ms) if eager_ms else None,
+                 "clocks": clocks}
         results["variants"][label] = entry
         print(f"{label:<28} {ms:9.2f} ms  prep {prep_s:6.1f}s  peak {peak or 0:6.2f} GiB  "
-              f"x{entry['speedup_vs_eager'] or 0:5.2f}  rel {m['rel_err']:.3e} cos {m['cosine']:.5f}", flush=True)
+              f"x{entry['speedup_vs_eager'] or 0:5.2f}  rel {m['rel_err']:.3e} cos {m['cosine']:.5f}"
+              + (f"  SM {clocks['sm_mhz_median']:.0f} MHz {clocks['power_w_median']:.0f} W" if clocks else ""),
+              flush=True)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"e2e_{cfg.name}.json"), "w") as f:  # keep partial results
             json.dump(results, f, indent=2)
@@ -432,14 +448,16 @@ def _original(args, dev, cfg, args_in, results, ref_out, eager_ms, label, t0):
         prep_s = time.perf_counter() - t0
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t1 = time.perf_counter()
+        t1, t_run = time.perf_counter(), time.monotonic()
         sample()
         if dev == "cuda":
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t1) * 1e3
+        clocks = args.clock_sampler.window(t_run, time.monotonic()) if args.clock_sampler else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
     entry = {"ms": ms, "forwards": 2 * ORIGINAL_STEPS, "ms_per_forward": ms / (2 * ORIGINAL_STEPS),
-             "prep_s": round(prep_s, 2), "peak_gib": peak, "speedup_vs_eager": (eager_ms / ms) if eager_ms else None}
+             "prep_s": round(prep_s, 2), "peak_gib": peak, "speedup_vs_eager": (eager_ms / ms) if eager_ms else None,
+             "clocks": clocks}
     results["variants"][label] = entry
     print(f"{label:<28} {ms:9.2f} ms  ({2 * ORIGINAL_STEPS} eager forwards, {entry['ms_per_forward']:.2f} ms each, "
           f"timed once)  peak {peak or 0:6.2f} GiB", flush=True)

@@ -28,9 +28,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
 import torch
@@ -39,6 +37,8 @@ import triton
 
 from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_triton
 from turbocompile.ops.w8a8 import quantize_activation, quantize_weight
+
+from _clocks import FP8_FLOP_PER_CLK_SM, ClockSampler  # noqa: E402  (benchmarks/ is the script's directory)
 
 # (name, M, K, N) of every distinct GEMM in one forward; per forward count in brackets in the docstring of
 # each group. 1.3B (dim 1536, ffn 8960, 30 blocks, L 32760): fused q|k|v, o / cross q / cross o, ffn.0, ffn.2.
@@ -51,50 +51,6 @@ SHAPES = {
 }
 
 
-# dense 8-bit (FP8 / INT8) tensor-core FLOP per SM per clock on sm90: the H100 SXM's 1 979 TFLOP/s are quoted at
-# 1 830 MHz over 132 SMs (1 979e12 / (132 * 1.83e9) = 8 192); bf16 is half of it
-FP8_FLOP_PER_CLK_SM = 8192
-
-
-class ClockSampler:
-    """``nvidia-smi`` sampling the SM clock (MHz) and board power (W) every 50 ms for the whole run; each
-    sample is stamped on arrival, so :meth:`window` gives the samples taken while one variant ran. Without
-    ``nvidia-smi`` every window is None."""
-
-    def __enter__(self):
-        self.samples: list[tuple[float, float, float]] = []
-        try:
-            self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "50"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        except OSError:
-            self.proc = None
-            return self
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        return self
-
-    def _read(self):
-        for line in self.proc.stdout:
-            try:
-                mhz, watts = (float(v) for v in line.split(","))
-            except ValueError:
-                continue
-            self.samples.append((time.monotonic(), mhz, watts))
-
-    def __exit__(self, *exc):
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-    def window(self, t0: float, t1: float) -> dict | None:
-        """Median clock and power of the samples stamped in [t0, t1] (None if there are none)."""
-        got = [s for s in self.samples if t0 <= s[0] <= t1]
-        if not got:
-            return None
-        return {"sm_mhz_median": statistics.median(s[1] for s in got), "sm_mhz_min": min(s[1] for s in got),
-                "sm_mhz_max": max(s[1] for s in got), "power_w_median": statistics.median(s[2] for s in got),
-                "samples": len(got)}
 
 
 def _graph(fn, calls: int):

@@ -49,3 +49,31 @@ def test_recipe_sampler_is_timed_against_the_original(bench_e2e, tmp_path):
     with pytest.raises(SystemExit, match="unknown variant rcm4:turbo-int8-rcm"):
         bench_e2e.main(["--model", "wan-tiny", "--device", "cpu", "--variants", "rcm4:turbo-int8-rcm",
                         "--out", str(tmp_path)])
+
+
+FAKE_SMI = """#!/usr/bin/env python3
+import sys, time
+for _ in range(30000):  # like "-lms 50 --format=csv,noheader,nounits", faster; stopped by the sampler
+    print("1410, 650.25", flush=True)
+    time.sleep(0.002)
+"""
+
+
+def test_clocks_are_sampled_while_each_variant_is_timed(bench_e2e, tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    smi = bindir / "nvidia-smi"
+    smi.write_text(FAKE_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    bench_e2e.main(["--model", "wan-tiny", "--device", "cpu", "--variants", "eager", "--reps", "10", "--clocks",
+                    "--out", str(tmp_path)])
+    clocks = json.loads((tmp_path / "e2e_wan-tiny.json").read_text())["variants"]["eager"]["clocks"]
+    assert clocks["sm_mhz_median"] == 1410 and clocks["power_w_median"] == 650.25 and clocks["samples"] >= 1
+
+
+def test_clocks_without_nvidia_smi_are_none(bench_e2e, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi here
+    bench_e2e.main(["--model", "wan-tiny", "--device", "cpu", "--variants", "eager", "--reps", "1", "--clocks",
+                    "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "e2e_wan-tiny.json").read_text())["variants"]["eager"]["clocks"] is None
