@@ -7,15 +7,17 @@ Wan-14B 720p forwards, in the same process and interleaved round by round:
 * ``ours``: the shipped per-token x per-channel FP8 TMA kernel (``w8a8_gemm_triton``, autotuned), bf16 out + bias;
 * ``cublas_rowwise``: ``torch._scaled_mm`` with the same per-row / per-column scales and bias (same math);
 * ``cublas_tensorwise``: ``torch._scaled_mm`` with one scale per operand and no bias, cuBLAS's plainest FP8
-  kernel (the least epilogue work any FP8 GEMM can do: an upper bound for the mainloop);
+  kernel (the least epilogue work an FP8 GEMM can do: the vendor's speed for the mainloop alone);
 * ``bf16``: ``F.linear`` in bf16 (cuBLAS).
 
 Each variant runs ``--calls`` back-to-back GEMMs inside one CUDA graph (host launch cost out). A round replays
 each variant's graph back to back for ``--sustain-s`` seconds in turn, as a forward keeps the GPU busy; the figure
 is the median replay over ``--rounds`` rounds. ``nvidia-smi`` samples the SM clock and board power every 50 ms,
 and each variant gets the samples of its own windows, with the dense 8-bit tensor-core peak at that clock: under
-a sustained load the GPU's power limit, not its boost clock, sets what any GEMM can reach. Correctness: ``ours`` vs ``cublas_rowwise`` (same
-quantized operands and scales) and both vs an fp32 GEMM of the dequantized operands.
+a sustained load the GPU's power limit, not its boost clock, sets what any GEMM can reach.
+
+Correctness: ``ours`` against ``cublas_rowwise`` (same quantized operands and scales), and both against an fp32
+GEMM of the dequantized operands.
 
     python3 benchmarks/probe_gemm_ceiling.py --out $OUT [--shapes 13b,14b] [--rounds 3] [--sustain-s 0.5] [--calls 10]
 
