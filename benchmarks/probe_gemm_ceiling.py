@@ -41,6 +41,7 @@ from turbocompile.kernels.w8a8.triton_gemm import w8a8_gemm_triton
 from turbocompile.ops.w8a8 import quantize_activation, quantize_weight
 
 from _clocks import FP8_FLOP_PER_CLK_SM, ClockSampler  # noqa: E402  (benchmarks/ is the script's directory)
+from _cuda_graph import graphed  # noqa: E402
 
 # (name, M, K, N) of every distinct GEMM in one forward; per forward count in brackets in the docstring of
 # each group. 1.3B (dim 1536, ffn 8960, 30 blocks, L 32760): fused q|k|v, o / cross q / cross o, ffn.0, ffn.2.
@@ -56,19 +57,17 @@ SHAPES = {
 
 
 def _graph(fn, calls: int):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    """The replay of ``calls`` back-to-back calls of ``fn`` captured in one CUDA graph (outputs not kept)."""
+    def many():
         for _ in range(calls):
             fn()
-    return g
+    return graphed(many)
 
 
-def _replay_ms(g, calls: int) -> float:
+def _replay_ms(replay, calls: int) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    g.replay()
+    replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / calls
